@@ -1,0 +1,84 @@
+"""The `sol` command. No arguments opens the GUI.
+
+Each area adds its subcommands from its own module in core/commands/ (each
+has a `register(subparsers)`; they are found automatically), and plugins add
+theirs through the `sol_cli_commands` hook. Failures print one line, `error: ...`, naming what
+is wrong, and exit non-zero; `--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import SolError
+
+
+
+def command_modules() -> list[str]:
+    import pkgutil
+
+    from . import commands
+    return [f"{commands.__name__}.{m.name}" for m in pkgutil.iter_modules(commands.__path__)
+            if m.name != "common" and not m.name.startswith("_")]
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, like every other failure; argparse would print the usage too.
+        sys.stderr.write(f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="sol", description="Sol: a desktop lab for small language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in command_modules():
+        importlib.import_module(name).register(sub)
+    _plugin_commands(sub)
+    return parser
+
+
+def _plugin_commands(sub) -> None:
+    try:
+        from . import plugins
+    except ImportError:
+        return
+    add = getattr(plugins, "add_cli_commands", None)
+    if add is not None:
+        add(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv:
+        argv = ["gui"]
+    try:
+        args = build_parser().parse_args(argv)
+        if not getattr(args, "func", None):
+            build_parser().print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except SolError as e:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug in Sol: still one line, with how to see more
+        if debug:
+            raise
+        first = (str(e).splitlines() or [""])[0]
+        sys.stderr.write(f"error: unexpected {type(e).__name__}: {first} (run with --debug for the traceback)\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

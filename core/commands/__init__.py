@@ -1,0 +1,1 @@
+"""`sol` subcommands, one module each; each has register(subparsers)."""

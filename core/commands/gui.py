@@ -1,0 +1,17 @@
+"""`sol gui`: open the desktop app (`sol` alone does this)."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("gui", help="open the desktop app")
+    p.add_argument("--panel", default=None, help="panel to open (chat, models, tokens, attention, training, plugins)")
+    p.add_argument("--model", default=None, help="model to load (default: the starter model)")
+    p.add_argument("--screenshot", default=None, help="save a PNG of the window once loaded, then exit")
+    p.add_argument("--safe-mode", action="store_true", help="load no third-party plugin")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    # Imported here: the GUI lives in sol.app and core never imports Qt at module level.
+    import importlib
+    return importlib.import_module("sol.app.main").run(args)

@@ -1,0 +1,49 @@
+"""`sol models list`: Sol models and loadable Hugging Face models on this disk."""
+from __future__ import annotations
+
+import sys
+
+from .common import print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("models", help="models on this disk")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    lp = msub.add_parser("list", help="list Sol models and Hugging Face models Sol can load")
+    lp.add_argument("--json", action="store_true")
+    lp.set_defaults(func=run_list)
+    ip = msub.add_parser("info", help="details of one model: layers, d_model, heads, parameters")
+    ip.add_argument("model")
+    ip.add_argument("--json", action="store_true")
+    ip.set_defaults(func=run_info)
+
+
+def run_list(args) -> int:
+    from ..registry import list_models
+    models = list_models()
+    if args.json:
+        print_json(models)
+        return 0
+    if not models:
+        sys.stdout.write("no models found\n")
+    for m in models:
+        sys.stdout.write(f"{m['name']:<32} {m['format']:<4} {m['architecture']:<12} "
+                         f"{m['parameters'] / 1e6:>9.2f}M  {m['path']}\n")
+    return 0
+
+
+def run_info(args) -> int:
+    from ..checkpoint import load_config
+    from ..registry import resolve
+    d = resolve(args.model)
+    cfg, fmt = load_config(d)
+    info = {"path": str(d), "format": fmt, "architecture": cfg.architecture, "layers": cfg.n_layer,
+            "d_model": cfg.d_model, "heads": cfg.n_head, "kv_heads": cfg.n_kv_head, "d_head": cfg.head_dim,
+            "d_ff": cfg.d_ff, "context": cfg.context, "vocab_size": cfg.vocab_size,
+            "parameters_estimate": cfg.n_params_estimate}
+    if args.json:
+        print_json(info)
+    else:
+        for k, v in info.items():
+            sys.stdout.write(f"{k:<20} {v}\n")
+    return 0

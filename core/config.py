@@ -1,0 +1,105 @@
+"""ModelConfig: every number and switch that shapes a Transformer, plus presets.
+
+One config covers both families Sol speaks:
+- GPT-2 style: LayerNorm, learned positions, GELU MLP, biases everywhere.
+- Llama style: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention,
+  optional q/k/v bias (Qwen2), tied or untied embeddings.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import SolError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int | None = None      # None: same as n_head (no GQA)
+    d_model: int = 384
+    d_ff: int | None = None           # None: 4 * d_model (gelu) or Llama's 8/3 rule (swiglu)
+    head_dim: int | None = None       # None: d_model // n_head
+    context: int = 256
+    norm: str = "layernorm"           # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    positions: str = "learned"        # "learned" | "rope"
+    mlp: str = "gelu"                 # "gelu" (tanh approximation, as GPT-2) | "swiglu"
+    bias: bool = True                 # biases on every linear layer (GPT-2)
+    qkv_bias: bool = False            # biases on q/k/v only (Qwen2)
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", ...} as in HF configs
+    dropout: float = 0.0
+    architecture: str = "sol"         # what it was imported from: sol, gpt2, llama, qwen2, mistral
+    extra: dict = field(default_factory=dict)  # e.g. special token ids read from an imported config
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise SolError(f"config: d_model {self.d_model} is not divisible by n_head {self.n_head}")
+            self.head_dim = self.d_model // self.n_head
+        if self.d_ff is None:
+            if self.mlp == "swiglu":
+                hidden = int(2 * 4 * self.d_model / 3)
+                self.d_ff = 64 * ((hidden + 63) // 64)
+            else:
+                self.d_ff = 4 * self.d_model
+        if self.n_head % self.n_kv_head:
+            raise SolError(f"config: n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("positions", ("learned", "rope")),
+                              ("mlp", ("gelu", "swiglu"))):
+            if getattr(self, name) not in allowed:
+                raise SolError(f"config: {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+
+    @property
+    def n_params_estimate(self) -> int:
+        d, L = self.d_model, self.n_layer
+        attn = d * self.head_dim * (self.n_head * 2 + self.n_kv_head * 2)
+        mlp = d * self.d_ff * (3 if self.mlp == "swiglu" else 2)
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        pos = self.context * d if self.positions == "learned" else 0
+        return L * (attn + mlp) + emb + pos
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SolError(f"{source}: unknown field(s) {', '.join(unknown)}; remove them or check the spelling")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise SolError(f"{source}: {e}") from None
+
+    def save(self, path: Path) -> None:
+        from .atomic import write_text
+        write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# Named presets. "gpt2-*" follow the GPT-2 paper's table (the book's Fig. 78);
+# "tiny"/"small" are what a laptop CPU trains in minutes.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=2, n_head=2, d_model=64, context=128),
+    "shakespeare-cpu": dict(n_layer=4, n_head=4, d_model=128, context=64),
+    "small": dict(n_layer=6, n_head=6, d_model=384, context=256),
+    "starter": dict(n_layer=6, n_head=6, d_model=256, context=256),
+    "gpt2": dict(n_layer=12, n_head=12, d_model=768, context=1024, vocab_size=50257),
+    "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024, context=1024, vocab_size=50257),
+    "llama-tiny": dict(n_layer=4, n_head=8, n_kv_head=2, d_model=256, context=512, norm="rmsnorm",
+                       norm_eps=1e-6, positions="rope", mlp="swiglu", bias=False, tie_embeddings=True),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise SolError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,309 @@
+"""One configurable decoder-only Transformer.
+
+GPT-2 style (LayerNorm, learned positions, GELU, biases) and Llama style
+(RMSNorm, RoPE, SwiGLU, grouped-query attention, optional q/k/v bias) are the
+same network with different switches in ModelConfig.
+
+Fast path: fused q/k/v and gate/up projections (one matrix product each
+instead of three or two: decoding one token is memory-bound, fewer calls
+means less overhead), `scaled_dot_product_attention`, and a preallocated KV
+cache so decoding never recomputes the prompt.
+
+Slow path, on request: `forward_with_attention` returns, for chosen layers,
+q, k, v, the raw scores q·k, the scaled and masked scores, the softmax
+weights and the weighted sum of values -- what the attention visualizer
+shows step by step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 as Llama does, so half-precision weights give the same result.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies for RoPE, with Llama 3 / linear scaling when the config asks for it."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Halves rotated, as Hugging Face's Llama: weights import with no permutation.
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer; `pos` is how many positions are filled."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def truncate(self, pos: int) -> None:
+        """Forget everything from `pos` on (regenerate, edit an earlier message)."""
+        self.pos = min(self.pos, pos)
+
+
+@dataclass
+class AttentionCapture:
+    """One layer's attention, every tensor shaped (batch, heads, ...)."""
+    q: torch.Tensor        # (B, H, T, d_head), after RoPE
+    k: torch.Tensor        # (B, H, S, d_head), kv heads repeated to H
+    v: torch.Tensor        # (B, H, S, d_head)
+    scores: torch.Tensor   # (B, H, T, S)  q·k
+    scaled: torch.Tensor   # (B, H, T, S)  q·k / sqrt(d_head), future positions -inf
+    weights: torch.Tensor  # (B, H, T, S)  softmax(scaled); each row sums to 1
+    output: torch.Tensor   # (B, H, T, d_head)  weights @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qkv_out = (self.n_head + 2 * self.n_kv) * self.hd
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias or cfg.qkv_bias)
+        self.proj = nn.Linear(self.n_head * self.hd, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def _split(self, x, rope):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x, rope, cache: KVCache | None, layer: int, capture: bool = False):
+        B, T, _ = x.shape
+        q, k, v = self._split(x, rope)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k = cache.k[layer][:, :, :start + T]
+            v = cache.v[layer][:, :, :start + T]
+        if capture:
+            y, cap = self._explained(q, k, v, start)
+        else:
+            y, cap = self._fast(q, k, v, start), None
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
+        return self.proj(y), cap
+
+    def _fast(self, q, k, v, start):
+        T, S = q.shape[2], k.shape[2]
+        gqa = self.n_kv != self.n_head
+        if gqa and not _SDPA_HAS_GQA:
+            rep = self.n_head // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
+        extra = {"enable_gqa": True} if gqa else {}
+        dropout = self.dropout if self.training else 0.0
+        if T == 1 or (start == 0 and T == S):
+            # One new token sees everything before it; a fresh prompt is plain causal.
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout, **extra)
+        # Several new tokens after a cached prefix (forced tool results): explicit mask.
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, **extra)
+
+    def _explained(self, q, k, v, start):
+        rep = self.n_head // self.n_kv
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        T, S = q.shape[2], k.shape[2]
+        qf, kf, vf = q.float(), k.float(), v.float()
+        scores = qf @ kf.transpose(-2, -1)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        scaled = (scores / math.sqrt(self.hd)).masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scaled, dim=-1)
+        out = weights @ vf
+        cap = AttentionCapture(q=qf, k=kf, v=vf, scores=scores, scaled=scaled, weights=weights, output=out)
+        return out.to(q.dtype), cap
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        # SwiGLU's gate and up projections are one matrix: [gate; up].
+        width = 2 * cfg.d_ff if self.swiglu else cfg.d_ff
+        self.fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.ln2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, cache, layer, capture=False):
+        a, cap = self.attn(self.ln1(x), rope, cache, layer, capture)
+        x = x + self.dropout(a)
+        x = x + self.mlp(self.ln2(x))
+        return x, cap
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.context, cfg.d_model) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if cfg.positions == "rope":
+            self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self._rope_cache = None
+        self.apply(self._init_weights)
+        # GPT-2's scaled init for residual projections keeps activations steady with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    @property
+    def device(self):
+        return self.embed.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        return KVCache(self.cfg, batch, max_len or self.cfg.context, self.device, self.dtype)
+
+    def _rope(self, start: int, T: int):
+        end = start + T
+        rc = self._rope_cache
+        if rc is None or rc[0].shape[0] < end or rc[0].device != self.device or rc[0].dtype != self.dtype:
+            n = max(end, self.cfg.context)
+            t = torch.arange(n, device=self.device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(self.device))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_cache = rc = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
+        return rc[0][start:end], rc[1][start:end]
+
+    def _embed(self, idx, start):
+        T = idx.shape[1]
+        x = self.embed(idx)
+        rope = None
+        if self.pos_embed is not None:
+            if start + T > self.cfg.context:
+                raise ValueError(f"sequence of {start + T} tokens is longer than the context of {self.cfg.context}")
+            x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = self._rope(start, T)
+        return self.drop(x), rope
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final normalised hidden states (B, T, d_model): what the LM head and a reward head read."""
+        start = cache.pos if cache is not None else 0
+        x, rope = self._embed(idx, start)
+        for i, block in enumerate(self.blocks):
+            x, _ = block(x, rope, cache, i)
+        if cache is not None:
+            cache.pos = start + idx.shape[1]
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab). With a cache, `idx` continues the cached sequence.
+        `last_only` computes logits for the final position only (generation needs no more)."""
+        h = self.hidden(idx, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    @torch.no_grad()
+    def forward_with_attention(self, idx: torch.Tensor, layers=None, need_logits: bool = True):
+        """Logits plus {layer: AttentionCapture} for the chosen layers (all when None).
+
+        Memory grows as layers x heads x T^2, so the visualizer asks for one layer at a time;
+        with need_logits=False it stops after the last wanted layer and returns None for logits."""
+        wanted = set(range(self.cfg.n_layer)) if layers is None else set(layers)
+        x, rope = self._embed(idx, 0)
+        captures = {}
+        for i, block in enumerate(self.blocks):
+            x, cap = block(x, rope, None, i, capture=i in wanted)
+            if cap is not None:
+                captures[i] = cap
+            if not need_logits and len(captures) == len(wanted):
+                return None, captures  # nothing later is needed
+        return self.lm_head(self.norm(x)), captures

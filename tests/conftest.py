@@ -1,0 +1,63 @@
+"""Shared fixtures. Every test runs with its own SOL_HOME and HF cache, so
+nothing touches the developer's real data and no test sees another's models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+             "Olá! Café, naïve, 世界, 🌍 — accents, CJK and emoji.\n") * 20
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("solhome")
+    monkeypatch.setenv("SOL_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("SOL_SAFE_MODE", raising=False)
+    return home
+
+
+@pytest.fixture
+def tiny_text_file(tmp_path) -> Path:
+    p = tmp_path / "tiny.txt"
+    p.write_text(TINY_TEXT, encoding="utf-8")
+    return p
+
+
+def make_tiny_model(out: Path, tokenizer: str = "bpe", seed: int = 0, **cfg):
+    """A random Sol model directory: byte-level BPE (or char) tokenizer trained on TINY_TEXT."""
+    import torch
+
+    from sol.core.checkpoint import save_model
+    from sol.core.config import ModelConfig
+    from sol.core.model import Transformer
+    from sol.core.tokenizer import train_bpe, train_char
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out.parent / f"{out.name}-corpus.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    tok = train_char([corpus]) if tokenizer == "char" else train_bpe([corpus], 400)
+    torch.manual_seed(seed)
+    defaults = dict(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, context=128)
+    model = Transformer(ModelConfig(**{**defaults, **cfg}))
+    save_model(out, model, tok, {"name": out.name, "stage": "base"})
+    return out
+
+
+@pytest.fixture
+def tiny_model(tmp_path) -> Path:
+    return make_tiny_model(tmp_path / "tiny")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not beside this checkout")
+    return SHARED_DATA
