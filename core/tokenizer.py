@@ -25,14 +25,26 @@ SOL_SPECIAL_TOKENS = [
     "<|tool_call|>", "<|tool_result|>", "<|tool_end|>",
 ]
 
-# Sol's chat template. A turn is <|role|>content<|end|>; the assistant prompt is
-# <|assistant|>. Tool results arrive as <|tool_result|>...<|tool_end|> inside the
-# assistant turn, forced by the engine, so the template only needs the roles.
+# Sol's chat template. A turn is <|role|>content<|end|>. A tool call and its
+# result stay inside the assistant's turn, exactly as the engine produces them
+# at inference (the result tokens are forced):
+#   <|user|>what is 12 times 7?<|end|><|assistant|><|tool_call|>calculator: 12*7<|tool_end|>
+#   <|tool_result|>84<|tool_end|>12 times 7 is 84.<|end|>
+# which is the messages list
+#   user "what is 12 times 7?", assistant "<|tool_call|>calculator: 12*7<|tool_end|>",
+#   tool "84", assistant "12 times 7 is 84."
+# An assistant message right after a tool message continues the same turn
+# (no new header), and one right before a tool message leaves the turn open.
 SOL_CHAT_TEMPLATE = (
     "{% for m in messages %}"
-    "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+    "{% set prev = messages[loop.index0 - 1]['role'] if not loop.first else '' %}"
+    "{% set next = messages[loop.index0 + 1]['role'] if not loop.last else '' %}"
+    "{% if m['role'] == 'tool' %}<|tool_result|>{{ m['content'] }}<|tool_end|>"
+    "{% elif m['role'] == 'assistant' %}"
+    "{% if prev != 'tool' %}<|assistant|>{% endif %}{{ m['content'] }}{% if next != 'tool' %}<|end|>{% endif %}"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{% if add_generation_prompt and (not messages or messages[-1]['role'] != 'tool') %}<|assistant|>{% endif %}"
 )
 
 
