@@ -270,7 +270,8 @@ def _check_shapes(model: Transformer, sd: dict, source: Path) -> None:
         if name == "lm_head.weight" and model.cfg.tie_embeddings:
             continue
         if name not in sd:
-            raise SolError(f"{source}: tensor {name!r} is missing")
+            raise SolError(f"{source}: tensor {name!r} is missing; config.json describes a bigger model than "
+                           "these weights (or the file is incomplete)")
         if tuple(sd[name].shape) != tuple(t.shape):
             raise SolError(f"{source}: tensor {name!r} has shape {tuple(sd[name].shape)} but config.json "
                            f"implies {tuple(t.shape)}; the weights and config.json do not belong together")

@@ -118,7 +118,7 @@ def choose(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     shown = max(SHOWN, index + 1)
     probs_list = sorted_p[:shown].tolist()
     return token, Explanation(order[:shown].tolist(), probs_list, cum[:shown].tolist(), draw, index, token,
-                              max(0.0, 1.0 - sum(probs_list)), n, params)
+                              float(sorted_p[shown:].sum()), n, params)
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -1,0 +1,65 @@
+"""Sol's Transformer computes what Hugging Face transformers computes, for every family it imports."""
+import io
+import json
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+from hf_models import FAMILIES, VOCAB, make_hf_model
+from sol.core.checkpoint import load_model
+from sol.core.cli import main
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def hf_pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf") / request.param
+    ref = make_hf_model(request.param, folder)
+    return request.param, folder, ref
+
+
+def test_logits_match_transformers_fp32(hf_pair):
+    family, folder, ref = hf_pair
+    sol = load_model(folder).model
+    x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(x).logits
+        got = sol(x)
+    assert expected.std() > 0.1, "reference logits are degenerate; the comparison would prove nothing"
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_greedy_cli_matches_transformers_generate(hf_pair):
+    family, folder, ref = hf_pair
+    tok = load_model(folder).tokenizer
+    prompt = "It is the east, and"
+    ids = tok.encode_ids(prompt)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    expected = out[0, len(ids):].tolist()
+    assert len(expected) == 32 and len(set(expected)) > 3, "reference output too repetitive to compare"
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = main(["generate", "--model", str(folder), "--prompt", prompt, "--max-tokens", "32",
+                   "--temperature", "0", "--device", "cpu", "--json"])
+    assert rc == 0
+    lines = [json.loads(line) for line in buf.getvalue().splitlines()]
+    done = lines[-1]
+    assert done["type"] == "done" and done["prompt_tokens"] == len(ids)
+    assert done["token_ids"] == expected
+    assert [e["id"] for e in lines[:-1]] == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.15)])
+def test_logits_match_transformers_on_cuda(hf_pair, dtype, tol):
+    family, folder, ref = hf_pair
+    sol = load_model(folder, device="cuda", dtype=dtype).model
+    ref = ref.to("cuda", dtype)
+    x = torch.randint(0, VOCAB, (2, 24), device="cuda")
+    with torch.no_grad():
+        diff = (sol(x).float() - ref(x).logits.float()).abs().max().item()
+    ref.to("cpu", torch.float32)
+    assert diff <= tol
