@@ -1,22 +1,118 @@
-"""Sol's desktop window (minimal until the GUI issue lands)."""
+"""`sol gui`: build the window, load the model, show the panel; optionally save a screenshot and exit."""
 from __future__ import annotations
 
+import os
 import sys
+import time
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, QTimer
+from PySide6.QtWidgets import QApplication
+
+SCREENSHOT_TIMEOUT_S = 60
+
+
+def settings() -> QSettings:
+    # Beside Sol's data (SOL_HOME in tests), not in the user's global Qt settings.
+    from sol.core.registry import data_dir
+    d = data_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    return QSettings(str(d / "gui.ini"), QSettings.IniFormat)
+
+
+def application() -> QApplication:
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName("Sol")
+    app.setStyle("Fusion")
+    from .resources import stylesheet
+    from .theme import apply_theme
+    apply_theme(app)
+    app.setStyleSheet(stylesheet())
+    return app
+
+
+def starter_model() -> Path | None:
+    from sol.core.registry import builtin_models_dir
+    d = builtin_models_dir() / "starter"
+    return d if (d / "config.json").is_file() else None
+
+
+def build_window(safe_mode: bool = False):
+    """The window and its context, without showing it (tests use this)."""
+    from sol.core.devices import pick_device
+
+    from .context import PanelContext
+    from .services import make_plugin_manager, make_store
+    from .window import MainWindow
+    application()
+    plugins = make_plugin_manager(safe_mode or None)
+    ctx = PanelContext(store=make_store(), plugins=plugins, device=pick_device("auto"))
+    try:
+        specs = plugins.panels()
+    except Exception as e:  # the manager isolates plugins; this guards the manager itself
+        print(f"warning: plugin panels unavailable: {e}", file=sys.stderr)
+        specs = []
+    return MainWindow(ctx, settings(), specs), ctx
+
+
+def choose_model(args, win) -> str | None:
+    if getattr(args, "model", None):
+        from sol.core.registry import resolve
+        return str(resolve(args.model))
+    last = win.settings.value("model/last")
+    if last and Path(last).is_dir():
+        return last
+    starter = starter_model()
+    if starter is None:
+        win.ctx.status_message.emit("The starter model is not installed (resources/models/starter); "
+                                    "open Models to load or create one.")
+        return None
+    return str(starter)
 
 
 def run(args) -> int:
-    from PySide6.QtCore import QTimer
-    from PySide6.QtWidgets import QApplication, QLabel, QMainWindow
-
-    app = QApplication.instance() or QApplication(sys.argv[:1])
-    win = QMainWindow()
-    win.setWindowTitle("Sol")
-    win.setCentralWidget(QLabel("Sol: a desktop lab for small language models"))
-    win.resize(1100, 720)
+    app = application()
+    win, ctx = build_window(getattr(args, "safe_mode", False))
+    model = choose_model(args, win)
+    if model:
+        ctx.load_model(model)
+    panel = getattr(args, "panel", None) or win.settings.value("window/panel") or "chat"
+    if not win.show_panel(panel):
+        if getattr(args, "panel", None):
+            sys.stderr.write(f"error: --panel {panel}: no such panel; choose one of {', '.join(win.names())}\n")
+            return 2
+        win.show_panel("chat")
     win.show()
     if getattr(args, "screenshot", None):
-        def shoot():
-            win.grab().save(args.screenshot)
-            app.quit()
-        QTimer.singleShot(300, shoot)
+        _screenshot_when_ready(app, win, ctx, Path(args.screenshot), expect_model=bool(model))
     return app.exec()
+
+
+def _screenshot_when_ready(app, win, ctx, out: Path, expect_model: bool):
+    """Poll (never block) until the model is loaded and the panel says it is ready, then save and quit."""
+    t0 = time.monotonic()
+    failed = []
+    ctx.model_failed.connect(failed.append)
+
+    def ready() -> bool:
+        if expect_model and ctx.loaded is None and not failed:
+            return False
+        panel = win.current_panel()
+        is_ready = getattr(panel, "is_ready", None)
+        return is_ready() if callable(is_ready) else True
+
+    def poll():
+        if ready() or time.monotonic() - t0 > SCREENSHOT_TIMEOUT_S:
+            QTimer.singleShot(400, shoot)   # let the last repaint land
+        else:
+            QTimer.singleShot(100, poll)
+
+    def shoot():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ok = win.grab().save(str(out))
+        print(f"{'saved' if ok else 'could not save'} {out}")
+        win.close()
+        app.exit(0 if ok else 1)
+
+    QTimer.singleShot(200, poll)
+    os.environ.setdefault("SOL_SCREENSHOT", "1")

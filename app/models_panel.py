@@ -1,0 +1,265 @@
+"""Models: what is on disk, what is loaded, and the numbers that describe a model (the book's Fig. 78)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout,
+                               QHBoxLayout, QHeaderView, QLabel, QLineEdit, QMessageBox, QPushButton, QSpinBox,
+                               QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+
+COLUMNS = ["Name", "Format", "Architecture", "Parameters", "Stage", "Path"]
+
+
+def model_details(path: str) -> dict:
+    """The fields `sol models info` prints, plus lineage from sol.json."""
+    from sol.core.checkpoint import load_config, read_json
+    d = Path(path)
+    cfg, fmt = load_config(d)
+    info = {"format": fmt, "architecture": cfg.architecture, "layers": cfg.n_layer, "d_model": cfg.d_model,
+            "heads": cfg.n_head, "kv_heads": cfg.n_kv_head, "d_head": cfg.head_dim, "d_ff": cfg.d_ff,
+            "context": cfg.context, "vocab_size": cfg.vocab_size, "parameters": cfg.n_params_estimate,
+            "norm": cfg.norm, "positions": cfg.positions, "mlp": cfg.mlp}
+    if (d / "sol.json").is_file():
+        meta = read_json(d / "sol.json")
+        info["parameters"] = meta.get("parameters", info["parameters"])
+        info["stage"] = meta.get("stage", "base")
+        info["parent"] = meta.get("parent") or "—"
+    return info
+
+
+def human(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def create_model(out: Path, preset_name: str, tokenizer_source: str, vocab: int, seed: int = 0) -> Path:
+    """An untrained model from a preset; the tokenizer is copied from a model or trained on a text file."""
+    import torch
+
+    from sol.core.checkpoint import save_model
+    from sol.core.config import preset
+    from sol.core.model import Transformer
+    from sol.core.tokenizer import Tokenizer, train_bpe, train_char
+    src = Path(tokenizer_source)
+    if src.is_dir():
+        tok = Tokenizer.from_file(src / "tokenizer.json")
+    elif vocab <= 0:
+        tok = train_char([src])
+    else:
+        tok = train_bpe([src], vocab)
+    torch.manual_seed(seed)
+    model = Transformer(preset(preset_name, vocab_size=tok.vocab_size))
+    return save_model(out, model, tok, {"name": out.name, "stage": "base", "preset": preset_name,
+                                        "parent": None, "steps": 0})
+
+
+def import_folder(src: Path) -> Path:
+    from sol.core.checkpoint import inspect
+    from sol.core.errors import SolError
+    from sol.core.registry import models_dir
+    if inspect(src) is None:
+        raise SolError(f"{src}: not a model directory (needs config.json, *.safetensors and tokenizer.json)")
+    dest = models_dir() / src.name
+    if dest.exists():
+        raise SolError(f"{dest}: a model of that name already exists; rename the folder first")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, dest)
+    return dest
+
+
+class NewModelDialog(QDialog):
+    def __init__(self, models: list[dict], parent=None):
+        super().__init__(parent)
+        from sol.core.config import PRESETS
+        self.setWindowTitle("New untrained model")
+        form = QFormLayout(self)
+        self.name = QLineEdit("my-model")
+        self.preset = QComboBox()
+        for name, p in PRESETS.items():
+            self.preset.addItem(f"{name}  ({p['n_layer']} layers, d_model {p['d_model']})", name)
+        self.tokenizer = QComboBox()
+        for m in models:
+            self.tokenizer.addItem(f"tokenizer of {m['name']}", m["path"])
+        self.tokenizer.addItem("train on a text file…", "")
+        self.vocab = QSpinBox()
+        self.vocab.setRange(0, 200_000)
+        self.vocab.setValue(4096)
+        self.vocab.setSpecialValueText("characters")
+        self.vocab.setToolTip("BPE vocabulary size; 0 trains a character-level tokenizer")
+        form.addRow("Name", self.name)
+        form.addRow("Preset", self.preset)
+        form.addRow("Tokenizer", self.tokenizer)
+        form.addRow("Vocabulary (BPE)", self.vocab)
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+
+    def values(self):
+        src = self.tokenizer.currentData()
+        if not src:
+            src, _ = QFileDialog.getOpenFileName(self, "Text to train the tokenizer on", "", "Text (*.txt);;All (*)")
+        return self.name.text().strip(), self.preset.currentData(), src, self.vocab.value()
+
+
+class ModelsPanel(QWidget):
+    def __init__(self, ctx):
+        super().__init__()
+        self.ctx = ctx
+        self.models: list[dict] = []
+        self._ready = False
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(24, 20, 24, 20)
+        lay.setSpacing(12)
+        title = QLabel("Models")
+        title.setObjectName("h1")
+        lay.addWidget(title)
+        hint = QLabel("Sol models in your data folder, the starter model, and Hugging Face models in the local cache.")
+        hint.setObjectName("muted")
+        lay.addWidget(hint)
+
+        bar = QHBoxLayout()
+        self.load_btn = QPushButton("Load")
+        self.load_btn.setObjectName("primary")
+        self.unload_btn = QPushButton("Unload")
+        self.import_btn = QPushButton("Import folder…")
+        self.new_btn = QPushButton("New from preset…")
+        self.refresh_btn = QPushButton("Refresh")
+        for b in (self.load_btn, self.unload_btn, self.import_btn, self.new_btn):
+            bar.addWidget(b)
+        bar.addStretch(1)
+        bar.addWidget(self.refresh_btn)
+        lay.addLayout(bar)
+
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.verticalHeader().hide()
+        self.table.setAlternatingRowColors(True)
+        self.table.setShowGrid(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        lay.addWidget(self.table, 3)
+
+        details_title = QLabel("Details")
+        details_title.setObjectName("h2")
+        lay.addWidget(details_title)
+        self.details = QTableWidget(0, 2)
+        self.details.setHorizontalHeaderLabels(["", ""])
+        self.details.horizontalHeader().hide()
+        self.details.verticalHeader().hide()
+        self.details.setShowGrid(False)
+        self.details.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.details.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeToContents)
+        self.details.horizontalHeader().setStretchLastSection(True)
+        lay.addWidget(self.details, 2)
+        self.loaded_label = QLabel()
+        self.loaded_label.setObjectName("muted")
+        lay.addWidget(self.loaded_label)
+
+        self.load_btn.clicked.connect(self.load_selected)
+        self.unload_btn.clicked.connect(ctx.unload_model)
+        self.import_btn.clicked.connect(self.import_clicked)
+        self.new_btn.clicked.connect(self.new_clicked)
+        self.refresh_btn.clicked.connect(self.refresh)
+        self.table.itemSelectionChanged.connect(self.show_details)
+        self.table.itemDoubleClicked.connect(lambda *_: self.load_selected())
+        ctx.model_changed.connect(self._on_model)
+        self._on_model(ctx.loaded)
+        self.refresh()
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    # ---- listing -----------------------------------------------------------
+    def refresh(self):
+        from sol.core.registry import list_models
+        self.ctx.run(list_models, on_done=self._fill, on_error=lambda e: self.ctx.status_message.emit(str(e)))
+
+    def _fill(self, models: list[dict]):
+        from sol.core.checkpoint import read_json
+        self.models = models
+        self.table.setRowCount(len(models))
+        for r, m in enumerate(models):
+            stage = ""
+            if m["format"] == "sol":
+                try:
+                    stage = read_json(Path(m["path"]) / "sol.json").get("stage", "")
+                except Exception:
+                    stage = "?"
+            for c, v in enumerate([m["name"], m["format"], m["architecture"], human(m["parameters"]), stage,
+                                   m["path"]]):
+                item = QTableWidgetItem(v)
+                if c == 3:
+                    item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
+                self.table.setItem(r, c, item)
+        loaded = self.ctx.loaded
+        for r, m in enumerate(models):
+            if loaded is not None and Path(m["path"]) == Path(loaded.path):
+                self.table.selectRow(r)
+                break
+        else:
+            if models:
+                self.table.selectRow(0)
+        self._ready = True
+
+    def selected(self) -> dict | None:
+        rows = self.table.selectionModel().selectedRows()
+        return self.models[rows[0].row()] if rows else None
+
+    def show_details(self):
+        m = self.selected()
+        if m is None:
+            return
+        try:
+            info = model_details(m["path"])
+        except Exception as e:
+            info = {"error": str(e)}
+        info = {"name": m["name"], **info, "path": m["path"]}
+        self.details.setRowCount(len(info))
+        for r, (k, v) in enumerate(info.items()):
+            val = f"{v:,}  ({human(v)})" if k == "parameters" else str(v)
+            self.details.setItem(r, 0, QTableWidgetItem(k))
+            self.details.setItem(r, 1, QTableWidgetItem(val))
+
+    # ---- actions -----------------------------------------------------------
+    def load_selected(self):
+        m = self.selected()
+        if m is not None:
+            self.ctx.load_model(m["path"])
+
+    def _on_model(self, loaded):
+        self.unload_btn.setEnabled(loaded is not None)
+        self.loaded_label.setText(f"Loaded: {loaded.name}  ({loaded.path})" if loaded else "No model loaded.")
+
+    def import_clicked(self):
+        d = QFileDialog.getExistingDirectory(self, "Model folder to import")
+        if d:
+            self.ctx.run(import_folder, Path(d), on_done=lambda p: (self.refresh(), self.ctx.status_message.emit(
+                f"imported {p}")), on_error=self._error)
+
+    def new_clicked(self):
+        dlg = NewModelDialog(self.models, self)
+        if dlg.exec() != QDialog.Accepted:
+            return
+        name, preset_name, src, vocab = dlg.values()
+        if not name or not src:
+            return
+        from sol.core.registry import models_dir
+        out = models_dir() / name
+        if out.exists():
+            self._error(f"{out} already exists; choose another name")
+            return
+        self.ctx.status_message.emit(f"creating {name} from preset {preset_name} …")
+        self.ctx.run(create_model, out, preset_name, src, vocab,
+                     on_done=lambda p: (self.refresh(), self.ctx.status_message.emit(f"created {p}")),
+                     on_error=self._error)
+
+    def _error(self, e):
+        QMessageBox.warning(self, "Sol", str(e))

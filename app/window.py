@@ -1,0 +1,198 @@
+"""The main window: navigation on the left, one panel at a time on the right,
+device and model in the status bar.
+
+Chat and Models are the app's own panels; every other panel comes from a
+plugin's `sol_panels()` hook. Panels are built the first time they are shown,
+and one that raises is replaced by its error, never taking the window down.
+"""
+from __future__ import annotations
+
+import traceback
+
+from PySide6.QtCore import QSettings, Qt
+from PySide6.QtGui import QIcon
+from PySide6.QtWidgets import (QLabel, QListWidget, QListWidgetItem, QMainWindow, QPlainTextEdit, QSplitter,
+                               QStackedWidget, QVBoxLayout, QWidget)
+
+from sol.core.hooks import PanelSpec
+
+from .context import PanelContext
+from .resources import icon_path
+
+
+def app_panels() -> list[PanelSpec]:
+    def chat(ctx):
+        from .chat.panel import ChatPanel
+        return ChatPanel(ctx)
+
+    def models(ctx):
+        from .models_panel import ModelsPanel
+        return ModelsPanel(ctx)
+
+    return [PanelSpec("chat", "Chat", chat, "chat.svg", 0, "sol"),
+            PanelSpec("models", "Models", models, "models.svg", 10, "sol")]
+
+
+class PanelError(QWidget):
+    """Shown in place of a panel whose factory raised."""
+
+    def __init__(self, spec: PanelSpec, tb: str):
+        super().__init__()
+        self.setObjectName("panelError")
+        lay = QVBoxLayout(self)
+        title = QLabel(f"The panel “{spec.title}” (plugin {spec.plugin or '?'}) failed to open.")
+        title.setObjectName("h2")
+        lay.addWidget(title)
+        lay.addWidget(QLabel("The rest of Sol keeps working. The error was:"))
+        text = QPlainTextEdit(tb)
+        text.setReadOnly(True)
+        lay.addWidget(text, 1)
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, ctx: PanelContext, settings: QSettings, plugin_specs: list[PanelSpec] | None = None):
+        super().__init__()
+        self.ctx = ctx
+        self.settings = settings
+        self.setWindowTitle("Sol — a lab for small language models")
+        self.setWindowIcon(QIcon(icon_path("sol.svg")))
+        self.specs = sorted(app_panels() + list(plugin_specs or []), key=lambda s: (s.order, s.title))
+        self.widgets: dict[str, QWidget] = {}
+
+        self.nav = QListWidget()
+        self.nav.setObjectName("nav")
+        self.nav.setFixedWidth(176)
+        self.stack = QStackedWidget()
+        for spec in self.specs:
+            item = QListWidgetItem(QIcon(icon_path(spec.icon)) if spec.icon else QIcon(), spec.title)
+            item.setData(Qt.UserRole, spec.name)
+            self.nav.addItem(item)
+            self.stack.addWidget(QWidget())     # placeholder until first shown
+        self.nav.currentRowChanged.connect(self._show_row)
+
+        side = QWidget()
+        side.setObjectName("sidebar")
+        sl = QVBoxLayout(side)
+        sl.setContentsMargins(0, 0, 0, 0)
+        brand = QLabel("☀  Sol")
+        brand.setObjectName("brand")
+        sl.addWidget(brand)
+        sl.addWidget(self.nav, 1)
+
+        split = QSplitter()
+        split.addWidget(side)
+        split.addWidget(self.stack)
+        split.setStretchFactor(1, 1)
+        split.setHandleWidth(1)
+        split.setChildrenCollapsible(False)
+        self.setCentralWidget(split)
+
+        self._build_status_bar()
+        ctx.model_changed.connect(self._on_model)
+        ctx.model_loading.connect(lambda p: self.model_label.setText(f"loading {p} …"))
+        ctx.model_failed.connect(self._on_model_failed)
+        ctx.status_message.connect(lambda m: self.statusBar().showMessage(m, 8000))
+        ctx.open_panel.connect(self.show_panel)
+
+        geo = settings.value("window/geometry")
+        if geo is not None:
+            self.restoreGeometry(geo)
+        else:
+            self.resize(1280, 800)
+
+    # ---- panels ------------------------------------------------------------
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def show_panel(self, name: str) -> bool:
+        for row, spec in enumerate(self.specs):
+            if spec.name == name or spec.title.lower() == name.lower():
+                self.nav.setCurrentRow(row)
+                return True
+        return False
+
+    def panel(self, name: str) -> QWidget | None:
+        """The panel widget by name, building it if needed (tests and --screenshot use this)."""
+        for row, spec in enumerate(self.specs):
+            if spec.name == name:
+                return self._build(row)
+        return None
+
+    def current_panel(self) -> QWidget | None:
+        row = self.nav.currentRow()
+        return self.widgets.get(self.specs[row].name) if row >= 0 else None
+
+    def _build(self, row: int) -> QWidget:
+        spec = self.specs[row]
+        if spec.name in self.widgets:
+            return self.widgets[spec.name]
+        try:
+            w = spec.factory(self.ctx)
+            if not isinstance(w, QWidget):
+                raise TypeError(f"the factory returned {type(w).__name__}, not a QWidget")
+        except Exception:
+            w = PanelError(spec, traceback.format_exc())
+        old = self.stack.widget(row)
+        self.stack.insertWidget(row, w)
+        self.stack.removeWidget(old)
+        old.deleteLater()
+        self.widgets[spec.name] = w
+        return w
+
+    def _show_row(self, row: int):
+        if row < 0:
+            return
+        w = self._build(row)
+        self.stack.setCurrentWidget(w)
+        self.settings.setValue("window/panel", self.specs[row].name)
+
+    # ---- status bar --------------------------------------------------------
+    def _build_status_bar(self):
+        sb = self.statusBar()
+        self.device_label = QLabel()
+        self.device_label.setObjectName("deviceLabel")
+        self.model_label = QLabel("no model loaded")
+        self.model_label.setObjectName("modelLabel")
+        sb.addPermanentWidget(self.model_label)
+        sb.addPermanentWidget(self.device_label)
+        self._describe_device()
+
+    def _describe_device(self):
+        from sol.core.devices import describe
+        if self.ctx.device is None:
+            self.device_label.setText("device: ?")
+            return
+        d = describe(self.ctx.device)
+        kind = {"cuda": "GPU", "mps": "GPU", "cpu": "CPU"}.get(d["type"], d["type"])
+        text = f"{kind}: {d['name']}"
+        if d.get("memory_gb"):
+            text += f" ({d['memory_gb']} GB)"
+        if d.get("warning"):
+            text = f"⚠ {text} — {d['warning']}"
+            self.device_label.setProperty("warn", True)
+        self.device_label.setText(text)
+        self.device_label.setToolTip(f"threads: {d.get('threads')}")
+
+    def _on_model(self, loaded):
+        if loaded is None:
+            self.model_label.setText("no model loaded")
+            self.settings.remove("model/last")
+            return
+        n = loaded.model.num_parameters()
+        self.model_label.setText(f"model: {loaded.name} · {n / 1e6:.2f}M params")
+        self.settings.setValue("model/last", str(loaded.path))
+
+    def _on_model_failed(self, msg: str):
+        self.model_label.setText("no model loaded")
+        self.statusBar().showMessage(f"could not load the model: {msg}", 15000)
+
+    def closeEvent(self, e):
+        self.settings.setValue("window/geometry", self.saveGeometry())
+        for w in self.widgets.values():
+            close = getattr(w, "shutdown", None)
+            if close:
+                try:
+                    close()
+                except Exception:
+                    pass
+        super().closeEvent(e)

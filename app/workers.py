@@ -1,0 +1,134 @@
+"""Running work off the GUI thread.
+
+`Task` runs one function in Qt's thread pool and delivers its result (or
+exception) back on the GUI thread. `StreamWorker` runs a generator of events
+(generation, the chat loop) in its own QThread, with a stop flag the
+generator checks between events. The GUI thread never waits on either: it
+only receives signals.
+"""
+from __future__ import annotations
+
+import threading
+import traceback
+from typing import Any, Callable, Iterator
+
+from PySide6.QtCore import QObject, QThread, QThreadPool, Signal, Slot
+
+_alive: set = set()   # keeps running tasks referenced until they report back
+
+
+class Task(QObject):
+    """fn(*args) in the thread pool; `done(result)` or `failed(exception)` on the GUI thread."""
+    done = Signal(object)
+    failed = Signal(object)
+    _result = Signal(object)
+    _error = Signal(object)
+
+    def __init__(self, fn: Callable, *args, **kwargs):
+        super().__init__()
+        self._call = (fn, args, kwargs)
+        # Emitted on the worker thread, received by this object's slots on the GUI thread (queued).
+        self._result.connect(self._on_result)
+        self._error.connect(self._on_error)
+
+    def start(self) -> "Task":
+        _alive.add(self)
+        QThreadPool.globalInstance().start(self._run)
+        return self
+
+    def _run(self):
+        fn, args, kwargs = self._call
+        try:
+            r = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - reported to the GUI, never raised in a pool thread
+            e.traceback_text = traceback.format_exc()
+            self._error.emit(e)
+        else:
+            self._result.emit(r)
+
+    @Slot(object)
+    def _on_result(self, r):
+        _alive.discard(self)
+        self.done.emit(r)
+
+    @Slot(object)
+    def _on_error(self, e):
+        _alive.discard(self)
+        self.failed.emit(e)
+
+
+def run_task(fn: Callable, *args, on_done: Callable | None = None, on_error: Callable | None = None,
+             **kwargs) -> Task:
+    t = Task(fn, *args, **kwargs)
+    if on_done is not None:
+        t.done.connect(on_done)
+    if on_error is not None:
+        t.failed.connect(on_error)
+    return t.start()
+
+
+class _StreamRunner(QObject):
+    """Lives on the worker thread; iterates the generator and emits each event."""
+    event = Signal(object)
+    failed = Signal(object)
+    finished = Signal()
+
+    def __init__(self, make_iter: Callable[[threading.Event], Iterator[Any]], cancel: threading.Event):
+        super().__init__()
+        self.make_iter = make_iter
+        self.cancel = cancel
+
+    @Slot()
+    def run(self):
+        try:
+            for ev in self.make_iter(self.cancel):
+                self.event.emit(ev)
+        except BaseException as e:  # noqa: BLE001
+            e.traceback_text = traceback.format_exc()
+            self.failed.emit(e)
+        self.finished.emit()
+
+
+class StreamWorker(QObject):
+    """make_iter(cancel_event) -> iterator, run in a QThread. Signals arrive on the GUI thread."""
+    event = Signal(object)
+    failed = Signal(object)
+    finished = Signal()
+
+    def __init__(self, make_iter: Callable[[threading.Event], Iterator[Any]], parent=None):
+        super().__init__(parent)
+        self.cancel = threading.Event()
+        self.thread = QThread()
+        self.runner = _StreamRunner(make_iter, self.cancel)
+        self.runner.moveToThread(self.thread)
+        self.thread.started.connect(self.runner.run)
+        self.runner.event.connect(self._on_event)
+        self.runner.failed.connect(self._on_failed)
+        self.runner.finished.connect(self._on_finished)
+        self.running = False
+
+    def start(self) -> "StreamWorker":
+        self.running = True
+        _alive.add(self)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ask the generator to stop at its next check; `finished` follows."""
+        self.cancel.set()
+
+    @Slot(object)
+    def _on_event(self, ev):
+        self.event.emit(ev)
+
+    @Slot(object)
+    def _on_failed(self, e):
+        self.failed.emit(e)
+
+    @Slot()
+    def _on_finished(self):
+        self.running = False
+        self.thread.quit()
+        self.thread.wait(100)   # already returned from run(); quit is immediate
+        _alive.discard(self)
+        self.finished.emit()
