@@ -126,18 +126,31 @@ class MainWindow(QMainWindow):
         spec = self.specs[row]
         if spec.name in self.widgets:
             return self.widgets[spec.name]
-        try:
-            w = spec.factory(self.ctx)
-            if not isinstance(w, QWidget):
-                raise TypeError(f"the factory returned {type(w).__name__}, not a QWidget")
-        except Exception:
-            w = PanelError(spec, traceback.format_exc())
+        w = self._create(spec)
+        if not isinstance(w, QWidget):
+            w = PanelError(spec, w)
         old = self.stack.widget(row)
         self.stack.insertWidget(row, w)
         self.stack.removeWidget(old)
         old.deleteLater()
         self.widgets[spec.name] = w
         return w
+
+    def _create(self, spec: PanelSpec):
+        """The panel widget, or the text of what went wrong. Plugin panels go through the plugin
+        manager so a failing factory marks its plugin broken (the Plugins panel then shows it)."""
+        pm = self.ctx.plugins
+        if spec.plugin != "sol" and hasattr(pm, "create_panel"):
+            w = pm.create_panel(spec, self.ctx)
+            if w is None:
+                info = next((p for p in pm.plugins() if p.name == spec.plugin), None)
+                return (info.traceback or info.error) if info else "the panel factory failed"
+        else:
+            try:
+                w = spec.factory(self.ctx)
+            except Exception:
+                return traceback.format_exc()
+        return w if isinstance(w, QWidget) else f"the factory returned {type(w).__name__}, not a QWidget"
 
     def _show_row(self, row: int):
         if row < 0:

@@ -1,0 +1,476 @@
+"""The Training panel: choose a stage, data and hyperparameters; run `sol train` as a child
+process; plot its JSON events live; keep samples side by side; show the lineage of models."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyqtgraph as pg
+from PySide6.QtCore import QProcess, QTimer
+from PySide6.QtGui import QColor, QFont, QTextCharFormat, QTextCursor
+from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel,
+                               QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSpinBox,
+                               QSplitter, QTabWidget, QTextEdit, QTreeWidget, QTreeWidgetItem, QVBoxLayout,
+                               QWidget)
+
+from .runs import STAGES, batch_preview, command, fmt_eta, lineage, parse_line, preview_records
+
+PLOTS = [("loss", "loss", "#f5a524"), ("lr", "learning rate", "#5aa9e6"), ("grad_norm", "gradient norm", "#e66ab2"),
+         ("tokens_per_s", "tokens / s", "#4cc38a")]
+
+
+class Plot(pg.PlotWidget):
+    def __init__(self, title: str):
+        super().__init__()
+        self.setTitle(title, color="#b8bdc8", size="10pt")
+        self.showGrid(x=True, y=True, alpha=0.15)
+        self.setMenuEnabled(False)
+        self.setMinimumHeight(150)
+
+
+class TrainingPanel(QWidget):
+    def __init__(self, ctx):
+        super().__init__()
+        self.ctx = ctx
+        self.proc: QProcess | None = None
+        self.state = "idle"            # idle | running | stopping | stopped | done | failed
+        self.series: dict[str, tuple[list, list]] = {k: ([], []) for k in
+                                                       ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s")}
+        self.max_steps = 0
+        self.last_error = ""
+        self._buf = b""
+        self._dirty = False
+        self.argv: list[str] = []
+
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(24, 20, 24, 20)
+        split = QSplitter()
+        lay.addWidget(split)
+        split.addWidget(self._setup_column())
+        split.addWidget(self._run_column())
+        split.setSizes([380, 900])
+
+        self._plot_timer = QTimer(self, interval=150)   # redraw plots at most ~7 times a second
+        self._plot_timer.timeout.connect(self._redraw)
+        self._plot_timer.start()
+        self.stage.currentIndexChanged.connect(self._stage_changed)
+        self._stage_changed()
+        self.refresh_models()
+        ctx.model_changed.connect(lambda _: self.refresh_models())
+
+    # ---- layout ------------------------------------------------------------
+    def _setup_column(self) -> QWidget:
+        from sol.core.config import PRESETS
+        from sol.core.registry import models_dir
+        w = QWidget()
+        col = QVBoxLayout(w)
+        col.setContentsMargins(0, 0, 12, 0)
+        w.setMaximumWidth(380)
+        title = QLabel("Training")
+        title.setObjectName("h1")
+        col.addWidget(title)
+        form = QFormLayout()
+        form.setVerticalSpacing(8)
+        self.stage = QComboBox()
+        for name in STAGES:
+            self.stage.addItem(name, name)
+        self.base = QComboBox()
+        self.data = QLineEdit()
+        self.data.setPlaceholderText("choose a file…")
+        browse = QPushButton("…")
+        browse.setFixedWidth(40)
+        browse.setStyleSheet("padding: 4px 0;")
+        browse.clicked.connect(self.browse_data)
+        row = QHBoxLayout()
+        row.addWidget(self.data, 1)
+        row.addWidget(browse)
+        self.data_hint = QLabel()
+        self.data_hint.setObjectName("stat")
+        self.tokenizer = QComboBox()
+        self.tokenizer.setEditable(True)
+        self.tokenizer.addItems(["char", "bpe:1024", "bpe:4096"])
+        self.preset = QComboBox()
+        for name in PRESETS:
+            self.preset.addItem(name, name)
+        self.preset.setCurrentText("tiny")
+        self.steps = self._spin(1, 10_000_000, 200)
+        self.batch = self._spin(1, 4096, 16)
+        self.context = self._spin(8, 32768, 64)
+        self.lr = QDoubleSpinBox()
+        self.lr.setDecimals(5)
+        self.lr.setRange(1e-6, 1.0)
+        self.lr.setSingleStep(1e-4)
+        self.lr.setValue(1e-3)
+        self.eval_every = self._spin(0, 1_000_000, 50)
+        self.sample_every = self._spin(0, 1_000_000, 50)
+        self.ckpt_every = self._spin(0, 1_000_000, 100)
+        self.out = QLineEdit(str(models_dir() / f"run-{time.strftime('%Y%m%d-%H%M')}"))
+        form.addRow("Stage", self.stage)
+        form.addRow("Base model", self.base)
+        form.addRow("Data", row)
+        form.addRow("", self.data_hint)
+        form.addRow("Tokenizer", self.tokenizer)
+        form.addRow("Preset", self.preset)
+        form.addRow("Max steps", self.steps)
+        form.addRow("Batch size", self.batch)
+        form.addRow("Context", self.context)
+        form.addRow("Learning rate", self.lr)
+        form.addRow("Eval every", self.eval_every)
+        form.addRow("Sample every", self.sample_every)
+        form.addRow("Checkpoint every", self.ckpt_every)
+        form.addRow("Output", self.out)
+        col.addLayout(form)
+        buttons = QHBoxLayout()
+        self.start_btn = QPushButton("Start")
+        self.start_btn.setObjectName("primary")
+        self.stop_btn = QPushButton("Stop")
+        self.resume_btn = QPushButton("Resume")
+        for b in (self.start_btn, self.stop_btn, self.resume_btn):
+            buttons.addWidget(b)
+        col.addLayout(buttons)
+        col.addStretch(1)
+        self.start_btn.clicked.connect(lambda: self.start(resume=False))
+        self.resume_btn.clicked.connect(lambda: self.start(resume=True))
+        self.stop_btn.clicked.connect(self.stop)
+        self.data.editingFinished.connect(self.preview)
+        self._buttons()
+        return w
+
+    def _spin(self, lo, hi, v) -> QSpinBox:
+        s = QSpinBox()
+        s.setRange(lo, hi)
+        s.setValue(v)
+        s.setGroupSeparatorShown(True)
+        return s
+
+    def _run_column(self) -> QWidget:
+        w = QWidget()
+        col = QVBoxLayout(w)
+        col.setContentsMargins(12, 0, 0, 0)
+        head = QHBoxLayout()
+        self.state_label = QLabel("idle")
+        self.state_label.setObjectName("h2")
+        self.eta = QLabel("")
+        self.eta.setObjectName("stat")
+        head.addWidget(self.state_label)
+        head.addStretch(1)
+        head.addWidget(self.eta)
+        col.addLayout(head)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v / %m steps")
+        col.addWidget(self.progress)
+        self.error_label = QLabel()
+        self.error_label.setObjectName("error")
+        self.error_label.setWordWrap(True)
+        self.error_label.hide()
+        col.addWidget(self.error_label)
+
+        self.tabs = QTabWidget()
+        plots = QWidget()
+        grid = pg.QtWidgets.QGridLayout(plots)
+        self.plots, self.curves = {}, {}
+        for n, (key, title, color) in enumerate(PLOTS):
+            p = Plot(title)
+            self.plots[key] = p
+            self.curves[key] = p.plot([], [], pen=pg.mkPen(color, width=2))
+            grid.addWidget(p, n // 2, n % 2)
+        self.plots["loss"].addLegend(offset=(-10, 10))
+        self.curves["loss"].opts["name"] = "train"
+        self.curves["val_loss"] = self.plots["loss"].plot([], [], pen=pg.mkPen("#5aa9e6", width=2),
+                                                          symbol="o", symbolSize=6, symbolBrush="#5aa9e6",
+                                                          name="validation")
+        self.plots["loss"].plotItem.legend.addItem(self.curves["loss"], "train")
+        self.tabs.addTab(plots, "Live")
+
+        self.samples_box = QHBoxLayout()
+        self.samples_box.addStretch(1)
+        sw = QWidget()
+        sw.setLayout(self.samples_box)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(sw)
+        self.tabs.addTab(scroll, "Samples")
+
+        self.preview_view = QTextEdit()
+        self.preview_view.setReadOnly(True)
+        self.tabs.addTab(self.preview_view, "Data preview")
+        self.log = QPlainTextEdit()
+        self.log.setReadOnly(True)
+        self.log.setMaximumBlockCount(5000)
+        f = QFont("monospace")
+        f.setStyleHint(QFont.Monospace)
+        self.log.setFont(f)
+        self.tabs.addTab(self.log, "Log")
+        self.tree = QTreeWidget()
+        self.tree.setHeaderLabels(["model", "stage", "path"])
+        self.tabs.addTab(self.tree, "Lineage")
+        col.addWidget(self.tabs, 1)
+        return w
+
+    # ---- setup -------------------------------------------------------------
+    def is_ready(self) -> bool:
+        return True
+
+    def _stage_changed(self, *_):
+        stage = self.stage.currentData()
+        spec = STAGES.get(stage, {})
+        pre = stage == "pretrain"
+        self.base.setEnabled(not pre)
+        self.tokenizer.setEnabled(pre)
+        self.preset.setEnabled(pre)
+        self.data_hint.setText(spec.get("data", ""))
+        if self.data.text():
+            self.preview()
+
+    def refresh_models(self):
+        from sol.core.registry import list_models
+        self.ctx.run(list_models, on_done=self._fill_models, on_error=lambda e: None)
+
+    def _fill_models(self, models):
+        self.base.clear()
+        for m in models:
+            self.base.addItem(m["name"], m["path"])
+        loaded = self.ctx.loaded
+        if loaded is not None:
+            i = self.base.findData(str(loaded.path))
+            if i >= 0:
+                self.base.setCurrentIndex(i)
+        self.ctx.run(lineage, models, on_done=self._fill_tree, on_error=lambda e: None)
+
+    def _fill_tree(self, roots):
+        self.tree.clear()
+
+        def add(parent, node):
+            item = QTreeWidgetItem([node.name, node.stage, node.path])
+            (parent.addChild if parent else self.tree.addTopLevelItem)(item)
+            for c in node.children:
+                add(item, c)
+        for r in roots:
+            add(None, r)
+        self.tree.expandAll()
+        self.tree.resizeColumnToContents(0)
+
+    def browse_data(self):
+        filt = "Text (*.txt *.md);;All (*)" if self.stage.currentData() == "pretrain" else "JSONL (*.jsonl);;All (*)"
+        path, _ = QFileDialog.getOpenFileName(self, "Training data", "", filt)
+        if path:
+            self.data.setText(path)
+            self.preview()
+
+    def preview(self):
+        path, stage = self.data.text().strip(), self.stage.currentData()
+        if not path:
+            return
+        if stage == "pretrain":
+            self.ctx.run(batch_preview, path, self.tokenizer.currentText(), 4, min(self.context.value(), 96),
+                         on_done=self._show_batch, on_error=self._preview_error)
+        else:
+            self.ctx.run(preview_records, path, stage, on_done=self._show_records, on_error=self._preview_error)
+
+    def _preview_error(self, e):
+        self.data_hint.setText(f"✗ {e}")
+        self.preview_view.setPlainText(str(e))
+
+    def _show_records(self, records):
+        import json
+        self.data_hint.setText(f"✓ valid — first {len(records)} records below")
+        self.preview_view.setPlainText("\n\n".join(json.dumps(r, ensure_ascii=False, indent=2) for r in records))
+        self.tabs.setCurrentWidget(self.preview_view)
+
+    def _show_batch(self, b):
+        """Fig. 75: B rows of T tokens; <|endoftext|> marks where one document ends and the next begins."""
+        self.data_hint.setText(f"✓ {len(b.files)} file(s), {b.tokens:,} tokens previewed")
+        self.preview_view.clear()
+        cur = QTextCursor(self.preview_view.document())
+        plain, mono = QTextCharFormat(), QTextCharFormat()
+        mono.setFontFamilies(["monospace"])
+        cur.insertText(f"One (B={b.batch}, T={b.context}) batch: each row is one training example cut from the "
+                       f"stream of documents; the model learns to predict every next token.\n\n", plain)
+        colors = ["#3a3322", "#1f3040"]
+        for r, row in enumerate(b.rows):
+            cur.insertText(f"row {r}  ", plain)
+            for k, (text, eot) in enumerate(row):
+                f = QTextCharFormat(mono)
+                if eot:
+                    f.setBackground(QColor("#ef5b5b"))
+                    f.setForeground(QColor("#111111"))
+                    text = "<|endoftext|>"
+                else:
+                    f.setBackground(QColor(colors[k % 2]))
+                    text = text.replace("\n", "↵")
+                cur.insertText(text, f)
+            cur.insertText("\n\n", plain)
+        self.tabs.setCurrentWidget(self.preview_view)
+
+    # ---- the run -----------------------------------------------------------
+    def options(self) -> dict:
+        o = {"max_steps": self.steps.value(), "batch_size": self.batch.value(), "lr": self.lr.value(),
+             "eval_every": self.eval_every.value(), "sample_every": self.sample_every.value(),
+             "checkpoint_every": self.ckpt_every.value()}
+        if self.stage.currentData() == "pretrain":
+            o.update(tokenizer=self.tokenizer.currentText(), preset=self.preset.currentData(),
+                     context=self.context.value())
+        return o
+
+    def start(self, resume: bool = False):
+        if self.proc is not None:
+            return
+        stage = self.stage.currentData()
+        base = self.base.currentData() if stage != "pretrain" else None
+        self.argv = command(stage, self.out.text().strip(), self.data.text().strip() or None, base,
+                            self.options(), resume)
+        self.run_argv(self.argv, resume)
+
+    def run_argv(self, argv: list[str], resume: bool = False):
+        """Start a child process speaking JSON events on stdout (tests call this directly)."""
+        if not resume:
+            for xs, ys in self.series.values():
+                xs.clear()
+                ys.clear()
+            while self.samples_box.count() > 1:
+                self.samples_box.takeAt(0).widget().deleteLater()
+        self.log.appendPlainText("$ " + " ".join(argv[1:]))
+        self.error_label.hide()
+        self.last_error = ""
+        self.proc = QProcess(self)
+        self.proc.setProgram(argv[0])
+        self.proc.setArguments(argv[1:])
+        self.proc.readyReadStandardOutput.connect(self._read_stdout)
+        self.proc.readyReadStandardError.connect(self._read_stderr)
+        self.proc.finished.connect(self._finished)
+        self.proc.errorOccurred.connect(self._proc_error)
+        self._set_state("running")
+        self.proc.start()
+        self.tabs.setCurrentIndex(0)
+
+    def stop(self):
+        """SIGTERM: the trainer writes a checkpoint and exits; Resume continues from it."""
+        if self.proc is not None and self.state == "running":
+            self._set_state("stopping")
+            self.proc.terminate()
+            QTimer.singleShot(30_000, self._kill_if_stuck)
+
+    def _kill_if_stuck(self):
+        if self.proc is not None and self.state == "stopping":
+            self.proc.kill()
+
+    def shutdown(self):
+        """The window is closing: leave a running training alone only if it was started detached; ours stops."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.waitForFinished(3000)
+
+    def _read_stdout(self):
+        self._buf += bytes(self.proc.readAllStandardOutput())
+        *lines, self._buf = self._buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace")
+            ev = parse_line(line)
+            if ev is None:
+                if line.strip():
+                    self.log.appendPlainText(line)
+            else:
+                self.handle(ev)
+
+    def _read_stderr(self):
+        text = bytes(self.proc.readAllStandardError()).decode("utf-8", "replace").rstrip()
+        if text:
+            self.log.appendPlainText(text)
+            if text.lstrip().startswith("error:") and not self.last_error:
+                self.last_error = text.strip()
+
+    def handle(self, ev: dict):
+        t = ev.get("type")
+        if t == "start":
+            self.max_steps = int(ev.get("max_steps") or self.steps.value())
+            self.progress.setMaximum(self.max_steps)
+            dev = ev.get("device") or {}
+            self.log.appendPlainText(f"start: {ev.get('stage', '')} on {dev.get('type', '?')} "
+                                     f"({dev.get('name', '')}), {ev.get('parameters', 0):,} parameters")
+        elif t == "step":
+            s = ev.get("step", 0)
+            for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                if ev.get(k) is not None:
+                    self.series[k][0].append(s)
+                    self.series[k][1].append(float(ev[k]))
+            self.progress.setMaximum(max(self.max_steps, s))
+            self.progress.setValue(s)
+            loss = ev.get("loss")
+            self.eta.setText(f"step {s}  ·  loss {loss:.4f}  ·  {ev.get('tokens_per_s', 0):,.0f} tok/s  ·  "
+                             f"ETA {fmt_eta(ev.get('eta_s'))}" if loss is not None else f"step {s}")
+            self._dirty = True
+        elif t == "eval":
+            v = ev.get("val_loss", ev.get("accuracy", ev.get("reward_mean")))
+            if v is not None:
+                self.series["val_loss"][0].append(ev.get("step", len(self.series["val_loss"][0])))
+                self.series["val_loss"][1].append(float(v))
+                self._dirty = True
+            self.log.appendPlainText("eval: " + ", ".join(f"{k}={v}" for k, v in ev.items() if k != "type"))
+        elif t == "sample":
+            self.add_sample(ev.get("step", 0), ev.get("text", ""))
+        elif t == "checkpoint":
+            self.log.appendPlainText(f"checkpoint: {ev.get('path')}")
+        elif t == "done":
+            self.log.appendPlainText(f"done: {ev.get('out') or ev.get('path') or ''}")
+            self.progress.setValue(self.progress.maximum())
+        elif t == "error":
+            self.last_error = ev.get("message", "unknown error")
+            self.log.appendPlainText(f"error: {self.last_error}")
+
+    def add_sample(self, step: int, text: str):
+        card = QFrame()
+        card.setObjectName("card")
+        card.setFixedWidth(280)
+        lay = QVBoxLayout(card)
+        head = QLabel(f"step {step}")
+        head.setObjectName("h2")
+        body = QPlainTextEdit(text)
+        body.setReadOnly(True)
+        lay.addWidget(head)
+        lay.addWidget(body, 1)
+        self.samples_box.insertWidget(self.samples_box.count() - 1, card)
+
+    def _redraw(self):
+        if not self._dirty:
+            return
+        self._dirty = False
+        for k, curve in self.curves.items():
+            xs, ys = self.series[k]
+            curve.setData(xs, ys)
+
+    def _proc_error(self, err):
+        if err == QProcess.FailedToStart:
+            self.last_error = f"could not start {self.argv[:1]}: {self.proc.errorString()}"
+            self._finished(-1, QProcess.CrashExit)
+
+    def _finished(self, code, status):
+        if self.proc is None:
+            return
+        self._read_stdout()
+        self._redraw()
+        stopping = self.state == "stopping"
+        self.proc.deleteLater()
+        self.proc = None
+        if stopping:
+            self._set_state("stopped")
+        elif code == 0 and not self.last_error:
+            self._set_state("done")
+            self.refresh_models()
+        else:
+            self._set_state("failed")
+            self.error_label.setText(f"Training failed: {self.last_error or f'exit code {code}'} — see the Log tab.")
+            self.error_label.show()
+
+    def _set_state(self, state: str):
+        self.state = state
+        labels = {"idle": "idle", "running": "● running", "stopping": "stopping — writing a checkpoint …",
+                  "stopped": "stopped (Resume continues from the last checkpoint)", "done": "✓ done",
+                  "failed": "✗ failed"}
+        self.state_label.setText(labels.get(state, state))
+        self._buttons()
+
+    def _buttons(self):
+        running = self.proc is not None
+        self.start_btn.setEnabled(not running)
+        self.resume_btn.setEnabled(not running)
+        self.stop_btn.setEnabled(running and self.state == "running")
