@@ -1,0 +1,205 @@
+"""GUI tests (pytest-qt, offscreen): every panel does its one essential thing on a tiny model."""
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from conftest import TINY_TEXT, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture
+def window(qtbot):
+    from sol.app.main import build_window
+    win, ctx = build_window()
+    qtbot.addWidget(win)
+    yield win, ctx
+    for w in win.widgets.values():
+        if hasattr(w, "shutdown"):
+            w.shutdown()
+
+
+def loaded(path):
+    from sol.core.checkpoint import load_model
+    return load_model(path)
+
+
+def test_window_lists_every_panel_and_the_device(window):
+    win, ctx = window
+    assert win.names()[:2] == ["chat", "models"]
+    assert {"tokens", "attention", "training", "plugins"} <= set(win.names())
+    assert win.device_label.text().startswith(("CPU", "GPU", "⚠"))
+    assert win.model_label.text() == "no model loaded"
+
+
+def test_a_panel_that_raises_shows_its_error_in_place(window):
+    from sol.app.window import PanelError
+    from sol.core.hooks import PanelSpec
+    win, ctx = window
+    win.specs.append(PanelSpec("bad", "Bad", lambda c: 1 / 0, None, 999, "sol"))
+    win.stack.addWidget(__import__("PySide6.QtWidgets").QtWidgets.QWidget())
+    w = win.panel("bad")
+    assert isinstance(w, PanelError)
+    assert win.panel("chat") is not None   # the rest still works
+
+
+def test_chat_streams_a_reply_and_stop_ends_it(window, qtbot, tmp_path):
+    win, ctx = window
+    ctx.set_model(loaded(make_tiny_model(tmp_path / "m", context=1024)))
+    chat = win.panel("chat")
+    chat.params.max_tokens.setValue(900)
+    chat.params.temperature.setValue(1.0)
+    chat.send("Hello there")
+    qtbot.waitUntil(lambda: chat.answer is not None and len(chat.answer.tokens) >= 3, timeout=30_000)
+    answer = chat.answer
+    assert chat.stop_btn.isEnabled()
+    chat.stop()
+    qtbot.waitUntil(lambda: not chat.busy, timeout=30_000)
+    assert 3 <= len(answer.tokens) < 900
+    assert answer.text                       # streamed text reached the widget
+    assert chat.status.text() == "stopped"
+    assert chat.send_btn.isEnabled()
+    # the conversation is in the store and listed
+    assert chat.list.count() == 1
+
+
+def test_chat_finished_answer_has_stats_and_explains_a_token(window, qtbot, tmp_path):
+    win, ctx = window
+    ctx.set_model(loaded(make_tiny_model(tmp_path / "m")))
+    chat = win.panel("chat")
+    chat.params.max_tokens.setValue(8)
+    chat.params.seed.setValue(3)
+    chat.send("Hi")
+    qtbot.waitUntil(lambda: not chat.busy, timeout=30_000)
+    answer = [b for b in chat.bubbles if type(b).__name__ == "AnswerBubble"][-1]
+    assert "tokens" in answer.stats.text() and "tok/s" in answer.stats.text()
+    ev = answer.tokens[0]
+    chat._explain(ev)
+    bars = chat.explain.bars.opts["height"]
+    assert abs(float(np.sum(bars)) - 1.0) < 1e-6
+    chat.explain.slider.setValue(300)       # hotter: flatter bars
+    flatter = chat.explain.bars.opts["height"]
+    assert max(flatter) <= max(bars) + 1e-9
+    assert ctx.last_answer == answer.text
+
+
+def test_token_viewer_shows_one_span_per_token(window, qtbot, tmp_path):
+    win, ctx = window
+    ctx.set_model(loaded(make_tiny_model(tmp_path / "m", tokenizer="char")))
+    panel = win.panel("tokens")
+    qtbot.waitUntil(panel.is_ready, timeout=10_000)
+    panel.input.setPlainText("Speak, speak.")
+    panel.update_views()
+    col = panel.a
+    assert len(col.text_view.ranges) == 13         # a character tokenizer: one span per character
+    assert len(col.ids_view.ranges) == 13
+    assert col.counts.text().startswith("13 tokens · 13 characters · 2 words")
+    col.hover(2)                                    # hover links both views
+    assert col.text_view.lit == 2 and col.ids_view.lit == 2
+
+
+def test_token_viewer_merges_a_character_split_across_tokens(tmp_path):
+    from sol.core.tokenizer import Tokenizer
+    from sol.plugins.tokenizer_viewer.spans import counts, segments, token_segments
+    tok = Tokenizer.from_file(make_tiny_model(tmp_path / "m") / "tokenizer.json")
+    segs = token_segments(segments(tok, "a ẞ<|endoftext|>"))
+    assert [s.text for s in segs] == ["a", " ", "ẞ", "<|endoftext|>"]
+    assert len(segs[2].ids) == 3 and segs[3].special
+    assert counts(tok, "a ẞ")["tokens"] == 5
+
+
+def test_attention_heatmap_is_tokens_by_tokens_and_rows_sum_to_one(window, qtbot, tmp_path):
+    win, ctx = window
+    ctx.set_model(loaded(make_tiny_model(tmp_path / "m")))
+    panel = win.panel("attention")
+    panel.input.setPlainText("Before we proceed any further, hear me speak.")
+    panel.run()
+    panel.layer.setValue(1)
+    panel.head.setCurrentIndex(2)                  # head 1
+    qtbot.waitUntil(lambda: 1 in panel.layers, timeout=20_000)
+    qtbot.waitUntil(lambda: panel.is_ready(), timeout=20_000)
+    T = len(panel.ids)
+    data = panel.heatmap.data
+    assert T > 5 and data.shape == (T, T)
+    assert np.allclose(data.sum(axis=1), 1.0, atol=1e-5)
+    assert np.allclose(np.triu(data, 1), 0)        # causal: nothing attends to the future
+    s = __import__("sol.plugins.attention_visualizer.compute", fromlist=["x"]).step_by_step(panel.layers[1], 1, T - 1)
+    assert np.allclose(s["weights"], s["model_weights"], atol=1e-5)
+
+
+def test_training_panel_runs_20_steps_and_plots(window, qtbot, tmp_path):
+    from sol.plugins.training_runner.runs import command
+    win, ctx = window
+    panel = win.panel("training")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT * 3, encoding="utf-8")
+    argv = command("pretrain", str(tmp_path / "out"), str(corpus),
+                   options={"preset": "tiny", "context": 32, "batch_size": 4, "max_steps": 20, "eval_every": 10,
+                            "sample_every": 10, "checkpoint_every": 0, "device": "cpu"})
+    panel.run_argv(argv)
+    qtbot.waitUntil(lambda: panel.state in ("done", "failed"), timeout=150_000)
+    assert panel.state == "done", panel.log.toPlainText()[-2000:]
+    xs, ys = panel.curves["loss"].getData()
+    assert xs is not None and len(xs) >= 1 and xs[-1] == 20
+    assert panel.progress.value() == 20
+
+
+def test_training_panel_shows_a_failed_run(window, qtbot, tmp_path):
+    from sol.plugins.training_runner.runs import command
+    win, ctx = window
+    panel = win.panel("training")
+    panel.run_argv(command("pretrain", str(tmp_path / "out"), str(tmp_path / "missing.txt"),
+                           options={"max_steps": 5}))
+    qtbot.waitUntil(lambda: panel.state in ("done", "failed"), timeout=60_000)
+    assert panel.state == "failed"
+    assert "missing.txt" in panel.error_label.text()
+
+
+def test_batch_preview_has_end_of_text_separators(tmp_path):
+    from sol.plugins.training_runner.runs import batch_preview
+    for i in range(3):
+        (tmp_path / f"d{i}.txt").write_text(f"document {i} " * 20, encoding="utf-8")
+    b = batch_preview(str(tmp_path), "char", batch=4, context=32)
+    assert len(b.rows) == 4 and all(len(r) == 32 for r in b.rows)
+    assert any(eot for r in b.rows for _, eot in r)
+
+
+def test_plugins_panel_lists_builtins_and_a_broken_plugin(window, qtbot, tmp_path, monkeypatch):
+    from sol.core.plugins import PluginManager
+    from sol.plugins.plugin_manager.panel import PluginsPanel
+    (tmp_path / "broken_sol_plugin.py").write_text(textwrap.dedent("""
+        NAME = "broken-test"
+        def sol_tools():
+            raise RuntimeError("this plugin is broken on purpose")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    win, ctx = window
+    pm = PluginManager(extra_modules=["broken_sol_plugin"])
+    pm.load()
+    pm.tools()
+    ctx.plugins = pm
+    panel = PluginsPanel(ctx)
+    qtbot.addWidget(panel)
+    names = [p.name for p in panel.infos]
+    for builtin in ("tokenizer-viewer", "attention-visualizer", "training-runner", "plugin-manager"):
+        assert builtin in names
+        assert panel.state_of(builtin) == "enabled"
+    assert panel.state_of("broken-test") == "broken"
+    row = names.index("broken-test")
+    assert "broken on purpose" in panel.table.item(row, 5).text()
+    panel.table.selectRow(row)
+    assert "RuntimeError" in panel.details.toPlainText()
+
+
+def test_screenshot_saves_a_png_and_exits(tmp_path, qtbot):
+    import argparse
+
+    from sol.app.main import run
+    out = tmp_path / "shot.png"
+    model = make_tiny_model(tmp_path / "m")
+    rc = run(argparse.Namespace(panel="models", model=str(model), screenshot=str(out), safe_mode=False))
+    assert rc == 0 and out.stat().st_size > 1000
