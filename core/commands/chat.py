@@ -1,0 +1,105 @@
+"""`sol chat`: talk to a model in the terminal, tools included.
+
+With --message it runs those turns and exits; with --json it prints one
+event per line (token, tool_call, tool_result, message, notice, error).
+Conversations are kept in the store, like the GUI's.
+"""
+from __future__ import annotations
+
+import sys
+
+from .common import add_model_args, load, print_json
+from .plugins import add_safe_mode
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model in the terminal (tools included)")
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--message", action="extend", nargs="+", default=[],
+                   help="user message(s) to send in turn, then exit (repeatable); without it, chat interactively")
+    p.add_argument("--conversation", type=int, default=None, help="continue a stored conversation by its id")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="one JSON event per line")
+    add_safe_mode(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..chat import ChatSession
+    from ..engine import GenerationParams
+    from ..errors import SolError
+    from ..plugins import PluginManager
+    from ..sampling import SamplingParams
+    from ..store import Store
+    if args.max_tokens < 1:
+        raise SolError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
+    sampling.validate()
+    params = GenerationParams(max_tokens=args.max_tokens, sampling=sampling, explain=args.json)
+    lm = load(args)
+    plugins = PluginManager(safe_mode=True if args.safe_mode else None)
+    plugins.load()
+    for info in plugins.plugins():
+        if info.status != "ok" and not args.json:
+            sys.stderr.write(f"warning: plugin {info.name} is broken and skipped: {info.error}\n")
+    chat = ChatSession(lm, plugins, Store(), args.conversation, args.system)
+    if args.message:
+        ok = True
+        for text in args.message:
+            ok = show(chat.send(text, params), args.json) and ok
+        return 0 if ok else 1
+    return interactive(chat, params, args.json)
+
+
+def show(events, as_json: bool) -> bool:
+    """Print a turn's events; False if it ended in an error."""
+    ok = True
+    for ev in events:
+        kind = ev["type"]
+        ok = ok and kind != "error"
+        if as_json:
+            print_json(ev)
+        elif kind == "token":
+            sys.stdout.write(ev["text"])
+            sys.stdout.flush()
+        elif kind == "tool_result":
+            out = ev.get("result") if "result" in ev else f"error: {ev.get('error')}"
+            sys.stderr.write(f"\n[{ev['name']} -> {out}]\n")
+        elif kind == "message" and ev["role"] == "assistant":
+            sys.stdout.write("\n")
+            sys.stderr.write(f"[{ev['prompt_tokens']} prompt tokens, {ev['completion_tokens']} completion "
+                             f"tokens, {ev['tokens_per_s']:.1f} tokens/s]\n")
+        elif kind == "notice":
+            sys.stderr.write(f"\nnote: {ev['text']}\n")
+        elif kind == "error":
+            sys.stderr.write(f"\nerror: {ev['message']}\n")
+    return ok
+
+
+def interactive(chat, params, as_json: bool) -> int:
+    sys.stderr.write("Type a message. /regenerate answers again, /system TEXT sets the system prompt, "
+                     "/exit (or Ctrl-D) quits.\n")
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            sys.stderr.write("\n")
+            return 0
+        if text.strip() in ("/exit", "/quit"):
+            return 0
+        if not text.strip():
+            continue
+        if text.strip() == "/regenerate":
+            show(chat.regenerate(params), as_json)
+        elif text.startswith("/system"):
+            chat.system = text[len("/system"):].strip() or None
+            sys.stderr.write(f"system prompt {'set' if chat.system else 'cleared'}\n")
+        else:
+            show(chat.send(text, params), as_json)
