@@ -36,8 +36,9 @@ def byte_tokenizer(folder: Path):
     return tok
 
 
-def make_hf_model(family: str, folder: Path, seed: int = 0):
-    """Write a random model of `family` to `folder`; returns the transformers model (eval mode)."""
+def make_hf_model(family: str, folder: Path, seed: int = 3):
+    """Write a random model of `family` to `folder`; returns the transformers model (eval mode).
+    Seed 3 gives every family a varied greedy continuation (some seeds make random Qwen2 repeat one token)."""
     import transformers
     cfg = FAMILIES[family](transformers)
     # No eos/bos: greedy generation then runs its full length in both implementations.
