@@ -66,7 +66,9 @@ class StageSpec:
 class SolHookSpecs:
     @hookspec
     def sol_tools(self) -> list[ToolSpec]:
-        """Tools for the chat loop. Return a list of ToolSpec. Called once when plugins load."""
+        """Tools for the chat loop. Return a list of ToolSpec. Called once when plugins load.
+        `func(arguments)` gets the JSON object the model wrote and returns a JSON-able result (a string
+        reaches the model as is); raising sends `error: <message>` back to the model instead."""
 
     @hookspec
     def sol_panels(self) -> list[PanelSpec]:
@@ -77,7 +79,8 @@ class SolHookSpecs:
     @hookspec
     def sol_chat_event(self, event: dict) -> None:
         """Observe the chat: called with every chat event (a dict with a "type" key: token, tool_call,
-        tool_result, message, error). Must return quickly; it runs on the generation thread."""
+        tool_result, message, notice, error; see core/chat.py for their keys). Must return quickly: it
+        runs on the generation thread. A plugin that raises here is marked broken and gets no more events."""
 
     @hookspec
     def sol_training_stages(self) -> list[StageSpec]:

@@ -263,3 +263,30 @@ def test_plugins_cli_enable_disable_and_errors(capsys):
     assert "built into Sol" in capsys.readouterr().err
     assert main(["plugins", "install", "--", "--index-url=http://evil"]) == 1
     assert "not a pip option" in capsys.readouterr().err
+
+
+def test_the_worked_example_in_docs_works(tmp_path, monkeypatch, capsys):
+    import argparse
+    import re
+    import tomllib
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    toml = re.search(r"`pyproject.toml`:\n\n```toml\n(.*?)```", doc, re.S).group(1)
+    module = re.search(r"`sol_wordcount.py`:\n\n```python\n(.*?)```", doc, re.S).group(1)
+    project = tomllib.loads(toml)
+    assert project["project"]["entry-points"]["sol.plugins"] == {"wordcount": "sol_wordcount"}
+    (tmp_path / "sol_wordcount.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        pm = PluginManager(extra_modules=["sol_wordcount"])
+        assert pm.call_tool("wordcount", {"text": "hear me speak"}) == {"ok": True, "result": 3}
+        pm.chat_event({"type": "message", "role": "assistant", "content": "one two"})
+        assert sys.modules["sol_wordcount"].WORDS_WRITTEN == 2
+        parser = argparse.ArgumentParser()
+        pm.add_cli_commands(parser.add_subparsers())
+        (tmp_path / "t.txt").write_text("a b c d")
+        args = parser.parse_args(["wordcount", str(tmp_path / "t.txt")])
+        assert args.func(args) == 0 and capsys.readouterr().out == "4\n"
+        assert by_name(pm)["sol_wordcount"].status == "ok"
+    finally:
+        sys.modules.pop("sol_wordcount", None)
