@@ -173,8 +173,9 @@ class Engine:
                 if hit is not None:
                     text = text[:text.index(hit)]
                     reason = "stop_string"
-                    session.ids.append(token)  # keep the cache and ids in step; logits are stale
-                    session.rewind(len(session.ids))
+                    # The token stays in the sequence: feed it so ids, cache and logits agree and a
+                    # later force() or generate() continues from a consistent state.
+                    session.feed([token]) if session.room > 0 else session.ids.append(token)
                     yield event
                     break
                 if session.room <= 0:

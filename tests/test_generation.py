@@ -178,3 +178,18 @@ def test_engine_stream_equals_decode_even_for_random_bytes(lm):
     done = events[-1]
     assert "".join(e.text for e in events[:-1]) + "" == done.text
     assert done.text == lm.tokenizer.decode(done.token_ids)
+
+
+def test_after_a_stop_string_forcing_continues_from_a_consistent_cache(lm):
+    engine = Engine(lm.model, lm.tokenizer)
+    prompt = lm.tokenizer.encode_ids("All:")
+    full = list(engine.generate(engine.session(prompt), greedy(30)))[-1]
+    stop = full.text[5:8]
+    session = engine.session(prompt)
+    list(engine.generate(session, GenerationParams(max_tokens=30, sampling=SamplingParams(temperature=0),
+                                                   stop_strings=(stop,))))
+    assert session.cache.pos == len(session.ids)
+    engine.force(session, [7, 8, 9])
+    with torch.no_grad():
+        expected = lm.model(torch.tensor([session.ids]))[0, -1]
+    assert (session.logits - expected).abs().max() < 1e-4
