@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import inspect
 from .errors import SolError
 
 
@@ -53,6 +52,7 @@ def _hf_snapshot(repo_dir: Path) -> Path | None:
 
 def list_models() -> list[dict]:
     """Every loadable model: {"name", "path", "format", "architecture", "parameters"}."""
+    from .checkpoint import inspect   # here, not at the top: it imports torch, which costs seconds
     found: list[dict] = []
     for root in (builtin_models_dir(), models_dir()):
         if root.is_dir():
