@@ -20,7 +20,7 @@ TOKEN_COLORS = ["#f5a524", "#5aa9e6", "#4cc38a", "#e66ab2", "#a98bf5", "#f07f4f"
 
 def apply_theme(app) -> None:
     import pyqtgraph as pg
-    pg.setConfigOptions(background=PANEL, foreground=MUTED, antialias=True, imageAxisOrder="row-major")
+    pg.setConfigOptions(background=PANEL, foreground=MUTED, antialias=False, imageAxisOrder="row-major")
     p = QPalette()
     for role, color in ((QPalette.Window, BG), (QPalette.WindowText, TEXT), (QPalette.Base, PANEL),
                         (QPalette.AlternateBase, RAISED), (QPalette.Text, TEXT), (QPalette.Button, RAISED),

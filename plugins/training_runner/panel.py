@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pyqtgraph as pg
-from PySide6.QtCore import QProcess, QTimer
+from PySide6.QtCore import QProcess, Qt, QTimer
 from PySide6.QtGui import QColor, QFont, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel,
                                QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSpinBox,
@@ -23,7 +23,7 @@ class Plot(pg.PlotWidget):
     def __init__(self, title: str):
         super().__init__()
         self.setTitle(title, color="#b8bdc8", size="10pt")
-        self.showGrid(x=True, y=True, alpha=0.15)
+        self.showGrid(x=False, y=True, alpha=0.12)
         self.setMenuEnabled(False)
         self.setMinimumHeight(150)
 
@@ -37,6 +37,7 @@ class TrainingPanel(QWidget):
         self.series: dict[str, tuple[list, list]] = {k: ([], []) for k in
                                                        ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s")}
         self.max_steps = 0
+        self.last_step: dict | None = None
         self.last_error = ""
         self._buf = b""
         self._dirty = False
@@ -50,7 +51,7 @@ class TrainingPanel(QWidget):
         split.addWidget(self._run_column())
         split.setSizes([380, 900])
 
-        self._plot_timer = QTimer(self, interval=150)   # redraw plots at most ~7 times a second
+        self._plot_timer = QTimer(self, interval=120)   # one plot per tick: each plot ~2 times a second
         self._plot_timer.timeout.connect(self._redraw)
         self._plot_timer.start()
         self.stage.currentIndexChanged.connect(self._stage_changed)
@@ -152,6 +153,8 @@ class TrainingPanel(QWidget):
         self.state_label.setObjectName("h2")
         self.eta = QLabel("")
         self.eta.setObjectName("stat")
+        self.eta.setMinimumWidth(420)      # a fixed box: new text must not re-layout the plots
+        self.eta.setAlignment(Qt.AlignRight | Qt.AlignVCenter)
         head.addWidget(self.state_label)
         head.addStretch(1)
         head.addWidget(self.eta)
@@ -393,11 +396,7 @@ class TrainingPanel(QWidget):
                 if ev.get(k) is not None:
                     self.series[k][0].append(s)
                     self.series[k][1].append(float(ev[k]))
-            self.progress.setMaximum(max(self.max_steps, s))
-            self.progress.setValue(s)
-            loss = ev.get("loss")
-            self.eta.setText(f"step {s}  ·  loss {loss:.4f}  ·  {ev.get('tokens_per_s', 0):,.0f} tok/s  ·  "
-                             f"ETA {fmt_eta(ev.get('eta_s'))}" if loss is not None else f"step {s}")
+            self.last_step = ev
             self._dirty = True
         elif t == "eval":
             v = ev.get("val_loss", ev.get("accuracy", ev.get("reward_mean")))
@@ -412,6 +411,8 @@ class TrainingPanel(QWidget):
             self.log.appendPlainText(f"checkpoint: {ev.get('path')}")
         elif t == "done":
             self.log.appendPlainText(f"done: {ev.get('out') or ev.get('path') or ''}")
+            self._redraw()
+            self.flush_plots()
             self.progress.setValue(self.progress.maximum())
         elif t == "error":
             self.last_error = ev.get("message", "unknown error")
@@ -431,12 +432,28 @@ class TrainingPanel(QWidget):
         self.samples_box.insertWidget(self.samples_box.count() - 1, card)
 
     def _redraw(self):
+        """Paint what the events changed, a few times a second: a fast run sends hundreds of steps a
+        second and repainting plots for each would starve the event loop."""
         if not self._dirty:
             return
-        self._dirty = False
+        ev = self.last_step
+        if ev is not None:
+            s, loss = ev.get("step", 0), ev.get("loss")
+            self.progress.setMaximum(max(self.max_steps, s))
+            self.progress.setValue(s)
+            self.eta.setText(f"step {s}  ·  loss {loss:.4f}  ·  {ev.get('tokens_per_s') or 0:,.0f} tok/s  ·  "
+                             f"ETA {fmt_eta(ev.get('eta_s'))}" if loss is not None else f"step {s}")
+        # One plot per tick, in turn: each repaint costs several ms, and four at once would be one long stall.
+        self._turn = (getattr(self, "_turn", -1) + 1) % len(PLOTS)
+        key = PLOTS[self._turn][0]
+        for k in ([key, "val_loss"] if key == "loss" else [key]):
+            self.curves[k].setData(*self.series[k])
+        if self._turn == len(PLOTS) - 1:
+            self._dirty = False
+
+    def flush_plots(self):
         for k, curve in self.curves.items():
-            xs, ys = self.series[k]
-            curve.setData(xs, ys)
+            curve.setData(*self.series[k])
 
     def _proc_error(self, err):
         if err == QProcess.FailedToStart:
@@ -448,6 +465,7 @@ class TrainingPanel(QWidget):
             return
         self._read_stdout()
         self._redraw()
+        self.flush_plots()
         stopping = self.state == "stopping"
         self.proc.deleteLater()
         self.proc = None

@@ -1,0 +1,144 @@
+"""How responsive the window stays while the model generates and while a training runs.
+
+A 5 ms QTimer probe measures how late each tick fires: the lateness is the time the event
+loop was busy elsewhere (painting, handling token signals, reading training events). We
+report p99 and max for two phases: the chat streaming an answer from a model (the starter
+model if installed, else a random one) and the training panel running a pretraining child
+process. Goal: p99 <= 16 ms (one frame at 60 Hz), max <= 50 ms.
+
+    python benchmarks/ui_latency.py [--json] [--seconds 6]
+
+The last line with --json: {"generation": {"p99_ms", "max_ms"}, "training": {"p99_ms", "max_ms"}}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROBE_MS = 5
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+        "O Sol disse a Plutão: tokens são pedaços de texto.\n") * 40
+
+
+def random_model(out: Path) -> Path:
+    import torch
+
+    from sol.core.checkpoint import save_model
+    from sol.core.config import ModelConfig
+    from sol.core.model import Transformer
+    from sol.core.tokenizer import train_bpe
+    corpus = out.parent / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    tok = train_bpe([corpus], 512)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=4, n_head=4, d_model=128, context=1024))
+    return save_model(out, model, tok, {"name": "bench", "stage": "base"})
+
+
+class Probe:
+    def __init__(self):
+        from PySide6.QtCore import QTimer
+        self.delays: list[float] = []
+        self.last = None
+        self.on = False
+        self.timer = QTimer()
+        self.timer.setInterval(PROBE_MS)
+        self.timer.timeout.connect(self.tick)
+        self.timer.start()
+
+    def tick(self):
+        now = time.perf_counter()
+        if self.on and self.last is not None:
+            self.delays.append(max(0.0, (now - self.last) * 1000 - PROBE_MS))
+        self.last = now
+
+    def take(self) -> dict:
+        d = np.asarray(self.delays or [0.0])
+        self.delays = []
+        return {"p99_ms": round(float(np.percentile(d, 99)), 2), "max_ms": round(float(d.max()), 2),
+                "mean_ms": round(float(d.mean()), 2), "samples": int(d.size)}
+
+
+def wait(app, cond, timeout_s: float):
+    t0 = time.monotonic()
+    while not cond() and time.monotonic() - t0 < timeout_s:
+        app.processEvents()
+        time.sleep(0.001)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--seconds", type=float, default=6.0, help="length of each phase")
+    args = ap.parse_args()
+    os.environ.setdefault("SOL_HOME", tempfile.mkdtemp(prefix="sol-bench-"))
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+    from sol.app.main import build_window, starter_model
+    from sol.core.checkpoint import load_model
+    from sol.plugins.training_runner.runs import command
+    win, ctx = build_window()
+    win.show()
+    app = __import__("PySide6.QtWidgets", fromlist=["QApplication"]).QApplication.instance()
+    tmp = Path(tempfile.mkdtemp(prefix="sol-bench-"))
+    model_dir = starter_model() or random_model(tmp / "model")
+    ctx.set_model(load_model(model_dir))
+    probe = Probe()
+
+    # Phase 1: the chat streams answers (one after another) for `seconds`.
+    win.show_panel("chat")
+    chat = win.panel("chat")
+    chat.params.max_tokens.setValue(400)
+    wait(app, lambda: False, 0.5)
+    probe.on = True
+    t0 = time.monotonic()
+    tokens = 0
+    while time.monotonic() - t0 < args.seconds:
+        chat.send("Tell me a long story about the Sun and Pluto.")
+        wait(app, lambda: not chat.busy, args.seconds + 30)
+        tokens += sum(len(getattr(b, "tokens", [])) for b in chat.bubbles)
+        chat.new_chat()
+    probe.on = False
+    gen = probe.take()
+    gen["tokens"] = tokens
+
+    # Phase 2: the training panel runs a pretraining child process and plots its events.
+    win.show_panel("training")
+    train = win.panel("training")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(TEXT * 5, encoding="utf-8")
+    argv = command("pretrain", str(tmp / "run"), str(corpus),
+                   options={"preset": "tiny", "context": 64, "batch_size": 8, "max_steps": 100_000,
+                            "eval_every": 50, "sample_every": 100, "checkpoint_every": 0, "device": "cpu"})
+    train.run_argv(argv)
+    wait(app, lambda: train.series["loss"][0] or train.state != "running", 120)   # past start-up
+    probe.on = True
+    wait(app, lambda: train.state != "running", args.seconds)
+    probe.on = False
+    tr = probe.take()
+    tr["steps"] = len(train.series["loss"][0])
+    train.stop()
+    wait(app, lambda: train.proc is None, 40)
+
+    result = {"generation": gen, "training": tr}
+    if not args.json:
+        for k, v in result.items():
+            print(f"{k:<11} p99 {v['p99_ms']:6.2f} ms   max {v['max_ms']:6.2f} ms   mean {v['mean_ms']:5.2f} ms   "
+                  f"({v['samples']} probes)")
+    else:
+        print(f"model: {model_dir}", file=sys.stderr)
+        print(json.dumps(result))
+    win.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
