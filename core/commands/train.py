@@ -1,0 +1,52 @@
+"""`sol train STAGE ...`: the four stages (and any a plugin adds), and `sol train recipe starter`.
+
+With `--events -` the run speaks JSON lines on stdout (what the GUI reads);
+otherwise a progress bar on stderr. Errors are also sent as an `error` event
+before the usual `error: ...` line and exit status 1.
+"""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    from ..train.recipe import add_arguments as add_recipe_arguments
+    from ..train.stages import all_stages
+    p = sub.add_parser("train", help="train a model: pretrain, sft, reward, rl, or a whole recipe")
+    stages = p.add_subparsers(dest="stage", metavar="STAGE")
+    for spec in all_stages():
+        sp = stages.add_parser(spec.name, help=spec.description, description=spec.description)
+        spec.add_arguments(sp)
+        sp.set_defaults(func=_runner(spec))
+    rp = stages.add_parser("recipe", help="run several stages in order (recipe starter: all four)")
+    add_recipe_arguments(rp)
+    rp.set_defaults(func=_recipe)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _with_events(args, body):
+    import os
+
+    from ..errors import SolError
+    from ..train.events import make_emitter
+    emit = make_emitter(args.events, int(os.environ.get("RANK", "0")))
+    try:
+        body(emit)
+    except SolError as e:
+        emit({"type": "error", "message": str(e)})
+        raise
+    except Exception as e:
+        emit({"type": "error", "message": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"})
+        raise
+    finally:
+        close = getattr(emit, "close", None)
+        if close:
+            close()
+    return 0
+
+
+def _runner(spec):
+    return lambda args: _with_events(args, lambda emit: spec.run(args, emit))
+
+
+def _recipe(args) -> int:
+    from ..train.recipe import run
+    return _with_events(args, lambda emit: run(args, emit))

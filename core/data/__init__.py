@@ -1,0 +1,1 @@
+"""Training data: text corpora as token memmaps, chat / preference / prompt JSONL, synthetic generators."""

@@ -1,0 +1,135 @@
+"""Text corpus -> token memmaps (the book's Fig. 75).
+
+Every file is one document; documents are joined into one long stream of
+token ids with the end-of-text token between them, so a (B, T) batch cut at
+a random offset may hold the end of one document, `<|endoftext|>`, and the
+start of the next, exactly as GPT-2 and GPT-3 were trained. The first 90 %
+of the stream is for training, the rest for validation. Ids are stored as
+uint16 when the vocabulary fits, uint32 otherwise, in plain .bin files that
+numpy memory-maps: a corpus larger than memory still trains.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import replace, temp_path_for, write_text
+from ..errors import SolError
+from ..tokenizer import EOT, Tokenizer, train_bpe, train_char
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ""}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_files(files: list[Path]) -> list[dict]:
+    """What sol.json records about training data: each file's path, size and hash."""
+    return [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size, "sha256": sha256(f)} for f in files]
+
+
+def corpus_files(paths: list[str | Path]) -> list[Path]:
+    """Text files from files and folders (folders: every .txt/.md file inside, sorted)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise SolError(f"{p}: folder holds no text files (.txt, .md); give text files or another folder")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SolError(f"--corpus {p}: no such file or folder")
+    total = sum(f.stat().st_size for f in files)
+    if total == 0:
+        raise SolError(f"--corpus {paths[0]}: the corpus is empty; give text to train on")
+    return files
+
+
+def make_tokenizer(spec: str, files: list[Path]) -> Tokenizer:
+    """`char`, `bpe:N`, or the path of a tokenizer.json (or of a model directory holding one)."""
+    if spec == "char":
+        return train_char(files)
+    if spec.startswith("bpe:"):
+        try:
+            n = int(spec[4:])
+        except ValueError:
+            raise SolError(f"--tokenizer {spec}: write bpe:N with N the vocabulary size, e.g. bpe:4096") from None
+        if n < 300:
+            raise SolError(f"--tokenizer {spec}: a byte-level BPE needs at least 300 tokens (256 bytes + specials)")
+        return train_bpe(files, n)
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise SolError(f"--tokenizer {spec}: not char, bpe:N, or an existing tokenizer.json")
+    tok = Tokenizer.from_file(p)
+    if tok.token_to_id(EOT) is None and tok.eos_id is None:
+        raise SolError(f"{p}: the tokenizer has no end-of-text token to separate documents")
+    return tok
+
+
+def _chunks(text: str, size: int = 1 << 16) -> list[str]:
+    # Cut only after a newline, so a BPE merge never straddles two chunks in the middle of a word.
+    out, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def encode_files(tok: Tokenizer, files: list[Path]) -> np.ndarray:
+    eot = tok.token_to_id(EOT)
+    eot = tok.eos_id if eot is None else eot
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    parts = []
+    for f in files:
+        text = Path(f).read_text(encoding="utf-8", errors="replace")
+        for ids in tok.encode_batch_ids(_chunks(text)):
+            parts.append(np.asarray(ids, dtype=dtype))
+        parts.append(np.asarray([eot], dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def write_memmap(path: Path, arr: np.ndarray) -> None:
+    tmp = temp_path_for(path)
+    arr.tofile(tmp)
+    replace(tmp, path)
+
+
+def build(files: list[Path], tok: Tokenizer, out: Path, context: int, val_fraction: float = 0.1) -> dict:
+    """Tokenize the corpus into out/train.bin and out/val.bin; returns the meta also written to meta.json."""
+    ids = encode_files(tok, files)
+    n_val = int(len(ids) * val_fraction)
+    train, val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+    need = context + 1
+    if len(train) < need or (val_fraction > 0 and len(val) < need):
+        raise SolError(f"--corpus {files[0]}: the corpus is {len(ids)} tokens; with a {int(val_fraction * 100)} % "
+                       f"validation split each part needs at least {need} tokens (one context window plus one). "
+                       f"Give more text or a smaller --context")
+    out.mkdir(parents=True, exist_ok=True)
+    write_memmap(out / "train.bin", train)
+    write_memmap(out / "val.bin", val)
+    meta = {"dtype": str(ids.dtype), "train_tokens": int(len(train)), "val_tokens": int(len(val)),
+            "vocab_size": tok.vocab_size, "files": describe_files(files)}
+    write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def load(out: Path) -> tuple[np.memmap, np.memmap, dict]:
+    meta = json.loads((out / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    return (np.memmap(out / "train.bin", dtype=dtype, mode="r"),
+            np.memmap(out / "val.bin", dtype=dtype, mode="r"), meta)

@@ -1,0 +1,71 @@
+"""Small pieces the chat stages (sft, reward, rl) share."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import SolError
+from ..tokenizer import Tokenizer
+
+SAMPLE_QUESTION = "what is 12 times 7?"
+
+
+def load_parent(name: str, device, flag: str = "--model"):
+    """The model a stage starts from (a directory or a name from `sol models list`)."""
+    from ..checkpoint import load_model
+    from ..registry import resolve
+    lm = load_model(resolve(name), device="cpu")
+    if not lm.tokenizer.is_sol:
+        raise SolError(f"{flag} {name}: its tokenizer lacks Sol's chat tokens (<|user|>, <|assistant|>, <|end|>); "
+                       "start from a model Sol pretrained")
+    lm.model.float()
+    return lm
+
+
+def parent_info(lm) -> dict:
+    from ..data.corpus import sha256
+    weights = Path(lm.path) / "model.safetensors"
+    return {"path": str(Path(lm.path).resolve()), "name": lm.name, "stage": lm.meta.get("stage"),
+            "sha256": sha256(weights) if weights.is_file() else None}
+
+
+def epoch_indices(n: int, start: int, count: int, seed: int) -> list[int]:
+    """Items start..start+count of an endless stream of shuffled epochs over n items (a pure function,
+    so a resumed run reads exactly what the interrupted one would have)."""
+    out, perms = [], {}
+    for pos in range(start, start + count):
+        epoch = pos // n
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perms[epoch][pos % n]))
+    return out
+
+
+def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def pad_id(tok: Tokenizer) -> int:
+    i = tok.token_to_id("<|pad|>")
+    return i if i is not None else (tok.eos_id or 0)
+
+
+def split_val(items: list, fraction: float, minimum: int = 1) -> tuple[list, list]:
+    """Last `fraction` of the items held out for evaluation (none when there are too few)."""
+    n_val = int(len(items) * fraction)
+    if fraction > 0 and len(items) >= 10:
+        n_val = max(n_val, minimum)
+    return (items[:len(items) - n_val], items[len(items) - n_val:]) if n_val else (items, [])
+
+
+def chat_sample(model, tok: Tokenizer, question: str = SAMPLE_QUESTION, max_new: int = 64) -> str:
+    """The model's greedy answer to a fixed question, with the calculator running, as the chat shows it."""
+    from ..data.conversations import encode
+    from ..engine import end_of_turn_ids
+    from .rollout import rollout
+    ids, _ = encode(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
+    r = rollout(model, tok, [ids], max_new, 0.0, torch.Generator().manual_seed(0), end_of_turn_ids(tok))[0]
+    return f"{question} -> {tok.decode(r.ids)}"

@@ -1,0 +1,83 @@
+"""What a training run tells the world: JSON lines, or a progress bar for people.
+
+With `--events -` (or a file) every event is one JSON object on its own line,
+flushed at once, so the GUI (which starts `sol train ... --events -` as a
+child process) can plot it live. Without it a one-line progress bar on stderr.
+Under DDP only rank 0 speaks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+
+def _clean(v):
+    # JSON has no NaN or infinity; a diverged loss is reported as null.
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+class JsonEvents:
+    def __init__(self, target: str):
+        self.fh = sys.stdout if target == "-" else open(target, "a", encoding="utf-8")
+
+    def __call__(self, event: dict) -> None:
+        self.fh.write(json.dumps(_clean(event), ensure_ascii=False) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not sys.stdout:
+            self.fh.close()
+
+
+class ProgressBar:
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.total = 0
+        self.last = 0.0
+
+    def __call__(self, e: dict) -> None:
+        t = e["type"]
+        w = self.stream.write
+        if t == "start":
+            self.total = e.get("max_steps", 0)
+            dev = e.get("device", {})
+            w(f"{e.get('stage')}: {e.get('parameters', 0):,} parameters on {dev.get('type')} ({dev.get('name')})\n")
+            if dev.get("warning"):
+                w(f"note: {dev['warning']}\n")
+        elif t == "step":
+            now = time.monotonic()
+            if now - self.last < 0.2 and e["step"] < self.total:
+                return
+            self.last = now
+            n = 30 * e["step"] // max(1, self.total)
+            w(f"\r[{'#' * n}{'.' * (30 - n)}] {e['step']}/{self.total} loss {e['loss']:.4f} "
+              f"lr {e['lr']:.2e} {e['tokens_per_s']:,.0f} tok/s eta {e['eta_s']:.0f}s ")
+        elif t == "eval":
+            w("\n" + "eval " + " ".join(f"{k} {v:.4f}" for k, v in e.items()
+                                        if isinstance(v, float)) + f" (step {e['step']})\n")
+        elif t == "sample":
+            w(f"\n--- sample at step {e['step']} ---\n{e['text']}\n---\n")
+        elif t == "checkpoint":
+            pass
+        elif t == "done":
+            w(f"\ndone: {e.get('out')}" + (" (stopped, resume with --resume)" if e.get("stopped") else "") + "\n")
+        elif t == "error":
+            w(f"\nerror: {e['message']}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+def make_emitter(target: str | None, rank: int = 0):
+    if rank != 0:
+        return lambda event: None
+    return JsonEvents(target) if target else ProgressBar()

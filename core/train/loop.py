@@ -1,0 +1,295 @@
+"""The training loop every stage shares.
+
+A stage (pretrain, sft, reward, rl, or a plugin's) says only what its data
+is and what its loss is; this loop does the rest: device and precision,
+AdamW with warmup + cosine, gradient accumulation, clipping, evaluation,
+samples, atomic checkpoints, resume, stopping on SIGINT/SIGTERM, DDP.
+
+Losses are sums over what the stage counts (target tokens, preference pairs)
+divided by the count over the whole global batch. That makes the update the
+same whether the batch is split into micro-batches, across processes, or
+neither -- and uneven masks (SFT) weigh every token equally.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..devices import describe, pick_device
+from ..errors import SolError
+from . import checkpointing, ddp
+from .schedule import lr_at
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    max_steps: int = 1000
+    batch_size: int = 16            # global batch per optimizer step (sequences, pairs or prompts)
+    grad_accum: int = 1             # micro-batches per step (each batch_size / grad_accum / world rows)
+    lr: float = 1e-3
+    min_lr: float | None = None     # None: lr / 10
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 1337
+    device: str = "auto"
+    compile: bool = False
+    threads: int = 0                # CPU threads (0: torch's default)
+    extra: dict = field(default_factory=dict)
+
+
+class Stage:
+    """What a stage defines. The loop calls these in order: prepare, then per step micro_batches + loss."""
+    name = "stage"        # CLI name
+    kind = "base"         # sol.json "stage": base | sft | rm | rl
+    module: nn.Module     # what is trained (a Transformer, or a Transformer with a reward head)
+    tokenizer = None
+
+    def prepare(self, cfg: TrainConfig, device: torch.device, dist: ddp.Dist) -> None:
+        """Read and check all data (errors before any training), build self.module."""
+        raise NotImplementedError
+
+    def micro_batches(self, step: int, cfg: TrainConfig, dist: ddp.Dist) -> list[dict]:
+        """This rank's micro-batches for optimizer step `step`. Each dict has "count" (what the loss sums
+        over) and "tokens" (for tokens/s). Must be a function of the step alone, so a resumed run sees
+        exactly the batches the interrupted one would have."""
+        raise NotImplementedError
+
+    def loss(self, module: nn.Module, batch: dict) -> torch.Tensor:
+        """The summed loss of a micro-batch (not averaged: the loop divides by the global count)."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        return {}
+
+    def sample(self) -> str | None:
+        return None
+
+    def export(self, out: Path, meta: dict) -> None:
+        """Write a model directory (save_model, with any extra tensors)."""
+        raise NotImplementedError
+
+    def restore(self, ckpt: Path) -> None:
+        """Load weights from a checkpoint's model directory into self.module."""
+        raise NotImplementedError
+
+    def lineage(self) -> dict:
+        """sol.json fields: parent, data files with hashes."""
+        return {}
+
+    def config_summary(self) -> dict:
+        return {}
+
+
+class _Stop:
+    """SIGINT / SIGTERM set a flag; the loop checkpoints at the end of the step and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self.old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[s] = signal.signal(s, self._handle)
+            except ValueError:   # not the main thread (a test calling train() from a worker)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    # No weight decay on biases and norms (1-D tensors), as nanoGPT.
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, **extra)
+
+
+def check_out_dir(out: Path, resume: bool) -> Path | None:
+    ckpt = checkpointing.latest(out)
+    if resume:
+        if ckpt is None:
+            raise SolError(f"--resume: {out} holds no checkpoint to resume from; run without --resume to start")
+        return ckpt
+    if ckpt is not None or (out / "sol.json").exists():
+        raise SolError(f"--out {out}: already holds a training run; add --resume to continue it, "
+                       "or choose another --out")
+    return None
+
+
+def train(stage: Stage, cfg: TrainConfig, emit) -> dict:
+    """Run the stage to cfg.max_steps (or until stopped). Returns the `done` event."""
+    out = Path(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    dist = ddp.setup(device)
+    device = ddp.device_for(dist, device)
+    try:
+        return _train(stage, cfg, emit, out, device, dist)
+    finally:
+        ddp.teardown(dist)
+
+
+def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Dist) -> dict:
+    if cfg.batch_size % (cfg.grad_accum * dist.world):
+        raise SolError(f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} "
+                       f"times the number of processes {dist.world}")
+    ckpt = check_out_dir(out, cfg.resume) if dist.main else None
+    ddp.barrier(dist)
+    if not dist.main:
+        ckpt = checkpointing.latest(out) if cfg.resume else None
+    torch.manual_seed(cfg.seed + dist.rank)
+    stage.prepare(cfg, device, dist)
+    module = stage.module.to(device)
+    optimizer = make_optimizer(module.parameters(), cfg, device)
+    step, elapsed = 0, 0.0
+    metrics: dict = {}
+    if ckpt is not None:
+        stage.restore(ckpt)
+        state = checkpointing.load_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        checkpointing.set_rng_state(state["rng"])
+        step, elapsed, metrics = state["step"], state.get("elapsed", 0.0), state.get("metrics", {})
+    train_module = module
+    if cfg.compile:
+        train_module = torch.compile(train_module)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_module = DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    n_params = sum(p.numel() for p in module.parameters())
+    emit({"type": "start", "stage": stage.name, "config": {**_public(cfg), **stage.config_summary()},
+          "parameters": n_params, "device": describe(device), "world_size": dist.world,
+          "max_steps": cfg.max_steps, "step": step, "resumed_from": str(ckpt) if ckpt else None})
+
+    def trainer_state():
+        return {"step": step, "optimizer": optimizer.state_dict(), "rng": checkpointing.rng_state(),
+                "data": {"step": step}, "elapsed": elapsed, "metrics": metrics}
+
+    def save_checkpoint():
+        if dist.main:
+            path = checkpointing.save(out, step, lambda d: stage.export(d, meta(stage, cfg, step, metrics, out)),
+                                      trainer_state(), cfg.keep_checkpoints)
+            emit({"type": "checkpoint", "step": step, "path": str(path)})
+        ddp.barrier(dist)
+
+    if step == 0 and cfg.sample_every and dist.main:
+        _sample(stage, module, step, emit)
+    stopped = False
+    step_time = None
+    with _Stop() as stop:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps, min_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            module.train()
+            micro = stage.micro_batches(step, cfg, dist)
+            count = ddp.all_sum(sum(b["count"] for b in micro), dist, device)
+            if count <= 0:
+                raise SolError(f"{stage.name}: step {step} has nothing to learn from (no target tokens); "
+                               "check the data")
+            loss_sum = 0.0
+            for i, b in enumerate(micro):
+                sync = i == len(micro) - 1
+                no_sync = train_module.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
+                with no_sync:
+                    with autocast:
+                        loss = stage.loss(train_module, b)
+                    (loss * (dist.world / count)).backward()
+                loss_sum += float(loss.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip or float("inf")))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_mean = ddp.all_sum(loss_sum, dist, device) / count
+            tokens = ddp.all_sum(sum(b["tokens"] for b in micro), dist, device)
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
+            emit({"type": "step", "step": step, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+                  "eta_s": step_time * (cfg.max_steps - step), **stage_step_extra(stage)})
+            metrics["loss"] = loss_mean
+            last = step == cfg.max_steps
+            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                if dist.main:
+                    module.eval()
+                    with torch.no_grad(), autocast:
+                        ev = stage.evaluate()
+                    if ev:
+                        metrics.update(ev)
+                        emit({"type": "eval", "step": step, **ev})
+                ddp.barrier(dist)
+            if cfg.sample_every and (step % cfg.sample_every == 0 or last) and dist.main:
+                _sample(stage, module, step, emit)
+            stop_now = ddp.all_sum(1.0 if stop.requested else 0.0, dist, device) > 0
+            if stop_now and not last:
+                save_checkpoint()
+                stopped = True
+                break
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
+                save_checkpoint()
+    if not stopped:
+        save_checkpoint()
+        if dist.main:
+            stage.export(out, meta(stage, cfg, step, metrics, out))
+    done = {"type": "done", "out": str(out), "step": step, "stopped": stopped, "metrics": metrics,
+            "elapsed_s": elapsed}
+    emit(done)
+    return done
+
+
+def stage_step_extra(stage: Stage) -> dict:
+    """Stage-specific numbers for the step event (RL's mean reward of the rollouts)."""
+    extra = getattr(stage, "step_extra", None)
+    return dict(extra) if extra else {}
+
+
+def _sample(stage: Stage, module: nn.Module, step: int, emit) -> None:
+    module.eval()
+    with torch.no_grad():
+        text = stage.sample()
+    if text is not None:
+        emit({"type": "sample", "step": step, "text": text})
+
+
+def _public(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("extra", None)
+    return d
+
+
+def meta(stage: Stage, cfg: TrainConfig, step: int, metrics: dict, out: Path) -> dict:
+    return {"name": Path(out).name, "stage": stage.kind, "trained_by": f"sol train {stage.name}",
+            **stage.lineage(), "steps": step, "metrics": dict(metrics),
+            "train": {**_public(cfg), **stage.config_summary()},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

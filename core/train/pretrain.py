@@ -1,0 +1,145 @@
+"""Pretraining: next-token prediction on raw text (the book's §3.1, Fig. 75).
+
+Data: text files -> a tokenizer (new char-level or BPE, or an existing one) ->
+token memmaps. A batch is B windows of T+1 tokens cut at random offsets of
+the training stream; inputs are the first T, targets the last T.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig, preset
+from ..data import corpus
+from ..errors import SolError
+from ..model import Transformer
+from ..tokenizer import EOT, Tokenizer
+from . import checkpointing, ddp
+from .loop import Stage, TrainConfig
+from .rollout import complete
+
+
+DEFAULT_PRESET = "shakespeare-cpu"   # trains on a laptop CPU in minutes
+
+
+def model_config(args, vocab_size: int) -> ModelConfig:
+    over = {"vocab_size": vocab_size, "dropout": getattr(args, "dropout", 0.0) or 0.0}
+    for flag, key in (("layers", "n_layer"), ("d_model", "d_model"), ("heads", "n_head"), ("context", "context")):
+        if getattr(args, flag, None) is not None:
+            over[key] = getattr(args, flag)
+    given = [f for f in ("layers", "d_model", "heads") if getattr(args, f, None) is not None]
+    if args.preset or not given:
+        return preset(args.preset or DEFAULT_PRESET, **over)
+    missing = [f"--{f.replace('_', '-')}" for f in ("layers", "d_model", "heads") if getattr(args, f, None) is None]
+    if missing:
+        raise SolError(f"give --preset NAME, or all of --layers, --d-model, --heads (missing {', '.join(missing)})")
+    return ModelConfig(**over)
+
+
+def windows(data: np.ndarray, offsets: np.ndarray, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = np.stack([np.asarray(data[o:o + T + 1], dtype=np.int64) for o in offsets])
+    t = torch.from_numpy(rows)
+    return t[:, :-1], t[:, 1:]
+
+
+class Pretrain(Stage):
+    name, kind = "pretrain", "base"
+
+    def __init__(self, args):
+        self.args = args
+
+    def prepare(self, cfg: TrainConfig, device, dist) -> None:
+        a = self.args
+        out = Path(cfg.out)
+        self.device = device
+        self.files = corpus.corpus_files(a.corpus)
+        ckpt = checkpointing.latest(out) if cfg.resume else None
+        if ckpt is not None:   # the tokenizer the run started with, whatever --tokenizer says now
+            self.tokenizer = Tokenizer.from_file(ckpt / "tokenizer.json")
+        else:
+            self.tokenizer = corpus.make_tokenizer(a.tokenizer, self.files)
+        self.cfg = model_config(a, self.tokenizer.vocab_size)
+        if ckpt is not None:
+            self.cfg = ModelConfig.from_dict(checkpointing_config(ckpt))
+        data_dir = out / "data"
+        if dist.main:
+            corpus.build(self.files, self.tokenizer, data_dir, self.cfg.context, a.val_fraction)
+        ddp.barrier(dist)
+        self.train_data, self.val_data, self.data_meta = corpus.load(data_dir)
+        torch.manual_seed(cfg.seed)   # same initial weights on every rank
+        self.module = self.model = Transformer(self.cfg)
+        self.seed = cfg.seed
+        eot = self.tokenizer.token_to_id(EOT)
+        self.sample_ids = (self.tokenizer.encode_ids(a.sample_prompt) if a.sample_prompt
+                           else [eot if eot is not None else 0])
+
+    def _offsets(self, data, n: int, key) -> np.ndarray:
+        rng = np.random.default_rng(key)
+        return rng.integers(0, len(data) - self.cfg.context - 1, size=n, endpoint=True)
+
+    def micro_batches(self, step, cfg, dist):
+        T, per_micro = self.cfg.context, cfg.batch_size // cfg.grad_accum
+        out = []
+        for m in range(cfg.grad_accum):
+            offs = self._offsets(self.train_data, per_micro, [self.seed, step, m])[ddp.shard(per_micro, dist)]
+            x, y = windows(self.train_data, offs, T)
+            out.append({"x": x.to(self.device), "y": y.to(self.device), "count": y.numel(), "tokens": y.numel()})
+        return out
+
+    def loss(self, module, batch):
+        logits = module(batch["x"])
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["y"].reshape(-1), reduction="sum")
+
+    def evaluate(self) -> dict:
+        a = self.args
+        total, n = 0.0, 0
+        for i in range(a.eval_batches):
+            offs = self._offsets(self.val_data, a.eval_batch_size, [self.seed, 10**9, i])
+            x, y = windows(self.val_data, offs, self.cfg.context)
+            total += float(self.loss(self.model, {"x": x.to(self.device), "y": y.to(self.device)}))
+            n += y.numel()
+        return {"val_loss": total / n}
+
+    def sample(self) -> str:
+        ids = complete(self.model, self.sample_ids, self.args.sample_tokens, temperature=0.8, seed=self.seed,
+                       stop_ids=())
+        return self.tokenizer.decode(self.sample_ids + ids)
+
+    def export(self, out, meta) -> None:
+        from ..checkpoint import save_model
+        save_model(out, self.model, self.tokenizer, meta)
+
+    def restore(self, ckpt) -> None:
+        from ..checkpoint import load_model
+        self.model.load_state_dict(load_model(ckpt).model.state_dict())
+
+    def lineage(self) -> dict:
+        return {"parent": None, "data": self.data_meta["files"], "tokenizer": self.args.tokenizer,
+                "tokens": {"train": self.data_meta["train_tokens"], "val": self.data_meta["val_tokens"]}}
+
+    def config_summary(self) -> dict:
+        return {"model": self.cfg.to_dict()}
+
+
+def checkpointing_config(ckpt: Path) -> dict:
+    import json
+    return json.loads((ckpt / "config.json").read_text())
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--corpus", action="append", required=True, help="text file or folder (repeatable)")
+    p.add_argument("--tokenizer", default="char", help="char | bpe:N | path of a tokenizer.json (default char)")
+    p.add_argument("--preset", default=None, help="model preset (tiny, shakespeare-cpu, small, starter, gpt2, ...)")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--d-model", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--context", type=int, default=None, help="context window in tokens")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the tokens kept for validation")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--sample-prompt", default="", help="prompt for samples (default: start a new document)")
+    p.add_argument("--sample-tokens", type=int, default=200)

@@ -1,0 +1,166 @@
+"""`sol train recipe starter`: the four stages in order, the way Sol's starter model is made.
+
+    synthetic data -> pretrain (tinyshakespeare + rendered calculator chats, char tokenizer)
+                   -> sft (calculator conversations) -> reward (preference pairs)
+                   -> rl (verifiable calculator reward + the reward model, KL to SFT)
+
+The stages run in a work folder; the final RL model is copied into --out
+with a sol.json that records every stage and the held-out accuracies of the
+SFT and RL models on the same prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from ..atomic import write_text
+from ..errors import SolError
+
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+# Sized for a 2-core laptop CPU: all four stages in well under 30 minutes.
+STARTER = {
+    "model": ["--layers", "4", "--heads", "4", "--d-model", "192", "--context", "128"],
+    "pretrain": ["--max-steps", "1500", "--batch-size", "24", "--lr", "2e-3", "--warmup", "50",
+                 "--eval-every", "250", "--sample-every", "500", "--checkpoint-every", "500"],
+    "sft": ["--max-steps", "400", "--batch-size", "24", "--lr", "1e-3", "--warmup", "20",
+            "--eval-every", "100", "--sample-every", "100", "--checkpoint-every", "200"],
+    "reward": ["--max-steps", "150", "--batch-size", "16", "--lr", "3e-4", "--warmup", "10",
+               "--eval-every", "50", "--checkpoint-every", "150"],
+    "rl": ["--max-steps", "60", "--batch-size", "8", "--samples", "8", "--lr", "1e-4", "--warmup", "5",
+           "--beta", "0.02", "--reward", "calculator", "--eval-every", "30", "--sample-every", "30",
+           "--checkpoint-every", "30", "--max-new-tokens", "48"],
+    "data": {"sft": 4000, "prefs": 2000, "rl": 2000, "eval": 200, "chat_corpus": 2000},
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("recipe", choices=["starter"], help="which recipe")
+    p.add_argument("--corpus", required=True, help="pretraining text (tinyshakespeare.txt for the starter)")
+    p.add_argument("--out", required=True, help="where the final model goes")
+    p.add_argument("--work", default=None, help="folder for data and the stages' runs (default: <SOL_HOME>/runs/starter)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted recipe in --work")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (tests use 0.02)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--events", default=None, metavar="PATH|-")
+
+
+def _stage_args(name: str, argv: list[str]):
+    from .stages import builtin_stages
+    spec = next(s for s in builtin_stages() if s.name == name)
+    parser = argparse.ArgumentParser(prog=f"sol train {name}")
+    spec.add_arguments(parser)
+    return spec, parser.parse_args(argv)
+
+
+def _scaled(argv: list[str], scale: float) -> list[str]:
+    out = list(argv)
+    for flag in ("--max-steps", "--eval-every", "--sample-every", "--checkpoint-every", "--warmup"):
+        if flag in out:
+            i = out.index(flag) + 1
+            out[i] = str(max(1, round(int(out[i]) * scale)))
+    return out
+
+
+def _render_chats(records: list[dict]) -> str:
+    from ..tokenizer import EOT, SOL_CHAT_TEMPLATE, render_template
+    return EOT.join(render_template(SOL_CHAT_TEMPLATE, messages=r["messages"], add_generation_prompt=False)
+                    for r in records)
+
+
+def make_data(work: Path, seed: int, sizes: dict) -> dict:
+    from ..data import synthetic
+    paths = {k: work / f"{k}.jsonl" for k in ("sft", "prefs", "rl", "eval")}
+    synthetic.write("sft", sizes["sft"], seed, paths["sft"])
+    synthetic.write("prefs", sizes["prefs"], seed + 1, paths["prefs"])
+    train_rl = synthetic.generate("rl", sizes["rl"], seed + 2)
+    seen = {r["prompt"] for r in train_rl} | {r["messages"][0]["content"]
+                                             for r in synthetic.generate("sft", sizes["sft"], seed)}
+    # Held-out prompts: never seen in SFT or RL training.
+    held, s = [], seed + 3
+    while len(held) < sizes["eval"]:
+        held += [r for r in synthetic.generate("rl", sizes["eval"], s) if r["prompt"] not in seen]
+        s += 1000
+    write_text(paths["rl"], "".join(json.dumps(r) + "\n" for r in train_rl))
+    write_text(paths["eval"], "".join(json.dumps(r) + "\n" for r in held[:sizes["eval"]]))
+    paths["chat_corpus"] = work / "chats.txt"
+    write_text(paths["chat_corpus"], _render_chats(synthetic.generate("sft", sizes["chat_corpus"], seed + 4)))
+    return paths
+
+
+def run(args, emit) -> dict:
+    from ..registry import data_dir
+    from .rl import Scorer, accuracy
+    corpus = Path(args.corpus)
+    if not corpus.is_file():
+        raise SolError(f"--corpus {corpus}: no such file")
+    work = Path(args.work) if args.work else data_dir() / "runs" / "starter"
+    out = Path(args.out)
+    if work.exists() and any(work.iterdir()) and not args.resume:
+        raise SolError(f"--work {work}: already holds a recipe run; add --resume to continue it, or choose another --work")
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    cfg = STARTER
+    sizes = cfg["data"]
+    paths = make_data(work, args.seed, sizes)   # deterministic: rewriting on resume gives the same files
+    common = ["--device", args.device, "--seed", str(args.seed)]
+    plan = [
+        ("pretrain", work / "base", ["--corpus", str(corpus), "--corpus", str(paths["chat_corpus"]),
+                                     "--tokenizer", "char", *cfg["model"], *cfg["pretrain"]]),
+        ("sft", work / "sft", ["--model", str(work / "base"), "--data", str(paths["sft"]), *cfg["sft"]]),
+        ("reward", work / "rm", ["--model", str(work / "sft"), "--data", str(paths["prefs"]), *cfg["reward"]]),
+        ("rl", work / "rl", ["--model", str(work / "sft"), "--prompts", str(paths["rl"]),
+                             "--eval-prompts", str(paths["eval"]), *cfg["rl"]]),
+    ]
+    results = {}
+    for name, stage_out, argv in plan:
+        if args.resume and (stage_out / "sol.json").is_file():
+            results[name] = json.loads((stage_out / "sol.json").read_text()).get("metrics", {})
+            continue   # this stage finished before the recipe was interrupted
+        spec, sargs = _stage_args(name, [*_scaled(argv, args.scale), "--out", str(stage_out), *common])
+        sargs.resume = args.resume and (stage_out / "checkpoints").is_dir()
+        done = spec.run(sargs, lambda e, n=name: emit({**e, "recipe_stage": n, **({"final": False}
+                                                          if e["type"] == "done" else {})}))
+        if done.get("stopped"):
+            return done
+        results[name] = done["metrics"]
+    # The same 200 held-out prompts, greedy, calculator running: SFT before RL, and RL after.
+    from ..checkpoint import load_model
+    from ..data import jsonl
+    held = jsonl.read_prompts(paths["eval"], need_answer=True)
+    sft = load_model(work / "sft")
+    scorer = Scorer("calculator", None, "cpu", sft.tokenizer)
+    sft_acc = accuracy(sft.model, sft.tokenizer, held, scorer, 48)
+    rl = load_model(work / "rl")
+    rl_acc = accuracy(rl.model, rl.tokenizer, held, scorer, 48)
+    emit({"type": "eval", "step": 0, "recipe_stage": "compare", "sft_accuracy": sft_acc["accuracy"],
+          "rl_accuracy": rl_acc["accuracy"], "accuracy": rl_acc["accuracy"], "reward_mean": rl_acc["reward_mean"]})
+    from .common import chat_sample
+    answer = chat_sample(rl.model, rl.tokenizer)
+    meta = json.loads((work / "rl" / "sol.json").read_text())
+    meta.update({"name": out.name, "recipe": "starter", "recipe_seconds": round(time.time() - t0, 1),
+                 "held_out": {"prompts": len(held), "sft_accuracy": sft_acc["accuracy"],
+                              "rl_accuracy": rl_acc["accuracy"], "sft_tool_use": sft_acc["tool_use"],
+                              "rl_tool_use": rl_acc["tool_use"]},
+                 "stages": {n: {"out": str(o), "metrics": results.get(n, {})} for n, o, _ in plan},
+                 "example": answer})
+    install(work / "rl", out, meta)
+    done = {"type": "done", "out": str(out), "final": True, "metrics": meta["held_out"],
+            "elapsed_s": time.time() - t0, "example": answer}
+    emit(done)
+    return done
+
+
+def install(src: Path, out: Path, meta: dict) -> None:
+    """Copy the model files into out, each atomically; sol.json last so a complete directory has one."""
+    from ..atomic import replace, temp_path_for
+    out.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        tmp = temp_path_for(out / name)
+        shutil.copyfile(src / name, tmp)
+        replace(tmp, out / name)
+    write_text(out / "sol.json", json.dumps(meta, indent=2) + "\n")

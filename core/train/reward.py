@@ -1,0 +1,143 @@
+"""Reward model: the SFT model plus one linear layer that reads the final hidden
+state of a conversation and gives a score (the book's §3.1 reward stage).
+
+Trained on preference pairs with the Bradley-Terry loss
+    loss = -log sigmoid(r_chosen - r_rejected)
+so the chosen answer scores higher. The head is saved beside the weights as
+`reward_head.weight` / `reward_head.bias`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import conversations, jsonl
+from ..data.corpus import describe_files
+from ..model import Transformer
+from .common import epoch_indices, load_parent, pad, pad_id, parent_info, split_val
+from .loop import Stage
+
+DEFAULTS = {"lr": 3e-4, "max_steps": 200, "warmup": 10, "batch_size": 16, "eval_every": 50,
+            "sample_every": 0, "checkpoint_every": 100}
+
+
+class RewardModel(nn.Module):
+    def __init__(self, model: Transformer, head: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.head = nn.Linear(model.cfg.d_model, 1)
+        nn.init.zeros_(self.head.weight)   # every answer starts equal; the pairs teach the difference
+        nn.init.zeros_(self.head.bias)
+        if head:
+            self.head.weight.data.copy_(head["reward_head.weight"])
+            self.head.bias.data.copy_(head["reward_head.bias"])
+
+    def forward(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Scores (B,) read at each row's last real token."""
+        h = self.model.hidden(idx)
+        h = h[torch.arange(idx.size(0), device=idx.device), last]
+        return self.head(h.float() if self.head.weight.dtype == torch.float32 else h).squeeze(-1)
+
+    def head_tensors(self) -> dict:
+        return {"reward_head.weight": self.head.weight, "reward_head.bias": self.head.bias}
+
+    @torch.no_grad()
+    def score(self, rows: list[list[int]], pad_value: int) -> torch.Tensor:
+        rows = [r[-self.model.cfg.context:] for r in rows]
+        x = pad(rows, pad_value).to(self.model.device)
+        last = torch.tensor([len(r) - 1 for r in rows], device=x.device)
+        return self(x, last).float()
+
+
+def pair_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Summed -log sigmoid(r_c - r_r); logsigmoid is the stable form of log(1 / (1 + e^-x))."""
+    return -F.logsigmoid(r_chosen - r_rejected).sum()
+
+
+def load_reward_model(name: str, device) -> tuple[RewardModel, object]:
+    from ..errors import SolError
+    lm = load_parent(name, device, flag="--reward-model")
+    if "reward_head.weight" not in lm.extra_tensors:
+        raise SolError(f"--reward-model {name}: has no reward head (reward_head.weight); "
+                       "train one with `sol train reward`")
+    rm = RewardModel(lm.model, lm.extra_tensors).to(device).eval()
+    return rm, lm
+
+
+class Reward(Stage):
+    name, kind = "reward", "rm"
+
+    def __init__(self, args):
+        self.args = args
+
+    def prepare(self, cfg, device, dist):
+        a = self.args
+        pairs = jsonl.read_prefs(a.data)
+        self.parent = load_parent(a.model, device)
+        self.tokenizer = self.parent.tokenizer
+        self.module = self.rm = RewardModel(self.parent.model, self.parent.extra_tensors or None)
+        self.model = self.parent.model
+        self.device, self.seed = device, cfg.seed
+        ctx = self.model.cfg.context
+        enc = []
+        for p in pairs:
+            c, _ = conversations.encode(self.tokenizer, p["prompt"] + p["chosen"])
+            r, _ = conversations.encode(self.tokenizer, p["prompt"] + p["rejected"])
+            enc.append((c[:ctx], r[:ctx]))
+        self.train_pairs, self.val_pairs = split_val(enc, a.val_fraction)
+        self.pad = pad_id(self.tokenizer)
+
+    def _batch(self, pairs):
+        rows = [p[0] for p in pairs] + [p[1] for p in pairs]
+        return {"x": pad(rows, self.pad).to(self.device),
+                "last": torch.tensor([len(r) - 1 for r in rows], device=self.device),
+                "count": len(pairs), "tokens": sum(len(r) for r in rows)}
+
+    def micro_batches(self, step, cfg, dist):
+        per_micro = cfg.batch_size // cfg.grad_accum
+        per_rank = per_micro // dist.world
+        out = []
+        for m in range(cfg.grad_accum):
+            start = (step * cfg.grad_accum + m) * per_micro + dist.rank * per_rank
+            idx = epoch_indices(len(self.train_pairs), start, per_rank, self.seed)
+            out.append(self._batch([self.train_pairs[i] for i in idx]))
+        return out
+
+    def loss(self, module, batch):
+        r = module(batch["x"], batch["last"]).float()
+        n = batch["count"]
+        return pair_loss(r[:n], r[n:])
+
+    def evaluate(self):
+        if not self.val_pairs:
+            return {}
+        loss, correct = 0.0, 0
+        for i in range(0, len(self.val_pairs), 32):
+            b = self._batch(self.val_pairs[i:i + 32])
+            r = self.rm(b["x"], b["last"]).float()
+            n = b["count"]
+            loss += float(pair_loss(r[:n], r[n:]))
+            correct += int((r[:n] > r[n:]).sum())
+        return {"accuracy": correct / len(self.val_pairs), "val_loss": loss / len(self.val_pairs)}
+
+    def export(self, out, meta):
+        from ..checkpoint import save_model
+        save_model(out, self.model, self.tokenizer, meta, extra_tensors=self.rm.head_tensors())
+
+    def restore(self, ckpt):
+        from ..checkpoint import load_model
+        lm = load_model(ckpt)
+        self.model.load_state_dict(lm.model.state_dict())
+        self.rm.head.weight.data.copy_(lm.extra_tensors["reward_head.weight"])
+        self.rm.head.bias.data.copy_(lm.extra_tensors["reward_head.bias"])
+
+    def lineage(self):
+        return {"parent": parent_info(self.parent), "data": describe_files([self.args.data]),
+                "pairs": {"train": len(self.train_pairs), "val": len(self.val_pairs)}}
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="the SFT model to put a reward head on")
+    p.add_argument("--data", required=True, help='preference JSONL: {"prompt", "chosen", "rejected"} per line')
+    p.add_argument("--val-fraction", type=float, default=0.1, help="pairs held out for accuracy")

@@ -1,0 +1,220 @@
+"""Reinforcement learning: the policy samples k answers per prompt, each is
+scored, and answers better than their group's mean are made more likely
+(GRPO's group-relative advantage; no value network):
+
+    advantage_i = r_i - mean(r_group)          (optionally / std(r_group))
+    loss per token = -advantage * log p(token) + beta * KL(policy || SFT)
+
+KL uses the k3 estimator exp(ref - logp) - (ref - logp) - 1 (unbiased, never
+negative), against the frozen SFT model, so the policy improves on the reward
+without drifting into text the SFT model would never write. Tokens the engine
+forced (tool results) are excluded: the policy did not choose them.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from ..data import conversations, jsonl
+from ..data.corpus import describe_files
+from ..engine import end_of_turn_ids
+from ..errors import SolError
+from .common import chat_sample, epoch_indices, load_parent, pad, pad_id, parent_info, split_val
+from .loop import Stage
+from .rewards import REWARDS
+from .rollout import rollout
+
+DEFAULTS = {"lr": 1e-4, "max_steps": 100, "warmup": 5, "batch_size": 8, "eval_every": 25,
+            "sample_every": 25, "checkpoint_every": 50}
+
+
+def group_advantages(rewards: torch.Tensor, k: int, normalize_std: bool) -> torch.Tensor:
+    """rewards (n_prompts * k,) in groups of k -> reward minus its group's mean (/ std)."""
+    g = rewards.view(-1, k)
+    adv = g - g.mean(dim=1, keepdim=True)
+    if normalize_std:
+        adv = adv / (g.std(dim=1, keepdim=True) + 1e-6)
+    return adv.view(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def token_logprobs(model, x: torch.Tensor) -> torch.Tensor:
+    """log p(x[t+1] | x[:t+1]) for every position: (B, T-1)."""
+    logits = model(x[:, :-1]).float()
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, x[:, 1:, None]).squeeze(-1)
+
+
+class Scorer:
+    """Reward for a finished rollout: a verifiable function, a reward model, or their sum."""
+
+    def __init__(self, reward_name: str | None, reward_model: str | None, device, tok):
+        self.fn = None
+        if reward_name:
+            if reward_name not in REWARDS:
+                raise SolError(f"--reward {reward_name}: unknown; choose one of {', '.join(REWARDS)}")
+            self.fn = REWARDS[reward_name]
+        self.rm = None
+        if reward_model:
+            from .reward import load_reward_model
+            self.rm, rm_lm = load_reward_model(reward_model, device)
+            if rm_lm.tokenizer.hf.to_str() != tok.hf.to_str():
+                raise SolError(f"--reward-model {reward_model}: its tokenizer differs from the policy's; "
+                               "train the reward model from the same SFT model")
+        if self.fn is None and self.rm is None:
+            raise SolError("rl: give --reward NAME (a verifiable reward) and/or --reward-model DIR")
+        self.tok = tok
+        self.pad = pad_id(tok)
+
+    def __call__(self, records: list[dict], outs) -> torch.Tensor:
+        r = torch.zeros(len(outs))
+        if self.fn is not None:
+            r += torch.tensor([self.fn(self.tok.decode(o.ids), rec["answer"], o.tool_calls)
+                               for rec, o in zip(records, outs)])
+        if self.rm is not None:
+            r += self.rm.score([o.prompt + o.ids for o in outs], self.pad).cpu()
+        return r
+
+    def verifiable(self, rec, out) -> float:
+        fn = self.fn or REWARDS["answer"]
+        return fn(self.tok.decode(out.ids), rec["answer"], out.tool_calls)
+
+
+def generate_grouped(model, tok, prompts: list[list[int]], k: int, max_new: int, temperature: float,
+                     gen: torch.Generator, stops) -> list:
+    """k rollouts per prompt; prompts of equal length share one batch. Returns them in prompt order."""
+    by_len = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_len[len(p)].append(i)
+    outs = [None] * (len(prompts) * k)
+    for _, idx in sorted(by_len.items()):
+        batch = [prompts[i] for i in idx for _ in range(k)]
+        res = rollout(model, tok, batch, max_new, temperature, gen, stops)
+        for j, i in enumerate(idx):
+            outs[i * k:(i + 1) * k] = res[j * k:(j + 1) * k]
+    return outs
+
+
+def accuracy(model, tok, records: list[dict], scorer: "Scorer", max_new: int) -> dict:
+    """Greedy answers (calculator running) to held-out prompts: mean reward and share answered right."""
+    prompts = [conversations.encode(tok, r["messages"], add_generation_prompt=True)[0] for r in records]
+    outs = generate_grouped(model, tok, prompts, 1, max_new, 0.0, torch.Generator().manual_seed(0),
+                            end_of_turn_ids(tok))
+    right = [scorer.verifiable(r, o) for r, o in zip(records, outs)]
+    return {"reward_mean": float(scorer(records, outs).mean()), "accuracy": sum(right) / len(right),
+            "tool_use": sum(o.tool_calls > 0 for o in outs) / len(outs)}
+
+
+class RL(Stage):
+    name, kind = "rl", "rl"
+
+    def __init__(self, args):
+        self.args = args
+        self.step_extra = {}
+
+    def prepare(self, cfg, device, dist):
+        a = self.args
+        need_answer = a.reward is not None
+        records = jsonl.read_prompts(a.prompts, need_answer=need_answer)
+        self.eval_records = jsonl.read_prompts(a.eval_prompts, need_answer=need_answer) if a.eval_prompts else None
+        self.parent = load_parent(a.model, device)
+        self.tokenizer, self.model = self.parent.tokenizer, self.parent.model
+        self.module = self.model
+        self.ref = load_parent(a.model, device).model.to(device).eval().requires_grad_(False)
+        self.scorer = Scorer(a.reward, a.reward_model, device, self.tokenizer)
+        self.device, self.seed = device, cfg.seed
+        self.stops = end_of_turn_ids(self.tokenizer)
+        self.pad = pad_id(self.tokenizer)
+        self.train_rec, val = split_val(records, 0.0 if self.eval_records else a.val_fraction)
+        if self.eval_records is None:
+            self.eval_records = val
+        self.prompts = [conversations.encode(self.tokenizer, r["messages"], add_generation_prompt=True)[0]
+                        for r in self.train_rec]
+        if a.samples < 2:
+            raise SolError(f"--samples {a.samples}: needs at least 2 answers per prompt to compare them")
+
+    def micro_batches(self, step, cfg, dist):
+        a = self.args
+        per_micro = cfg.batch_size // cfg.grad_accum
+        per_rank = per_micro // dist.world
+        out, rewards_seen = [], []
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + dist.rank)
+        self.model.eval()
+        for m in range(cfg.grad_accum):
+            start = (step * cfg.grad_accum + m) * per_micro + dist.rank * per_rank
+            idx = epoch_indices(len(self.prompts), start, per_rank, self.seed)
+            outs = generate_grouped(self.model, self.tokenizer, [self.prompts[i] for i in idx], a.samples,
+                                    a.max_new_tokens, a.temperature, gen, self.stops)
+            recs = [self.train_rec[i] for i in idx for _ in range(a.samples)]
+            rewards = self.scorer(recs, outs)
+            rewards_seen.append(rewards)
+            out.append(self._batch(outs, group_advantages(rewards, a.samples, a.normalize_std)))
+        self.model.train()
+        self.step_extra = {"reward_mean": float(torch.cat(rewards_seen).mean())}
+        return out
+
+    def _batch(self, outs, adv: torch.Tensor) -> dict:
+        rows = [o.prompt + o.ids for o in outs]
+        x = pad(rows, self.pad).to(self.device)
+        mask = torch.zeros(x.size(0), x.size(1) - 1, dtype=torch.bool)
+        for i, o in enumerate(outs):
+            p = len(o.prompt)
+            # target position t predicts x[t+1]; the response's j-th token sits at p + j.
+            keep = torch.tensor([not f for f in o.forced], dtype=torch.bool)
+            mask[i, p - 1:p - 1 + len(o.ids)] = keep
+        mask = mask.to(self.device)
+        with torch.no_grad():
+            ref = token_logprobs(self.ref, x)
+        return {"x": x, "mask": mask, "ref": ref, "adv": adv.to(self.device)[:, None],
+                "count": int(mask.sum()), "tokens": int(sum(len(r) for r in rows))}
+
+    def loss(self, module, batch):
+        logp = token_logprobs(module, batch["x"])
+        per_token = -batch["adv"] * logp + self.args.beta * k3_kl(logp, batch["ref"])
+        return (per_token * batch["mask"]).sum()
+
+    def evaluate(self):
+        if not self.eval_records:
+            return {}
+        return accuracy(self.model, self.tokenizer, self.eval_records, self.scorer, self.args.max_new_tokens)
+
+    def sample(self):
+        return chat_sample(self.model, self.tokenizer)
+
+    def export(self, out, meta):
+        from ..checkpoint import save_model
+        save_model(out, self.model, self.tokenizer, meta)
+
+    def restore(self, ckpt):
+        from ..checkpoint import load_model
+        self.model.load_state_dict(load_model(ckpt).model.state_dict())
+
+    def lineage(self):
+        files = [self.args.prompts] + ([self.args.eval_prompts] if self.args.eval_prompts else [])
+        return {"parent": parent_info(self.parent), "data": describe_files(files),
+                "reward": {"function": self.args.reward, "model": self.args.reward_model, "beta": self.args.beta,
+                           "samples": self.args.samples}}
+
+    def config_summary(self):
+        a = self.args
+        return {"samples": a.samples, "beta": a.beta, "reward": a.reward, "reward_model": a.reward_model,
+                "normalize_std": a.normalize_std, "temperature": a.temperature}
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="the SFT model: the starting policy and the frozen reference")
+    p.add_argument("--prompts", required=True, help='RL prompts JSONL: {"prompt", "answer"} per line')
+    p.add_argument("--reward", default=None, help=f"verifiable reward: {', '.join(REWARDS)}")
+    p.add_argument("--reward-model", default=None, help="a reward model directory (sol train reward)")
+    p.add_argument("--eval-prompts", default=None, help="held-out prompts for eval (default: part of --prompts)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--samples", type=int, default=8, help="answers sampled per prompt (k)")
+    p.add_argument("--beta", type=float, default=0.02, help="weight of the KL penalty to the SFT model")
+    p.add_argument("--normalize-std", action="store_true", help="divide advantages by the group's std")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)

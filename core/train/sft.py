@@ -1,0 +1,106 @@
+"""Supervised fine-tuning: learn to answer, from chat JSONL.
+
+Same next-token loss as pretraining, counted only where the assistant speaks
+(core/data/conversations.py builds the mask): the model learns to write
+answers and tool calls, not to imitate users or invent tool results.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data import conversations, jsonl
+from ..data.corpus import describe_files
+from ..errors import SolError
+from .common import chat_sample, epoch_indices, load_parent, pad, pad_id, parent_info, split_val
+from .loop import Stage
+
+DEFAULTS = {"lr": 5e-4, "max_steps": 500, "warmup": 20, "batch_size": 16, "eval_every": 100,
+            "sample_every": 100, "checkpoint_every": 200}
+IGNORE = -100
+
+
+def encode_examples(tok, convs: list[list[dict]], context: int, source: str) -> list[tuple[list[int], list[int]]]:
+    """(input ids, target ids with IGNORE where no loss) per conversation, cut to the context window."""
+    out = []
+    for n, msgs in enumerate(convs):
+        ids, mask = conversations.encode(tok, msgs)
+        ids, mask = ids[:context + 1], mask[:context + 1]
+        targets = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+        if all(t == IGNORE for t in targets):
+            raise SolError(f"{source}: conversation {n + 1} has no assistant tokens within the context window "
+                           f"of {context}; shorten it or use a model with a longer context")
+        out.append((ids[:-1], targets))
+    return out
+
+
+class SFT(Stage):
+    name, kind = "sft", "sft"
+
+    def __init__(self, args):
+        self.args = args
+
+    def prepare(self, cfg, device, dist):
+        a = self.args
+        convs = jsonl.read_chat(a.data)           # errors name file:line, before anything heavy
+        self.parent = load_parent(a.model, device)
+        self.tokenizer, self.model = self.parent.tokenizer, self.parent.model
+        self.module = self.model
+        self.device, self.seed = device, cfg.seed
+        examples = encode_examples(self.tokenizer, convs, self.model.cfg.context, a.data)
+        self.train_ex, self.val_ex = split_val(examples, a.val_fraction)
+        self.pad = pad_id(self.tokenizer)
+
+    def _batch(self, examples):
+        x = pad([e[0] for e in examples], self.pad).to(self.device)
+        y = pad([e[1] for e in examples], IGNORE).to(self.device)
+        n = int((y != IGNORE).sum())
+        return {"x": x, "y": y, "count": n, "tokens": int(sum(len(e[0]) for e in examples))}
+
+    def micro_batches(self, step, cfg, dist):
+        per_micro = cfg.batch_size // cfg.grad_accum
+        per_rank = per_micro // dist.world
+        out = []
+        for m in range(cfg.grad_accum):
+            start = (step * cfg.grad_accum + m) * per_micro + dist.rank * per_rank
+            idx = epoch_indices(len(self.train_ex), start, per_rank, self.seed)
+            out.append(self._batch([self.train_ex[i] for i in idx]))
+        return out
+
+    def loss(self, module, batch):
+        logits = module(batch["x"])
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["y"].view(-1),
+                               ignore_index=IGNORE, reduction="sum")
+
+    def evaluate(self):
+        if not self.val_ex:
+            return {}
+        total, n = 0.0, 0
+        for i in range(0, len(self.val_ex), 32):
+            b = self._batch(self.val_ex[i:i + 32])
+            total += float(self.loss(self.model, b))
+            n += b["count"]
+        return {"val_loss": total / n}
+
+    def sample(self):
+        return chat_sample(self.model, self.tokenizer)
+
+    def export(self, out, meta):
+        from ..checkpoint import save_model
+        save_model(out, self.model, self.tokenizer, meta)
+
+    def restore(self, ckpt):
+        from ..checkpoint import load_model
+        self.model.load_state_dict(load_model(ckpt).model.state_dict())
+
+    def lineage(self):
+        return {"parent": parent_info(self.parent), "data": describe_files([self.args.data]),
+                "examples": {"train": len(self.train_ex), "val": len(self.val_ex)}}
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="the pretrained model to start from")
+    p.add_argument("--data", required=True, help='chat JSONL: {"messages": [{"role", "content"}, ...]} per line')
+    p.add_argument("--val-fraction", type=float, default=0.05, help="conversations held out for val_loss")
+
+
