@@ -146,6 +146,11 @@ def test_training_panel_runs_20_steps_and_plots(window, qtbot, tmp_path):
     xs, ys = panel.curves["loss"].getData()
     assert xs is not None and len(xs) >= 1 and xs[-1] == 20
     assert panel.progress.value() == 20
+    # the run's events stay beside it: a new panel shows the same curves
+    from sol.plugins.training_runner.panel import TrainingPanel
+    again = TrainingPanel(ctx)
+    qtbot.addWidget(again)
+    assert again.state == "done" and len(again.series["loss"][0]) == len(panel.series["loss"][0])
 
 
 def test_training_panel_shows_a_failed_run(window, qtbot, tmp_path):

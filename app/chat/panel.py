@@ -41,6 +41,15 @@ class ChatPanel(QWidget):
         ctx.model_changed.connect(self._on_model)
         self._on_model(ctx.loaded)
         self.refresh_list()
+        self._reopen_last()
+
+    def _reopen_last(self):
+        cid = self.ctx.setting("chat.last_conversation")
+        if cid is not None and self.ctx.store is not None:
+            try:
+                self.open_conversation(int(cid))
+            except Exception:   # deleted meanwhile: start a new chat
+                self.new_chat()
 
     # ---- layout ------------------------------------------------------------
     def _conversations(self) -> QWidget:
@@ -198,6 +207,7 @@ class ChatPanel(QWidget):
             return
         self.conversation_id = None
         self.session = None
+        self.ctx.set_setting("chat.last_conversation", None)
         self.title.setText("New chat")
         self.system.clear()
         self._clear()
@@ -214,6 +224,9 @@ class ChatPanel(QWidget):
         self.title.setText(conv["title"])
         self.system.setText(conv.get("system") or "")
         self._show_messages(store.messages(cid))
+        self.ctx.set_setting("chat.last_conversation", cid)
+        for i in range(self.list.count()):
+            self.list.item(i).setSelected(self.list.item(i).data(Qt.UserRole) == cid)
         self._buttons()
 
     def _show_messages(self, messages: list[dict]):
@@ -392,6 +405,7 @@ class ChatPanel(QWidget):
             self._add_user(ev.get("content", ""), ev.get("id"))
             if self.conversation_id is None and self.session is not None:
                 self.conversation_id = self.session.conversation_id
+                self.ctx.set_setting("chat.last_conversation", self.conversation_id)
                 self.title.setText((ev.get("content", "").splitlines() or ["New chat"])[0][:60])
         elif role == "assistant":
             if self.answer is None:

@@ -15,7 +15,7 @@ from .spans import counts, search_vocab, segments, show_whitespace
 COLORS = ["#f5a524", "#5aa9e6", "#4cc38a", "#e66ab2", "#a98bf5", "#f07f4f", "#3cc9c4", "#d4cf4a"]
 SPECIAL = "#ef5b5b"
 SAMPLE = ("O Sol disse a Plutão: tokens são pedaços de texto.\n"
-          "The Sun told Pluto: tokens are pieces of text. Olá, café, 世界 🌍 — 12*7=84<|endoftext|>")
+          "The Sun told Pluto: tokens are pieces of text. Olá, café, naïve 🌍 — 12*7=84<|endoftext|>")
 
 
 def background(i: int, special: bool, strong: bool = False) -> QColor:

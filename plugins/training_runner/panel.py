@@ -38,6 +38,8 @@ class TrainingPanel(QWidget):
                                                        ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s")}
         self.max_steps = 0
         self.last_step: dict | None = None
+        self.run_out: Path | None = None
+        self.stopped = False
         self.last_error = ""
         self._buf = b""
         self._dirty = False
@@ -58,6 +60,9 @@ class TrainingPanel(QWidget):
         self._stage_changed()
         self.refresh_models()
         ctx.model_changed.connect(lambda _: self.refresh_models())
+        last = ctx.setting("training.last_out")
+        if last:
+            self.replay(last)
 
     # ---- layout ------------------------------------------------------------
     def _setup_column(self) -> QWidget:
@@ -333,6 +338,12 @@ class TrainingPanel(QWidget):
             while self.samples_box.count() > 1:
                 self.samples_box.takeAt(0).widget().deleteLater()
         self.log.appendPlainText("$ " + " ".join(argv[1:]))
+        self.run_out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
+        self.stopped = False
+        if self.run_out is not None:
+            self.ctx.set_setting("training.last_out", str(self.run_out))
+            if not resume:
+                (self.run_out / "events.jsonl").unlink(missing_ok=True)
         self.error_label.hide()
         self.last_error = ""
         self.proc = QProcess(self)
@@ -374,6 +385,35 @@ class TrainingPanel(QWidget):
                     self.log.appendPlainText(line)
             else:
                 self.handle(ev)
+                self._record(line)
+
+    def _record(self, line: str):
+        """Keep the run's events in OUT/events.jsonl, so reopening Sol shows its curves again."""
+        if self.run_out is None:
+            return
+        try:
+            self.run_out.mkdir(parents=True, exist_ok=True)
+            with open(self.run_out / "events.jsonl", "a", encoding="utf-8") as f:
+                f.write(line.rstrip("\n") + "\n")
+        except OSError:
+            pass
+
+    def replay(self, out: str) -> bool:
+        """Show a finished (or stopped) run from its events.jsonl."""
+        path = Path(out) / "events.jsonl"
+        if not path.is_file():
+            return False
+        self.run_out = Path(out)
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                ev = parse_line(line)
+                if ev is not None:
+                    self.handle(ev)
+        self._redraw()
+        self.flush_plots()
+        self.out.setText(out)
+        self._set_state("failed" if self.last_error else "stopped" if self.stopped else "done")
+        return True
 
     def _read_stderr(self):
         text = bytes(self.proc.readAllStandardError()).decode("utf-8", "replace").rstrip()
@@ -410,6 +450,7 @@ class TrainingPanel(QWidget):
         elif t == "checkpoint":
             self.log.appendPlainText(f"checkpoint: {ev.get('path')}")
         elif t == "done":
+            self.stopped = bool(ev.get("stopped"))
             self.log.appendPlainText(f"done: {ev.get('out') or ev.get('path') or ''}")
             self._redraw()
             self.flush_plots()
@@ -469,7 +510,7 @@ class TrainingPanel(QWidget):
         stopping = self.state == "stopping"
         self.proc.deleteLater()
         self.proc = None
-        if stopping:
+        if stopping or (self.stopped and code == 0):
             self._set_state("stopped")
         elif code == 0 and not self.last_error:
             self._set_state("done")
