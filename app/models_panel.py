@@ -183,7 +183,12 @@ class ModelsPanel(QWidget):
         self.ctx.run(list_models, on_done=self._fill, on_error=lambda e: self.ctx.status_message.emit(str(e)))
 
     def _fill(self, models: list[dict]):
-        from sol.core.checkpoint import read_json
+        from sol.core.checkpoint import inspect, read_json
+        loaded = self.ctx.loaded
+        if loaded is not None and not any(Path(m["path"]) == Path(loaded.path) for m in models):
+            info = inspect(Path(loaded.path))   # loaded from elsewhere (--model PATH): list it too
+            if info:
+                models = [{"name": loaded.name, "path": str(loaded.path), **info}] + models
         self.models = models
         self.table.setRowCount(len(models))
         for r, m in enumerate(models):
@@ -235,6 +240,8 @@ class ModelsPanel(QWidget):
             self.ctx.load_model(m["path"])
 
     def _on_model(self, loaded):
+        if loaded is not None and self._ready and not any(Path(m["path"]) == Path(loaded.path) for m in self.models):
+            self.refresh()
         self.unload_btn.setEnabled(loaded is not None)
         self.loaded_label.setText(f"Loaded: {loaded.name}  ({loaded.path})" if loaded else "No model loaded.")
 
