@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout,
                                QHBoxLayout, QHeaderView, QLabel, QLineEdit, QMessageBox, QPushButton, QSpinBox,
                                QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
@@ -145,20 +146,19 @@ class ModelsPanel(QWidget):
         self.table.setShowGrid(False)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
         self.table.horizontalHeader().setStretchLastSection(True)
-        lay.addWidget(self.table, 3)
+        lay.addWidget(self.table, 2)
 
         details_title = QLabel("Details")
         details_title.setObjectName("h2")
         lay.addWidget(details_title)
-        self.details = QTableWidget(0, 2)
-        self.details.setHorizontalHeaderLabels(["", ""])
+        self.details = QTableWidget(0, 4)       # two key/value pairs per row: everything fits in view
         self.details.horizontalHeader().hide()
         self.details.verticalHeader().hide()
         self.details.setShowGrid(False)
         self.details.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.details.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeToContents)
-        self.details.horizontalHeader().setStretchLastSection(True)
-        lay.addWidget(self.details, 2)
+        self.details.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.details.setFocusPolicy(Qt.NoFocus)
+        lay.addWidget(self.details, 3)
         self.loaded_label = QLabel()
         self.loaded_label.setObjectName("muted")
         lay.addWidget(self.loaded_label)
@@ -227,11 +227,17 @@ class ModelsPanel(QWidget):
         except Exception as e:
             info = {"error": str(e)}
         info = {"name": m["name"], **info, "path": m["path"]}
-        self.details.setRowCount(len(info))
-        for r, (k, v) in enumerate(info.items()):
+        items = list(info.items())
+        half = (len(items) + 1) // 2
+        self.details.setRowCount(half)
+        self.details.clearContents()
+        for n, (k, v) in enumerate(items):
             val = f"{v:,}  ({human(v)})" if k == "parameters" else str(v)
-            self.details.setItem(r, 0, QTableWidgetItem(k))
-            self.details.setItem(r, 1, QTableWidgetItem(val))
+            key = QTableWidgetItem(k)
+            key.setForeground(QColor("#8b93a5"))
+            r, c = n % half, 2 * (n // half)
+            self.details.setItem(r, c, key)
+            self.details.setItem(r, c + 1, QTableWidgetItem(val))
 
     # ---- actions -----------------------------------------------------------
     def load_selected(self):

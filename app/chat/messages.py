@@ -25,11 +25,25 @@ class AutoText(QTextBrowser):
 
     def _fit(self):
         self.document().setTextWidth(self.viewport().width())
-        self.setFixedHeight(int(self.document().size().height()) + 6)
+        overhead = self.height() - self.viewport().height()    # frame and stylesheet padding
+        self.setFixedHeight(int(self.document().size().height()) + max(0, overhead) + 2)
 
     def resizeEvent(self, e):
         super().resizeEvent(e)
         self._fit()
+
+
+def keep_newlines(text: str) -> str:
+    """Markdown joins single newlines into one paragraph; a model's line breaks matter (verse, lists,
+    code), so make them hard breaks everywhere except inside fenced code blocks."""
+    out, fenced = [], False
+    for line in text.split("\n"):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            out.append(line)
+        else:
+            out.append(line if fenced or not line.strip() else line + "  ")
+    return "\n".join(out)
 
 
 def _button(text: str, tip: str) -> QToolButton:
@@ -81,7 +95,7 @@ class Bubble(QFrame):
     def set_text(self, text: str):
         self.text = text
         if self.role == "assistant":
-            self.body.setMarkdown(text)
+            self.body.setMarkdown(keep_newlines(text))
         else:
             self.body.setPlainText(text)
 
@@ -163,7 +177,7 @@ class AnswerBubble(Bubble):
         if self.token_mode:
             self._render_tokens()
         else:
-            self.body.setMarkdown(self.text if self.text else "…")
+            self.body.setMarkdown(keep_newlines(self.text) if self.text else "…")
 
     def finish(self, ev: dict):
         self.message_id = ev.get("id")
