@@ -58,6 +58,16 @@ class Rollout:
     tool_calls: int = 0
 
 
+def _open_call(ids: list[int], call: int | None, tend: int | None) -> int | None:
+    """Where the text of a tool call still open at the end of `ids` starts, if one is."""
+    for j in range(len(ids) - 1, -1, -1):
+        if ids[j] == tend:
+            return None
+        if ids[j] == call:
+            return j + 1
+    return None
+
+
 def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
     logits = logits.float().cpu()
     if temperature <= 0:
@@ -85,7 +95,7 @@ def _rollout(model, tok, prompts, max_new, temperature, gen, stop_ids, tools):
     logits = model(torch.tensor(prompts, device=model.device), cache=cache, last_only=True)[:, -1]
     outs = [Rollout(list(p)) for p in prompts]
     pending = [deque() for _ in range(n)]
-    call_start = [None] * n
+    call_start = [_open_call(p, call, tend) for p in prompts]   # a prompt may end inside a call
     while True:
         sampled = _sample(logits, temperature, gen).tolist()
         nxt = []
@@ -103,10 +113,10 @@ def _rollout(model, tok, prompts, max_new, temperature, gen, stop_ids, tools):
             if t in stop_ids:
                 r.finished = True
             elif tools and t == call:
-                call_start[i] = len(r.ids)
+                call_start[i] = plen + len(r.ids)
             elif tools and t == tend and call_start[i] is not None and r.tool_calls < MAX_TOOL_CALLS:
                 r.tool_calls += 1
-                result = run_tool(tok.decode(r.ids[call_start[i]:-1]))
+                result = run_tool(tok.decode((r.prompt + r.ids)[call_start[i]:-1]))
                 call_start[i] = None
                 pending[i].extend([res] + tok.encode_ids(result, add_special_tokens=False) + [tend])
         if all(r.finished for r in outs):
