@@ -4,7 +4,7 @@ Every file is one document; documents are joined into one long stream of
 token ids with the end-of-text token between them, so a (B, T) batch cut at
 a random offset may hold the end of one document, `<|endoftext|>`, and the
 start of the next, exactly as GPT-2 and GPT-3 were trained. The first 90 %
-of the stream is for training, the rest for validation. Ids are stored as
+of each file is for training, the rest for validation. Ids are stored as
 uint16 when the vocabulary fits, uint32 otherwise, in plain .bin files that
 numpy memory-maps: a corpus larger than memory still trains.
 """
@@ -90,17 +90,14 @@ def _chunks(text: str, size: int = 1 << 16) -> list[str]:
     return out
 
 
-def encode_files(tok: Tokenizer, files: list[Path]) -> np.ndarray:
+def encode_file(tok: Tokenizer, f: Path) -> np.ndarray:
+    """One document: its ids followed by the end-of-text token."""
     eot = tok.token_to_id(EOT)
     eot = tok.eos_id if eot is None else eot
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    parts = []
-    for f in files:
-        text = Path(f).read_text(encoding="utf-8", errors="replace")
-        for ids in tok.encode_batch_ids(_chunks(text)):
-            parts.append(np.asarray(ids, dtype=dtype))
-        parts.append(np.asarray([eot], dtype=dtype))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    text = Path(f).read_text(encoding="utf-8", errors="replace")
+    parts = [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch_ids(_chunks(text))]
+    return np.concatenate(parts + [np.asarray([eot], dtype=dtype)])
 
 
 def write_memmap(path: Path, arr: np.ndarray) -> None:
@@ -110,19 +107,25 @@ def write_memmap(path: Path, arr: np.ndarray) -> None:
 
 
 def build(files: list[Path], tok: Tokenizer, out: Path, context: int, val_fraction: float = 0.1) -> dict:
-    """Tokenize the corpus into out/train.bin and out/val.bin; returns the meta also written to meta.json."""
-    ids = encode_files(tok, files)
-    n_val = int(len(ids) * val_fraction)
-    train, val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+    """Tokenize the corpus into out/train.bin and out/val.bin; returns the meta also written to meta.json.
+    Each file's first part trains and its last `val_fraction` validates, so every kind of text in a
+    mixed corpus is measured."""
+    trains, vals = [], []
+    for f in files:
+        ids = encode_file(tok, f)
+        n_val = int(len(ids) * val_fraction)
+        trains.append(ids[:len(ids) - n_val])
+        vals.append(ids[len(ids) - n_val:])
+    train, val = np.concatenate(trains), np.concatenate(vals)
     need = context + 1
     if len(train) < need or (val_fraction > 0 and len(val) < need):
-        raise SolError(f"--corpus {files[0]}: the corpus is {len(ids)} tokens; with a {int(val_fraction * 100)} % "
+        raise SolError(f"--corpus {files[0]}: the corpus is {len(train) + len(val)} tokens; with a {int(val_fraction * 100)} % "
                        f"validation split each part needs at least {need} tokens (one context window plus one). "
                        f"Give more text or a smaller --context")
     out.mkdir(parents=True, exist_ok=True)
     write_memmap(out / "train.bin", train)
     write_memmap(out / "val.bin", val)
-    meta = {"dtype": str(ids.dtype), "train_tokens": int(len(train)), "val_tokens": int(len(val)),
+    meta = {"dtype": str(train.dtype), "train_tokens": int(len(train)), "val_tokens": int(len(val)),
             "vocab_size": tok.vocab_size, "files": describe_files(files)}
     write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta

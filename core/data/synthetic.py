@@ -33,10 +33,10 @@ ANSWER_TEMPLATES = ["{a} {op} {b} is {r}.", "The answer is {r}.", "{a} {op} {b} 
 def calculate(expr: str) -> str:
     """The calculator tool's answer as text (the plugin's evaluator, which refuses anything but arithmetic)."""
     try:
-        from sol.plugins.calculator.evaluator import evaluate
+        from sol.plugins.calculator.evaluator import evaluate, format_result
     except ImportError:  # the plugin is not installed: same arithmetic, same safety
-        evaluate = _evaluate
-    return format_number(evaluate(expr))
+        return format_number(_evaluate(expr))
+    return format_result(evaluate(expr))
 
 
 def format_number(x) -> str:
