@@ -49,7 +49,7 @@ class ExplainView(QFrame):
         self.plot = pg.PlotWidget()
         self.plot.setMenuEnabled(False)
         self.plot.setMouseEnabled(x=False, y=False)
-        self.plot.setMinimumHeight(190)
+        self.plot.setFixedHeight(210)
         self.plot.showGrid(y=True, alpha=0.15)
         self.bars = pg.BarGraphItem(x=[], height=[], width=0.7, brush="#5aa9e6")
         self.plot.addItem(self.bars)

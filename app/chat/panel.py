@@ -141,8 +141,9 @@ class ChatPanel(QWidget):
         saved = self.ctx.setting("chat.params", None)
         self.params = ParamsView(saved if isinstance(saved, dict) else None)
         self.explain = ExplainView()
+        lay.addWidget(self.explain)
         lay.addWidget(self.params)
-        lay.addWidget(self.explain, 1)
+        lay.addStretch(1)
         scroll = QScrollArea()    # the explanation's table can be taller than the window
         scroll.setWidgetResizable(True)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
@@ -274,9 +275,15 @@ class ChatPanel(QWidget):
             self.session.system = self.system.text() or None
 
     # ---- the column of messages ----------------------------------------------
+    def _drop(self, w: QWidget):
+        # Out of the layout now; deleteLater alone would leave it painted until the loop gets to it.
+        self.column.removeWidget(w)
+        w.hide()
+        w.deleteLater()
+
     def _clear(self):
         for b in self.bubbles:
-            b.deleteLater()
+            self._drop(b)
         self.bubbles = []
         self.answer = None
         self.empty.show()
@@ -289,7 +296,7 @@ class ChatPanel(QWidget):
     def _truncate_from(self, w: QWidget):
         i = self.bubbles.index(w)
         for b in self.bubbles[i:]:
-            b.deleteLater()
+            self._drop(b)
         self.bubbles = self.bubbles[:i]
 
     def _add_user(self, text, mid=None) -> UserBubble:

@@ -18,7 +18,7 @@ class ParamsView(QFrame):
         head.setObjectName("h2")
         lay.addWidget(head)
         form = QFormLayout()
-        form.setVerticalSpacing(6)
+        form.setVerticalSpacing(3)
         v = {**DEFAULTS, **(saved or {})}
         self.temperature = self._dbl(0, 5, 0.05, v["temperature"], "0 = greedy")
         self.top_k = self._int(0, 100_000, v["top_k"], "0 = off")

@@ -14,12 +14,13 @@ from .spans import counts, search_vocab, segments, show_whitespace
 
 COLORS = ["#f5a524", "#5aa9e6", "#4cc38a", "#e66ab2", "#a98bf5", "#f07f4f", "#3cc9c4", "#d4cf4a"]
 SPECIAL = "#ef5b5b"
+UNKNOWN = "#8b93a5"
 SAMPLE = ("O Sol disse a Plutão: tokens são pedaços de texto.\n"
           "The Sun told Pluto: tokens are pieces of text. Olá, café, naïve 🌍 — 12*7=84<|endoftext|>")
 
 
-def background(i: int, special: bool, strong: bool = False) -> QColor:
-    c = QColor(SPECIAL if special else COLORS[i % len(COLORS)])
+def background(i: int, special, strong: bool = False) -> QColor:
+    c = QColor(UNKNOWN if special == "unknown" else SPECIAL if special else COLORS[i % len(COLORS)])
     c.setAlpha(230 if strong else 70)
     return c
 
@@ -76,7 +77,9 @@ class SpanView(QTextEdit):
             fmt = QTextCharFormat()
             if seg >= 0:
                 fmt.setBackground(background(seg, special))
-                if special:
+                if special == "unknown":
+                    fmt.setFontStrikeOut(True)
+                elif special:
                     fmt.setFontWeight(QFont.Bold)
             cur.insertText(text, fmt)
             if seg >= 0:
@@ -164,24 +167,29 @@ class TokenizerColumn(QFrame):
             self.counts.setText("")
             return
         self.segs = segments(self.tokenizer, text)
-        shown = [(show_whitespace(s.text) if ws else s.text, i if not s.is_gap else -1, s.special)
+        kind = lambda s: "unknown" if s.unknown else s.special  # noqa: E731
+        shown = [(show_whitespace(s.text) if ws else s.text, i if not s.is_gap else -1, kind(s))
                  for i, s in enumerate(self.segs)]
         self.text_view.render(shown)
-        ids = [(" ".join(map(str, s.ids)), i, s.special) for i, s in enumerate(self.segs) if not s.is_gap]
+        ids = [(" ".join(map(str, s.ids)), i, kind(s)) for i, s in enumerate(self.segs) if not s.is_gap]
         self.ids_view.render(ids, sep=" ")
         c = counts(self.tokenizer, text, self.segs)
         self.counts.setText(f"{c['tokens']} tokens · {c['characters']} characters · {c['words']} words · "
-                            f"{c['chars_per_token']} characters per token · vocabulary {self.tokenizer.vocab_size:,}")
+                            f"{c['chars_per_token']} characters per token · vocabulary {self.tokenizer.vocab_size:,}"
+                            + (f" · {c['unknown']} unknown (struck out)" if c["unknown"] else ""))
 
     def hover(self, seg: int):
-        special = lambda s: 0 <= s < len(self.segs) and self.segs[s].special  # noqa: E731
+        special = lambda s: 0 <= s < len(self.segs) and ("unknown" if self.segs[s].unknown  # noqa: E731
+                                                           else self.segs[s].special)
         self.text_view.highlight(seg, special)
         self.ids_view.highlight(seg, special)
         if 0 <= seg < len(self.segs):
             s = self.segs[seg]
             parts = ", ".join(f"{i} {p!r}" for i, p in zip(s.ids, s.pieces))
             extra = f" — one character split over {len(s.ids)} tokens" if len(s.ids) > 1 else ""
-            self.info.setText(f"{show_whitespace(s.text)!r}: {parts}{extra}" + ("  (special)" if s.special else ""))
+            note = "  (special)" if s.special else "  (not in the vocabulary: encoded as the unknown token)" \
+                if s.unknown else ""
+            self.info.setText(f"{show_whitespace(s.text)!r}: {parts}{extra}{note}")
 
 
 class TokenizerPanel(QWidget):

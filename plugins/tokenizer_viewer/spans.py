@@ -22,6 +22,7 @@ class Segment:
     ids: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)   # the tokens' own strings (e.g. "Ġthe")
     special: bool = False
+    unknown: bool = False      # characters the vocabulary lacks, encoded as its unknown token
 
     @property
     def is_gap(self) -> bool:
@@ -35,6 +36,8 @@ def segments(tokenizer, text: str, add_special_tokens: bool = False) -> list[Seg
     pos = 0
     for i, ((s, e), tid, piece, special) in enumerate(zip(enc.offsets, enc.ids, enc.tokens, enc.special)):
         special = special or piece in specials
+        unknown = special and e > s and text[s:e] != piece   # e.g. a char vocabulary's unk for "ã"
+        special = special and not unknown
         if s == e:   # a token with no characters behind it (an added bos/eos): show the token itself
             segs.append(Segment(s, e, piece, [i], [tid], [piece], True))
             continue
@@ -50,7 +53,7 @@ def segments(tokenizer, text: str, add_special_tokens: bool = False) -> list[Seg
             continue
         if s > pos:
             segs.append(Segment(pos, s, text[pos:s]))
-        segs.append(Segment(s, e, text[s:e], [i], [tid], [piece], special))
+        segs.append(Segment(s, e, text[s:e], [i], [tid], [piece], special, unknown))
         pos = max(pos, e)
     if pos < len(text):
         segs.append(Segment(pos, len(text), text[pos:]))
@@ -65,7 +68,7 @@ def counts(tokenizer, text: str, segs: list[Segment] | None = None) -> dict:
     segs = segs if segs is not None else segments(tokenizer, text)
     n_tokens = sum(len(s.tokens) for s in segs)
     return {"tokens": n_tokens, "characters": len(text), "words": len(text.split()),
-            "segments": len(token_segments(segs)),
+            "segments": len(token_segments(segs)), "unknown": sum(s.unknown for s in segs),
             "chars_per_token": round(len(text) / n_tokens, 2) if n_tokens else 0.0}
 
 
