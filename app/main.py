@@ -21,6 +21,9 @@ def settings() -> QSettings:
 
 
 def application() -> QApplication:
+    # Generation runs in a Python thread; a waiting GUI thread gets the GIL after at most this long
+    # (default 5 ms), which bounds how late a repaint can be while tokens stream.
+    sys.setswitchinterval(0.001)
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("Sol")
     app.setStyle("Fusion")
