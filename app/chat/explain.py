@@ -57,6 +57,7 @@ class ExplainView(QFrame):
                                   symbolBrush="#e4e6eb")
         self.draw_line = pg.InfiniteLine(angle=0, pen=pg.mkPen("#ef5b5b", width=1.5, style=Qt.DashLine))
         self.plot.addItem(self.draw_line)
+        self.draw_line.hide()       # until a token is chosen
         self.plot.setYRange(0, 1.02)
         lay.addWidget(self.plot)
         row = QHBoxLayout()
