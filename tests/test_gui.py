@@ -208,3 +208,12 @@ def test_screenshot_saves_a_png_and_exits(tmp_path, qtbot):
     model = make_tiny_model(tmp_path / "m")
     rc = run(argparse.Namespace(panel="models", model=str(model), screenshot=str(out), safe_mode=False))
     assert rc == 0 and out.stat().st_size > 1000
+
+
+def test_training_commands_use_each_stage_flags():
+    from sol.plugins.training_runner.runs import command
+    assert command("sft", "o", "chat.jsonl", "base")[5:9] == ["--out", "o", "--data", "chat.jsonl"]
+    rl = command("rl", "o", "p.jsonl", "sft", {"reward": "exact"})
+    assert rl[rl.index("--prompts") + 1] == "p.jsonl" and rl[rl.index("--model") + 1] == "sft"
+    assert command("pretrain", "o", "c.txt", "ignored", resume=True)[-3:] == ["--resume", "--events", "-"]
+    assert "--model" not in command("pretrain", "o", "c.txt", "ignored")

@@ -12,7 +12,7 @@ STAGES = {
     "pretrain": {"data_flag": "--corpus", "base_flag": None, "data": "text file or folder"},
     "sft": {"data_flag": "--data", "base_flag": "--model", "data": 'chat JSONL: {"messages": [...]}'},
     "reward": {"data_flag": "--data", "base_flag": "--model", "data": 'preference JSONL: {"prompt","chosen","rejected"}'},
-    "rl": {"data_flag": "--data", "base_flag": "--model", "data": 'prompts JSONL: {"prompt", "answer"}'},
+    "rl": {"data_flag": "--prompts", "base_flag": "--model", "data": 'prompts JSONL: {"prompt", "answer"}'},
 }
 PREVIEW_CHARS = 1 << 16    # read at most this much of each file for a preview
 
