@@ -126,12 +126,12 @@ class Engine:
         return events
 
     def _event(self, logits: torch.Tensor, token: int, text: str, explanation, explain: bool) -> TokenEvent:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        top = []
-        if explain:
-            vals, idx = logp.topk(min(TOP_N, logp.numel()))
-            top = [{"id": int(i), "text": self.token_text(int(i)), "prob": float(v.exp())}
-                   for v, i in zip(vals, idx)]
+        if not explain:  # only the chosen token's log-probability: one reduction, no full log-softmax
+            return TokenEvent(token, text, float(logits[token] - logits.logsumexp(-1)), [], explanation)
+        logp = torch.log_softmax(logits, dim=-1)
+        vals, idx = logp.topk(min(TOP_N, logp.numel()))
+        top = [{"id": int(i), "text": self.token_text(int(i)), "prob": float(v.exp())}
+               for v, i in zip(vals, idx)]
         return TokenEvent(token, text, float(logp[token]), top, explanation)
 
     def generate(self, session: Session, params: GenerationParams,
@@ -157,9 +157,9 @@ class Engine:
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
                     break
-                logits = session.logits
+                logits = session.logits.float().cpu()   # no-ops for float32 on the CPU
                 history = torch.tensor(session.ids, dtype=torch.long) if penalty else None
-                token, expl = choose(logits.float().cpu(), params.sampling, gen, history, params.explain)
+                token, expl = choose(logits, params.sampling, gen, history, params.explain)
                 if token in stops:
                     reason = "eos"
                     break

@@ -74,6 +74,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def cache_dtype(device, dtype: torch.dtype) -> torch.dtype:
+    """Keys and values stay in float32 on the CPU even for half-precision weights: the CPU's
+    half-precision attention is several times slower than float32's, the cache is small next
+    to the weights, and attention only gets more exact."""
+    if torch.device(device).type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
 class KVCache:
     """Preallocated keys and values for every layer; `pos` is how many positions are filled."""
 
@@ -134,8 +143,8 @@ class Attention(nn.Module):
             v = cache.v[layer][:, :, :start + T]
         if capture:
             y, cap = self._explained(q, k, v, start)
-        else:
-            y, cap = self._fast(q, k, v, start), None
+        else:  # the cache may hold float32 for half-precision weights (see cache_dtype)
+            y, cap = self._fast(q.to(k.dtype), k, v, start).to(q.dtype), None
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
         return self.proj(y), cap
 
@@ -206,6 +215,24 @@ class Block(nn.Module):
         return x, cap
 
 
+def _plain(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks)
+
+
+def _linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """m(x) without the module-call overhead when m is a plain nn.Linear; anything that wraps or
+    hooks it (an adapter, a probe) still goes through the module."""
+    if type(m) is nn.Linear and _plain(m):
+        return F.linear(x, m.weight, m.bias)
+    return m(x)
+
+
+def _norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if type(m) is nn.LayerNorm and _plain(m):
+        return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+    return m(x)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -248,7 +275,7 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache(self.cfg, batch, max_len or self.cfg.context, self.device, self.dtype)
+        return KVCache(self.cfg, batch, max_len or self.cfg.context, self.device, cache_dtype(self.device, self.dtype))
 
     def _rope(self, start: int, T: int):
         end = start + T
@@ -275,6 +302,8 @@ class Transformer(nn.Module):
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final normalised hidden states (B, T, d_model): what the LM head and a reward head read."""
+        if cache is not None and idx.shape[1] == 1 and not self.training:
+            return self._step(idx, cache)
         start = cache.pos if cache is not None else 0
         x, rope = self._embed(idx, start)
         for i, block in enumerate(self.blocks):
@@ -282,6 +311,41 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos = start + idx.shape[1]
         return self.norm(x)
+
+    def _step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """hidden() for one new token per sequence after a cache: the same arithmetic, with fewer
+        Python calls and tensor views per layer. Decoding one token is only a few microseconds of
+        work per operation, so on a small model the per-call overhead is much of the time."""
+        B, pos = idx.shape[0], cache.pos
+        H, KV, hd = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        x = self.embed(idx)
+        rope = None
+        if self.pos_embed is not None:
+            if pos >= self.cfg.context:
+                raise ValueError(f"sequence of {pos + 1} tokens is longer than the context of {self.cfg.context}")
+            x = x + self.pos_embed.weight[pos]
+        else:
+            rope = self._rope(pos, 1)
+        for i, block in enumerate(self.blocks):
+            attn, mlp = block.attn, block.mlp
+            # With one position, (B, 1, heads, hd) -> (B, heads, 1, hd) is a plain view.
+            q, k, v = _linear(attn.qkv, _norm(block.ln1, x)).view(B, H + 2 * KV, 1, hd).split([H, KV, KV], dim=1)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            keys, values = cache.k[i], cache.v[i]
+            keys[:, :, pos:pos + 1] = k
+            values[:, :, pos:pos + 1] = v
+            y = attn._fast(q.to(keys.dtype), keys[:, :, :pos + 1], values[:, :, :pos + 1], pos).to(x.dtype)
+            x = x + _linear(attn.proj, y.view(B, 1, H * hd))
+            h = _linear(mlp.fc, _norm(block.ln2, x))
+            if mlp.swiglu:
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                h = F.gelu(h, approximate="tanh")
+            x = x + _linear(mlp.proj, h)
+        cache.pos = pos + 1
+        return _norm(self.norm, x)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab). With a cache, `idx` continues the cached sequence.

@@ -1,0 +1,150 @@
+"""Decode speed on the CPU: Sol against Hugging Face transformers' `generate`.
+
+Batch 1, greedy, a 32-token prompt, 128 new tokens, the same random weights
+on both sides (a GPT-2 model written with `save_pretrained` and loaded by
+Sol from that directory). transformers runs in float32, its default; Sol runs
+in float32 and with float16 weights. Tokens per second count the whole call,
+prefill included, on both sides. The runs alternate within one process so a
+busy machine slows both alike; we report the median.
+
+    python benchmarks/decode.py [--reps 5] [--only small|gpt2_124m] [--json]
+
+The last line with --json is
+{"small": {"hf_tok_s", "sol_fp32_tok_s", "sol_fp16_tok_s", "fp32_ratio", "fp16_ratio", ...}, "gpt2_124m": {...}}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "small": dict(n_layer=6, n_embd=384, n_head=6, vocab_size=8192, n_positions=1024),
+    "gpt2_124m": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+}
+PROMPT_LEN = 32
+NEW_TOKENS = 128
+THREADS = 2
+
+
+def write_hf_model(out: Path, shape: dict, seed: int = 0):
+    """A random GPT-2 in Hugging Face's layout, with a small byte-level BPE tokenizer.json beside it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sol.core.tokenizer import train_bpe
+    torch.manual_seed(seed)
+    # No eos: both sides must produce exactly NEW_TOKENS tokens.
+    cfg = GPT2Config(**shape, bos_token_id=None, eos_token_id=None)
+    hf = GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(out, safe_serialization=True)
+    corpus = out / "corpus.txt"
+    corpus.write_text("a small corpus for a byte-level BPE vocabulary, nothing more.\n" * 20)
+    train_bpe([corpus], 300).save(out / "tokenizer.json")
+    return hf
+
+
+def hf_generate(hf, prompt: torch.Tensor) -> list[int]:
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                      do_sample=False, pad_token_id=0)
+    return out[0, prompt.shape[1]:].tolist()
+
+
+def sol_generate(engine, prompt: list[int]) -> list[int]:
+    from sol.core.engine import DoneEvent, GenerationParams
+    from sol.core.sampling import SamplingParams
+    params = GenerationParams(max_tokens=NEW_TOKENS, sampling=SamplingParams(temperature=0), explain=False)
+    session = engine.session(prompt)   # prefill, counted in the time like HF's
+    for ev in engine.generate(session, params):
+        if isinstance(ev, DoneEvent):
+            return ev.token_ids
+    raise RuntimeError("generate ended without a DoneEvent")
+
+
+def timed(fn) -> tuple[float, list[int]]:
+    t = time.perf_counter()
+    ids = fn()
+    return time.perf_counter() - t, ids
+
+
+def max_logit_diff(hf, sol_model, prompt: torch.Tensor) -> float:
+    with torch.inference_mode():
+        a = hf(prompt).logits
+        b = sol_model(prompt)
+    return float((a - b).abs().max())
+
+
+def bench_shape(name: str, reps: int, log) -> dict:
+    from sol.core.checkpoint import load_model
+    from sol.core.engine import Engine
+    shape = SHAPES[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        hf = write_hf_model(d, shape)
+        lm32 = load_model(d, dtype=torch.float32)
+        lm16 = load_model(d, dtype=torch.float16)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, shape["vocab_size"], (1, PROMPT_LEN), generator=g)
+    ids = prompt[0].tolist()
+    runs = {
+        "hf": lambda: hf_generate(hf, prompt),
+        "sol_fp32": lambda: sol_generate(Engine(lm32.model, lm32.tokenizer), ids),
+        "sol_fp16": lambda: sol_generate(Engine(lm16.model, lm16.tokenizer), ids),
+    }
+    tokens = {k: f() for k, f in runs.items()}   # warm-up, and the tokens to compare
+    for k, f in runs.items():
+        f()
+    times = {k: [] for k in runs}
+    order = list(runs)
+    for r in range(reps):
+        for k in order[r % 3:] + order[:r % 3]:  # rotate who goes first
+            t, _ = timed(runs[k])
+            times[k].append(t)
+    tok_s = {k: NEW_TOKENS / statistics.median(v) for k, v in times.items()}
+    same16 = sum(a == b for a, b in zip(tokens["sol_fp16"], tokens["sol_fp32"]))
+    first_diff16 = next((i for i, (a, b) in enumerate(zip(tokens["sol_fp16"], tokens["sol_fp32"])) if a != b), None)
+    res = {
+        "hf_tok_s": round(tok_s["hf"], 1),
+        "sol_fp32_tok_s": round(tok_s["sol_fp32"], 1),
+        "sol_fp16_tok_s": round(tok_s["sol_fp16"], 1),
+        "fp32_ratio": round(tok_s["sol_fp32"] / tok_s["hf"], 2),
+        "fp16_ratio": round(tok_s["sol_fp16"] / tok_s["hf"], 2),
+        "greedy_match": tokens["sol_fp32"] == tokens["hf"],
+        "fp16_greedy_same_tokens": f"{same16}/{NEW_TOKENS}",
+        "fp16_first_divergence": first_diff16,
+        "max_logit_diff_fp32": float(f"{max_logit_diff(hf, lm32.model, prompt):.2e}"),
+        "reps": reps,
+    }
+    log(f"{name}: " + ", ".join(f"{k}={v}" for k, v in res.items()))
+    log(f"  seconds per run: " + ", ".join(f"{k}=" + "/".join(f"{t:.2f}" for t in v) for k, v in times.items()))
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--only", choices=list(SHAPES), action="append")
+    p.add_argument("--json", action="store_true", help="last line: the results as one JSON object")
+    args = p.parse_args(argv)
+    torch.set_num_threads(THREADS)   # both sides, the same
+
+    def log(msg):
+        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    log(f"torch {torch.__version__}, {THREADS} threads, load average {os.getloadavg()[0]:.2f} "
+        f"{os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    results = {name: bench_shape(name, args.reps, log) for name in (args.only or SHAPES)}
+    log(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
