@@ -1,6 +1,7 @@
 """GUI tests (pytest-qt, offscreen): every panel does its one essential thing on a tiny model."""
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 
@@ -217,3 +218,20 @@ def test_training_commands_use_each_stage_flags():
     assert rl[rl.index("--prompts") + 1] == "p.jsonl" and rl[rl.index("--model") + 1] == "sft"
     assert command("pretrain", "o", "c.txt", "ignored", resume=True)[-3:] == ["--resume", "--events", "-"]
     assert "--model" not in command("pretrain", "o", "c.txt", "ignored")
+
+
+def test_training_form_gives_rl_a_reward(window, qtbot, tmp_path):
+    win, ctx = window
+    panel = win.panel("training")
+    panel.stage.setCurrentIndex(panel.stage.findData("rl"))
+    assert panel.reward.isEnabled()
+    assert panel.options()["reward"] == "calculator"
+    rm = make_tiny_model(tmp_path / "rm")
+    meta = json.loads((rm / "sol.json").read_text())
+    (rm / "sol.json").write_text(json.dumps({**meta, "stage": "rm"}))
+    panel._fill_models([{"name": "rm", "path": str(rm), "format": "sol"}])
+    panel.reward.setCurrentIndex(panel.reward.findText("reward model: rm"))
+    opts = panel.options()
+    assert opts["reward_model"] == str(rm) and "reward" not in opts
+    panel.stage.setCurrentIndex(panel.stage.findData("sft"))
+    assert not panel.reward.isEnabled() and "reward" not in panel.options()

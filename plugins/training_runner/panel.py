@@ -124,6 +124,12 @@ class TrainingPanel(QWidget):
         self.tokenizer = QComboBox()
         self.tokenizer.setEditable(True)
         self.tokenizer.addItems(["char", "bpe:1024", "bpe:4096"])
+        # RL needs a reward: a verifiable function (the calculator task) or a trained reward model.
+        self.reward = QComboBox()
+        from sol.core.train.rewards import REWARDS
+        for name in REWARDS:
+            self.reward.addItem(f"verifiable: {name}", ("reward", name))
+        self.reward.setCurrentIndex(max(0, self.reward.findText("verifiable: calculator")))
         self.preset = QComboBox()
         for name in PRESETS:
             self.preset.addItem(name, name)
@@ -144,6 +150,7 @@ class TrainingPanel(QWidget):
         form.addRow("Base model", self.base)
         form.addRow("Data", row)
         form.addRow("", self.data_hint)
+        form.addRow("Reward", self.reward)
         form.addRow("Tokenizer", self.tokenizer)
         form.addRow("Preset", self.preset)
         form.addRow("Max steps", self.steps)
@@ -255,6 +262,7 @@ class TrainingPanel(QWidget):
         self.base.setEnabled(not pre)
         self.tokenizer.setEnabled(pre)
         self.preset.setEnabled(pre)
+        self.reward.setEnabled(stage == "rl")
         self.data_hint.setText(spec.get("data", ""))
         if self.data.text():
             self.preview()
@@ -267,6 +275,12 @@ class TrainingPanel(QWidget):
         self.base.clear()
         for m in models:
             self.base.addItem(m["name"], m["path"])
+        for i in reversed(range(self.reward.count())):   # reward models change as runs finish
+            if self.reward.itemData(i)[0] == "reward_model":
+                self.reward.removeItem(i)
+        for m in models:
+            if m["format"] == "sol" and _stage(m["path"]) == "rm":
+                self.reward.addItem(f"reward model: {m['name']}", ("reward_model", m["path"]))
         loaded = self.ctx.loaded
         if loaded is not None:
             i = self.base.findData(str(loaded.path))
@@ -347,6 +361,9 @@ class TrainingPanel(QWidget):
         if self.stage.currentData() == "pretrain":
             o.update(tokenizer=self.tokenizer.currentText(), preset=self.preset.currentData(),
                      context=self.context.value())
+        if self.stage.currentData() == "rl" and self.reward.currentData():
+            key, value = self.reward.currentData()
+            o[key] = value
         return o
 
     def start(self, resume: bool = False):
@@ -575,3 +592,12 @@ class TrainingPanel(QWidget):
         self.start_btn.setEnabled(not running)
         self.resume_btn.setEnabled(not running)
         self.stop_btn.setEnabled(running and self.state == "running")
+
+
+def _stage(model_dir: str) -> str | None:
+    """The `stage` in a model's sol.json, or None."""
+    import json
+    try:
+        return json.loads((Path(model_dir) / "sol.json").read_text(encoding="utf-8")).get("stage")
+    except (OSError, ValueError):
+        return None
