@@ -26,13 +26,13 @@ STARTER = {
     "model": ["--layers", "4", "--heads", "4", "--d-model", "128", "--context", "128"],
     "pretrain": ["--max-steps", "1200", "--batch-size", "16", "--lr", "2e-3", "--warmup", "50",
                  "--eval-every", "200", "--sample-every", "400", "--checkpoint-every", "400"],
-    "sft": ["--max-steps", "400", "--batch-size", "24", "--lr", "1e-3", "--warmup", "20",
-            "--eval-every", "100", "--sample-every", "100", "--checkpoint-every", "200"],
+    "sft": ["--max-steps", "900", "--batch-size", "24", "--lr", "2e-3", "--warmup", "30",
+            "--eval-every", "150", "--sample-every", "150", "--checkpoint-every", "300"],
     "reward": ["--max-steps", "150", "--batch-size", "16", "--lr", "3e-4", "--warmup", "10",
                "--eval-every", "50", "--checkpoint-every", "150"],
-    "rl": ["--max-steps", "60", "--batch-size", "8", "--samples", "8", "--lr", "1e-4", "--warmup", "5",
-           "--beta", "0.02", "--reward", "calculator", "--eval-every", "30", "--sample-every", "30",
-           "--checkpoint-every", "30", "--max-new-tokens", "48"],
+    "rl": ["--max-steps", "120", "--batch-size", "8", "--samples", "8", "--lr", "3e-4", "--warmup", "5",
+           "--beta", "0.02", "--reward", "calculator", "--eval-every", "40", "--sample-every", "40",
+           "--checkpoint-every", "40", "--max-new-tokens", "48"],
     "data": {"sft": 4000, "prefs": 2000, "rl": 2000, "eval": 200, "chat_corpus": 2000},
 }
 

@@ -6,7 +6,6 @@ answers and tool calls, not to imitate users or invent tool results.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..data import conversations, jsonl
