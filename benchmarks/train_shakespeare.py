@@ -57,7 +57,9 @@ def run(label: str, argv: list[str], target: float | None) -> dict:
         elif e["type"] == "done":
             state["wall"] = now - state["t0"]
             state["train_s"] = e["elapsed_s"]
-    train(Pretrain(args), train_config(args), emit)
+    done = train(Pretrain(args), train_config(args), emit)
+    if done["stopped"]:   # Ctrl-C / SIGTERM: the loop saved and stopped; so does the benchmark
+        sys.exit(130)
     return {"seconds_to_target": state["hit"], "final_val_loss": state["val"], "wall_s": state["wall"],
             "tokens_per_s": state["tokens"] / state["train_s"]}
 
