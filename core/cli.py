@@ -30,13 +30,18 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> Parser:
+def build_parser(command: str | None = None) -> Parser:
+    """The whole parser, or, when `command` is one of Sol's own, only that subcommand's:
+    registering `train` imports torch, which `sol plugins list` should not wait for."""
     parser = Parser(prog="sol", description="Sol: a desktop lab for small language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in command_modules():
+    modules = command_modules()
+    chosen = [m for m in modules if m.rsplit(".", 1)[-1] == command]
+    for name in chosen or modules:
         importlib.import_module(name).register(sub)
-    _plugin_commands(sub)
+    if not chosen:
+        _plugin_commands(sub)
     return parser
 
 
@@ -57,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["gui"]
     try:
-        args = build_parser().parse_args(argv)
+        first = next((a for a in argv if not a.startswith("-")), None)
+        args = build_parser(first).parse_args(argv)
         if not getattr(args, "func", None):
             build_parser().print_help()
             return 2
