@@ -43,6 +43,19 @@ def epoch_indices(n: int, start: int, count: int, seed: int) -> list[int]:
     return out
 
 
+def example_micro_batches(examples: list, make_batch, step: int, cfg, dist, seed: int) -> list[dict]:
+    """This rank's share of each micro-batch of `step`, drawn from shuffled epochs over a list of
+    examples (SFT conversations, preference pairs) and turned into tensors by `make_batch`."""
+    per_micro = cfg.batch_size // cfg.grad_accum
+    per_rank = per_micro // dist.world
+    out = []
+    for m in range(cfg.grad_accum):
+        start = (step * cfg.grad_accum + m) * per_micro + dist.rank * per_rank
+        idx = epoch_indices(len(examples), start, per_rank, seed)
+        out.append(make_batch([examples[i] for i in idx]))
+    return out
+
+
 def pad(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..data import conversations, jsonl
 from ..data.corpus import describe_files
 from ..model import Transformer
-from .common import epoch_indices, load_parent, pad, pad_id, parent_info, split_val
+from .common import example_micro_batches, load_parent, pad, pad_id, parent_info, split_val
 from .loop import Stage
 
 DEFAULTS = {"lr": 3e-4, "max_steps": 200, "warmup": 10, "batch_size": 16, "eval_every": 50,
@@ -95,14 +95,7 @@ class Reward(Stage):
                 "count": len(pairs), "tokens": sum(len(r) for r in rows)}
 
     def micro_batches(self, step, cfg, dist):
-        per_micro = cfg.batch_size // cfg.grad_accum
-        per_rank = per_micro // dist.world
-        out = []
-        for m in range(cfg.grad_accum):
-            start = (step * cfg.grad_accum + m) * per_micro + dist.rank * per_rank
-            idx = epoch_indices(len(self.train_pairs), start, per_rank, self.seed)
-            out.append(self._batch([self.train_pairs[i] for i in idx]))
-        return out
+        return example_micro_batches(self.train_pairs, self._batch, step, cfg, dist, self.seed)
 
     def loss(self, module, batch):
         r = module(batch["x"], batch["last"]).float()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..data import conversations, jsonl
 from ..data.corpus import describe_files
 from ..errors import SolError
-from .common import chat_sample, epoch_indices, load_parent, pad, pad_id, parent_info, split_val
+from .common import chat_sample, example_micro_batches, load_parent, pad, pad_id, parent_info, split_val
 from .loop import Stage
 
 DEFAULTS = {"lr": 5e-4, "max_steps": 500, "warmup": 20, "batch_size": 16, "eval_every": 100,
@@ -57,14 +57,7 @@ class SFT(Stage):
         return {"x": x, "y": y, "count": n, "tokens": int(sum(len(e[0]) for e in examples))}
 
     def micro_batches(self, step, cfg, dist):
-        per_micro = cfg.batch_size // cfg.grad_accum
-        per_rank = per_micro // dist.world
-        out = []
-        for m in range(cfg.grad_accum):
-            start = (step * cfg.grad_accum + m) * per_micro + dist.rank * per_rank
-            idx = epoch_indices(len(self.train_ex), start, per_rank, self.seed)
-            out.append(self._batch([self.train_ex[i] for i in idx]))
-        return out
+        return example_micro_batches(self.train_ex, self._batch, step, cfg, dist, self.seed)
 
     def loss(self, module, batch):
         logits = module(batch["x"])
