@@ -48,7 +48,9 @@ class Probe:
         self.delays: list[float] = []
         self.last = None
         self.on = False
+        from PySide6.QtCore import Qt
         self.timer = QTimer()
+        self.timer.setTimerType(Qt.PreciseTimer)   # a coarse timer may fire late on purpose
         self.timer.setInterval(PROBE_MS)
         self.timer.timeout.connect(self.tick)
         self.timer.start()
@@ -67,10 +69,18 @@ class Probe:
 
 
 def wait(app, cond, timeout_s: float):
+    """Run Qt's own event loop (as the app's exec() does) until cond() holds or time runs out.
+    Spinning processEvents() + sleep() by hand would add the sleeps to the delays we measure."""
+    from PySide6.QtCore import QEventLoop, QTimer
     t0 = time.monotonic()
-    while not cond() and time.monotonic() - t0 < timeout_s:
-        app.processEvents()
-        time.sleep(0.001)
+    if cond():
+        return
+    loop = QEventLoop()
+    check = QTimer()
+    check.timeout.connect(lambda: (cond() or time.monotonic() - t0 >= timeout_s) and loop.quit())
+    check.start(10)
+    loop.exec()
+    check.stop()
 
 
 def main() -> int:
