@@ -169,13 +169,18 @@ class Engine:
                 event = self._event(logits, token, piece, expl, params.explain)
                 if not first:
                     first = time.perf_counter() - t0
-                hit = next((s for s in params.stop_strings if s in text), None)
+                # A stop string completed by this token ends in its last few characters: look there only,
+                # so long answers don't rescan all their text every token.
+                hit = next((s for s in params.stop_strings if s in text[-(len(s) + len(piece)):]), None)
                 if hit is not None:
                     text = text[:text.index(hit)]
                     reason = "stop_string"
                     # The token stays in the sequence: feed it so ids, cache and logits agree and a
                     # later force() or generate() continues from a consistent state.
-                    session.feed([token]) if session.room > 0 else session.ids.append(token)
+                    if session.room > 0:
+                        session.feed([token])
+                    else:
+                        session.ids.append(token)
                     yield event
                     break
                 if session.room <= 0:

@@ -189,14 +189,15 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
-        h = self.fc(x)
+    def activate(self, h):
+        """The nonlinearity between fc and proj (shared with the one-token decode step)."""
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.dropout(self.proj(h))
+            return F.silu(gate) * up
+        return F.gelu(h, approximate="tanh")
+
+    def forward(self, x):
+        return self.dropout(self.proj(self.activate(self.fc(x))))
 
 
 class Block(nn.Module):
@@ -337,12 +338,7 @@ class Transformer(nn.Module):
             values[:, :, pos:pos + 1] = v
             y = attn._fast(q.to(keys.dtype), keys[:, :, :pos + 1], values[:, :, :pos + 1], pos).to(x.dtype)
             x = x + _linear(attn.proj, y.view(B, 1, H * hd))
-            h = _linear(mlp.fc, _norm(block.ln2, x))
-            if mlp.swiglu:
-                gate, up = h.chunk(2, dim=-1)
-                h = F.silu(gate) * up
-            else:
-                h = F.gelu(h, approximate="tanh")
+            h = mlp.activate(_linear(mlp.fc, _norm(block.ln2, x)))
             x = x + _linear(mlp.proj, h)
         cache.pos = pos + 1
         return _norm(self.norm, x)
