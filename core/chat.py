@@ -300,7 +300,9 @@ class ChatSession:
     # ---- prompts -----------------------------------------------------------------------------
     def _fit_prompt(self, params: GenerationParams) -> tuple[list[int], int]:
         """The prompt's ids, dropping the oldest turns while it leaves too little room to answer."""
-        reserve = min(params.max_tokens, max(1, self.context // 4))
+        # Half the window for the answer: a small model's answer (a tool call, its result, a sentence)
+        # needs more than a quarter of 128 tokens, and a turn cut off mid-call reads as garbage.
+        reserve = min(params.max_tokens, max(1, self.context // 2))
         history = self.messages
         start = 0
         while True:
