@@ -158,11 +158,17 @@ def test_rl_raises_mean_reward(pipeline, reward_run):
     done, events = run_stage("rl", ["--model", d / "sft", "--prompts", d / "rl.jsonl", "--eval-prompts",
                                     d / "rl_eval.jsonl", "--reward-model", d / "rm", "--out", d / "rl",
                                     "--max-steps", 16, "--batch-size", 8, "--samples", 8, "--lr", 3e-3, "--normalize-std",
-                                    "--warmup", 1, "--beta", 0.01, "--eval-every", 0, "--sample-every", 0,
+                                    "--warmup", 1, "--beta", 0.01, "--eval-every", 8, "--sample-every", 0,
                                     "--checkpoint-every", 0, "--max-new-tokens", 40, "--seed", 1])
     rewards = [e["reward_mean"] for e in events if e["type"] == "step"]
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4, rewards
     assert json.loads((d / "rl" / "sol.json").read_text())["stage"] == "rl"
+    # The step that did best on the eval prompts is kept in rl/best, with its step and accuracy.
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["step"] for e in evals] == [8, 16]
+    first_best = max(evals, key=lambda e: (e["accuracy"], -e["step"]))
+    best = json.loads((d / "rl" / "best" / "sol.json").read_text())
+    assert (best["step"], best["metrics"]["accuracy"]) == (first_best["step"], first_best["accuracy"])
 
 
 # ---- resume, signals, DDP (real processes) ----------------------------------
@@ -242,3 +248,26 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_text_file):
     start = read_events(tmp_path / "two.jsonl")[0]
     assert start["world_size"] == 2 and len(l1) == len(l2) == 3
     assert all(abs(a - b) < 1e-4 for a, b in zip(l1, l2)), (l1, l2)
+
+
+def test_recipe_runs_the_four_stages_and_compares_sft_with_rl(tmp_path, tiny_text_file):
+    """`sol train recipe starter`, every stage's steps scaled to 2 %: the stages run in order, RL reads
+    its own validation prompts (never the held-out ones), and the final sol.json compares SFT and RL
+    on the 200 held-out prompts."""
+    events_file = tmp_path / "events.jsonl"
+    run = sol("train", "recipe", "starter", "--corpus", tiny_text_file, "--out", tmp_path / "starter",
+              "--work", tmp_path / "work", "--scale", 0.02, "--threads", 1, "--events", events_file)
+    assert run.wait(timeout=600) == 0
+    events = read_events(events_file)
+    done = [e["recipe_stage"] for e in events if e["type"] == "done" and not e.get("final", True)]
+    assert done == ["pretrain", "sft", "reward", "rl"]
+    work = tmp_path / "work"
+    held = {json.loads(x)["prompt"] for x in (work / "eval.jsonl").read_text().splitlines()}
+    val = {json.loads(x)["prompt"] for x in (work / "rl_val.jsonl").read_text().splitlines()}
+    assert len(held) == len(val) == 200 and not held & val
+    rl_meta = json.loads((work / "rl" / "sol.json").read_text())
+    assert [Path(f["path"]).name for f in rl_meta["data"]] == ["rl.jsonl", "rl_val.jsonl"]
+    meta = json.loads((tmp_path / "starter" / "sol.json").read_text())
+    assert meta["recipe"] == "starter" and meta["held_out"]["prompts"] == 200
+    assert 0 <= meta["held_out"]["sft_accuracy"] <= 1 and 0 <= meta["held_out"]["rl_accuracy"] <= 1
+    assert [e for e in events if e["type"] == "done"][-1]["final"] is True

@@ -19,6 +19,8 @@ from pathlib import Path
 from ..atomic import write_text
 from ..errors import SolError
 
+# Char-level answers are long ("16 multiplied by 10 is 160." after the tool call): 48 tokens cut some off.
+MAX_NEW = 96
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 # Sized for a 2-core laptop CPU: all four stages in well under 30 minutes.
@@ -32,7 +34,7 @@ STARTER = {
                "--eval-every", "50", "--checkpoint-every", "150"],
     "rl": ["--max-steps", "120", "--batch-size", "8", "--samples", "8", "--lr", "3e-4", "--warmup", "5",
            "--beta", "0.02", "--reward", "calculator", "--eval-every", "40", "--sample-every", "40",
-           "--checkpoint-every", "40", "--max-new-tokens", "48"],
+           "--checkpoint-every", "40", "--max-new-tokens", str(MAX_NEW)],
     "data": {"sft": 4000, "prefs": 2000, "rl": 2000, "eval": 200, "chat_corpus": 2000},
 }
 
@@ -76,22 +78,32 @@ def _render_chats(records: list[dict]) -> str:
 
 def make_data(work: Path, seed: int, sizes: dict) -> dict:
     from ..data import synthetic
-    paths = {k: work / f"{k}.jsonl" for k in ("sft", "prefs", "rl", "eval")}
+    paths = {k: work / f"{k}.jsonl" for k in ("sft", "prefs", "rl", "rl_val", "eval")}
     synthetic.write("sft", sizes["sft"], seed, paths["sft"])
     synthetic.write("prefs", sizes["prefs"], seed + 1, paths["prefs"])
     train_rl = synthetic.generate("rl", sizes["rl"], seed + 2)
     seen = {r["prompt"] for r in train_rl} | {r["messages"][0]["content"]
                                              for r in synthetic.generate("sft", sizes["sft"], seed)}
-    # Held-out prompts: never seen in SFT or RL training.
-    held, s = [], seed + 3
-    while len(held) < sizes["eval"]:
-        held += [r for r in synthetic.generate("rl", sizes["eval"], s) if r["prompt"] not in seen]
-        s += 1000
+    # Two sets never seen in SFT or RL training and sharing no prompt: RL's validation set picks its
+    # best checkpoint; the held-out set is only read once, at the end, to compare SFT with RL.
+    held = _unseen(sizes["eval"], seed + 3, seen)
+    val = _unseen(sizes["eval"], seed + 5, seen | {r["prompt"] for r in held})
     write_text(paths["rl"], "".join(json.dumps(r) + "\n" for r in train_rl))
-    write_text(paths["eval"], "".join(json.dumps(r) + "\n" for r in held[:sizes["eval"]]))
+    write_text(paths["rl_val"], "".join(json.dumps(r) + "\n" for r in val))
+    write_text(paths["eval"], "".join(json.dumps(r) + "\n" for r in held))
     paths["chat_corpus"] = work / "chats.txt"
     write_text(paths["chat_corpus"], _render_chats(synthetic.generate("sft", sizes["chat_corpus"], seed + 4)))
     return paths
+
+
+def _unseen(n: int, seed: int, seen: set) -> list[dict]:
+    from ..data import synthetic
+    out, s = [], seed
+    while len(out) < n:
+        out += [r for r in synthetic.generate("rl", n, s) if r["prompt"] not in seen and
+                r["prompt"] not in {o["prompt"] for o in out}]
+        s += 1000
+    return out[:n]
 
 
 def _threads(asked: int) -> int:
@@ -127,7 +139,7 @@ def run(args, emit) -> dict:
         ("sft", work / "sft", ["--model", str(work / "base"), "--data", str(paths["sft"]), *cfg["sft"]]),
         ("reward", work / "rm", ["--model", str(work / "sft"), "--data", str(paths["prefs"]), *cfg["reward"]]),
         ("rl", work / "rl", ["--model", str(work / "sft"), "--prompts", str(paths["rl"]),
-                             "--eval-prompts", str(paths["eval"]), *cfg["rl"]]),
+                             "--eval-prompts", str(paths["rl_val"]), *cfg["rl"]]),
     ]
     results = {}
     for name, stage_out, argv in plan:
@@ -141,27 +153,33 @@ def run(args, emit) -> dict:
         if done.get("stopped"):
             return done
         results[name] = done["metrics"]
-    # The same 200 held-out prompts, greedy, calculator running: SFT before RL, and RL after.
+    # The same 200 held-out prompts, greedy, calculator running: SFT before RL, and RL after. The RL
+    # model is the step that did best on RL's validation prompts (rl/best), else its last step.
     from ..checkpoint import load_model
     from ..data import jsonl
     held = jsonl.read_prompts(paths["eval"], need_answer=True)
     sft = load_model(work / "sft")
     scorer = Scorer("calculator", None, "cpu", sft.tokenizer)
-    sft_acc = accuracy(sft.model, sft.tokenizer, held, scorer, 48)
-    rl = load_model(work / "rl")
-    rl_acc = accuracy(rl.model, rl.tokenizer, held, scorer, 48)
+    sft_acc = accuracy(sft.model, sft.tokenizer, held, scorer, MAX_NEW)
+    rl_dir = work / "rl" / "best" if (work / "rl" / "best" / "sol.json").is_file() else work / "rl"
+    rl = load_model(rl_dir)
+    rl_acc = accuracy(rl.model, rl.tokenizer, held, scorer, MAX_NEW)
     emit({"type": "eval", "step": 0, "recipe_stage": "compare", "sft_accuracy": sft_acc["accuracy"],
           "rl_accuracy": rl_acc["accuracy"], "accuracy": rl_acc["accuracy"], "reward_mean": rl_acc["reward_mean"]})
     from .common import chat_sample
     answer = chat_sample(rl.model, rl.tokenizer)
     meta = json.loads((work / "rl" / "sol.json").read_text())
+    if rl_dir != work / "rl":
+        best = json.loads((rl_dir / "sol.json").read_text())
+        meta.update({"steps": best["step"], "rl_validation": best["metrics"],
+                     "chosen": f"step {best['step']} of {meta['steps']}, best on {sizes['eval']} validation prompts"})
     meta.update({"name": out.name, "recipe": "starter", "recipe_seconds": round(time.time() - t0, 1),
                  "held_out": {"prompts": len(held), "sft_accuracy": sft_acc["accuracy"],
                               "rl_accuracy": rl_acc["accuracy"], "sft_tool_use": sft_acc["tool_use"],
                               "rl_tool_use": rl_acc["tool_use"]},
                  "stages": {n: {"out": str(o), "metrics": results.get(n, {})} for n, o, _ in plan},
                  "example": answer})
-    install(work / "rl", out, meta)
+    install(rl_dir, out, meta)
     done = {"type": "done", "out": str(out), "final": True, "metrics": meta["held_out"],
             "elapsed_s": time.time() - t0, "example": answer}
     emit(done)

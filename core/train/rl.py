@@ -9,10 +9,15 @@ KL uses the k3 estimator exp(ref - logp) - (ref - logp) - 1 (unbiased, never
 negative), against the frozen SFT model, so the policy improves on the reward
 without drifting into text the SFT model would never write. Tokens the engine
 forced (tool results) are excluded: the policy did not choose them.
+
+RL is noisy, so every evaluation that beats the best so far on the eval
+prompts also writes that model to <out>/best (with its step and accuracy):
+pick the checkpoint on a validation set, never on the final test prompts.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -135,11 +140,13 @@ class RL(Stage):
             self.eval_records = val
         self.prompts = [conversations.encode(self.tokenizer, r["messages"], add_generation_prompt=True)[0]
                         for r in self.train_rec]
+        self.out, self.step, self.best = Path(cfg.out), 0, best_accuracy(Path(cfg.out))
         if a.samples < 2:
             raise SolError(f"--samples {a.samples}: needs at least 2 answers per prompt to compare them")
 
     def micro_batches(self, step, cfg, dist):
         a = self.args
+        self.step = step + 1   # the step these batches train; evaluate() after it names this step
         per_micro = cfg.batch_size // cfg.grad_accum
         per_rank = per_micro // dist.world
         out, rewards_seen = [], []
@@ -181,7 +188,15 @@ class RL(Stage):
     def evaluate(self):
         if not self.eval_records:
             return {}
-        return accuracy(self.model, self.tokenizer, self.eval_records, self.scorer, self.args.max_new_tokens)
+        result = accuracy(self.model, self.tokenizer, self.eval_records, self.scorer, self.args.max_new_tokens)
+        if result["accuracy"] > self.best:
+            from ..checkpoint import save_model
+            self.best = result["accuracy"]
+            save_model(self.out / "best", self.model, self.tokenizer,
+                       {"name": "best", "stage": "rl", "step": self.step, "metrics": result,
+                        "note": "the RL step with the best eval accuracy so far"})
+            result["best_step"] = self.step
+        return result
 
     def sample(self):
         return chat_sample(self.model, self.tokenizer)
@@ -204,6 +219,15 @@ class RL(Stage):
         a = self.args
         return {"samples": a.samples, "beta": a.beta, "reward": a.reward, "reward_model": a.reward_model,
                 "normalize_std": a.normalize_std, "temperature": a.temperature}
+
+
+def best_accuracy(out: Path) -> float:
+    """The eval accuracy of <out>/best, so a resumed run only replaces it with something better."""
+    import json
+    try:
+        return float(json.loads((out / "best" / "sol.json").read_text())["metrics"]["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1.0
 
 
 def add_arguments(p):
