@@ -6,6 +6,7 @@ the training stream; inputs are the first T, targets the last T.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ DEFAULT_PRESET = "shakespeare-cpu"   # trains on a laptop CPU in minutes
 
 def model_config(args, vocab_size: int) -> ModelConfig:
     over = {"vocab_size": vocab_size, "dropout": getattr(args, "dropout", 0.0) or 0.0}
+    if getattr(args, "bias", None) is not None:
+        over["bias"] = args.bias
     for flag, key in (("layers", "n_layer"), ("d_model", "d_model"), ("heads", "n_head"), ("context", "context")):
         if getattr(args, flag, None) is not None:
             over[key] = getattr(args, flag)
@@ -138,6 +141,8 @@ def add_arguments(p) -> None:
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--context", type=int, default=None, help="context window in tokens")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="biases in linear layers and norms (--no-bias as nanoGPT; default: the preset's)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the tokens kept for validation")
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=16)
