@@ -8,6 +8,8 @@ other `sol.app` modules, so a third-party panel has the same footing as ours.
 """
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from PySide6.QtCore import QObject, Signal
@@ -32,6 +34,11 @@ class PanelContext(QObject):
         self._loaded = None
         self.chat_session = None
         self.last_answer = ""           # text of the last assistant answer (attention "last answer")
+        # Settings are committed by one thread, in order: a commit waits for the disk (fsync; tens of ms
+        # when it is busy) and the GUI must not. Python waits for that thread's queue at exit.
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: dict[str, Any] = {}  # written but maybe not committed yet: setting() reads these
+        self._pending_lock = threading.Lock()
 
     # ---- the model ---------------------------------------------------------
     @property
@@ -93,6 +100,10 @@ class PanelContext(QObject):
 
     # ---- settings ------------------------------------------------------------
     def setting(self, key: str, default=None):
+        with self._pending_lock:
+            if key in self._pending:
+                v = self._pending[key]
+                return default if v is None else v
         if self.store is not None and hasattr(self.store, "get_setting"):
             try:
                 v = self.store.get_setting(key)
@@ -102,8 +113,29 @@ class PanelContext(QObject):
         return default
 
     def set_setting(self, key: str, value) -> None:
-        if self.store is not None and hasattr(self.store, "set_setting"):
-            try:
-                self.store.set_setting(key, value)
-            except Exception:
-                pass
+        """Saved in the background; setting(key) returns the new value at once."""
+        if self.store is None or not hasattr(self.store, "set_setting"):
+            return
+        with self._pending_lock:
+            self._pending[key] = value
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sol-settings")
+        try:
+            self._writer.submit(self._write_setting, key, value)
+        except RuntimeError:      # the interpreter is exiting: no new threads, write it here
+            self._write_setting(key, value)
+
+    def _write_setting(self, key: str, value) -> None:
+        try:
+            self.store.set_setting(key, value)
+        except Exception:   # a store problem must not break a panel
+            pass
+        with self._pending_lock:
+            if key in self._pending and self._pending[key] is value:   # no newer value queued meanwhile
+                del self._pending[key]
+
+    def flush_settings(self) -> None:
+        """Wait until every setting written so far is committed (the window calls this as it closes)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None   # a later write starts a new thread

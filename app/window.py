@@ -208,4 +208,5 @@ class MainWindow(QMainWindow):
                     close()
                 except Exception:
                     pass
+        self.ctx.flush_settings()
         super().closeEvent(e)
