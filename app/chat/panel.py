@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (QHBoxLayout, QInputDialog, QLabel, QLineEdit, QListWidget, QListWidgetItem,
-                               QMessageBox, QPlainTextEdit, QPushButton, QScrollArea, QSplitter, QVBoxLayout, QWidget)
+                               QMessageBox, QPlainTextEdit, QPushButton, QScrollArea, QSizePolicy, QSplitter,
+                               QVBoxLayout, QWidget)
 
 from .explain import ExplainView
 from .messages import AnswerBubble, Bubble, Notice, ToolCard, UserBubble
@@ -87,6 +88,10 @@ class ChatPanel(QWidget):
         top = QHBoxLayout()
         self.title = QLabel("New chat")
         self.title.setObjectName("h1")
+        # Labels whose text changes with every chat must not set the column's minimum width: a long
+        # title widened it, the splitter resized all three panes and the whole window was repainted
+        # (twice per answer). A long title is cut at the edge instead.
+        self.title.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         top.addWidget(self.title, 1)
         self.model_hint = QLabel()
         self.model_hint.setObjectName("stat")
@@ -119,6 +124,7 @@ class ChatPanel(QWidget):
         row = QHBoxLayout()
         self.status = QLabel()
         self.status.setObjectName("stat")
+        self.status.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         row.addWidget(self.status, 1)
         self.regen_btn = QPushButton("↻ Regenerate")
         self.stop_btn = QPushButton("■ Stop")
