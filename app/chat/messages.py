@@ -99,6 +99,14 @@ class Bubble(QFrame):
         else:
             self.body.setPlainText(text)
 
+    def reset(self, text: str = "", message_id: int | None = None):
+        """Show another message in this widget (the chat panel reuses bubbles; building one costs
+        milliseconds of GUI time per answer)."""
+        self.message_id = message_id
+        self.stats.clear()
+        self.set_branches(0, 1)
+        self.set_text(text)
+
     def set_branches(self, index: int, total: int):
         show = total > 1
         for w in (self.branch_prev, self.branch_label, self.branch_next):
@@ -133,6 +141,10 @@ class UserBubble(Bubble):
         self.cancel_edit.clicked.connect(lambda: self._editing(False))
         self.send_edit.clicked.connect(self._submit)
 
+    def reset(self, text: str = "", message_id: int | None = None):
+        self._editing(False)
+        super().reset(text, message_id)
+
     def start_edit(self):
         self.editor.setPlainText(self.text)
         self._editing(True)
@@ -165,6 +177,17 @@ class AnswerBubble(Bubble):
         self.tokens_btn.setVisible(False)
         self.footer.insertWidget(2, self.tokens_btn)
         self.body.viewport().installEventFilter(self)
+
+    def reset(self, text: str = "", message_id: int | None = None):
+        self.tokens = []
+        self.ranges = []
+        self.streaming = False
+        self.token_mode = False
+        self.tokens_btn.blockSignals(True)     # token_mode is already off; no render of the old tokens
+        self.tokens_btn.setChecked(False)
+        self.tokens_btn.blockSignals(False)
+        self.tokens_btn.setVisible(False)
+        super().reset(text, message_id)
 
     def add_token(self, ev: dict):
         if ev.get("forced"):
@@ -241,6 +264,13 @@ class ToolCard(QFrame):
         self.arguments = arguments
         self.result = None
         self.toggle.toggled.connect(self.body.setVisible)
+        self._update()
+
+    def reset(self, name: str, arguments):
+        self.toggle.setChecked(True)
+        self.toggle.setText(f"🔧 tool call: {name}")
+        self.arguments = arguments
+        self.result = None
         self._update()
 
     def set_result(self, ev: dict):

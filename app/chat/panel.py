@@ -13,6 +13,7 @@ from .messages import AnswerBubble, Bubble, Notice, ToolCard, UserBubble
 from .params import ParamsView
 
 FLUSH_MS = 50
+SPARE = 8           # dropped bubbles of each kind kept for the next messages instead of built anew
 
 
 class ChatPanel(QWidget):
@@ -25,6 +26,7 @@ class ChatPanel(QWidget):
         self.answer: AnswerBubble | None = None
         self.cards: list[ToolCard] = []
         self.bubbles: list[QWidget] = []
+        self.spare: dict[type, list[QWidget]] = {}
         self._dirty = False
 
         split = QSplitter()
@@ -246,9 +248,7 @@ class ChatPanel(QWidget):
                 b.finish({"id": m["id"], "content": m["content"], "completion_tokens": m["completion_tokens"],
                           "prompt_tokens": m["prompt_tokens"]})
             elif m["role"] == "tool":
-                card = ToolCard("tool", "")
-                card.set_result({"result": m["content"]})
-                self._append(card)
+                self._add_card("tool", "").set_result({"result": m["content"]})
         self._update_branches()
 
     def rename(self):
@@ -285,7 +285,20 @@ class ChatPanel(QWidget):
         # Out of the layout now; deleteLater alone would leave it painted until the loop gets to it.
         self.column.removeWidget(w)
         w.hide()
-        w.deleteLater()
+        spare = self.spare.setdefault(type(w), [])
+        if isinstance(w, (UserBubble, AnswerBubble, ToolCard)) and len(spare) < SPARE:
+            spare.append(w)       # the next messages reuse it: building one was the GUI's longest stall
+        else:
+            w.deleteLater()
+
+    def _reuse(self, cls, *args) -> QWidget | None:
+        """A dropped widget of this class showing *args, or None (the caller builds one)."""
+        spare = self.spare.get(cls)
+        if not spare:
+            return None
+        w = spare.pop()
+        w.reset(*args)
+        return w
 
     def _clear(self):
         for b in self.bubbles:
@@ -297,6 +310,8 @@ class ChatPanel(QWidget):
     def _append(self, w: QWidget):
         self.empty.hide()
         self.column.insertWidget(self.column.count() - 1, w)
+        if w.isHidden():
+            w.show()              # a reused one was hidden when dropped
         self.bubbles.append(w)
 
     def _truncate_from(self, w: QWidget):
@@ -306,20 +321,29 @@ class ChatPanel(QWidget):
         self.bubbles = self.bubbles[:i]
 
     def _add_user(self, text, mid=None) -> UserBubble:
-        b = UserBubble(text, mid)
-        b.edit_submitted.connect(self.edit)
-        b.branch_prev.clicked.connect(lambda: self._switch(b, -1))
-        b.branch_next.clicked.connect(lambda: self._switch(b, +1))
+        b = self._reuse(UserBubble, text, mid)
+        if b is None:             # connected once; the connections stay with a reused bubble
+            b = UserBubble(text, mid)
+            b.edit_submitted.connect(self.edit)
+            b.branch_prev.clicked.connect(lambda: self._switch(b, -1))
+            b.branch_next.clicked.connect(lambda: self._switch(b, +1))
         self._append(b)
         return b
 
     def _add_answer(self, text="", mid=None) -> AnswerBubble:
-        b = AnswerBubble(text, mid)
-        b.token_clicked.connect(self._explain)
-        b.branch_prev.clicked.connect(lambda: self._switch(b, -1))
-        b.branch_next.clicked.connect(lambda: self._switch(b, +1))
+        b = self._reuse(AnswerBubble, text, mid)
+        if b is None:
+            b = AnswerBubble(text, mid)
+            b.token_clicked.connect(self._explain)
+            b.branch_prev.clicked.connect(lambda: self._switch(b, -1))
+            b.branch_next.clicked.connect(lambda: self._switch(b, +1))
         self._append(b)
         return b
+
+    def _add_card(self, name, arguments) -> ToolCard:
+        card = self._reuse(ToolCard, name, arguments) or ToolCard(name, arguments)
+        self._append(card)
+        return card
 
     def _stick_to_bottom(self, _lo, hi):
         if self.busy:
@@ -401,9 +425,7 @@ class ChatPanel(QWidget):
         elif t == "message":
             self._on_message(ev)
         elif t == "tool_call":
-            card = ToolCard(ev.get("name", "?"), ev.get("arguments"))
-            self.cards.append(card)
-            self._append(card)
+            self.cards.append(self._add_card(ev.get("name", "?"), ev.get("arguments")))
         elif t == "tool_result":
             if self.cards:
                 self.cards[-1].set_result(ev)
