@@ -170,18 +170,21 @@ class AnswerBubble(Bubble):
         self.tokens: list[dict] = []
         self.ranges: list[tuple[int, int, int]] = []
         self.streaming = False
+        self.shown = None               # while streaming: how much of self.text the body shows as plain text
         self.token_mode = False
         self.tokens_btn = _button("▦ tokens", "show the tokens; click one to see why it was chosen")
         self.tokens_btn.setCheckable(True)
         self.tokens_btn.toggled.connect(self.set_token_mode)
         self.tokens_btn.setVisible(False)
         self.footer.insertWidget(2, self.tokens_btn)
-        self.body.viewport().installEventFilter(self)
 
     def reset(self, text: str = "", message_id: int | None = None):
         self.tokens = []
         self.ranges = []
         self.streaming = False
+        self.shown = None
+        if self.token_mode:
+            self.body.viewport().removeEventFilter(self)
         self.token_mode = False
         self.tokens_btn.blockSignals(True)     # token_mode is already off; no render of the old tokens
         self.tokens_btn.setChecked(False)
@@ -194,13 +197,29 @@ class AnswerBubble(Bubble):
             return                          # a tool result: shown in its card
         self.tokens.append(ev)
         self.text += ev.get("text", "")
-        self.tokens_btn.setVisible(True)
+        if len(self.tokens) == 1:
+            self.tokens_btn.setVisible(True)
 
     def render(self):
         if self.token_mode:
             self._render_tokens()
+        elif self.streaming and self.text:
+            self._append_plain()
         else:
+            self.shown = None
             self.body.setMarkdown(keep_newlines(self.text) if self.text else "…")
+
+    def _append_plain(self):
+        """While streaming, add only the new text, as plain text: re-rendering the whole answer as
+        Markdown every frame costs more the longer it gets, and re-lays out and repaints all of it.
+        finish() renders the Markdown once."""
+        if self.shown is None:
+            self.body.setPlainText(self.text)
+        else:
+            cur = QTextCursor(self.body.document())
+            cur.movePosition(QTextCursor.End)
+            cur.insertText(self.text[self.shown:])
+        self.shown = len(self.text)
 
     def finish(self, ev: dict):
         self.message_id = ev.get("id")
@@ -216,11 +235,18 @@ class AnswerBubble(Bubble):
         self.render()
 
     def set_token_mode(self, on: bool):
+        # Clicks are read from the viewport only in token mode: a Python event filter there would
+        # run for every event the answer gets (each repaint while streaming).
+        if on and not self.token_mode:
+            self.body.viewport().installEventFilter(self)
+        elif not on and self.token_mode:
+            self.body.viewport().removeEventFilter(self)
         self.token_mode = on
         self.render()
 
     def _render_tokens(self):
         self.body.clear()
+        self.shown = None
         self.ranges = []
         cur = QTextCursor(self.body.document())
         for i, ev in enumerate(self.tokens):

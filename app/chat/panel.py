@@ -463,6 +463,7 @@ class ChatPanel(QWidget):
         stopped = self.worker is not None and self.worker.cancel.is_set()
         self.worker = None
         if self.answer is not None:      # cut off before its message event (stop, error)
+            self.answer.streaming = False
             self.answer.render()
             self.answer.stats.setText(f"{len(self.answer.tokens)} tokens · stopped")
             self.answer = None
