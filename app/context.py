@@ -88,9 +88,10 @@ class PanelContext(QObject):
         return run_task(fn, *args, on_done=on_done, on_error=on_error, **kwargs)
 
     def stream(self, make_iter: Callable[[Any], Any], on_event: Callable, on_finished: Callable | None = None,
-               on_error: Callable | None = None) -> StreamWorker:
-        """make_iter(cancel_event) -> iterator of events, run in a QThread; `.stop()` sets the flag."""
-        w = StreamWorker(make_iter, self)
+               on_error: Callable | None = None, may_wait: Callable[[Any], bool] | None = None) -> StreamWorker:
+        """make_iter(cancel_event) -> iterator of events, run in a QThread; `.stop()` sets the flag.
+        Events for which may_wait(event) holds may be delivered up to a frame late, in a batch."""
+        w = StreamWorker(make_iter, self, may_wait)
         w.event.connect(on_event)
         if on_finished:
             w.finished.connect(on_finished)

@@ -9,7 +9,9 @@ only receives signals.
 from __future__ import annotations
 
 import threading
+import time
 import traceback
+from collections import deque
 from typing import Any, Callable, Iterator
 
 from PySide6.QtCore import QObject, QThread, QThreadPool, Signal, Slot
@@ -67,22 +69,55 @@ def run_task(fn: Callable, *args, on_done: Callable | None = None, on_error: Cal
     return t.start()
 
 
+BATCH_S = 0.016   # events that may wait are handed to the GUI thread at most this often (a frame)
+
+
 class _StreamRunner(QObject):
-    """Lives on the worker thread; iterates the generator and emits each event."""
-    event = Signal(object)
+    """Lives on the worker thread; iterates the generator and queues each event for the GUI thread.
+
+    Each signal that crosses to the GUI thread makes it take the GIL from this (busy) thread, and
+    every such handover costs the GUI up to a GIL switch interval plus a wake-up. So events go into
+    a queue and one `ready` signal fetches all that have piled up: immediately for an event that may
+    not wait, at most once per BATCH_S for those that may (tokens: another follows within a step)."""
+    ready = Signal()
     failed = Signal(object)
     finished = Signal()
 
-    def __init__(self, make_iter: Callable[[threading.Event], Iterator[Any]], cancel: threading.Event):
+    def __init__(self, make_iter: Callable[[threading.Event], Iterator[Any]], cancel: threading.Event,
+                 may_wait: Callable[[Any], bool] | None = None):
         super().__init__()
         self.make_iter = make_iter
         self.cancel = cancel
+        self.may_wait = may_wait
+        self.queue: deque = deque()
+        self.lock = threading.Lock()
+        self.signalled = False        # a `ready` is on its way and the GUI has not taken the queue yet
+        self.last = 0.0
+
+    def _put(self, ev) -> None:
+        self.queue.append(ev)
+        now = time.monotonic()
+        with self.lock:
+            if self.signalled or (self.may_wait is not None and self.may_wait(ev) and now - self.last < BATCH_S):
+                return                # fetched with the pending `ready`, or with the next event
+            self.signalled = True
+            self.last = now
+        self.ready.emit()
+
+    def take(self) -> list:
+        """GUI thread: every event queued so far, in order."""
+        with self.lock:
+            self.signalled = False
+        out = []
+        while self.queue:
+            out.append(self.queue.popleft())
+        return out
 
     @Slot()
     def run(self):
         try:
             for ev in self.make_iter(self.cancel):
-                self.event.emit(ev)
+                self._put(ev)
         except BaseException as e:  # noqa: BLE001
             e.traceback_text = traceback.format_exc()
             self.failed.emit(e)
@@ -90,19 +125,22 @@ class _StreamRunner(QObject):
 
 
 class StreamWorker(QObject):
-    """make_iter(cancel_event) -> iterator, run in a QThread. Signals arrive on the GUI thread."""
+    """make_iter(cancel_event) -> iterator, run in a QThread. Signals arrive on the GUI thread:
+    `event` once per event, in order. Events for which may_wait(event) is true may reach the GUI
+    thread up to BATCH_S late, together with others (see _StreamRunner)."""
     event = Signal(object)
     failed = Signal(object)
     finished = Signal()
 
-    def __init__(self, make_iter: Callable[[threading.Event], Iterator[Any]], parent=None):
+    def __init__(self, make_iter: Callable[[threading.Event], Iterator[Any]], parent=None,
+                 may_wait: Callable[[Any], bool] | None = None):
         super().__init__(parent)
         self.cancel = threading.Event()
         self.thread = QThread()
-        self.runner = _StreamRunner(make_iter, self.cancel)
+        self.runner = _StreamRunner(make_iter, self.cancel, may_wait)
         self.runner.moveToThread(self.thread)
         self.thread.started.connect(self.runner.run)
-        self.runner.event.connect(self._on_event)
+        self.runner.ready.connect(self._on_ready)
         self.runner.failed.connect(self._on_failed)
         self.runner.finished.connect(self._on_finished)
         self.running = False
@@ -117,16 +155,19 @@ class StreamWorker(QObject):
         """Ask the generator to stop at its next check; `finished` follows."""
         self.cancel.set()
 
-    @Slot(object)
-    def _on_event(self, ev):
-        self.event.emit(ev)
+    @Slot()
+    def _on_ready(self):
+        for ev in self.runner.take():
+            self.event.emit(ev)
 
     @Slot(object)
     def _on_failed(self, e):
+        self._on_ready()          # events queued before the failure come first
         self.failed.emit(e)
 
     @Slot()
     def _on_finished(self):
+        self._on_ready()          # and those still held back
         self.running = False
         self.thread.quit()
         self.thread.wait(100)   # already returned from run(); quit is immediate

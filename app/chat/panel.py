@@ -409,7 +409,8 @@ class ChatPanel(QWidget):
         self.answer = None
         self.cards = []
         self.status.setText("generating …")
-        self.worker = self.ctx.stream(make_iter, self._on_event, self._on_finished, self._on_error)
+        self.worker = self.ctx.stream(make_iter, self._on_event, self._on_finished, self._on_error,
+                                      may_wait=lambda ev: isinstance(ev, dict) and ev.get("type") == "token")
         self._flush.start()
         self._buttons()
 
