@@ -43,6 +43,10 @@ class ChatPanel(QWidget):
         self._flush.timeout.connect(self._paint)
         ctx.model_changed.connect(self._on_model)
         self._on_model(ctx.loaded)
+        # One bubble of each kind built and styled now, at start-up, rather than at the first message.
+        for w in (self._new_user(), self._new_answer(), ToolCard("", "")):
+            self._keep(w)
+            w.ensurePolished()
         self.refresh_list()
         self._reopen_last()
 
@@ -187,6 +191,8 @@ class ChatPanel(QWidget):
             self.stop()
         self.session = None      # a new model answers the next message of the same conversation
         self.model_hint.setText(f"model: {loaded.name}" if loaded else "no model loaded — open Models")
+        if loaded is not None:
+            import sol.core.chat  # noqa: F401  now, not at the first message: ~20 ms of GUI thread
         self._buttons()
 
     def _session(self):
@@ -285,14 +291,22 @@ class ChatPanel(QWidget):
         # Out of the layout now; deleteLater alone would leave it painted until the loop gets to it.
         self.column.removeWidget(w)
         w.hide()
-        spare = self.spare.setdefault(type(w), [])
-        if isinstance(w, (UserBubble, AnswerBubble, ToolCard)) and len(spare) < SPARE:
-            spare.append(w)       # the next messages reuse it: building one was the GUI's longest stall
-        else:
+        if not self._keep(w):
             w.deleteLater()
 
+    def _keep(self, w: QWidget) -> bool:
+        """Keep a bubble or card, hidden, for a later message: building one was the GUI's longest stall."""
+        spare = self.spare.setdefault(type(w), [])
+        if not isinstance(w, (UserBubble, AnswerBubble, ToolCard)) or len(spare) >= SPARE:
+            return False
+        if w.parentWidget() is not self.column.parentWidget():   # a new one; a dropped one is there
+            w.setParent(self.column.parentWidget())
+        w.hide()
+        spare.append(w)
+        return True
+
     def _reuse(self, cls, *args) -> QWidget | None:
-        """A dropped widget of this class showing *args, or None (the caller builds one)."""
+        """A kept widget of this class showing *args, or None (the caller builds one)."""
         spare = self.spare.get(cls)
         if not spare:
             return None
@@ -320,23 +334,27 @@ class ChatPanel(QWidget):
             self._drop(b)
         self.bubbles = self.bubbles[:i]
 
+    def _new_user(self, text="", mid=None) -> UserBubble:
+        b = UserBubble(text, mid)     # connected once; the connections stay when it is reused
+        b.edit_submitted.connect(self.edit)
+        b.branch_prev.clicked.connect(lambda: self._switch(b, -1))
+        b.branch_next.clicked.connect(lambda: self._switch(b, +1))
+        return b
+
+    def _new_answer(self, text="", mid=None) -> AnswerBubble:
+        b = AnswerBubble(text, mid)
+        b.token_clicked.connect(self._explain)
+        b.branch_prev.clicked.connect(lambda: self._switch(b, -1))
+        b.branch_next.clicked.connect(lambda: self._switch(b, +1))
+        return b
+
     def _add_user(self, text, mid=None) -> UserBubble:
-        b = self._reuse(UserBubble, text, mid)
-        if b is None:             # connected once; the connections stay with a reused bubble
-            b = UserBubble(text, mid)
-            b.edit_submitted.connect(self.edit)
-            b.branch_prev.clicked.connect(lambda: self._switch(b, -1))
-            b.branch_next.clicked.connect(lambda: self._switch(b, +1))
+        b = self._reuse(UserBubble, text, mid) or self._new_user(text, mid)
         self._append(b)
         return b
 
     def _add_answer(self, text="", mid=None) -> AnswerBubble:
-        b = self._reuse(AnswerBubble, text, mid)
-        if b is None:
-            b = AnswerBubble(text, mid)
-            b.token_clicked.connect(self._explain)
-            b.branch_prev.clicked.connect(lambda: self._switch(b, -1))
-            b.branch_next.clicked.connect(lambda: self._switch(b, +1))
+        b = self._reuse(AnswerBubble, text, mid) or self._new_answer(text, mid)
         self._append(b)
         return b
 
