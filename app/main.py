@@ -21,7 +21,28 @@ def settings() -> QSettings:
     return QSettings(str(d / "gui.ini"), QSettings.IniFormat)
 
 
+def qt_binding_problem() -> str | None:
+    """Why this PySide6 cannot run Sol, or None. PySide6 6.12.0's wheels hand back None without
+    taking a reference to it; on Python < 3.12 (where None is not immortal) every call of a method
+    returning nothing drops one, and Sol dies within seconds with "deallocating None"."""
+    import PySide6
+    from PySide6.QtCore import QObject
+    before = sys.getrefcount(None)
+    probe = QObject()
+    for _ in range(100):
+        probe.setObjectName("probe")
+    lost = before - sys.getrefcount(None)
+    if lost < 50:
+        return None
+    return (f"PySide6 {PySide6.__version__} loses a reference to None on every call under Python "
+            f"{sys.version.split()[0]} and would crash Sol. Install a working release: "
+            f"pip install 'PySide6-Essentials<6.12' (or run Sol on Python 3.12 or newer).")
+
+
 def application() -> QApplication:
+    problem = qt_binding_problem()
+    if problem:
+        raise SystemExit(f"error: {problem}")
     # Generation runs in a Python thread; a waiting GUI thread gets the GIL after at most this long
     # (default 5 ms), which bounds how late a repaint can be while tokens stream.
     sys.setswitchinterval(0.001)

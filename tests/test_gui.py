@@ -29,6 +29,13 @@ def loaded(path):
     return load_model(path)
 
 
+def test_the_installed_pyside6_keeps_its_references_to_none():
+    # PySide6 6.12.0 under Python < 3.12 drops a reference to None on every void call and
+    # crashes Sol within seconds of streaming; pyproject excludes it and `sol gui` refuses it.
+    from sol.app.main import qt_binding_problem
+    assert qt_binding_problem() is None
+
+
 def test_window_lists_every_panel_and_the_device(window):
     win, ctx = window
     assert win.names()[:2] == ["chat", "models"]
