@@ -56,7 +56,10 @@ def test_fp16_top1_matches_fp32_on_most_positions(trained):
     assert (a == b).float().mean() >= 0.9
 
 
-def test_fp16_greedy_decoding_matches_fp32_on_most_tokens(trained):
+def test_fp16_greedy_decoding_follows_fp32_until_a_near_tie(trained):
+    # Once two greedy runs pick different tokens they read different texts, so counting equal
+    # positions after that measures nothing. What fp16 must do: pick fp32's token at every step,
+    # unless fp32 itself had two tokens within rounding of each other there.
     d, ids = trained
     out = {}
     for dtype in (torch.float32, torch.float16):
@@ -65,8 +68,16 @@ def test_fp16_greedy_decoding_matches_fp32_on_most_tokens(trained):
         params = GenerationParams(max_tokens=40, sampling=SamplingParams(temperature=0), explain=False)
         events = list(engine.generate(engine.session(ids[:8]), params))
         out[dtype] = events[-1].token_ids
-    same = sum(p == q for p, q in zip(out[torch.float32], out[torch.float16]))
-    assert len(out[torch.float16]) == 40 and same >= 30
+    a, b = out[torch.float32], out[torch.float16]
+    assert len(a) == len(b) == 40
+    split = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), None)
+    if split is None:
+        return
+    m32 = load_model(d, dtype=torch.float32).model
+    with torch.inference_mode():
+        logits = m32(torch.tensor([ids[:8] + a[:split]]))[0, -1]
+    gap = (logits[a[split]] - logits[b[split]]).item()
+    assert 0 <= gap < 0.05, f"fp16 left fp32's path at token {split} where fp32's margin was {gap:.4f}"
 
 
 def test_half_precision_cache_on_the_cpu_is_float32(trained):
