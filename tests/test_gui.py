@@ -88,13 +88,21 @@ def test_chat_finished_answer_has_stats_and_explains_a_token(window, qtbot, tmp_
     qtbot.waitUntil(lambda: not chat.busy, timeout=30_000)
     answer = [b for b in chat.bubbles if type(b).__name__ == "AnswerBubble"][-1]
     assert "tokens" in answer.stats.text() and "tok/s" in answer.stats.text()
-    ev = answer.tokens[0]
-    chat._explain(ev)
-    bars = chat.explain.bars.opts["height"]
-    assert abs(float(np.sum(bars)) - 1.0) < 1e-6
-    chat.explain.slider.setValue(300)       # hotter: flatter bars
+    for ev in answer.tokens:
+        # At the temperature it used, the view shows the sampler's own numbers: the draw passes the
+        # chosen token's running sum and not the one before it (the book's rule, Fig. 56).
+        chat._explain(ev)
+        view, expl = chat.explain, ev["explanation"]
+        bars = view.bars.opts["height"]
+        assert np.allclose(bars, expl["probs"][:len(bars)])
+        i = expl["index"]
+        cum = view.cum.getData()[1]
+        assert cum[i] > expl["draw"] * (1 - 1e-6) and (i == 0 or cum[i - 1] <= expl["draw"] * (1 + 1e-6))
+        assert view.ids[i] == ev["id"] and f"would pick {view.labels[i]!r}" in view.summary.text()
+    chat.explain.slider.setValue(300)       # hotter: flatter bars, renormalised among those shown
     flatter = chat.explain.bars.opts["height"]
-    assert max(flatter) <= max(bars) + 1e-9
+    assert abs(float(np.sum(flatter)) - 1.0) < 1e-6
+    assert max(flatter) / min(flatter) < max(bars) / min(bars)
     assert ctx.last_answer == answer.text
 
 
@@ -245,3 +253,18 @@ def test_training_form_gives_rl_a_reward(window, qtbot, tmp_path):
     assert opts["reward_model"] == str(rm) and "reward" not in opts
     panel.stage.setCurrentIndex(panel.stage.findData("sft"))
     assert not panel.reward.isEnabled() and "reward" not in panel.options()
+
+
+def test_tool_card_shows_arguments_and_result_and_collapses(qtbot):
+    from sol.app.chat.messages import ToolCard
+    card = ToolCard("calculator", {"expression": "12*7"})
+    qtbot.addWidget(card)
+    card.show()
+    assert "…" in card.body.text()
+    card.set_result({"type": "tool_result", "result": "84"})
+    assert card.body.text() == 'arguments: {"expression": "12*7"}\nresult: 84'
+    assert card.toggle.text() == "▾ tool call: calculator"
+    card.toggle.click()
+    assert not card.body.isVisible() and card.toggle.text() == "▸ tool call: calculator"
+    card.set_result({"type": "tool_result", "error": "division by zero"})
+    assert card.body.text().endswith("result: error: division by zero")

@@ -36,7 +36,10 @@ class ExplainView(QFrame):
         self.setObjectName("card")
         self.current = None
         self.labels: list[str] = []
+        self.ids: list[int] = []
         self.base: list[float] = []
+        self.used_cum: list[float] | None = None   # the sampler's running sums, when it sampled
+        self.t_used = 1.0
         lay = QVBoxLayout(self)
         lay.setContentsMargins(12, 10, 12, 10)
         head = QLabel("Why this token?")
@@ -77,30 +80,51 @@ class ExplainView(QFrame):
         self.slider.valueChanged.connect(self.redraw)
 
     def show_token(self, event: dict, text_of):
-        """event: a chat `token` event (top alternatives and the sampling explanation)."""
+        """event: a chat `token` event (top alternatives and the sampling explanation).
+
+        A sampled token shows the sampler's own candidates: probabilities after the repetition
+        penalty, temperature and filters, the running sum and the draw that `choose` used, so the
+        dashed line crosses the chosen bar's running sum. Other temperatures reshape those numbers
+        (p ** (T_used / T), renormalised). A greedy token, or one without an explanation, shows the
+        model's raw top alternatives."""
         self.current = event
-        top = event.get("top") or []
-        chosen = event.get("id")
-        if chosen not in [t["id"] for t in top]:
-            top = top + [{"id": chosen, "text": text_of(chosen), "prob": math.exp(event.get("logprob", -30))}]
-        top = top[:max(SHOW, len(top))]
-        self.ids = [t["id"] for t in top]
-        self.labels = [t["text"] for t in top]
-        self.base = [t["prob"] for t in top]
         expl = event.get("explanation") or {}
-        t_used = (expl.get("params") or {}).get("temperature", 1.0) or 0.0
+        texts = {t["id"]: t["text"] for t in event.get("top") or []}
+        if expl.get("draw") is not None and expl.get("ids"):
+            n = max(SHOW, expl.get("index", 0) + 1)
+            self.ids = list(expl["ids"][:n])
+            self.base = list(expl["probs"][:n])
+            self.used_cum = list(expl["cumulative"][:n])
+            self.t_used = float(expl["params"]["temperature"])
+        else:
+            top = list(event.get("top") or [])
+            if event.get("id") not in [t["id"] for t in top]:
+                top.append({"id": event.get("id"), "text": text_of(event.get("id")),
+                            "prob": math.exp(event.get("logprob", -30))})
+            self.ids = [t["id"] for t in top]
+            self.base = [t["prob"] for t in top]
+            self.used_cum = None
+            self.t_used = 1.0           # raw model probabilities: reshape as softmax(log p / T)
+        self.labels = [texts[i] if i in texts else text_of(i) for i in self.ids]
+        t_slider = (expl.get("params") or {}).get("temperature", 1.0) or 0.0
         self.slider.blockSignals(True)
-        self.slider.setValue(max(1, int(round(t_used * 100))) if t_used else 1)
+        self.slider.setValue(max(1, int(round(t_slider * 100))))
         self.slider.blockSignals(False)
         self.redraw()
+
+    def _at(self, T: float) -> tuple[np.ndarray, np.ndarray]:
+        """Bars and running sum at temperature T: the sampler's exact numbers at the T it used."""
+        if self.used_cum is not None and abs(T - self.t_used) < 0.005:
+            return np.asarray(self.base), np.asarray(self.used_cum)
+        p = reshape(self.base, T / self.t_used)
+        return p, np.cumsum(p)
 
     def redraw(self, *_):
         if self.current is None:
             return
         T = self.slider.value() / 100
         self.t_label.setText(f"{T:.2f}")
-        p = reshape(self.base, T)
-        cum = np.cumsum(p)
+        p, cum = self._at(T)
         expl = self.current.get("explanation") or {}
         draw = expl.get("draw")
         chosen = self.ids.index(self.current["id"]) if self.current["id"] in self.ids else -1
@@ -117,21 +141,27 @@ class ExplainView(QFrame):
             self.draw_line.hide()
         tok = repr(self.current.get("text") or (self.labels[chosen] if chosen >= 0 else "?"))
         used = expl.get("params", {})
+        model_p = f"p = {math.exp(self.current.get('logprob', 0)):.3f} under the model"
         if draw is None:
             how = "greedy: the most probable token is taken (temperature → 0)."
+            source = "the model's top candidates"
         else:
-            now = pick(cum, draw)
+            model_p += f", {self.base[chosen]:.3f} as sampled" if chosen >= 0 else ""
+            now = pick(cum, draw) if self.used_cum is None or abs(T - self.t_used) >= 0.005 \
+                else expl.get("index", 0)
             how = (f"random draw <b>{draw:.3f}</b>; the first running sum above it is candidate {expl.get('index', 0) + 1} "
-                   f"of {expl.get('candidates', '?')} after filters (T={used.get('temperature')}, "
-                   f"top-k {used.get('top_k')}, top-p {used.get('top_p')}, min-p {used.get('min_p')}). "
-                   f"At T={T:.2f} the same draw would pick {repr(self.labels[now])}.")
-        self.summary.setText(f"Chosen {tok}: p = {math.exp(self.current.get('logprob', 0)):.3f} under the model. {how}")
+                   f"of {expl.get('candidates', '?')} after the repetition penalty ({used.get('repetition_penalty', 1.0)}) "
+                   f"and filters (T={used.get('temperature')}, top-k {used.get('top_k')}, top-p {used.get('top_p')}, "
+                   f"min-p {used.get('min_p')}). At T={T:.2f} the same draw would pick {repr(self.labels[now])}.")
+            source = (f"the sampler's candidates (T={self.t_used:g}, penalty and filters applied); "
+                      "other temperatures reshape them")
+        self.summary.setText(f"Chosen {tok}: {model_p}. {how}")
         rows = "".join(f"<tr><td>{'▶ ' if i == chosen else ''}{_esc(repr(l))}</td><td align=right>{p[i]:.3f}</td>"
                        f"<td align=right>{cum[i]:.3f}</td></tr>" for i, l in enumerate(self.labels))
         self.table.setText("<table width=100% cellspacing=0 cellpadding=2><tr><th align=left>token</th>"
                            f"<th align=right>p</th><th align=right>Σ p</th></tr>{rows}</table>"
-                           f"<p style='color:#8b93a5'>bars: top-{len(p)} candidates at T={T:.2f}, "
-                           "recomputed from the model's log-probs; line: cumulative sum; dashed: the draw.</p>")
+                           f"<p style='color:#8b93a5'>bars: top-{len(p)} at T={T:.2f}, {source}; "
+                           "line: cumulative sum; dashed: the draw.</p>")
 
 
 def _esc(s: str) -> str:

@@ -280,7 +280,7 @@ class ToolCard(QFrame):
         self.toggle.setObjectName("link")
         self.toggle.setCheckable(True)
         self.toggle.setChecked(True)
-        self.toggle.setText(f"🔧 tool call: {name}")
+        self.name = name
         self.toggle.setToolButtonStyle(Qt.ToolButtonTextOnly)
         lay.addWidget(self.toggle)
         self.body = QLabel()
@@ -290,11 +290,12 @@ class ToolCard(QFrame):
         self.arguments = arguments
         self.result = None
         self.toggle.toggled.connect(self.body.setVisible)
+        self.toggle.toggled.connect(self._update)
         self._update()
 
     def reset(self, name: str, arguments):
         self.toggle.setChecked(True)
-        self.toggle.setText(f"🔧 tool call: {name}")
+        self.name = name
         self.arguments = arguments
         self.result = None
         self._update()
@@ -303,7 +304,9 @@ class ToolCard(QFrame):
         self.result = ev.get("result") if "result" in ev else f"error: {ev.get('error')}"
         self._update()
 
-    def _update(self):
+    def _update(self, *_):
+        # A triangle rather than an emoji: it says open/closed, and every UI font has it.
+        self.toggle.setText(f"{'▾' if self.toggle.isChecked() else '▸'} tool call: {self.name}")
         args = self.arguments if isinstance(self.arguments, str) else json.dumps(self.arguments, ensure_ascii=False)
         res = "…" if self.result is None else (self.result if isinstance(self.result, str)
                                               else json.dumps(self.result, ensure_ascii=False))
