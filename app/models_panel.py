@@ -26,8 +26,18 @@ def model_details(path: str) -> dict:
         meta = read_json(d / "sol.json")
         info["parameters"] = meta.get("parameters", info["parameters"])
         info["stage"] = meta.get("stage", "base")
-        info["parent"] = meta.get("parent") or "—"
+        info["parent"] = describe_parent(meta.get("parent"))
     return info
+
+
+def describe_parent(parent) -> str:
+    """sol.json's parent ({"name", "stage", "path", "sha256"}) as one line: name, stage, where."""
+    if not parent:
+        return "—"
+    if not isinstance(parent, dict):
+        return str(parent)
+    name, stage, path = parent.get("name", "?"), parent.get("stage"), parent.get("path", "")
+    return f"{name} ({stage}) · {path}" if stage and stage != name else f"{name} · {path}"
 
 
 def human(n: int) -> str:

@@ -237,7 +237,7 @@ def load_config(d: Path) -> tuple[ModelConfig, str]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
-    d = Path(path).expanduser()
+    d = Path(path).expanduser().resolve()   # one name per model, whatever the cwd later
     if not d.exists():
         raise SolError(f"{d}: no such model directory")
     if d.is_file():

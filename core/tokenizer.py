@@ -19,6 +19,7 @@ from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_to
 from .errors import SolError
 
 EOT = "<|endoftext|>"
+UNK = "<|unk|>"   # a character-level vocabulary's stand-in for characters its corpus lacked
 # Sol's chat and tool-call markup (see ARCHITECTURE.md, "Tool calls").
 SOL_SPECIAL_TOKENS = [
     EOT, "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>",
@@ -228,10 +229,13 @@ def train_char(files: list[str | Path], special_tokens: list[str] = SOL_SPECIAL_
         chars.update(text)
     if not chars:
         raise SolError(f"{files[0]}: corpus is empty; a tokenizer needs some text to learn from")
+    # A character the corpus lacked ("ã" in a chat with a Shakespeare model) gets its own token:
+    # mapped to end-of-text it would tell the model a new document starts mid-sentence.
+    special_tokens = list(special_tokens) + ([UNK] if UNK not in special_tokens else [])
     vocab = {tok: i for i, tok in enumerate(special_tokens)}
     for c in sorted(chars):
         vocab.setdefault(c, len(vocab))
-    hf = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=special_tokens[0]))
+    hf = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Split every character apart ([\s\S] matches newlines too, unlike '.').
     hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     hf.decoder = decoders.Fuse()

@@ -100,3 +100,10 @@ def test_empty_and_too_short_corpus(tmp_path):
     short.write_text("To be, or not to be." * 5)
     r = _sol("train", "pretrain", "--corpus", short, "--out", tmp_path / "b", "--preset", "tiny", "--context", "64")
     assert r.returncode == 1 and "needs at least 65 tokens" in r.stderr and "--context" in r.stderr
+
+
+def test_a_character_the_char_vocabulary_lacks_is_unk_not_end_of_text(tok):
+    from sol.core.tokenizer import EOT, UNK
+    ids = tok.encode_ids("café", add_special_tokens=False)
+    assert len(ids) == 4 and ids[:3] == tok.encode_ids("caf", add_special_tokens=False)
+    assert ids[3] == tok.token_to_id(UNK) != tok.token_to_id(EOT)

@@ -170,6 +170,11 @@ def test_training_panel_runs_20_steps_and_plots(window, qtbot, tmp_path):
     again = TrainingPanel(ctx)
     qtbot.addWidget(again)
     assert again.state == "done" and len(again.series["loss"][0]) == len(panel.series["loss"][0])
+    # ... with the form as that run was started, showing only the fields pretraining reads
+    assert (again.steps.value(), again.batch.value(), again.context.value()) == (20, 4, 32)
+    assert again.form.isRowVisible(again.preset) and not again.form.isRowVisible(again.reward)
+    again.stage.setCurrentIndex(again.stage.findData("rl"))
+    assert again.form.isRowVisible(again.reward) and not again.form.isRowVisible(again.preset)
 
 
 def test_training_panel_shows_a_failed_run(window, qtbot, tmp_path):

@@ -188,22 +188,24 @@ def pretrain_argv(corpus, out, steps=40, extra=()):
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_text_file):
-    full = sol(*pretrain_argv(tiny_text_file, tmp_path / "full", extra=["--events", tmp_path / "full.jsonl"]))
-    run = sol(*pretrain_argv(tiny_text_file, tmp_path / "cut", extra=["--checkpoint-every", 10,
-                                                                     "--events", tmp_path / "cut1.jsonl"]))
+    # Long enough (300 steps) that the kill lands mid-run however fast this machine takes 10 steps.
+    steps = 300
+    full = sol(*pretrain_argv(tiny_text_file, tmp_path / "full", steps, extra=["--events", tmp_path / "full.jsonl"]))
+    run = sol(*pretrain_argv(tiny_text_file, tmp_path / "cut", steps, extra=["--checkpoint-every", 10,
+                                                                            "--events", tmp_path / "cut1.jsonl"]))
     deadline = time.time() + 120
     while time.time() < deadline:
         evs = read_events(tmp_path / "cut1.jsonl") if (tmp_path / "cut1.jsonl").exists() else []
         if any(e["type"] == "checkpoint" and e["step"] >= 20 for e in evs) or run.poll() is not None:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     run.send_signal(signal.SIGKILL)
     run.wait()
     assert full.wait(timeout=180) == 0
     ckpt_step = max(e["step"] for e in read_events(tmp_path / "cut1.jsonl") if e["type"] == "checkpoint")
-    assert 20 <= ckpt_step < 40
-    resumed = sol(*pretrain_argv(tiny_text_file, tmp_path / "cut", extra=["--resume", "--checkpoint-every", 10,
-                                                                         "--events", tmp_path / "cut2.jsonl"]))
+    assert 20 <= ckpt_step < steps
+    resumed = sol(*pretrain_argv(tiny_text_file, tmp_path / "cut", steps, extra=["--resume", "--checkpoint-every", 10,
+                                                                                "--events", tmp_path / "cut2.jsonl"]))
     assert resumed.wait(timeout=180) == 0
     ev_full, ev_res = read_events(tmp_path / "full.jsonl"), read_events(tmp_path / "cut2.jsonl")
     assert ev_res[0]["type"] == "start" and ev_res[0]["step"] == ckpt_step

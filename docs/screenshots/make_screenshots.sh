@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Regenerate docs/screenshots/*.png with `sol gui --screenshot` under Xvfb.
-#   MODEL=path/to/model docs/screenshots/make_screenshots.sh
-# (apt-get install -y xvfb first). SOL_HOME decides which models and conversations appear.
+# Regenerate docs/screenshots/*.png with `sol gui --screenshot` under Xvfb, in a fresh SOL_HOME
+# that holds one short pretraining run (prepare_home.py) and the starter's calculator chat.
+#   docs/screenshots/make_screenshots.sh [CORPUS]      (apt-get install -y xvfb first)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-MODEL=${MODEL:-resources/models/starter}
-for panel in chat models tokens attention training plugins; do
-  xvfb-run -a -s "-screen 0 1400x900x24" sol gui --panel "$panel" --model "$MODEL" \
+CORPUS=${1:-../shared/data/tinyshakespeare.txt}
+export SOL_HOME=${SOL_HOME:-$(mktemp -d)}
+xvfb-run -a -s "-screen 0 1400x900x24" python docs/screenshots/prepare_home.py "$CORPUS"
+xvfb-run -a -s "-screen 0 1400x900x24" python docs/screenshots/make_chat.py resources/models/starter
+for panel in models tokens attention training plugins; do
+  xvfb-run -a -s "-screen 0 1400x900x24" sol gui --panel "$panel" --model resources/models/starter \
     --screenshot "docs/screenshots/$panel.png"
 done
+echo "SOL_HOME was $SOL_HOME"

@@ -67,6 +67,7 @@ class TrainingPanel(QWidget):
                                                        ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s")}
         self.max_steps = 0
         self.last_step: dict | None = None
+        self.started: dict | None = None   # the shown run's start event
         self.run_out: Path | None = None
         self.stopped = False
         self.last_error = ""
@@ -161,6 +162,7 @@ class TrainingPanel(QWidget):
         form.addRow("Sample every", self.sample_every)
         form.addRow("Checkpoint every", self.ckpt_every)
         form.addRow("Output", self.out)
+        self.form = form
         col.addLayout(form)
         buttons = QHBoxLayout()
         self.start_btn = QPushButton("Start")
@@ -259,10 +261,11 @@ class TrainingPanel(QWidget):
         stage = self.stage.currentData()
         spec = STAGES.get(stage, {})
         pre = stage == "pretrain"
-        self.base.setEnabled(not pre)
-        self.tokenizer.setEnabled(pre)
-        self.preset.setEnabled(pre)
-        self.reward.setEnabled(stage == "rl")
+        # Only the fields this stage reads are shown (a greyed-out field still reads as a setting).
+        for widget, shown in ((self.base, not pre), (self.tokenizer, pre), (self.preset, pre),
+                              (self.reward, stage == "rl")):
+            widget.setEnabled(shown)
+            self.form.setRowVisible(widget, shown)
         self.data_hint.setText(spec.get("data", ""))
         if self.data.text():
             self.preview()
@@ -461,8 +464,26 @@ class TrainingPanel(QWidget):
         self._redraw()
         self.flush_plots()
         self.out.setText(out)
+        if self.started is not None:
+            self.restore_form(self.started)
         self._set_state("failed" if self.last_error else "stopped" if self.stopped else "done")
         return True
+
+    def restore_form(self, start: dict) -> None:
+        """The form as the shown run was started, so Resume continues it with the same settings."""
+        cfg = start.get("config") or {}
+        i = self.stage.findData(start.get("stage"))
+        if i >= 0:
+            self.stage.setCurrentIndex(i)
+        for spin, key in ((self.steps, "max_steps"), (self.batch, "batch_size"), (self.eval_every, "eval_every"),
+                          (self.sample_every, "sample_every"), (self.ckpt_every, "checkpoint_every")):
+            if isinstance(cfg.get(key), int):
+                spin.setValue(cfg[key])
+        if isinstance(cfg.get("lr"), (int, float)):
+            self.lr.setValue(cfg["lr"])
+        context = (cfg.get("model") or {}).get("context")
+        if isinstance(context, int):
+            self.context.setValue(context)
 
     def _read_stderr(self):
         text = bytes(self.proc.readAllStandardError()).decode("utf-8", "replace").rstrip()
@@ -474,6 +495,7 @@ class TrainingPanel(QWidget):
     def handle(self, ev: dict):
         t = ev.get("type")
         if t == "start":
+            self.started = ev
             self.max_steps = int(ev.get("max_steps") or self.steps.value())
             self.progress.setMaximum(self.max_steps)
             dev = ev.get("device") or {}
