@@ -84,14 +84,36 @@ def cache_dtype(device, dtype: torch.dtype) -> torch.dtype:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer; `pos` is how many positions are filled."""
+    """Keys and values for every layer; `pos` is how many positions are filled.
+
+    Room grows on demand (doubling, up to `max_len`): a chat with a 32k-context model would
+    otherwise hold hundreds of MB of zeros from its first message."""
+
+    GROW = 256   # positions allocated at first, and the least a growth adds
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
+        first = (batch, cfg.n_kv_head, min(max_len, self.GROW), cfg.head_dim)
+        self.k = [torch.zeros(first, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(first, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.pos = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def reserve(self, length: int) -> None:
+        """Room for `length` positions, keeping the filled ones."""
+        if length <= self.capacity:
+            return
+        if length > self.max_len:
+            raise ValueError(f"sequence of {length} tokens is longer than the cache's {self.max_len}")
+        size = min(self.max_len, max(length, 2 * self.capacity))
+        for tensors in (self.k, self.v):
+            for i, t in enumerate(tensors):
+                grown = t.new_zeros(t.shape[0], t.shape[1], size, t.shape[3])
+                grown[:, :, :self.pos] = t[:, :, :self.pos]
+                tensors[i] = grown
 
     def truncate(self, pos: int) -> None:
         """Forget everything from `pos` on (regenerate, edit an earlier message)."""
@@ -307,6 +329,8 @@ class Transformer(nn.Module):
             return self._step(idx, cache)
         start = cache.pos if cache is not None else 0
         x, rope = self._embed(idx, start)
+        if cache is not None:
+            cache.reserve(start + idx.shape[1])
         for i, block in enumerate(self.blocks):
             x, _ = block(x, rope, cache, i)
         if cache is not None:
@@ -327,6 +351,7 @@ class Transformer(nn.Module):
             x = x + self.pos_embed.weight[pos]
         else:
             rope = self._rope(pos, 1)
+        cache.reserve(pos + 1)
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             # With one position, (B, 1, heads, hd) -> (B, heads, 1, hd) is a plain view.

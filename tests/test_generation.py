@@ -66,6 +66,26 @@ def test_forced_tokens_after_a_cached_prefix_match_full_recompute(lm_rope):
     assert (part - full[:, 12:30]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("which", ["lm", "lm_rope"])
+def test_the_cache_grows_as_the_text_does_and_keeps_what_it_held(which, request, monkeypatch):
+    from sol.core.model import KVCache
+    monkeypatch.setattr(KVCache, "GROW", 16)    # grow several times within the tiny model's context
+    model = request.getfixturevalue(which).model
+    n = model.cfg.context
+    ids = torch.randint(0, model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache()
+    assert cache.capacity == 16 and cache.max_len == n
+    with torch.no_grad():
+        parts = [model(ids[:, :10], cache=cache)]                # prefill, then one token at a time ...
+        parts += [model(ids[:, i:i + 1], cache=cache) for i in range(10, 40)]
+        parts.append(model(ids[:, 40:n], cache=cache))         # ... then a block to the end
+        full = model(ids)
+    assert cache.pos == n and cache.capacity == n
+    assert (torch.cat(parts, dim=1) - full).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="longer than"):
+        cache.reserve(n + 1)
+
+
 def test_seeded_sampling_is_reproducible(lm):
     engine = Engine(lm.model, lm.tokenizer)
     prompt = lm.tokenizer.encode_ids("Speak")
