@@ -118,6 +118,24 @@ class _Segment:
     call: ToolCall | None
     tokens_per_s: float
     time_to_first_token_s: float
+    trace: list                # trace_entry() of each sampled token
+
+
+KEEP = 10   # alternatives and sampler candidates a stored token keeps (more if the draw went further)
+
+
+def trace_entry(token: dict) -> dict:
+    """What a stored answer keeps of a token event for "why this token?" after a restart: the
+    top alternatives, and the sampler's candidates up to the one drawn (at least KEEP)."""
+    r7 = lambda xs: [round(x, 7) for x in xs]  # noqa: E731 - enough digits for bars; a quarter of the bytes
+    out = {"text": token["text"], "id": token["id"], "logprob": round(token["logprob"], 7),
+           "top": [{"id": t["id"], "text": t["text"], "prob": round(t["prob"], 7)} for t in token["top"][:KEEP]]}
+    e = token.get("explanation")
+    if e:
+        n = max(KEEP, e["index"] + 1)
+        out["explanation"] = {**e, "ids": e["ids"][:n], "probs": r7(e["probs"][:n]),
+                              "cumulative": r7(e["cumulative"][:n]), "rest": round(e["rest"], 7)}
+    return out
 
 
 class ChatSession:
@@ -226,7 +244,7 @@ class ChatSession:
             if seg.call is not None:
                 meta["tool_call"] = {"name": seg.call.name, "arguments": seg.call.arguments, "style": seg.call.style}
             yield self._add("assistant", seg.text, self.messages[-1]["id"], seg.prompt_tokens,
-                            seg.completion_tokens, meta, seg.tokens_per_s, seg.time_to_first_token_s)
+                            seg.completion_tokens, meta, seg.tokens_per_s, seg.time_to_first_token_s, seg.trace)
             if seg.reason == "context":
                 yield {"type": "notice", "text": f"The answer stopped at the end of the model's context window "
                                                  f"({self.context} tokens)."}
@@ -269,6 +287,7 @@ class ChatSession:
                     stop_ids=tuple(sorted(set(params.stop_ids) | set(self.end_ids))))
         tools = self.plugins.tools() if self.plugins is not None else {}
         pieces: list[str] = []
+        trace: list[dict] = []
         done: DoneEvent | None = None
         call = None
         t0 = time.perf_counter()
@@ -283,7 +302,9 @@ class ChatSession:
                     if not pieces:
                         first = time.perf_counter() - t0
                     pieces.append(ev.text)
-                    yield self._token(ev)
+                    token = self._token(ev)
+                    trace.append(trace_entry(token))
+                    yield token
                     tail = "".join(pieces[-12:])
                     if any(m in tail for m in END_MARKERS.values()):   # cheap test before the full search
                         call = find_tool_call("".join(pieces), tools)
@@ -295,7 +316,7 @@ class ChatSession:
         n = len(pieces)
         text = done.text if done is not None else "".join(pieces)
         reason = "tool_call" if call else (done.stop_reason if done else "context")
-        return _Segment(text, start, n, reason, call, n / elapsed if elapsed > 0 else 0.0, first)
+        return _Segment(text, start, n, reason, call, n / elapsed if elapsed > 0 else 0.0, first, trace)
 
     # ---- prompts -----------------------------------------------------------------------------
     def _fit_prompt(self, params: GenerationParams) -> tuple[list[int], int]:
@@ -382,10 +403,10 @@ class ChatSession:
         return next((i for i in range(len(self.messages) - 1, -1, -1) if self.messages[i]["role"] == "user"), None)
 
     def _add(self, role, content, parent_id, prompt_tokens=0, completion_tokens=0, meta=None,
-             tokens_per_s=0.0, time_to_first_token_s=0.0) -> dict:
+             tokens_per_s=0.0, time_to_first_token_s=0.0, trace=None) -> dict:
         """Store a finished message (committed now), put it on the branch, and return its event."""
         mid = self.store.add_message(self.conversation_id, role, content, parent_id, prompt_tokens,
-                                     completion_tokens, meta)
+                                     completion_tokens, meta, trace)
         self.messages.append({"id": mid, "role": role, "content": content, "prompt_tokens": prompt_tokens,
                               "completion_tokens": completion_tokens, "parent_id": parent_id, "meta": meta or {}})
         return {"type": "message", "role": role, "content": content, "prompt_tokens": prompt_tokens,

@@ -15,6 +15,7 @@ import json
 import sqlite3
 import threading
 import time
+import zlib
 from pathlib import Path
 
 from .errors import SolError
@@ -45,6 +46,14 @@ MIGRATIONS = [
     CREATE INDEX messages_conversation ON messages(conversation_id);
     CREATE INDEX messages_parent ON messages(parent_id);
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+    # How each generated token of an answer was chosen, so "why this token?" works after a restart.
+    # zlib-compressed JSON: a long answer's trace is tens of kB, read only when asked for.
+    """
+    CREATE TABLE token_traces (
+        message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+        data BLOB NOT NULL
+    );
     """,
 ]
 
@@ -150,8 +159,10 @@ class Store:
 
     # ---- messages ---------------------------------------------------------------
     def add_message(self, conversation_id: int, role: str, content: str, parent_id: int | None = None,
-                    prompt_tokens: int = 0, completion_tokens: int = 0, meta: dict | None = None) -> int:
-        """Append a message (committed before this returns) and make it the conversation's current leaf."""
+                    prompt_tokens: int = 0, completion_tokens: int = 0, meta: dict | None = None,
+                    tokens: list[dict] | None = None) -> int:
+        """Append a message (committed before this returns) and make it the conversation's current leaf.
+        `tokens`: an answer's token events (see chat.trace_entry), kept for `tokens(message_id)`."""
         if role not in ROLES:
             raise SolError(f"message role {role!r}: must be one of {', '.join(ROLES)}")
         now = time.time()
@@ -162,7 +173,21 @@ class Store:
                               int(completion_tokens), json.dumps(meta or {}, ensure_ascii=False), now))
             db.execute("UPDATE conversations SET leaf_id = ?, updated = ? WHERE id = ?",
                        (cur.lastrowid, now, conversation_id))
+            if tokens:
+                data = zlib.compress(json.dumps(tokens, ensure_ascii=False, separators=(",", ":")).encode())
+                db.execute("INSERT INTO token_traces (message_id, data) VALUES (?, ?)", (cur.lastrowid, data))
             return cur.lastrowid
+
+    def tokens(self, message_id: int) -> list[dict]:
+        """The token events stored with an answer; [] for older answers, or a trace that cannot be read."""
+        rows = self._query("SELECT data FROM token_traces WHERE message_id = ?", (message_id,))
+        if not rows:
+            return []
+        try:
+            out = json.loads(zlib.decompress(rows[0]["data"]))
+        except (zlib.error, ValueError):
+            return []     # a damaged trace costs the explanation, never the conversation
+        return out if isinstance(out, list) else []
 
     def message(self, message_id: int) -> dict:
         rows = self._query("SELECT * FROM messages WHERE id = ?", (message_id,))

@@ -263,3 +263,20 @@ def test_sol_chat_json_cli(tiny_model, capsys, isolated_home):
     (conv,) = Store().list_conversations()
     assert conv["system"] == "Be brief." and conv["messages"] == 4
     assert main(["chat", "--model", str(tiny_model), "--message", "x", "--max-tokens", "0"]) == 1
+
+
+def test_an_answer_keeps_how_each_token_was_chosen(lm):
+    from sol.core.chat import KEEP
+    store = Store(":memory:")
+    chat = ChatSession(lm, None, store=store)
+    p = GenerationParams(max_tokens=12, sampling=SamplingParams(temperature=0.8, top_k=50, seed=5))
+    events = list(chat.send("hello", p))
+    answer = [e for e in events if e["type"] == "message" and e["role"] == "assistant"][-1]
+    sampled = [e for e in events if e["type"] == "token" and not e["forced"]]
+    trace = store.tokens(answer["id"])
+    assert [t["id"] for t in trace] == [e["id"] for e in sampled] and len(trace) == answer["completion_tokens"]
+    for t, e in zip(trace, sampled):
+        x, full = t["explanation"], e["explanation"]
+        assert x["draw"] == full["draw"] and x["index"] == full["index"] and len(t["top"]) <= KEEP
+        assert x["ids"] == full["ids"][:len(x["ids"])] and len(x["ids"]) >= min(KEEP, len(full["ids"]))
+        assert x["probs"] == pytest.approx(full["probs"][:len(x["ids"])], abs=1e-6)

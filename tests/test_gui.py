@@ -103,6 +103,14 @@ def test_chat_finished_answer_has_stats_and_explains_a_token(window, qtbot, tmp_
     flatter = chat.explain.bars.opts["height"]
     assert abs(float(np.sum(flatter)) - 1.0) < 1e-6
     assert max(flatter) / min(flatter) < max(bars) / min(bars)
+    # reopened (after a restart) the answer's tokens can still be explained, with the same draw
+    cid, n, draw = chat.conversation_id, len(answer.tokens), answer.tokens[-1]["explanation"]["draw"]
+    chat.new_chat()
+    chat.open_conversation(cid)
+    again = [b for b in chat.bubbles if type(b).__name__ == "AnswerBubble" and b.isVisibleTo(chat)][-1]
+    assert len(again.tokens) == n and not again.tokens_btn.isHidden()
+    chat._explain(again.tokens[-1])
+    assert f"random draw <b>{draw:.3f}</b>" in chat.explain.summary.text()
     assert ctx.last_answer == answer.text
 
 

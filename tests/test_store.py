@@ -155,3 +155,37 @@ def test_every_completed_message_survives_sigkill(tmp_path):
     contents = [m["content"] for m in s.messages(conv["id"])]
     assert len(contents) >= reported + 1
     assert contents[:reported + 1] == [f"message {i}" for i in range(reported + 1)]
+
+
+def test_an_answers_token_trace_is_kept_compressed_and_goes_with_its_conversation():
+    s = Store(":memory:")
+    c = s.create_conversation("t")
+    u = s.add_message(c, "user", "hi")
+    trace = [{"text": "h", "id": 7, "logprob": -0.1, "top": [{"id": 7, "text": "h", "prob": 0.9}],
+              "explanation": {"ids": [7, 8], "probs": [0.9, 0.1], "cumulative": [0.9, 1.0], "draw": 0.3,
+                              "index": 0}}] * 50
+    a = s.add_message(c, "assistant", "h" * 50, parent_id=u, tokens=trace)
+    assert s.tokens(a) == trace and s.tokens(u) == []
+    stored = s._query("SELECT length(data) AS n FROM token_traces WHERE message_id = ?", (a,))[0]["n"]
+    assert stored < len(json.dumps(trace)) / 10
+    with s._tx() as db:                       # a damaged trace costs the explanation, not the chat
+        db.execute("UPDATE token_traces SET data = ? WHERE message_id = ?", (b"not zlib", a))
+    assert s.tokens(a) == [] and s.messages(c)[-1]["id"] == a
+    s.delete_conversation(c)
+    assert s._query("SELECT count(*) AS n FROM token_traces")[0]["n"] == 0
+
+
+def test_a_version_1_database_gains_the_token_traces_table(tmp_path):
+    p = tmp_path / "old.db"
+    db = sqlite3.connect(p)
+    db.executescript(MIGRATIONS[0])
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version VALUES (1)")
+    db.execute("INSERT INTO conversations (title, created, updated) VALUES ('kept', 0, 0)")
+    db.commit()
+    db.close()
+    s = Store(p)
+    assert s.schema_version == len(MIGRATIONS) == 2
+    assert [r["title"] for r in s.list_conversations()] == ["kept"]
+    a = s.add_message(1, "assistant", "x", tokens=[{"text": "x", "id": 1, "logprob": 0.0, "top": []}])
+    assert s.tokens(a)[0]["id"] == 1

@@ -200,6 +200,11 @@ class AnswerBubble(Bubble):
         if len(self.tokens) == 1:
             self.tokens_btn.setVisible(True)
 
+    def set_tokens(self, tokens: list[dict]):
+        """A stored answer's tokens (from the store's trace), so they can be clicked after a restart."""
+        self.tokens = [t for t in tokens if not t.get("forced")]
+        self.tokens_btn.setVisible(bool(self.tokens))
+
     def render(self):
         if self.token_mode:
             self._render_tokens()

@@ -251,6 +251,7 @@ class ChatPanel(QWidget):
                 self._add_user(m["content"], m["id"])
             elif m["role"] == "assistant":
                 b = self._add_answer(m["content"], m["id"])
+                b.set_tokens(self.ctx.store.tokens(m["id"]))
                 b.finish({"id": m["id"], "content": m["content"], "completion_tokens": m["completion_tokens"],
                           "prompt_tokens": m["prompt_tokens"]})
             elif m["role"] == "tool":
