@@ -8,7 +8,9 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout,
                                QHBoxLayout, QHeaderView, QLabel, QLineEdit, QMessageBox, QPushButton, QSpinBox,
-                               QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+                               QTableWidget, QTableWidgetItem, QWidget)
+
+from .kit import page, table
 
 COLUMNS = ["Name", "Format", "Architecture", "Parameters", "Stage", "Path"]
 
@@ -123,15 +125,8 @@ class ModelsPanel(QWidget):
         self.ctx = ctx
         self.models: list[dict] = []
         self._ready = False
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(24, 20, 24, 20)
-        lay.setSpacing(12)
-        title = QLabel("Models")
-        title.setObjectName("h1")
-        lay.addWidget(title)
-        hint = QLabel("Sol models in your data folder, the starter model, and Hugging Face models in the local cache.")
-        hint.setObjectName("muted")
-        lay.addWidget(hint)
+        lay = page(self, "Models", "Sol models in your data folder, the starter model, and Hugging Face models "
+                                   "in the local cache.", spacing=12)
 
         bar = QHBoxLayout()
         self.load_btn = QPushButton("Load")
@@ -146,16 +141,7 @@ class ModelsPanel(QWidget):
         bar.addWidget(self.refresh_btn)
         lay.addLayout(bar)
 
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.verticalHeader().hide()
-        self.table.setAlternatingRowColors(True)
-        self.table.setShowGrid(False)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table = table(COLUMNS)
         lay.addWidget(self.table, 2)
 
         details_title = QLabel("Details")

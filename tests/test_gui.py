@@ -281,3 +281,19 @@ def test_tool_card_shows_arguments_and_result_and_collapses(qtbot):
     assert not card.body.isVisible() and card.toggle.text() == "▸ tool call: calculator"
     card.set_result({"type": "tool_result", "error": "division by zero"})
     assert card.body.text().endswith("result: error: division by zero")
+
+
+def test_the_panel_kit_that_plugins_use(qtbot):
+    # docs/plugins.md promises these names to plugin panels
+    from PySide6.QtWidgets import QAbstractItemView, QLabel, QWidget
+    from sol.app.kit import page, table
+    w = QWidget()
+    qtbot.addWidget(w)
+    lay = page(w, "Word count", "Words in each answer.")
+    t = table(["Answer", "Words"])
+    lay.addWidget(t)
+    labels = [lay.itemAt(i).widget() for i in range(2)]
+    assert [(x.text(), x.objectName()) for x in labels if isinstance(x, QLabel)] == \
+        [("Word count", "h1"), ("Words in each answer.", "muted")]
+    assert t.columnCount() == 2 and t.editTriggers() == QAbstractItemView.NoEditTriggers
+    assert t.selectionBehavior() == QAbstractItemView.SelectRows

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QPointF, QRectF, Qt, QTimer
+from PySide6.QtCore import QPointF, QRectF, Qt
 from PySide6.QtGui import QColor, QFont, QPainter, QPen
-from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFrame, QHBoxLayout, QHeaderView, QLabel,
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QLabel,
                                QPlainTextEdit, QPushButton, QScrollArea, QSpinBox, QSplitter, QTableWidget,
                                QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
+
+from sol.app.kit import page
 
 from .compute import all_layers, encode, layer_attention, step_by_step
 
@@ -135,16 +137,8 @@ class AttentionPanel(QWidget):
         self.pending: set[int] = set()
         self._busy = 0
         self._ran = False
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(24, 20, 24, 20)
-        lay.setSpacing(10)
-        title = QLabel("Attention")
-        title.setObjectName("h1")
-        lay.addWidget(title)
-        hint = QLabel("Each row is a token; its colors say how much it looks at each earlier token "
-                      "(every row sums to 1). Click a row for the step-by-step.")
-        hint.setObjectName("muted")
-        lay.addWidget(hint)
+        lay = page(self, "Attention", "Each row is a token; its colors say how much it looks at each earlier "
+                                      "token (every row sums to 1). Click a row for the step-by-step.")
 
         top = QHBoxLayout()
         self.input = QPlainTextEdit(SAMPLE)

@@ -5,9 +5,11 @@ import sys
 
 from PySide6.QtCore import QProcess, Qt
 from PySide6.QtGui import QColor, QFont
-from PySide6.QtWidgets import (QAbstractItemView, QApplication, QFileDialog, QFrame, QHBoxLayout, QHeaderView,
-                               QLabel, QLineEdit, QPlainTextEdit, QPushButton, QSplitter, QTableWidget,
+from PySide6.QtWidgets import (QApplication, QFileDialog, QFrame, QHBoxLayout,
+                               QLabel, QLineEdit, QPlainTextEdit, QPushButton, QSplitter,
                                QTableWidgetItem, QVBoxLayout, QWidget)
+
+from sol.app.kit import page, table
 
 COLUMNS = ["Plugin", "Version", "Kind", "State", "Hooks", "Error"]
 
@@ -22,17 +24,8 @@ class PluginsPanel(QWidget):
         self.ctx = ctx
         self.infos = []
         self.proc: QProcess | None = None
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(24, 20, 24, 20)
-        lay.setSpacing(10)
-        title = QLabel("Plugins")
-        title.setObjectName("h1")
-        lay.addWidget(title)
-        hint = QLabel("Plugins add tools to the chat, panels to this window, training stages and commands. "
-                      "A plugin that fails is marked broken and left out; Sol keeps working.")
-        hint.setObjectName("muted")
-        hint.setWordWrap(True)
-        lay.addWidget(hint)
+        lay = page(self, "Plugins", "Plugins add tools to the chat, panels to this window, training stages and "
+                                    "commands. A plugin that fails is marked broken and left out; Sol keeps working.")
 
         bar = QHBoxLayout()
         self.toggle_btn = QPushButton("Disable")
@@ -43,16 +36,7 @@ class PluginsPanel(QWidget):
         lay.addLayout(bar)
 
         split = QSplitter(Qt.Vertical)
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.verticalHeader().hide()
-        self.table.setShowGrid(False)
-        self.table.setAlternatingRowColors(True)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table = table(COLUMNS)
         split.addWidget(self.table)
         self.details = QPlainTextEdit()
         self.details.setReadOnly(True)

@@ -10,6 +10,8 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFrame, QHBoxL
                                QListWidget, QPlainTextEdit, QPushButton, QSpinBox, QSplitter, QTextEdit,
                                QVBoxLayout, QWidget)
 
+from sol.app.kit import page
+
 from .spans import counts, search_vocab, segments, show_whitespace
 
 COLORS = ["#f5a524", "#5aa9e6", "#4cc38a", "#e66ab2", "#a98bf5", "#f07f4f", "#3cc9c4", "#d4cf4a"]
@@ -198,15 +200,8 @@ class TokenizerPanel(QWidget):
         self.ctx = ctx
         self.sources: dict[str, object] = {}    # key -> Tokenizer, filled lazily
         self._ready = False
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(24, 20, 24, 20)
-        lay.setSpacing(10)
-        title = QLabel("Tokens")
-        title.setObjectName("h1")
-        lay.addWidget(title)
-        hint = QLabel("How a text becomes the numbers a model reads. Hover a token to see it in both views.")
-        hint.setObjectName("muted")
-        lay.addWidget(hint)
+        lay = page(self, "Tokens", "How a text becomes the numbers a model reads. Hover a token to see it in "
+                                   "both views.")
 
         self.input = QPlainTextEdit(SAMPLE)
         self.input.setFixedHeight(84)

@@ -1,0 +1,39 @@
+"""Widgets every panel builds the same way. Public for plugin panels: `from sol.app.kit import page, table`
+(the rest of `sol.app` may change; this module keeps its names).
+
+A page is the panel's column: its title, a one-line hint under it, then whatever the panel adds.
+A table is read-only, one selected row at a time, columns sized to their contents."""
+from __future__ import annotations
+
+from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QLabel, QTableWidget, QVBoxLayout, QWidget
+
+
+def page(panel: QWidget, title: str, hint: str = "", spacing: int = 10) -> QVBoxLayout:
+    """Give `panel` Sol's panel margins, a title and a hint; returns the layout to add to."""
+    lay = QVBoxLayout(panel)
+    lay.setContentsMargins(24, 20, 24, 20)
+    lay.setSpacing(spacing)
+    head = QLabel(title)
+    head.setObjectName("h1")
+    lay.addWidget(head)
+    if hint:
+        note = QLabel(hint)
+        note.setObjectName("muted")
+        note.setWordWrap(True)
+        lay.addWidget(note)
+    return lay
+
+
+def table(columns: list[str]) -> QTableWidget:
+    """A read-only table that selects whole rows, one at a time."""
+    t = QTableWidget(0, len(columns))
+    t.setHorizontalHeaderLabels(columns)
+    t.setSelectionBehavior(QAbstractItemView.SelectRows)
+    t.setSelectionMode(QAbstractItemView.SingleSelection)
+    t.setEditTriggers(QAbstractItemView.NoEditTriggers)
+    t.verticalHeader().hide()
+    t.setAlternatingRowColors(True)
+    t.setShowGrid(False)
+    t.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+    t.horizontalHeader().setStretchLastSection(True)
+    return t
