@@ -112,9 +112,13 @@ class ExplainView(QFrame):
         self.slider.blockSignals(False)
         self.redraw()
 
+    def _as_sampled(self, T: float) -> bool:
+        """At the temperature the sampler used, the view shows its exact numbers and choice."""
+        return self.used_cum is not None and abs(T - self.t_used) < 0.005
+
     def _at(self, T: float) -> tuple[np.ndarray, np.ndarray]:
-        """Bars and running sum at temperature T: the sampler's exact numbers at the T it used."""
-        if self.used_cum is not None and abs(T - self.t_used) < 0.005:
+        """Bars and running sum at temperature T."""
+        if self._as_sampled(T):
             return np.asarray(self.base), np.asarray(self.used_cum)
         p = reshape(self.base, T / self.t_used)
         return p, np.cumsum(p)
@@ -147,8 +151,7 @@ class ExplainView(QFrame):
             source = "the model's top candidates"
         else:
             model_p += f", {self.base[chosen]:.3f} as sampled" if chosen >= 0 else ""
-            now = pick(cum, draw) if self.used_cum is None or abs(T - self.t_used) >= 0.005 \
-                else expl.get("index", 0)
+            now = expl.get("index", 0) if self._as_sampled(T) else pick(cum, draw)
             how = (f"random draw <b>{draw:.3f}</b>; the first running sum above it is candidate {expl.get('index', 0) + 1} "
                    f"of {expl.get('candidates', '?')} after the repetition penalty ({used.get('repetition_penalty', 1.0)}) "
                    f"and filters (T={used.get('temperature')}, top-k {used.get('top_k')}, top-p {used.get('top_p')}, "
