@@ -5,9 +5,8 @@ import sys
 
 from PySide6.QtCore import QProcess, Qt
 from PySide6.QtGui import QColor, QFont
-from PySide6.QtWidgets import (QApplication, QFileDialog, QFrame, QHBoxLayout,
-                               QLabel, QLineEdit, QPlainTextEdit, QPushButton, QSplitter,
-                               QTableWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QApplication, QFileDialog, QFrame, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
+                               QPushButton, QSplitter, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from sol.app.kit import page, table
 
