@@ -11,11 +11,12 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from .errors import SolError
+from .decode_step import DecodeStep
 from .model import Transformer
 from .sampling import Explanation, SamplingParams, choose, make_generator
 from .tokenizer import StreamDecoder, Tokenizer
@@ -61,6 +62,10 @@ class GenerationParams:
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     explain: bool = True          # build the sampling explanation and top alternatives
+    top_n: int = TOP_N            # alternatives each TokenEvent carries when explaining (at most 20)
+    # Called with (ids generated so far, 1-D float32 CPU logits) before sampling; returns the logits
+    # to sample from (e.g. -inf where a grammar forbids a token). Log-probabilities stay the model's.
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
 
 
 class Session:
@@ -69,6 +74,7 @@ class Session:
     def __init__(self, model: Transformer, max_len: int | None = None):
         self.model = model
         self.cache = model.new_cache(1, max_len)
+        self.step = DecodeStep(model, self.cache)
         self.ids: list[int] = []
         self.logits: torch.Tensor | None = None   # (vocab,) for the next position
 
@@ -84,8 +90,14 @@ class Session:
         if len(ids) > self.room:
             raise SolError(f"{len(self.ids) + len(ids)} tokens do not fit the context window of "
                            f"{self.cache.max_len}; shorten the prompt")
-        x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
-        self.logits = self.model(x, cache=self.cache, last_only=True)[0, -1]
+        pos = self.cache.pos
+        if len(ids) == 1 and pos > 0:   # decoding: the static-shape step (a CUDA graph on a GPU)
+            self.cache.reserve(pos + 1)
+            self.logits = self.step([ids[0]], [pos])[0]
+            self.cache.pos = pos + 1
+        else:
+            x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+            self.logits = self.model(x, cache=self.cache, last_only=True)[0, -1]
         self.ids.extend(ids)
 
     def rewind(self, n: int) -> None:
@@ -93,6 +105,76 @@ class Session:
         self.ids = self.ids[:n]
         self.cache.truncate(n)
         self.logits = None
+
+
+class Decoding:
+    """One answer being chosen token by token: sampling, its events, stop ids and strings, limits.
+
+    Shared by `Engine.generate` (one sequence) and the batched engine (many in one forward pass), so a
+    request decodes the same way alone and among others. `step(logits)` takes the model's logits for
+    the next position and returns the chosen token's event; `reason` is set once the answer is over."""
+
+    def __init__(self, engine: "Engine", params: GenerationParams, history: list[int], limit: int):
+        params.sampling.validate()
+        self.engine, self.params = engine, params
+        self.gen = make_generator(params.sampling.seed)
+        self.history = list(history)          # prompt and answer: the repetition penalty looks at both
+        self.start_len = len(history)
+        self.limit = limit                    # the most ids the sequence may hold (its context)
+        self.decoder = StreamDecoder(engine.tokenizer, history)
+        self.stops = set(params.stop_ids)
+        self.new_ids: list[int] = []
+        self.text = ""
+        self.reason: str | None = None        # "eos" | "stop_string" | "max_tokens" | "context" | "cancelled"
+        self.t0 = time.perf_counter()
+        self.first = 0.0
+
+    @property
+    def token(self) -> int:
+        """The last token chosen (the one to feed next)."""
+        return self.new_ids[-1]
+
+    def step(self, logits: torch.Tensor) -> TokenEvent | None:
+        """Choose the next token. Returns its event, or None when an end-of-text id ends the answer."""
+        p = self.params
+        logits = logits.float().cpu()   # no-ops for float32 on the CPU
+        sample_from = logits if p.logits_processor is None else p.logits_processor(list(self.new_ids), logits)
+        penalty = p.sampling.repetition_penalty != 1.0
+        history = torch.tensor(self.history, dtype=torch.long) if penalty else None
+        token, expl = choose(sample_from, p.sampling, self.gen, history, p.explain)
+        if token in self.stops:
+            self.reason = "eos"
+            return None
+        self.new_ids.append(token)
+        self.history.append(token)
+        piece = self.decoder.step(token)
+        self.text += piece
+        event = self.engine.event(logits, token, piece, expl, p.explain, p.top_n)
+        if not self.first:
+            self.first = time.perf_counter() - self.t0
+        # A stop string completed by this token ends in its last few characters: look there only,
+        # so long answers don't rescan all their text every token.
+        hit = next((s for s in p.stop_strings if s in self.text[-(len(s) + len(piece)):]), None)
+        if hit is not None:
+            self.text = self.text[:self.text.index(hit)]
+            self.reason = "stop_string"
+        elif len(self.history) > self.limit:
+            self.reason = "context"     # the token was chosen but there is no room left to feed it
+        elif len(self.new_ids) >= p.max_tokens:
+            self.reason = "max_tokens"
+        return event
+
+    def cancel(self) -> None:
+        self.reason = "cancelled"
+
+    def done(self) -> DoneEvent:
+        if self.reason != "stop_string":
+            self.text += self.decoder.flush()
+        elapsed = time.perf_counter() - self.t0
+        n = len(self.new_ids)
+        # Prefill ran before decoding started, so this is decode speed.
+        return DoneEvent(self.new_ids, self.text, self.start_len, n, n / elapsed if elapsed > 0 else 0.0,
+                         self.reason or "max_tokens", self.first, elapsed)
 
 
 class Engine:
@@ -125,11 +207,12 @@ class Engine:
         session.feed(ids)
         return events
 
-    def _event(self, logits: torch.Tensor, token: int, text: str, explanation, explain: bool) -> TokenEvent:
+    def event(self, logits: torch.Tensor, token: int, text: str, explanation, explain: bool,
+              top_n: int = TOP_N) -> TokenEvent:
         if not explain:  # only the chosen token's log-probability: one reduction, no full log-softmax
             return TokenEvent(token, text, float(logits[token] - logits.logsumexp(-1)), [], explanation)
         logp = torch.log_softmax(logits, dim=-1)
-        vals, idx = logp.topk(min(TOP_N, logp.numel()))
+        vals, idx = logp.topk(min(top_n, logp.numel()))
         top = [{"id": int(i), "text": self.token_text(int(i)), "prob": float(v.exp())}
                for v, i in zip(vals, idx)]
         return TokenEvent(token, text, float(logp[token]), top, explanation)
@@ -137,66 +220,28 @@ class Engine:
     def generate(self, session: Session, params: GenerationParams,
                  cancel: threading.Event | None = None) -> Iterator[TokenEvent | DoneEvent]:
         """Sample up to max_tokens after what the session holds; yields TokenEvents, then one DoneEvent."""
-        params.sampling.validate()
-        gen = make_generator(params.sampling.seed)
-        start_len = len(session.ids)
-        decoder = StreamDecoder(self.tokenizer, session.ids)
-        new_ids: list[int] = []
-        text = ""
-        reason = "max_tokens"
-        t0 = time.perf_counter()
-        first = 0.0
-        stops = set(params.stop_ids)
-        penalty = params.sampling.repetition_penalty != 1.0
+        d = Decoding(self, params, session.ids, session.cache.max_len)
         with torch.inference_mode():
             if session.logits is None:   # after a rewind: recompute the last position
                 last = session.ids.pop()
                 session.cache.truncate(len(session.ids))
                 session.feed([last])
-            for _ in range(params.max_tokens):
+            while d.reason is None:
                 if cancel is not None and cancel.is_set():
-                    reason = "cancelled"
+                    d.cancel()
                     break
-                logits = session.logits.float().cpu()   # no-ops for float32 on the CPU
-                history = torch.tensor(session.ids, dtype=torch.long) if penalty else None
-                token, expl = choose(logits, params.sampling, gen, history, params.explain)
-                if token in stops:
-                    reason = "eos"
+                event = d.step(session.logits)
+                if event is None:
                     break
-                new_ids.append(token)
-                piece = decoder.step(token)
-                text += piece
-                event = self._event(logits, token, piece, expl, params.explain)
-                if not first:
-                    first = time.perf_counter() - t0
-                # A stop string completed by this token ends in its last few characters: look there only,
-                # so long answers don't rescan all their text every token.
-                hit = next((s for s in params.stop_strings if s in text[-(len(s) + len(piece)):]), None)
-                if hit is not None:
-                    text = text[:text.index(hit)]
-                    reason = "stop_string"
-                    # The token stays in the sequence: feed it so ids, cache and logits agree and a
-                    # later force() or generate() continues from a consistent state.
-                    if session.room > 0:
-                        session.feed([token])
-                    else:
-                        session.ids.append(token)
-                    yield event
-                    break
-                if session.room <= 0:
-                    session.ids.append(token)
+                # The token stays in the sequence: feed it so ids, cache and logits agree and a later
+                # force() or generate() continues from a consistent state.
+                if d.reason == "context" or session.room <= 0:
+                    session.ids.append(d.token)
                     session.logits = None
-                    reason = "context"
-                    yield event
-                    break
-                session.feed([token])
+                else:
+                    session.feed([d.token])
                 yield event
-        if reason not in ("stop_string",):
-            text += decoder.flush()
-        elapsed = time.perf_counter() - t0
-        n = len(new_ids)
-        # Prefill ran before generate() was called, so this is decode speed.
-        yield DoneEvent(new_ids, text, start_len, n, n / elapsed if elapsed > 0 else 0.0, reason, first, elapsed)
+        yield d.done()
 
 
 def stop_ids_for(tokenizer: Tokenizer, config_extra: dict | None = None) -> tuple[int, ...]:

@@ -103,21 +103,49 @@ class KVCache:
         return self.k[0].shape[2]
 
     def reserve(self, length: int) -> None:
-        """Room for `length` positions, keeping the filled ones."""
+        """Room for `length` positions in every row, keeping what is there. Capacity grows in buckets
+        (doubling), so a decode step's shapes change a handful of times per sequence, not per token."""
         if length <= self.capacity:
             return
         if length > self.max_len:
             raise ValueError(f"sequence of {length} tokens is longer than the cache's {self.max_len}")
         size = min(self.max_len, max(length, 2 * self.capacity))
+        old = self.capacity
         for tensors in (self.k, self.v):
             for i, t in enumerate(tensors):
                 grown = t.new_zeros(t.shape[0], t.shape[1], size, t.shape[3])
-                grown[:, :, :self.pos] = t[:, :, :self.pos]
+                grown[:, :, :old] = t
                 tensors[i] = grown
 
     def truncate(self, pos: int) -> None:
         """Forget everything from `pos` on (regenerate, edit an earlier message)."""
         self.pos = min(self.pos, pos)
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """An empty cache over rows [start, stop) that shares this one's memory: prefilling a batch
+        slot through it writes straight into the batch. It cannot grow (grow the whole cache first)."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.max_len = self.capacity
+        view.pos = 0
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` over row `dst` in every layer (a batch keeps its live rows first)."""
+        for tensors in (self.k, self.v):
+            for t in tensors:
+                t[dst] = t[src]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def kv_bytes(cfg: ModelConfig, sequences: int, length: int, dtype: torch.dtype) -> int:
+    """KV-cache memory for `sequences` sequences of `length` positions: 2 (k and v) x layers x
+    kv heads x head dim x positions x bytes per value."""
+    per_value = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * length * sequences * per_value
 
 
 @dataclass
@@ -256,6 +284,44 @@ def _norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
+def _window(cfg: ModelConfig, layer: int) -> int | None:
+    """The layer's sliding attention window (None: sees every earlier position)."""
+    window = getattr(cfg, "window", None)
+    return window(layer) if window is not None else None
+
+
+def decode_masks(cfg: ModelConfig, pos: torch.Tensor, capacity: int) -> dict:
+    """{window: (B, 1, 1, capacity) bool mask} for one new token per row at positions `pos`:
+    True where the row may attend (filled positions up to its own, within the window if any)."""
+    slots = torch.arange(capacity, device=pos.device)
+    seen = slots[None, :] <= pos[:, None]
+    masks = {}
+    for window in {_window(cfg, i) for i in range(cfg.n_layer)}:
+        m = seen if window is None else seen & (slots[None, :] > pos[:, None] - window)
+        masks[window] = m[:, None, None, :]
+    return masks
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """One query per row against the cache's full capacity: q (B, H, 1, hd), k and v (B, KV, S, hd),
+    mask (B, 1, 1, S), True where a row may look.
+
+    On the CPU, PyTorch's fused attention with a mask is the fastest (one call instead of five).
+    Elsewhere, two matrix products and a softmax: the same on every GPU, no attention backend to
+    choose (on Hopper, cuDNN's attention re-plans for every new key length: 5 ms a call), and
+    nothing a CUDA graph cannot capture. Grouped-query heads share their kv head through a reshape."""
+    B, H, _, hd = q.shape
+    KV = k.shape[1]
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    if q.device.type == "cpu" and (KV == H or _SDPA_HAS_GQA):
+        gqa = {"enable_gqa": True} if KV != H else {}
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+    scores = (q.view(B, KV, H // KV, hd) @ k.transpose(-2, -1)) * scale    # (B, KV, H/KV, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).view(B, H, 1, hd)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -338,34 +404,50 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def _step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """hidden() for one new token per sequence after a cache: the same arithmetic, with fewer
-        Python calls and tensor views per layer. Decoding one token is only a few microseconds of
-        work per operation, so on a small model the per-call overhead is much of the time."""
-        B, pos = idx.shape[0], cache.pos
+        """hidden() for one new token per sequence, every row at the cache's position."""
+        cache.reserve(cache.pos + 1)
+        if self.pos_embed is not None and cache.pos >= self.cfg.context:
+            raise ValueError(f"sequence of {cache.pos + 1} tokens is longer than the context of {self.cfg.context}")
+        pos = torch.full((idx.shape[0],), cache.pos, dtype=torch.long, device=idx.device)
+        h = self.decode(idx, pos, cache)
+        cache.pos += 1
+        return h
+
+    def decode(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Final hidden states (B, 1, d_model) for one new token per row; row b's token is at position
+        pos[b] and rows b < B use the cache's first B rows. Reads and writes the cache but never moves
+        `cache.pos`: the caller owns the positions (a batch holds sequences of different lengths).
+
+        Every shape here depends on B and the cache's capacity only, never on the positions: attention
+        reads the whole capacity under a mask. So the same step serves every token of a sequence, which is
+        what lets CUDA capture it in a graph (and GPU attention kernels not re-plan per key length).
+        The same arithmetic as hidden(), with fewer Python calls and tensor views per layer: decoding one
+        token is only a few microseconds of work per operation, so on a small model the per-call
+        overhead is much of the time."""
+        B = idx.shape[0]
         H, KV, hd = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
         x = self.embed(idx)
         rope = None
         if self.pos_embed is not None:
-            if pos >= self.cfg.context:
-                raise ValueError(f"sequence of {pos + 1} tokens is longer than the context of {self.cfg.context}")
-            x = x + self.pos_embed.weight[pos]
+            x = x + self.pos_embed(pos).unsqueeze(1)
         else:
-            rope = self._rope(pos, 1)
-        cache.reserve(pos + 1)
+            cos, sin = self._rope(0, cache.capacity)
+            rope = cos[pos].view(B, 1, 1, hd), sin[pos].view(B, 1, 1, hd)
+        masks = decode_masks(self.cfg, pos, cache.capacity)
+        where = pos.view(B, 1, 1, 1).expand(B, KV, 1, hd)
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             # With one position, (B, 1, heads, hd) -> (B, heads, 1, hd) is a plain view.
             q, k, v = _linear(attn.qkv, _norm(block.ln1, x)).view(B, H + 2 * KV, 1, hd).split([H, KV, KV], dim=1)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            keys, values = cache.k[i], cache.v[i]
-            keys[:, :, pos:pos + 1] = k
-            values[:, :, pos:pos + 1] = v
-            y = attn._fast(q.to(keys.dtype), keys[:, :, :pos + 1], values[:, :, :pos + 1], pos).to(x.dtype)
+            keys, values = cache.k[i][:B], cache.v[i][:B]
+            keys.scatter_(2, where, k.to(keys.dtype))
+            values.scatter_(2, where, v.to(values.dtype))
+            y = decode_attention(q.to(keys.dtype), keys, values, masks[_window(self.cfg, i)]).to(x.dtype)
             x = x + _linear(attn.proj, y.view(B, 1, H * hd))
             h = mlp.activate(_linear(mlp.fc, _norm(block.ln2, x)))
             x = x + _linear(mlp.proj, h)
-        cache.pos = pos + 1
         return _norm(self.norm, x)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""One decode step for a batch of rows: next-token logits for one new token per row.
+
+On a GPU a decode step of a small model is hundreds of tiny kernels, and launching them from Python
+costs more than running them: a 124M model decodes at a few hundred tokens/s eager when the GPU could
+do thousands. So on CUDA the step is captured once per batch-size bucket in a CUDA graph, with static
+input buffers (token ids, positions), and each token afterwards is one graph replay. That works
+because `Transformer.decode`'s shapes depend only on the batch size and the cache's capacity, never
+on the positions. When the cache grows (it does in buckets), the graphs are captured again.
+
+On the CPU there is nothing to capture: the same step runs eagerly on the exact rows asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import KVCache, Transformer
+
+
+@dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph"
+    idx: torch.Tensor      # (bucket, 1) static token ids
+    pos: torch.Tensor      # (bucket,) static positions
+    logits: torch.Tensor   # (bucket, vocab) written by every replay
+
+
+def buckets(rows: int) -> list[int]:
+    """Batch sizes a step is captured for: powers of two up to the cache's rows, and the rows."""
+    sizes, b = [], 1
+    while b < rows:
+        sizes.append(b)
+        b *= 2
+    return sizes + [rows]
+
+
+class DecodeStep:
+    """`step(tokens, positions)` -> logits (n, vocab) for rows 0..n-1 of `cache`.
+
+    Writes each row's key and value at its position; positions are the caller's (a batch holds
+    sequences of different lengths). Every position must be below the cache's capacity."""
+
+    def __init__(self, model: Transformer, cache: KVCache, capture: bool | None = None):
+        self.model = model
+        self.cache = cache
+        self.capture = model.device.type == "cuda" if capture is None else capture
+        self._graphs: dict[int, _Captured] = {}
+        self._storage = None   # the cache tensors the graphs were captured on
+        self._pool = None
+
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.decode(idx, pos, self.cache))[:, 0]
+
+    @torch.inference_mode()
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        n = len(tokens)
+        dev = self.model.device
+        if not self.capture:
+            idx = torch.tensor(tokens, dtype=torch.long, device=dev).view(n, 1)
+            return self.forward(idx, torch.tensor(positions, dtype=torch.long, device=dev))
+        storage = self.cache.k[0]
+        if storage is not self._storage:   # the cache grew: its tensors are new
+            self._graphs.clear()
+            self._storage = storage
+        b = next(s for s in buckets(storage.shape[0]) if s >= n)
+        g = self._graphs.get(b) or self._capture(b)
+        # Rows n..b-1 are free rows of the cache: they decode token 0 at position 0, which no one reads.
+        g.idx.copy_(torch.tensor(tokens + [0] * (b - n), dtype=torch.long).view(b, 1), non_blocking=True)
+        g.pos.copy_(torch.tensor(positions + [0] * (b - n), dtype=torch.long), non_blocking=True)
+        g.graph.replay()
+        return g.logits[:n]
+
+    def _capture(self, b: int) -> _Captured:
+        dev = self.model.device
+        idx = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        # The last position: the caller grows the cache before a row can fill it, so nothing
+        # live is there for the warm-up runs to overwrite.
+        pos = torch.full((b,), self.cache.capacity - 1, dtype=torch.long, device=dev)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):   # warm-up: lazy initialisations happen outside the graph
+                self.forward(idx, pos)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.forward(idx, pos)
+        self._graphs[b] = g = _Captured(graph, idx, pos, logits)
+        return g

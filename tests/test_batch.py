@@ -1,0 +1,196 @@
+"""The batched engine: many requests in one forward pass, each getting what it would get alone."""
+import threading
+
+import pytest
+import torch
+
+import sol.core.model as model_module
+from sol.core.batch import BatchEngine, QueueFull
+from sol.core.checkpoint import load_model
+from sol.core.decode_step import DecodeStep, buckets
+from sol.core.engine import DoneEvent, Engine, GenerationParams, TokenEvent
+from sol.core.errors import SolError
+from sol.core.sampling import SamplingParams
+
+from conftest import make_tiny_model
+from test_generation import sharpen
+
+
+@pytest.fixture(scope="module", params=["gpt2", "rope_gqa"])
+def lm(request, tmp_path_factory):
+    cfg = dict(n_layer=2, n_head=4, d_model=64, context=128)
+    if request.param == "rope_gqa":
+        cfg.update(n_kv_head=2, norm="rmsnorm", positions="rope", mlp="swiglu", bias=False)
+    d = make_tiny_model(tmp_path_factory.mktemp("m") / request.param, seed=5, **cfg)
+    return sharpen(load_model(d))
+
+
+def prompts(lm, n):
+    """n prompts of different lengths (3 to 3 + 4(n-1) tokens)."""
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, lm.config.vocab_size, (3 + 4 * i,), generator=g).tolist() for i in range(n)]
+
+
+def params(max_tokens, temperature=0.0, seed=None):
+    return GenerationParams(max_tokens=max_tokens, sampling=SamplingParams(temperature=temperature, top_k=40,
+                                                                           seed=seed))
+
+
+def solo(lm, prompt, p):
+    engine = Engine(lm.model, lm.tokenizer)
+    events = list(engine.generate(engine.session(prompt), p))
+    return [e.id for e in events[:-1]], events[-1]
+
+
+def drain(req):
+    events = []
+    while True:
+        ev = req.get(timeout=0)
+        if ev is None:
+            return events
+        events.append(ev)
+
+
+def test_batched_greedy_equals_each_request_alone(lm):
+    ps = prompts(lm, 8)
+    max_tokens = [20, 7, 31, 12, 25, 3, 18, 40]
+    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=8)
+    reqs, events = [], {}
+    # Requests join at different steps: two at once, then one every few steps.
+    joins = {0: 2, 2: 1, 3: 1, 7: 1, 8: 1, 15: 1, 16: 1}
+    for step in range(200):
+        for _ in range(joins.get(step, 0)):
+            i = len(reqs)
+            reqs.append(engine.submit(ps[i], params(max_tokens[i])))
+        engine.step()
+        for i, r in enumerate(reqs):
+            events.setdefault(i, []).extend(drain(r))
+        if len(reqs) == 8 and all(r.finished for r in reqs) and not engine.active:
+            break
+    assert engine.active == 0 and engine.queued == 0
+    for i in range(8):
+        ids, done = solo(lm, ps[i], params(max_tokens[i]))
+        got = [e.id for e in events[i] if isinstance(e, TokenEvent)]
+        assert got == ids, f"request {i}"
+        last = events[i][-1]
+        assert isinstance(last, DoneEvent) and last.token_ids == ids and last.stop_reason == "max_tokens"
+        assert last.text == done.text and last.prompt_tokens == len(ps[i])
+
+
+def test_cancelling_one_request_leaves_the_others_unchanged(lm):
+    ps = prompts(lm, 4)
+    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=4)
+    reqs = [engine.submit(p, params(30)) for p in ps]
+    for _ in range(5):
+        engine.step()
+    reqs[1].cancel()
+    while any(not r.finished for r in reqs):
+        engine.step()
+    out = [list(r) for r in reqs]
+    assert out[1][-1].stop_reason == "cancelled" and len(out[1][-1].token_ids) < 30
+    for i in (0, 2, 3):
+        assert [e.id for e in out[i][:-1]] == solo(lm, ps[i], params(30))[0]
+
+
+def test_seeded_sampling_does_not_depend_on_the_companions(lm):
+    ps = prompts(lm, 6)
+    alone = solo(lm, ps[0], params(25, temperature=1.0, seed=42))[0]
+    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=6)
+    reqs = [engine.submit(p, params(25, temperature=1.0, seed=42 if i == 0 else i)) for i, p in enumerate(ps)]
+    while any(not r.finished for r in reqs):
+        engine.step()
+    assert [e.id for e in list(reqs[0])[:-1]] == alone
+
+
+def test_more_requests_than_rows_wait_their_turn_on_the_thread(lm):
+    ps = prompts(lm, 10)
+    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=3, max_queue=16)
+    engine.start()
+    try:
+        reqs = [engine.submit(p, params(9)) for p in ps]
+        results = {}
+
+        def read(i):
+            results[i] = list(reqs[i])
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        engine.close()
+    for i in range(10):
+        assert [e.id for e in results[i][:-1]] == solo(lm, ps[i], params(9))[0]
+    assert engine.active == 0
+
+
+def test_stop_ids_and_strings_end_a_request_like_generate(lm):
+    p = prompts(lm, 1)[0]
+    ids, _ = solo(lm, p, params(30))
+    stop = GenerationParams(max_tokens=30, sampling=SamplingParams(temperature=0), stop_ids=(ids[5],))
+    engine = BatchEngine(lm.model, lm.tokenizer)
+    req = engine.submit(p, stop)
+    while not req.finished:
+        engine.step()
+    done = list(req)[-1]
+    assert done.stop_reason == "eos" and done.token_ids == solo(lm, p, stop)[0]
+
+
+def test_a_request_that_cannot_fit_is_refused_with_the_numbers(lm):
+    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=1, max_queue=1)
+    with pytest.raises(SolError, match=r"100 tokens plus max_tokens 40 = 140 .* context window of 128"):
+        engine.submit([1] * 100, params(40))
+    engine.submit([1, 2], params(4))
+    with pytest.raises(QueueFull, match="try again later"):
+        engine.submit([1, 2], params(4))
+    assert "KV cache up to" in engine.describe()
+
+
+def test_the_decode_step_sees_the_same_shapes_token_after_token(lm, monkeypatch):
+    seen = []
+    real = model_module.decode_attention
+
+    def spy(q, k, v, mask, scale=None):
+        seen.append((tuple(q.shape), tuple(k.shape), tuple(mask.shape)))
+        return real(q, k, v, mask, scale)
+
+    monkeypatch.setattr(model_module, "decode_attention", spy)
+    ids, _ = solo(lm, prompts(lm, 1)[0], params(60))   # one sequence: 60 tokens, one shape
+    assert len(ids) == 60 and len(set(seen)) == 1
+    seen.clear()
+    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=4)
+    reqs = [engine.submit(p, params(50)) for p in prompts(lm, 4)]
+    while any(not r.finished for r in reqs):
+        engine.step()
+    assert len(set(seen)) == 1   # four rows, the same capacity, every step
+
+
+def test_kv_memory_is_stated_and_matches_what_is_allocated(lm):
+    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=4)
+    cfg = lm.config
+    per_row = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * cfg.context * 4
+    assert engine.kv_memory() == 4 * per_row and engine.kv_memory(1) == per_row
+    engine.cache.reserve(cfg.context)
+    assert engine.cache.nbytes() == engine.kv_memory()
+
+
+def test_decode_step_buckets():
+    assert buckets(1) == [1]
+    assert buckets(8) == [1, 2, 4, 8]
+    assert buckets(6) == [1, 2, 4, 6]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_captured_step_equals_the_eager_one(lm):
+    from sol.core.checkpoint import load_model as load
+    gpu = load(lm.path, device="cuda", dtype=torch.float32)
+    cache = gpu.model.new_cache(4, 64)
+    eager = DecodeStep(gpu.model, cache, capture=False)
+    captured = DecodeStep(gpu.model, cache, capture=True)
+    tokens, positions = [3, 5, 7], [0, 0, 0]
+    for step in range(10):
+        a = eager(tokens, positions).clone()
+        b = captured(tokens, positions)
+        assert (a - b).abs().max() < 1e-4
+        positions = [p + 1 for p in positions]
