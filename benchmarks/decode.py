@@ -1,4 +1,4 @@
-"""Decode speed on the CPU: Sol against Hugging Face transformers' `generate`.
+"""Decode speed: Sol against Hugging Face transformers' `generate`, on the CPU or a GPU.
 
 Batch 1, greedy, a 32-token prompt, 128 new tokens, the same random weights
 on both sides (a GPT-2 model written with `save_pretrained` and loaded by
@@ -11,6 +11,8 @@ busy machine slows both alike; we report the median.
 
 The last line with --json is
 {"small": {"hf_tok_s", "sol_fp32_tok_s", "sol_fp16_tok_s", "fp32_ratio", "fp16_ratio", ...}, "gpt2_124m": {...}}
+
+With --device cuda (see gpu_mode below) both sides run every dtype on the GPU.
 """
 from __future__ import annotations
 
@@ -50,16 +52,16 @@ def write_hf_model(out: Path, shape: dict, seed: int = 0):
     return hf
 
 
-def hf_generate(hf, prompt: torch.Tensor) -> list[int]:
-    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+def hf_generate(hf, prompt: torch.Tensor, n: int = NEW_TOKENS) -> list[int]:
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                       do_sample=False, pad_token_id=0)
     return out[0, prompt.shape[1]:].tolist()
 
 
-def sol_generate(engine, prompt: list[int]) -> list[int]:
+def sol_generate(engine, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
     from sol.core.engine import DoneEvent, GenerationParams
     from sol.core.sampling import SamplingParams
-    params = GenerationParams(max_tokens=NEW_TOKENS, sampling=SamplingParams(temperature=0), explain=False)
+    params = GenerationParams(max_tokens=n, sampling=SamplingParams(temperature=0), explain=False)
     session = engine.session(prompt)   # prefill, counted in the time like HF's
     for ev in engine.generate(session, params):
         if isinstance(ev, DoneEvent):
@@ -126,13 +128,84 @@ def bench_shape(name: str, reps: int, log) -> dict:
     return res
 
 
+# ---- GPU mode -------------------------------------------------------------------------------------
+# Batch 1, greedy, 256 new tokens, the GPT-2 shape 6L/384/vocab 8192 of the issue's table ("issue_small")
+# and the 124M shape, each in float32, bfloat16 and float16, Sol and transformers on the same weights
+# on the same GPU. Keys per shape: sol_<dt>_tok_s, hf_<dt>_tok_s, <dt>_ratio for dt in fp32/bf16/fp16,
+# and best_hf_tok_s / ratio_vs_best_hf (Sol's bf16 against transformers' fastest dtype).
+GPU_SHAPES = {"small": SHAPES["small"], "gpt2_124m": SHAPES["gpt2_124m"]}
+GPU_NEW_TOKENS = 256
+GPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync_timed(fn, device) -> tuple[float, list[int]]:
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda d: None)
+    sync(device)
+    t = time.perf_counter()
+    ids = fn()
+    sync(device)
+    return time.perf_counter() - t, ids
+
+
+def bench_shape_gpu(name: str, reps: int, device: str, new_tokens: int, log) -> dict:
+    from sol.core.checkpoint import load_model
+    from sol.core.engine import Engine
+    shape = GPU_SHAPES[name]
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        hf32 = write_hf_model(d, shape)
+        prompt = torch.randint(0, shape["vocab_size"], (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+        ids = prompt[0].tolist()
+        for key, dt in GPU_DTYPES.items():
+            hf = hf32.to(device=device, dtype=dt)
+            lm = load_model(d, device=device, dtype=dt)
+            engine = Engine(lm.model, lm.tokenizer)
+            p = prompt.to(device)
+            runs = {"hf": lambda: hf_generate(hf, p, new_tokens), "sol": lambda: sol_generate(engine, ids, new_tokens)}
+            tokens = {k: f() for k, f in runs.items()}   # warm-up (and CUDA graph capture)
+            times = {k: [] for k in runs}
+            for r in range(reps):
+                for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                    times[k].append(sync_timed(runs[k], device)[0])
+            for k in runs:
+                res[f"{k}_{key}_tok_s"] = round(new_tokens / statistics.median(times[k]), 1)
+            res[f"{key}_ratio"] = round(res[f"sol_{key}_tok_s"] / res[f"hf_{key}_tok_s"], 2)
+            res[f"{key}_greedy_match"] = tokens["sol"] == tokens["hf"]
+            log(f"{name} {key}: sol {res[f'sol_{key}_tok_s']} tok/s, transformers {res[f'hf_{key}_tok_s']} tok/s, "
+                f"ratio {res[f'{key}_ratio']}, same greedy tokens: {res[f'{key}_greedy_match']}")
+            del hf, lm, engine
+            torch.cuda.empty_cache()
+            hf32 = hf32.float()
+    res["best_hf_tok_s"] = max(res[f"hf_{k}_tok_s"] for k in GPU_DTYPES)
+    res["ratio_vs_best_hf"] = round(res["sol_bf16_tok_s"] / res["best_hf_tok_s"], 2)
+    res["new_tokens"] = new_tokens
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--only", choices=list(SHAPES), action="append")
+    p.add_argument("--device", default="cpu", help="cpu (the CPU comparison above) or cuda")
+    p.add_argument("--new-tokens", type=int, default=GPU_NEW_TOKENS, help="GPU mode: tokens per run")
+    p.add_argument("--all-dtypes", action="store_true",
+                   help="the GPU mode's table (every dtype on both sides) on this device; implied by cuda")
     p.add_argument("--json", action="store_true", help="last line: the results as one JSON object")
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)   # both sides, the same
+
+    def log(msg):
+        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    if args.device != "cpu" or args.all_dtypes:
+        where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
+        log(f"torch {torch.__version__}, {where}")
+        results = {name: bench_shape_gpu(name, args.reps, args.device, args.new_tokens, log)
+                   for name in (args.only or GPU_SHAPES)}
+        if args.json:
+            print(json.dumps(results))
+        return 0
 
     def log(msg):
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)

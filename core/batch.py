@@ -30,7 +30,7 @@ import torch
 from .decode_step import DecodeStep
 from .engine import Decoding, DoneEvent, Engine, GenerationParams, TokenEvent
 from .errors import SolError
-from .model import Transformer, kv_bytes
+from .model import Transformer
 from .tokenizer import Tokenizer
 
 
@@ -115,7 +115,7 @@ class BatchEngine:
 
     def kv_memory(self, sequences: int | None = None) -> int:
         """Bytes the KV cache takes for `sequences` sequences at full length (default: max_batch)."""
-        return kv_bytes(self.model.cfg, sequences or self.max_batch, self.max_len, self.cache.k[0].dtype)
+        return self.model.cfg.kv_cache_bytes(sequences or self.max_batch, self.max_len, self.cache.k[0].element_size())
 
     def describe(self) -> str:
         mb = self.kv_memory() / 2**20

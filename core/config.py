@@ -66,6 +66,11 @@ class ModelConfig:
         pos = self.context * d if self.positions == "learned" else 0
         return L * (attn + mlp) + emb + pos
 
+    def kv_cache_bytes(self, sequences: int, length: int, bytes_per_value: int) -> int:
+        """KV-cache memory for `sequences` sequences of `length` positions: keys and values, for every
+        layer, kv head and head dimension."""
+        return 2 * self.n_layer * self.n_kv_head * self.head_dim * length * sequences * bytes_per_value
+
     def to_dict(self) -> dict:
         return asdict(self)
 

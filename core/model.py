@@ -28,6 +28,20 @@ from .config import ModelConfig
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
+def _gpu_attention_backends():
+    """Attention kernels for prompts on a GPU: flash, memory-efficient, math, never cuDNN's, which on
+    Hopper builds a new execution plan for every new sequence length (milliseconds per call)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:   # older torch: its default choice
+        return None
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return lambda: sdpa_kernel(backends)
+
+
+_GPU_BACKENDS = _gpu_attention_backends()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -141,13 +155,6 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-def kv_bytes(cfg: ModelConfig, sequences: int, length: int, dtype: torch.dtype) -> int:
-    """KV-cache memory for `sequences` sequences of `length` positions: 2 (k and v) x layers x
-    kv heads x head dim x positions x bytes per value."""
-    per_value = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * length * sequences * per_value
-
-
 @dataclass
 class AttentionCapture:
     """One layer's attention, every tensor shaped (batch, heads, ...)."""
@@ -206,6 +213,12 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             gqa = False
         extra = {"enable_gqa": True} if gqa else {}
+        if q.is_cuda and _GPU_BACKENDS is not None and not torch.is_grad_enabled():   # inference only
+            with _GPU_BACKENDS():
+                return self._sdpa(q, k, v, start, T, S, extra)
+        return self._sdpa(q, k, v, start, T, S, extra)
+
+    def _sdpa(self, q, k, v, start, T, S, extra):
         dropout = self.dropout if self.training else 0.0
         if T == 1 or (start == 0 and T == S):
             # One new token sees everything before it; a fresh prompt is plain causal.
@@ -307,14 +320,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """One query per row against the cache's full capacity: q (B, H, 1, hd), k and v (B, KV, S, hd),
     mask (B, 1, 1, S), True where a row may look.
 
-    On the CPU, PyTorch's fused attention with a mask is the fastest (one call instead of five).
-    Elsewhere, two matrix products and a softmax: the same on every GPU, no attention backend to
+    For one row on the CPU, PyTorch's fused attention with a mask is the fastest (one call instead of
+    five; with more rows it is slower than the products below). Otherwise, two matrix products and a softmax: the same on every GPU, no attention backend to
     choose (on Hopper, cuDNN's attention re-plans for every new key length: 5 ms a call), and
     nothing a CUDA graph cannot capture. Grouped-query heads share their kv head through a reshape."""
     B, H, _, hd = q.shape
     KV = k.shape[1]
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
-    if q.device.type == "cpu" and (KV == H or _SDPA_HAS_GQA):
+    if q.device.type == "cpu" and B == 1 and (KV == H or _SDPA_HAS_GQA):
         gqa = {"enable_gqa": True} if KV != H else {}
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
     scores = (q.view(B, KV, H // KV, hd) @ k.transpose(-2, -1)) * scale    # (B, KV, H/KV, S)

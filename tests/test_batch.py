@@ -194,3 +194,14 @@ def test_the_captured_step_equals_the_eager_one(lm):
         b = captured(tokens, positions)
         assert (a - b).abs().max() < 1e-4
         positions = [p + 1 for p in positions]
+
+
+def test_models_info_states_the_kv_memory_of_concurrent_sequences(tiny_model, capsys):
+    import json
+
+    from sol.core.cli import main
+    assert main(["models", "info", str(tiny_model), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    # 2 layers x 2 heads x 16 dims x 128 positions x (k, v) x 4 bytes = 65536 bytes per sequence
+    assert info["kv_cache_mb_per_sequence"] == {"float32": 0.06, "bfloat16": 0.03}
+    assert info["kv_cache_mb_8_sequences"]["float32"] == 0.5

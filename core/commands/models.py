@@ -37,10 +37,14 @@ def run_info(args) -> int:
     from ..registry import resolve
     d = resolve(args.model)
     cfg, fmt = load_config(d)
+    # What concurrent chats cost beside the weights: float32 is the CPU's cache, bfloat16 a GPU's.
+    def kv(n):
+        return {name: round(cfg.kv_cache_bytes(n, cfg.context, size) / 2**20, 2) for name, size in (("float32", 4), ("bfloat16", 2))}
     info = {"path": str(d), "format": fmt, "architecture": cfg.architecture, "layers": cfg.n_layer,
             "d_model": cfg.d_model, "heads": cfg.n_head, "kv_heads": cfg.n_kv_head, "d_head": cfg.head_dim,
             "d_ff": cfg.d_ff, "context": cfg.context, "vocab_size": cfg.vocab_size,
-            "parameters_estimate": cfg.n_params_estimate}
+            "parameters_estimate": cfg.n_params_estimate,
+            "kv_cache_mb_per_sequence": kv(1), "kv_cache_mb_8_sequences": kv(8)}
     if args.json:
         print_json(info)
     else:
