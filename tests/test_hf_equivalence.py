@@ -63,3 +63,46 @@ def test_logits_match_transformers_on_cuda(hf_pair, dtype, tol):
         diff = (sol(x).float() - ref(x).logits.float()).abs().max().item()
     ref.to("cpu", torch.float32)
     assert diff <= tol
+
+
+def test_cached_feeds_match_full_forward_past_the_window(hf_pair):
+    """Prefill, one-token decode steps and forced multi-token feeds after a cache compute what one
+    full forward does, 40 tokens in: well past the sliding windows (8 and 12) of the windowed families."""
+    family, folder, ref = hf_pair
+    model = load_model(folder).model
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids)
+        assert (full - ref(ids).logits).abs().max().item() <= 1e-4
+        if model.rope_switch is not None:   # longrope: the cache cannot cross the switch (Session recomputes)
+            cache = model.new_cache()
+            model(ids[:, :10], cache=cache)
+            with pytest.raises(ValueError, match="long factors"):
+                model(ids[:, 10:20], cache=cache)
+            return
+        cache = model.new_cache()
+        parts = [model(ids[:, :10], cache=cache)]                        # prefill
+        parts += [model(ids[:, i:i + 1], cache=cache) for i in range(10, 13)]   # decode steps
+        parts.append(model(ids[:, 13:15], cache=cache))                   # two forced tokens
+        parts.append(model(ids[:, 15:40], cache=cache))                   # many: the masked path
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_session_recomputes_at_the_longrope_switch():
+    """transformers' Phi-3 generate drops the cache once the sequence outgrows original_max_position_embeddings
+    (every position then takes the long factors); Sol's Session does the same, feeding past 16 tokens."""
+    import tempfile
+    from pathlib import Path
+
+    from sol.core.engine import Session
+    folder = Path(tempfile.mkdtemp()) / "phi3-longrope"
+    ref = make_hf_model("phi3-longrope", folder)
+    model = load_model(folder).model
+    assert model.rope_switch == 16
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(5)).tolist()[0]
+    s = Session(model)
+    with torch.no_grad():
+        for a, b in ((0, 12), (12, 16), (16, 17), (17, 18), (18, 30)):
+            s.feed(ids[a:b])
+            expected = ref(torch.tensor([ids[:b]])).logits[0, -1]
+            assert (s.logits - expected).abs().max().item() <= 1e-4, (a, b)
