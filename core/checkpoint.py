@@ -7,8 +7,8 @@ A Sol model directory:
     tokenizer.json     Hugging Face tokenizers format
     sol.json           lineage: stage, parent, data, steps, metrics
 
-Hugging Face directories of the GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma 3
-(text) and Phi-3 families (config.json + one or several *.safetensors +
+Hugging Face directories of the GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+Gemma 3 (text) and Phi-3 families (config.json + one or several *.safetensors +
 tokenizer.json) load directly, their weights renamed into Sol's layout. Every
 tensor of the checkpoint is used or refused by name: a weight Sol has no place
 for would otherwise be dropped and the model silently computes something else.
@@ -31,7 +31,7 @@ from .errors import SolError
 from .model import Transformer
 from .tokenizer import Tokenizer
 
-HF_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+HF_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 # Tensors beside the Transformer's own that a Sol directory may carry (a reward model's scalar head).
 EXTRA_PREFIXES = ("reward_head.",)
 
@@ -96,7 +96,7 @@ def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
 def _llama_family(cfg: dict, mt: str, source: Path) -> dict:
     """ModelConfig fields for the Llama family and its relatives, read as transformers 5 reads each
     family's config (its defaults, the old and the new spelling of RoPE parameters)."""
-    gemma = mt == "gemma3_text"
+    gemma = mt in ("gemma2", "gemma3_text")
     act_field = "hidden_activation" if gemma else "hidden_act"
     act = cfg.get(act_field, "gelu_pytorch_tanh" if gemma else "silu")
     if act != ("gelu_pytorch_tanh" if gemma else "silu"):
@@ -106,10 +106,10 @@ def _llama_family(cfg: dict, mt: str, source: Path) -> dict:
     if gemma and cfg.get("use_bidirectional_attention"):
         raise SolError(f"{source}: use_bidirectional_attention=true (an embedding model) is not supported")
     d, H, L = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
-    head_dim = cfg.get("head_dim") or {"qwen3": 128, "gemma3_text": 256}.get(mt) or d // H
-    context = cfg.get("max_position_embeddings", 131072 if gemma else 2048)
+    head_dim = cfg.get("head_dim") or {"qwen3": 128, "gemma2": 256, "gemma3_text": 256}.get(mt) or d // H
+    context = cfg.get("max_position_embeddings", {"gemma2": 8192, "gemma3_text": 131072}.get(mt, 2048))
     # Which families' attention has biases, as transformers builds them.
-    attention_bias = bool(cfg.get("attention_bias", False)) and mt in ("llama", "qwen3", "gemma3_text")
+    attention_bias = bool(cfg.get("attention_bias", False)) and mt in ("llama", "qwen3", "gemma2", "gemma3_text")
     f = dict(vocab_size=cfg["vocab_size"], n_layer=L, n_head=H, n_kv_head=cfg.get("num_key_value_heads") or H,
              d_model=d, d_ff=cfg["intermediate_size"], head_dim=head_dim, context=context, norm="rmsnorm",
              norm_eps=cfg.get("rms_norm_eps", 1e-5 if mt == "phi3" else 1e-6), positions="rope",
@@ -120,9 +120,13 @@ def _llama_family(cfg: dict, mt: str, source: Path) -> dict:
         f["qk_norm"] = True
     if gemma:
         f.update(norm_plus_one=True, post_norms=True, scale_embeddings=True,
-                 attn_scale=cfg.get("query_pre_attn_scalar", 256) ** -0.5,
-                 logit_softcap=cfg.get("final_logit_softcapping"))
+                 attn_scale=cfg.get("query_pre_attn_scalar", 256) ** -0.5)
+    if mt == "gemma2":
+        f.update(attn_softcap=cfg.get("attn_logit_softcapping", 50.0),
+                 logit_softcap=cfg.get("final_logit_softcapping", 30.0))
+    if mt == "gemma3_text":
         # attn_logit_softcapping stays unread: transformers 5's Gemma 3 attention never applies it.
+        f["logit_softcap"] = cfg.get("final_logit_softcapping")
     f.update(_rope(cfg, mt, source, head_dim, context))
     return f
 
@@ -137,8 +141,8 @@ def _sliding(cfg: dict, mt: str, n_layer: int) -> dict:
             "sliding_attention" if window is not None and i >= cfg.get("max_window_layers", 28) else "full_attention"
             for i in range(n_layer)]
         return {"sliding_window": window, "layer_types": list(types)}
-    if mt == "gemma3_text":                  # five sliding layers, then a global one (sliding_window_pattern)
-        pattern = cfg.get("sliding_window_pattern", 6)
+    if mt in ("gemma2", "gemma3_text"):     # Gemma 3: five sliding layers, then a global one; Gemma 2: 1 and 1
+        pattern = cfg.get("sliding_window_pattern", 6) if mt == "gemma3_text" else 2
         types = cfg.get("layer_types") or [
             "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layer)]
         return {"sliding_window": cfg.get("sliding_window", 4096), "layer_types": list(types)}

@@ -4,9 +4,9 @@ One config covers both families Sol speaks:
 - GPT-2 style: LayerNorm, learned positions, GELU MLP, biases everywhere.
 - Llama style: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention,
   optional q/k/v bias (Qwen2), tied or untied embeddings.
-The Llama style's relatives are switches on it: sliding-window layers (Mistral, Qwen2, Gemma 3),
+The Llama style's relatives are switches on it: sliding-window layers (Mistral, Qwen2, Gemma),
 per-head q/k norms (Qwen3, Gemma 3), partial RoPE (Phi-3/4), and Gemma's scaled embeddings,
-(1 + weight) norms, norms after attention and MLP, GeGLU and tanh soft-capping.
+(1 + weight) norms, norms after attention and MLP, GeGLU and tanh soft-capping (Gemma 2).
 Every switch defaults to off, which is the plain GPT-2/Llama network.
 """
 from __future__ import annotations

@@ -217,6 +217,7 @@ class AttentionCapture:
     output: torch.Tensor   # (B, H, T, d_head)  weights @ v
     scale: float = 0.0     # what q·k was multiplied by
     window: int | None = None   # positions each query sees (itself included); None: all before it
+    softcap: float | None = None  # scores -> softcap * tanh(scores / softcap), before the mask
 
 
 def attention_mask(T: int, S: int, start: int, window: int | None, device) -> torch.Tensor:
@@ -323,7 +324,7 @@ class Attention(nn.Module):
         qf = q.float()
         out, (kf, vf, scores, scaled, weights, scale) = self._explicit(qf, k.float(), v.float(), start, self.window)
         cap = AttentionCapture(q=qf, k=kf, v=vf, scores=scores, scaled=scaled, weights=weights, output=out,
-                               scale=scale, window=self.window)
+                               scale=scale, window=self.window, softcap=self.softcap)
         return out.to(q.dtype), cap
 
 

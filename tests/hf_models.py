@@ -57,6 +57,12 @@ FAMILIES = {
                                                    sliding_window_pattern=2, attn_logit_softcapping=3.0,
                                                    final_logit_softcapping=4.0,
                                                    rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    # Gemma 2: Gemma 3 without q/k norms or a local RoPE base, with soft-capped attention scores and logits.
+    "gemma2": lambda t: t.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=128, sliding_window=8, query_pre_attn_scalar=24,
+                                       attn_logit_softcapping=3.0, final_logit_softcapping=6.0,
+                                       tie_word_embeddings=False),
     # Phi-3 mini: fused qkv_proj and gate_up_proj, a sliding window (2047 in the 4k model).
     "phi3": lambda t: t.Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,

@@ -106,3 +106,24 @@ def test_session_recomputes_at_the_longrope_switch():
             s.feed(ids[a:b])
             expected = ref(torch.tensor([ids[:b]])).logits[0, -1]
             assert (s.logits - expected).abs().max().item() <= 1e-4, (a, b)
+
+
+def test_attention_visualiser_path_matches_the_model(hf_pair):
+    """forward_with_attention (the visualiser's slow path) gives the fast path's logits, and its step by
+    step recomputation reproduces the model's weights: windows, Gemma's scale and soft-caps included."""
+    from sol.plugins.attention_visualizer.compute import layer_attention, step_by_step
+    family, folder, ref = hf_pair
+    model = load_model(folder).model
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, caps = model.forward_with_attention(ids)
+        assert (logits - model(ids)).abs().max().item() <= 1e-4
+    for layer in range(model.cfg.n_layer):
+        window = model.cfg.window(layer)
+        w = caps[layer].weights[0]
+        if window is not None:   # nothing further back than the window
+            assert w.tril(-window).abs().max().item() == 0
+        att = layer_attention(model, ids[0].tolist(), layer)
+        for query in (5, 29):
+            s = step_by_step(att, 1, query)
+            assert abs(s["weights"] - s["model_weights"]).max() <= 1e-5

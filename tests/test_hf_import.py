@@ -107,8 +107,8 @@ def test_qwen2_windows_only_the_layers_from_max_window_layers_on(tmp_path):
     assert [config_from_hf({**cfg, "use_sliding_window": False}, tmp_path).window(i) for i in range(4)] == [None] * 4
 
 
-@pytest.mark.parametrize("family,arch", [("qwen3", "qwen3"), ("gemma3", "gemma3_text"), ("phi3", "phi3"),
-                                         ("phi3-longrope", "phi3")])
+@pytest.mark.parametrize("family,arch", [("qwen3", "qwen3"), ("gemma3", "gemma3_text"), ("gemma2", "gemma2"),
+                                         ("phi3", "phi3"), ("phi3-longrope", "phi3")])
 def test_new_families_are_listed_from_the_hf_cache(family, arch, isolated_home):
     repo = f"someone/tiny-{family}"
     base = isolated_home / "hf" / "hub" / f"models--{repo.replace('/', '--')}"
