@@ -119,3 +119,17 @@ def test_new_families_are_listed_from_the_hf_cache(family, arch, isolated_home):
     found = {m["name"]: m for m in list_models()}
     assert found[repo]["architecture"] == arch and found[repo]["path"] == str(snap)
     assert found[repo]["parameters"] == sum(p.numel() for p in load_model(snap).model.parameters())
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3-longrope", "qwen2-sliding"])
+def test_an_imported_model_saved_as_a_sol_model_computes_the_same(family, tmp_path):
+    """A fine-tune of an imported model is saved in Sol's format: every switch travels in config.json."""
+    from sol.core.checkpoint import save_model
+    folder = tmp_path / family
+    make_hf_model(family, folder)
+    lm = load_model(folder)
+    again = load_model(save_model(tmp_path / "saved", lm.model, lm.tokenizer))
+    assert again.format == "sol" and again.config == lm.config
+    x = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(again.model(x), lm.model(x))
