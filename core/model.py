@@ -480,10 +480,11 @@ class Transformer(nn.Module):
         return KVCache(self.cfg, batch, max_len or self.cfg.context, self.device, cache_dtype(self.device, self.dtype))
 
     def _rope_table(self, kind: str, end: int):
-        """cos and sin for positions 0.. at least `end`, in the model's dtype; grown on demand."""
+        """cos and sin for positions 0.. at least `end` (the whole context), in the model's dtype. Built
+        once: captured decode steps (CUDA graphs) keep reading the table they were captured with."""
         t = self._rope_tables.get(kind)
         if t is None or t[0].shape[0] < end or t[0].device != self.device or t[0].dtype != self.dtype:
-            n = max(end, min(self.cfg.context, 4096), 2 * t[0].shape[0] if t is not None else 0)
+            n = max(end, self.cfg.context)
             # Frequencies straight from the config in float32, never a half-precision copy.
             inv_freq, factor = rope_frequencies(self.cfg, local=kind == "local", long=kind == "long")
             pos = torch.arange(n, device=self.device, dtype=torch.float32)
