@@ -8,7 +8,6 @@ import torch
 from hf_models import VOCAB, make_hf_model
 from sol.core.checkpoint import config_from_hf, load_model
 from sol.core.errors import SolError
-from sol.core.registry import list_models
 
 pytest.importorskip("transformers")
 
@@ -109,14 +108,17 @@ def test_qwen2_windows_only_the_layers_from_max_window_layers_on(tmp_path):
 
 @pytest.mark.parametrize("family,arch", [("qwen3", "qwen3"), ("gemma3", "gemma3_text"), ("gemma2", "gemma2"),
                                          ("phi3", "phi3"), ("phi3-longrope", "phi3")])
-def test_new_families_are_listed_from_the_hf_cache(family, arch, isolated_home):
+def test_new_families_are_listed_from_the_hf_cache(family, arch, isolated_home, capsys):
+    from sol.core.cli import main
     repo = f"someone/tiny-{family}"
     base = isolated_home / "hf" / "hub" / f"models--{repo.replace('/', '--')}"
     snap = base / "snapshots" / "abc123"
     make_hf_model(family, snap)
     (base / "refs").mkdir(parents=True)
     (base / "refs" / "main").write_text("abc123")
-    found = {m["name"]: m for m in list_models()}
+    capsys.readouterr()
+    assert main(["models", "list", "--json"]) == 0
+    found = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert found[repo]["architecture"] == arch and found[repo]["path"] == str(snap)
     assert found[repo]["parameters"] == sum(p.numel() for p in load_model(snap).model.parameters())
 
