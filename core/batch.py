@@ -195,6 +195,7 @@ class BatchEngine:
                 self.cache.reserve(max(r.length for r in going) + 1)
                 logits = self.step_fn([r.decoding.token for r in going], [r.length for r in going])
                 logits = logits.float().cpu()   # one copy for the batch, not one per row
+                self._past_switch(going, logits)
                 for r, row_logits in zip(going, logits):
                     r.logits = row_logits
                     r.length += 1
@@ -219,6 +220,15 @@ class BatchEngine:
             x = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.model.device)
             logits = self.model(x, cache=view, last_only=True)[0, -1]
             self.rows.append(_Row(request, decoding, n, logits))
+
+    def _past_switch(self, going: list[_Row], logits: torch.Tensor) -> None:
+        """longrope (Phi-3/4): a row whose sequence just passed the switch length has keys cached with the
+        short factors; recompute it whole with the long ones, as transformers' generate does."""
+        switch = self.model.rope_switch
+        for i, r in enumerate(going):
+            if switch is not None and r.length == switch:
+                x = torch.tensor([r.decoding.history], dtype=torch.long, device=self.model.device)
+                logits[i] = self.model(x, cache=self.cache.rows(i, i + 1), last_only=True)[0, -1].float().cpu()
 
     def _choose(self, row: _Row) -> bool:
         """Sample the row's next token and hand its event over. True if the row goes on."""

@@ -7,9 +7,12 @@ A Sol model directory:
     tokenizer.json     Hugging Face tokenizers format
     sol.json           lineage: stage, parent, data, steps, metrics
 
-Hugging Face directories of the GPT-2, Llama, Qwen2 and Mistral families
-(config.json + one or several *.safetensors + tokenizer.json) load directly,
-their weights renamed into Sol's layout. Nothing in a model directory is ever
+Hugging Face directories of the GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+Gemma 3 (text) and Phi-3 families (config.json + one or several *.safetensors +
+tokenizer.json) load directly, their weights renamed into Sol's layout. Every
+tensor of the checkpoint is used or refused by name: a weight Sol has no place
+for would otherwise be dropped and the model silently computes something else.
+Nothing in a model directory is ever
 executed: no remote code, and pickles (.bin/.pt) only through
 `torch.load(weights_only=True)`, which refuses anything but tensors.
 """
@@ -28,7 +31,7 @@ from .errors import SolError
 from .model import Transformer
 from .tokenizer import Tokenizer
 
-HF_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2")
+HF_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 # Tensors beside the Transformer's own that a Sol directory may carry (a reward model's scalar head).
 EXTRA_PREFIXES = ("reward_head.",)
 
@@ -66,7 +69,7 @@ def hf_model_type(cfg: dict) -> str | None:
     if mt:
         return mt
     arch = (cfg.get("architectures") or [""])[0].lower()
-    return next((a for a in HF_ARCHITECTURES if arch.startswith(a)), None)
+    return next((a for a in HF_ARCHITECTURES if arch.startswith(a.split("_")[0])), None)
 
 
 def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
@@ -85,85 +88,218 @@ def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
                                norm="layernorm", norm_eps=cfg.get("layer_norm_epsilon", 1e-5), positions="learned",
                                mlp="gelu", bias=True, tie_embeddings=cfg.get("tie_word_embeddings", True),
                                architecture="gpt2", extra=extra)
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise SolError(f"{source}: hidden_act {act!r} is not supported (Sol's Llama family uses silu)")
-        d, H = cfg["hidden_size"], cfg["num_attention_heads"]
-        if cfg.get("mlp_bias"):
-            raise SolError(f"{source}: mlp_bias=true is not supported")
-        return ModelConfig(vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_head=H,
-                           n_kv_head=cfg.get("num_key_value_heads") or H, d_model=d, d_ff=cfg["intermediate_size"],
-                           head_dim=cfg.get("head_dim") or d // H, context=cfg.get("max_position_embeddings", 2048),
-                           norm="rmsnorm", norm_eps=cfg.get("rms_norm_eps", 1e-6), positions="rope", mlp="swiglu",
-                           bias=False, qkv_bias=(mt == "qwen2") or bool(cfg.get("attention_bias", False)),
-                           tie_embeddings=cfg.get("tie_word_embeddings", False),
-                           rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-                           rope_scaling=_rope_scaling(cfg, source), architecture=mt, extra=extra)
+        return ModelConfig(**_llama_family(cfg, mt, source), extra=extra)
     except KeyError as e:
         raise SolError(f"{source}: missing field {e.args[0]!r} for a {mt} model") from None
 
 
-def _rope_scaling(cfg: dict, source: Path) -> dict | None:
-    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    if not rs:
-        return None
-    kind = rs.get("rope_type", rs.get("type", "default"))
-    if kind == "default":
-        return None
-    if kind not in ("linear", "llama3"):
-        raise SolError(f"{source}: rope_scaling type {kind!r} is not supported (Sol knows linear and llama3)")
-    return rs
+def _llama_family(cfg: dict, mt: str, source: Path) -> dict:
+    """ModelConfig fields for the Llama family and its relatives, read as transformers 5 reads each
+    family's config (its defaults, the old and the new spelling of RoPE parameters)."""
+    gemma = mt in ("gemma2", "gemma3_text")
+    act_field = "hidden_activation" if gemma else "hidden_act"
+    act = cfg.get(act_field, "gelu_pytorch_tanh" if gemma else "silu")
+    if act != ("gelu_pytorch_tanh" if gemma else "silu"):
+        raise SolError(f"{source}: {act_field} {act!r} is not supported for {mt}")
+    if mt == "llama" and cfg.get("mlp_bias"):
+        raise SolError(f"{source}: mlp_bias=true is not supported")
+    if gemma and cfg.get("use_bidirectional_attention"):
+        raise SolError(f"{source}: use_bidirectional_attention=true (an embedding model) is not supported")
+    d, H, L = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    head_dim = cfg.get("head_dim") or {"qwen3": 128, "gemma2": 256, "gemma3_text": 256}.get(mt) or d // H
+    context = cfg.get("max_position_embeddings", {"gemma2": 8192, "gemma3_text": 131072}.get(mt, 2048))
+    # Which families' attention has biases, as transformers builds them.
+    attention_bias = bool(cfg.get("attention_bias", False)) and mt in ("llama", "qwen3", "gemma2", "gemma3_text")
+    f = dict(vocab_size=cfg["vocab_size"], n_layer=L, n_head=H, n_kv_head=cfg.get("num_key_value_heads") or H,
+             d_model=d, d_ff=cfg["intermediate_size"], head_dim=head_dim, context=context, norm="rmsnorm",
+             norm_eps=cfg.get("rms_norm_eps", 1e-5 if mt == "phi3" else 1e-6), positions="rope",
+             mlp="geglu" if gemma else "swiglu", bias=False, qkv_bias=mt == "qwen2" or attention_bias,
+             proj_bias=attention_bias, tie_embeddings=cfg.get("tie_word_embeddings", gemma), architecture=mt)
+    f.update(_sliding(cfg, mt, L))
+    if mt in ("qwen3", "gemma3_text"):
+        f["qk_norm"] = True
+    if gemma:
+        f.update(norm_plus_one=True, post_norms=True, scale_embeddings=True,
+                 attn_scale=cfg.get("query_pre_attn_scalar", 256) ** -0.5)
+    if mt == "gemma2":
+        f.update(attn_softcap=cfg.get("attn_logit_softcapping", 50.0),
+                 logit_softcap=cfg.get("final_logit_softcapping", 30.0))
+    if mt == "gemma3_text":
+        # attn_logit_softcapping stays unread: transformers 5's Gemma 3 attention never applies it.
+        f["logit_softcap"] = cfg.get("final_logit_softcapping")
+    f.update(_rope(cfg, mt, source, head_dim, context))
+    return f
 
 
-# ---- renaming Hugging Face weights into Sol's layout --------------------------
-def _strip(sd: dict, prefixes) -> dict:
+def _sliding(cfg: dict, mt: str, n_layer: int) -> dict:
+    """sliding_window and layer_types as transformers 5 derives them for each family."""
+    if mt in ("mistral", "phi3"):            # every layer, when set (Mistral's default: 4096)
+        return {"sliding_window": cfg.get("sliding_window", 4096 if mt == "mistral" else None)}
+    if mt in ("qwen2", "qwen3"):             # layers from max_window_layers on, when use_sliding_window
+        window = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window") else None
+        types = cfg.get("layer_types") or [
+            "sliding_attention" if window is not None and i >= cfg.get("max_window_layers", 28) else "full_attention"
+            for i in range(n_layer)]
+        return {"sliding_window": window, "layer_types": list(types)}
+    if mt in ("gemma2", "gemma3_text"):     # Gemma 3: five sliding layers, then a global one; Gemma 2: 1 and 1
+        pattern = cfg.get("sliding_window_pattern", 6) if mt == "gemma3_text" else 2
+        types = cfg.get("layer_types") or [
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layer)]
+        return {"sliding_window": cfg.get("sliding_window", 4096), "layer_types": list(types)}
+    return {}
+
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+
+
+def _rope(cfg: dict, mt: str, source: Path, head_dim: int, context: int) -> dict:
+    """rope_theta, rope_scaling (standardised as transformers' standardize_rope_params does), rope_dim and,
+    for Gemma 3, the sliding layers' own base."""
     out = {}
-    for k, v in sd.items():
-        for p in prefixes:
-            if k.startswith(p):
-                k = k[len(p):]
-                break
-        out[k] = v
+    rp = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if mt == "gemma3_text":
+        if "full_attention" in rp or "sliding_attention" in rp:
+            full, local = dict(rp.get("full_attention") or {}), dict(rp.get("sliding_attention") or {})
+        else:   # the older spelling: rope_scaling for the global layers, rope_local_base_freq for the others
+            full, local = dict(cfg.get("rope_scaling") or {}), {}
+        full.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
+        local.setdefault("rope_theta", cfg.get("rope_local_base_freq", 10_000.0))
+        if local.get("rope_type", local.get("type", "default")) != "default":
+            raise SolError(f"{source}: RoPE scaling on the sliding layers is not supported for gemma3_text")
+        out["rope_local_theta"] = float(local["rope_theta"])
+        rp = full
+    else:
+        rp = dict(rp)
+        rp.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if mt == "phi3" and kind in ("su", "yarn"):   # Phi-3's older names for longrope
+        kind = "longrope"
+    if kind not in ROPE_TYPES:
+        raise SolError(f"{source}: rope type {kind!r} is not supported (Sol knows {', '.join(ROPE_TYPES[1:])})")
+    if kind == "longrope" and mt != "phi3":
+        raise SolError(f"{source}: rope type 'longrope' is supported for phi3 models only, not {mt}")
+    out["rope_theta"] = float(rp["rope_theta"])
+    partial = rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        if mt != "phi3":
+            raise SolError(f"{source}: partial_rotary_factor is supported for phi3 models only, not {mt}")
+        out["rope_dim"] = int(head_dim * partial)
+    if kind != "default":
+        rp = {k: v for k, v in rp.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
+        rp["rope_type"] = kind
+        if kind in ("llama3", "yarn", "longrope"):
+            # transformers gives a top-level original_max_position_embeddings priority (Phi-3 keeps it there).
+            top = cfg.get("original_max_position_embeddings", 4096 if mt == "phi3" else None)
+            if top is not None:
+                rp["original_max_position_embeddings"] = top
+            rp.setdefault("original_max_position_embeddings", context)
+        if kind == "longrope":
+            half = (out.get("rope_dim") or head_dim) // 2
+            for name in ("short_factor", "long_factor"):
+                if len(rp.get(name) or []) != half:
+                    raise SolError(f"{source}: rope_scaling.{name} must list {half} numbers for this model")
+        out["rope_scaling"] = rp
     return out
 
 
+# ---- renaming Hugging Face weights into Sol's layout --------------------------
+class UnusedTensors(Exception):
+    """Tensors a checkpoint holds that the model built from its config has no place for."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(names[0])
+        self.names = names
+
+
+# Buffers some older checkpoints saved although the model recomputes them; skipped by name, nothing else is.
+RECOMPUTED_BUFFERS = (
+    ".rotary_emb.inv_freq",   # Llama-family RoPE frequencies (non-persistent in transformers 5)
+    ".attn.bias",             # GPT-2's causal-mask buffer
+    ".attn.masked_bias",      # GPT-2's mask fill value
+)
+
+
+class _Weights:
+    """The checkpoint's tensors, taken one by one; whatever is left at the end is an error."""
+
+    def __init__(self, sd: dict, prefix: str):
+        self.sd = {k: v for k, v in sd.items() if not k.endswith(RECOMPUTED_BUFFERS)}
+        self.prefix = prefix if any(k.startswith(prefix) for k in sd) else ""
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.sd
+
+    def take(self, name: str) -> torch.Tensor:
+        return self.sd.pop(self.prefix + name)   # KeyError: load_model names the missing tensor
+
+    def lm_head(self, out: dict, cfg: ModelConfig, embed: torch.Tensor) -> None:
+        head = self.sd.pop("lm_head.weight", None)
+        if not cfg.tie_embeddings:
+            if head is None:
+                raise KeyError("lm_head.weight")
+            out["lm_head.weight"] = head
+        elif head is not None and not torch.equal(head, embed):
+            # Tied in config.json but a different head on disk: transformers would use the embedding.
+            raise UnusedTensors(["lm_head.weight"])
+
+    def done(self) -> None:
+        if self.sd:
+            raise UnusedTensors(sorted(self.sd))
+
+
 def convert_gpt2(sd: dict, cfg: ModelConfig) -> dict:
-    sd = _strip(sd, ("transformer.",))
-    out = {"embed.weight": sd["wte.weight"], "pos_embed.weight": sd["wpe.weight"],
-           "norm.weight": sd["ln_f.weight"], "norm.bias": sd["ln_f.bias"]}
-    if "lm_head.weight" in sd and not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+    w = _Weights(sd, "transformer.")
+    out = {"embed.weight": w.take("wte.weight"), "pos_embed.weight": w.take("wpe.weight"),
+           "norm.weight": w.take("ln_f.weight"), "norm.bias": w.take("ln_f.bias")}
+    w.lm_head(out, cfg, out["embed.weight"])
     for i in range(cfg.n_layer):
         h, b = f"h.{i}.", f"blocks.{i}."
+        for src, dst in (("ln_1", "ln1"), ("ln_2", "ln2")):
+            out[b + dst + ".weight"] = w.take(h + src + ".weight")
+            out[b + dst + ".bias"] = w.take(h + src + ".bias")
         # GPT-2 stores Conv1D weights as (in, out); nn.Linear wants (out, in).
-        pairs = {"ln_1": "ln1", "ln_2": "ln2"}
-        for src, dst in pairs.items():
-            out[b + dst + ".weight"] = sd[h + src + ".weight"]
-            out[b + dst + ".bias"] = sd[h + src + ".bias"]
         for src, dst in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"),
                          ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
-            out[b + dst + ".weight"] = sd[h + src + ".weight"].t().contiguous()
-            out[b + dst + ".bias"] = sd[h + src + ".bias"]
+            out[b + dst + ".weight"] = w.take(h + src + ".weight").t().contiguous()
+            out[b + dst + ".bias"] = w.take(h + src + ".bias")
+    w.done()
     return out
 
 
 def convert_llama(sd: dict, cfg: ModelConfig) -> dict:
-    sd = _strip(sd, ("model.",))
-    out = {"embed.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+    """Llama and its relatives (Mistral, Qwen2/3, Gemma 3, Phi-3): separate or fused q/k/v and gate/up."""
+    w = _Weights(sd, "model.")
+    out = {"embed.weight": w.take("embed_tokens.weight"), "norm.weight": w.take("norm.weight")}
+    w.lm_head(out, cfg, out["embed.weight"])
     for i in range(cfg.n_layer):
         h, b = f"layers.{i}.", f"blocks.{i}."
-        out[b + "ln1.weight"] = sd[h + "input_layernorm.weight"]
-        out[b + "ln2.weight"] = sd[h + "post_attention_layernorm.weight"]
+        out[b + "ln1.weight"] = w.take(h + "input_layernorm.weight")
+        if cfg.post_norms:   # Gemma's post_attention_layernorm normalises the attention output
+            out[b + "post_attn_norm.weight"] = w.take(h + "post_attention_layernorm.weight")
+            out[b + "ln2.weight"] = w.take(h + "pre_feedforward_layernorm.weight")
+            out[b + "post_mlp_norm.weight"] = w.take(h + "post_feedforward_layernorm.weight")
+        else:
+            out[b + "ln2.weight"] = w.take(h + "post_attention_layernorm.weight")
         a = h + "self_attn."
-        out[b + "attn.qkv.weight"] = torch.cat([sd[a + f"{p}_proj.weight"] for p in "qkv"])
+        if w.has(a + "qkv_proj.weight"):    # Phi-3: already fused as [q; k; v]
+            out[b + "attn.qkv.weight"] = w.take(a + "qkv_proj.weight")
+        else:
+            out[b + "attn.qkv.weight"] = torch.cat([w.take(a + f"{p}_proj.weight") for p in "qkv"])
         if cfg.qkv_bias:
-            out[b + "attn.qkv.bias"] = torch.cat([sd[a + f"{p}_proj.bias"] for p in "qkv"])
-        out[b + "attn.proj.weight"] = sd[a + "o_proj.weight"]
+            out[b + "attn.qkv.bias"] = torch.cat([w.take(a + f"{p}_proj.bias") for p in "qkv"])
+        out[b + "attn.proj.weight"] = w.take(a + "o_proj.weight")
+        if cfg.proj_bias:
+            out[b + "attn.proj.bias"] = w.take(a + "o_proj.bias")
+        if cfg.qk_norm:
+            out[b + "attn.q_norm.weight"] = w.take(a + "q_norm.weight")
+            out[b + "attn.k_norm.weight"] = w.take(a + "k_norm.weight")
         m = h + "mlp."
-        out[b + "mlp.fc.weight"] = torch.cat([sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]])
-        out[b + "mlp.proj.weight"] = sd[m + "down_proj.weight"]
+        if w.has(m + "gate_up_proj.weight"):   # Phi-3: already fused as [gate; up]
+            out[b + "mlp.fc.weight"] = w.take(m + "gate_up_proj.weight")
+        else:
+            out[b + "mlp.fc.weight"] = torch.cat([w.take(m + "gate_proj.weight"), w.take(m + "up_proj.weight")])
+        out[b + "mlp.proj.weight"] = w.take(m + "down_proj.weight")
+    w.done()
     return out
 
 
@@ -253,6 +389,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             sd = convert_gpt2(sd, cfg) if cfg.architecture == "gpt2" else convert_llama(sd, cfg)
         except KeyError as e:
             raise SolError(f"{d / source}: tensor {e.args[0]!r} is missing for a {cfg.architecture} model") from None
+        except UnusedTensors as e:
+            more = f" ({len(e.names)} in all)" if len(e.names) > 1 else ""
+            raise SolError(f"{d / source}: tensor {e.names[0]!r}{more} has no place in a {cfg.architecture} model "
+                           "as config.json describes it; Sol refuses it rather than run a different network "
+                           "(check config.json, or this variant is not supported)") from None
     extra = {k: sd.pop(k) for k in [k for k in sd if k.startswith(EXTRA_PREFIXES)]}
     model = Transformer(cfg)
     _check_shapes(model, sd, d / source)

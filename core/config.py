@@ -4,6 +4,10 @@ One config covers both families Sol speaks:
 - GPT-2 style: LayerNorm, learned positions, GELU MLP, biases everywhere.
 - Llama style: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention,
   optional q/k/v bias (Qwen2), tied or untied embeddings.
+The Llama style's relatives are switches on it: sliding-window layers (Mistral, Qwen2, Gemma),
+per-head q/k norms (Qwen3, Gemma 3), partial RoPE (Phi-3/4), and Gemma's scaled embeddings,
+(1 + weight) norms, norms after attention and MLP, GeGLU and tanh soft-capping (Gemma 2).
+Every switch defaults to off, which is the plain GPT-2/Llama network.
 """
 from __future__ import annotations
 
@@ -27,12 +31,24 @@ class ModelConfig:
     norm: str = "layernorm"           # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
     positions: str = "learned"        # "learned" | "rope"
-    mlp: str = "gelu"                 # "gelu" (tanh approximation, as GPT-2) | "swiglu"
+    mlp: str = "gelu"                 # "gelu" (tanh approximation, as GPT-2) | "swiglu" | "geglu" (Gemma)
     bias: bool = True                 # biases on every linear layer (GPT-2)
     qkv_bias: bool = False            # biases on q/k/v only (Qwen2)
+    proj_bias: bool = False           # a bias on the attention output too (Llama's attention_bias)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", ...} as in HF configs
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear"|"yarn"|"longrope", ...} as in HF configs
+    rope_dim: int | None = None       # dimensions of each head that RoPE rotates; None: all (Phi-4-mini: 3/4)
+    rope_local_theta: float | None = None  # sliding-window layers' RoPE base, when it differs (Gemma 3)
+    sliding_window: int | None = None      # each position sees itself and the window - 1 before it
+    layer_types: list | None = None   # "full_attention" | "sliding_attention" per layer; None: all sliding
+    qk_norm: bool = False             # RMSNorm over each head of q and k before RoPE (Qwen3, Gemma 3)
+    norm_plus_one: bool = False       # RMSNorm scales by (1 + weight) (Gemma)
+    post_norms: bool = False          # norms on the attention and MLP outputs before the residual add (Gemma)
+    scale_embeddings: bool = False    # embeddings times sqrt(d_model) (Gemma)
+    attn_scale: float | None = None   # q·k scale; None: 1/sqrt(head_dim)
+    attn_softcap: float | None = None   # scores -> cap * tanh(scores / cap) before the mask
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     dropout: float = 0.0
     architecture: str = "sol"         # what it was imported from: sol, gpt2, llama, qwen2, mistral
     extra: dict = field(default_factory=dict)  # e.g. special token ids read from an imported config
@@ -45,7 +61,7 @@ class ModelConfig:
                 raise SolError(f"config: d_model {self.d_model} is not divisible by n_head {self.n_head}")
             self.head_dim = self.d_model // self.n_head
         if self.d_ff is None:
-            if self.mlp == "swiglu":
+            if self.gated:
                 hidden = int(2 * 4 * self.d_model / 3)
                 self.d_ff = 64 * ((hidden + 63) // 64)
             else:
@@ -53,15 +69,36 @@ class ModelConfig:
         if self.n_head % self.n_kv_head:
             raise SolError(f"config: n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("positions", ("learned", "rope")),
-                              ("mlp", ("gelu", "swiglu"))):
+                              ("mlp", ("gelu", "swiglu", "geglu"))):
             if getattr(self, name) not in allowed:
                 raise SolError(f"config: {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layer:
+                raise SolError(f"config: layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
+            bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            if bad:
+                raise SolError(f"config: layer_types may hold full_attention and sliding_attention, not {bad[0]!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise SolError(f"config: sliding_window must be at least 1, not {self.sliding_window}")
+
+    @property
+    def gated(self) -> bool:
+        """Whether the MLP is a gated one (gate and up projections, then down)."""
+        return self.mlp in ("swiglu", "geglu")
+
+    def window(self, layer: int) -> int | None:
+        """How many positions (itself included) a token sees in this layer; None: all before it."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     @property
     def n_params_estimate(self) -> int:
         d, L = self.d_model, self.n_layer
         attn = d * self.head_dim * (self.n_head * 2 + self.n_kv_head * 2)
-        mlp = d * self.d_ff * (3 if self.mlp == "swiglu" else 2)
+        mlp = d * self.d_ff * (3 if self.gated else 2)
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         pos = self.context * d if self.positions == "learned" else 0
         return L * (attn + mlp) + emb + pos

@@ -50,7 +50,7 @@ class DecodeStep:
         self._pool = None
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.decode(idx, pos, self.cache))[:, 0]
+        return self.model.logits(self.model.decode(idx, pos, self.cache))[:, 0]
 
     @torch.inference_mode()
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:

@@ -90,6 +90,12 @@ class Session:
         if len(ids) > self.room:
             raise SolError(f"{len(self.ids) + len(ids)} tokens do not fit the context window of "
                            f"{self.cache.max_len}; shorten the prompt")
+        switch = self.model.rope_switch
+        if switch is not None and 0 < self.cache.pos <= switch < self.cache.pos + len(ids):
+            # longrope: past `switch` tokens every position takes the long factors, so the cached keys
+            # are stale; recompute the whole sequence, as transformers' generate does.
+            ids, self.ids = self.ids + list(ids), []
+            self.cache.truncate(0)
         pos = self.cache.pos
         if len(ids) == 1 and pos > 0:   # decoding: the static-shape step (a CUDA graph on a GPU)
             self.cache.reserve(pos + 1)

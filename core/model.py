@@ -2,7 +2,10 @@
 
 GPT-2 style (LayerNorm, learned positions, GELU, biases) and Llama style
 (RMSNorm, RoPE, SwiGLU, grouped-query attention, optional q/k/v bias) are the
-same network with different switches in ModelConfig.
+same network with different switches in ModelConfig; so are Llama's relatives
+(Mistral and Qwen2's sliding windows, Qwen3's q/k norms, Phi-3's partial and
+long RoPE, Gemma 3's norms, scales and soft-caps). A switch that is off costs
+nothing.
 
 Fast path: fused q/k/v and gate/up projections (one matrix product each
 instead of three or two: decoding one token is memory-bound, fewer calls
@@ -43,45 +46,99 @@ _GPU_BACKENDS = _gpu_attention_backends()
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.plus_one = plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x):
         # Normalise in float32 as Llama does, so half-precision weights give the same result.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:   # Gemma: scale by (1 + weight) in float32, then cast
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        return RMSNorm(dim or cfg.d_model, cfg.norm_eps, cfg.norm_plus_one)
+    return nn.LayerNorm(dim or cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies for RoPE, with Llama 3 / linear scaling when the config asks for it."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = cfg.rope_scaling or {}
+def rope_frequencies(cfg: ModelConfig, local: bool = False, long: bool = False) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies and the factor cos and sin are multiplied by, computed as transformers'
+    rope init functions compute them (float32). `local`: Gemma 3's sliding layers (plain RoPE, own base);
+    `long`: longrope's long factors (past the original context)."""
+    dim = cfg.rope_dim or cfg.head_dim
+    base = cfg.rope_local_theta if local else cfg.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (base ** exponents)
+    scaling = {} if local else (cfg.rope_scaling or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind == "llama3":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
         factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_ctx = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
-        smooth = (old_ctx / wavelen - lo) / (hi - lo)
         scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
-        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
-        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
-    return inv_freq.float()
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        mid = ~(wavelen < old_ctx / hi) * ~(wavelen > old_ctx / lo)
+        return torch.where(mid, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(cfg, scaling, base, dim, exponents)
+    if kind == "longrope":
+        old_ctx = scaling["original_max_position_embeddings"]
+        factor = scaling.get("factor") or cfg.context / old_ctx
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_ctx))
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        return 1.0 / (ext * base ** exponents), attention
+    return inv_freq, 1.0
+
+
+def _yarn(cfg: ModelConfig, s: dict, base: float, dim: int, exponents: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """YaRN (Qwen2.5's long context): low frequencies interpolated, high ones kept, a ramp between;
+    transformers' _compute_yarn_parameters step by step."""
+    old_ctx = s["original_max_position_embeddings"]
+    factor = s.get("factor") or cfg.context / old_ctx
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = s.get("attention_factor")
+    if attention is None:
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            attention = float(mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"]))
+        else:
+            attention = mscale(factor)
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return (dim * math.log(old_ctx / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001   # no division by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** exponents
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Halves rotated, as Hugging Face's Llama: weights import with no permutation.
+    if cos.shape[-1] < x.shape[-1]:   # partial RoPE: the rest of each head passes through
+        d = cos.shape[-1]
+        return torch.cat((apply_rope(x[..., :d], cos, sin), x[..., d:]), dim=-1)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)
@@ -162,19 +219,39 @@ class AttentionCapture:
     k: torch.Tensor        # (B, H, S, d_head), kv heads repeated to H
     v: torch.Tensor        # (B, H, S, d_head)
     scores: torch.Tensor   # (B, H, T, S)  q·k
-    scaled: torch.Tensor   # (B, H, T, S)  q·k / sqrt(d_head), future positions -inf
+    scaled: torch.Tensor   # (B, H, T, S)  q·k · scale (soft-capped if the model does), hidden positions -inf
     weights: torch.Tensor  # (B, H, T, S)  softmax(scaled); each row sums to 1
     output: torch.Tensor   # (B, H, T, d_head)  weights @ v
+    scale: float = 0.0     # what q·k was multiplied by
+    window: int | None = None   # positions each query sees (itself included); None: all before it
+    softcap: float | None = None  # scores -> softcap * tanh(scores / softcap), before the mask
+
+
+def attention_mask(T: int, S: int, start: int, window: int | None, device) -> torch.Tensor:
+    """(T, S) True where query start+i may see key j: j <= start+i, and j > start+i-window in a
+    sliding-window layer (transformers' sliding_window_overlay)."""
+    q = torch.arange(start, start + T, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    allowed = j <= q
+    if window is not None:
+        allowed &= j > q - window
+    return allowed
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.cfg = cfg
         self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         qkv_out = (self.n_head + 2 * self.n_kv) * self.hd
         self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias or cfg.qkv_bias)
-        self.proj = nn.Linear(self.n_head * self.hd, cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(self.n_head * self.hd, cfg.d_model, bias=cfg.bias or cfg.proj_bias)
+        # Qwen3 and Gemma 3 normalise each head of q and k before RoPE.
+        self.q_norm = make_norm(cfg, self.hd) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, self.hd) if cfg.qk_norm else None
+        self.window = cfg.window(layer)
+        self.scale = cfg.attn_scale           # None: SDPA's own 1/sqrt(head_dim)
+        self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
 
     def _split(self, x, rope):
@@ -183,6 +260,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -207,38 +286,58 @@ class Attention(nn.Module):
 
     def _fast(self, q, k, v, start):
         T, S = q.shape[2], k.shape[2]
+        window = self.window
+        if T == 1 and window is not None and S > window:
+            # One new token in a sliding-window layer sees only the last `window` keys.
+            k, v, start, S = k[:, :, S - window:], v[:, :, S - window:], start - (S - window), window
+        if self.softcap is not None:   # SDPA cannot soft-cap the scores
+            return self._explicit(q, k, v, start, window)[0]
         gqa = self.n_kv != self.n_head
         if gqa and not _SDPA_HAS_GQA:
             rep = self.n_head // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             gqa = False
         extra = {"enable_gqa": True} if gqa else {}
+        if self.scale is not None:
+            extra["scale"] = self.scale
         if q.is_cuda and _GPU_BACKENDS is not None and not torch.is_grad_enabled():   # inference only
             with _GPU_BACKENDS():
-                return self._sdpa(q, k, v, start, T, S, extra)
-        return self._sdpa(q, k, v, start, T, S, extra)
+                return self._sdpa(q, k, v, start, T, S, window, extra)
+        return self._sdpa(q, k, v, start, T, S, window, extra)
 
-    def _sdpa(self, q, k, v, start, T, S, extra):
+    def _sdpa(self, q, k, v, start, T, S, window, extra):
         dropout = self.dropout if self.training else 0.0
-        if T == 1 or (start == 0 and T == S):
+        if T == 1 or (start == 0 and T == S and (window is None or window >= T)):
             # One new token sees everything before it; a fresh prompt is plain causal.
             return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout, **extra)
-        # Several new tokens after a cached prefix (forced tool results): explicit mask.
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        # Several new tokens after a cached prefix (forced tool results), or a window: explicit mask.
+        mask = attention_mask(T, S, start, window, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, **extra)
 
-    def _explained(self, q, k, v, start):
+    def _explicit(self, q, k, v, start, window):
+        """Attention written out, as transformers' eager path: scores, scale, soft-cap, mask, softmax
+        in float32. Returns the output in q's dtype and the intermediate tensors."""
         rep = self.n_head // self.n_kv
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
         T, S = q.shape[2], k.shape[2]
-        qf, kf, vf = q.float(), k.float(), v.float()
-        scores = qf @ kf.transpose(-2, -1)
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        scaled = (scores / math.sqrt(self.hd)).masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scaled, dim=-1)
-        out = weights @ vf
-        cap = AttentionCapture(q=qf, k=kf, v=vf, scores=scores, scaled=scaled, weights=weights, output=out)
+        scores = q @ k.transpose(-2, -1)
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(self.hd)
+        scaled = scores * scale
+        if self.softcap is not None:
+            scaled = torch.tanh(scaled / self.softcap) * self.softcap
+        scaled = scaled.masked_fill(~attention_mask(T, S, start, window, q.device), float("-inf"))
+        weights = torch.softmax(scaled.float(), dim=-1).to(q.dtype)
+        if self.training and self.dropout:
+            weights = F.dropout(weights, self.dropout)
+        out = weights @ v
+        return out, (k, v, scores, scaled, weights, scale)
+
+    def _explained(self, q, k, v, start):
+        qf = q.float()
+        out, (kf, vf, scores, scaled, weights, scale) = self._explicit(qf, k.float(), v.float(), start, self.window)
+        cap = AttentionCapture(q=qf, k=kf, v=vf, scores=scores, scaled=scaled, weights=weights, output=out,
+                               scale=scale, window=self.window, softcap=self.softcap)
         return out.to(q.dtype), cap
 
 
@@ -246,8 +345,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
-        # SwiGLU's gate and up projections are one matrix: [gate; up].
-        width = 2 * cfg.d_ff if self.swiglu else cfg.d_ff
+        self.geglu = cfg.mlp == "geglu"
+        # A gated MLP's gate and up projections are one matrix: [gate; up].
+        width = 2 * cfg.d_ff if cfg.gated else cfg.d_ff
         self.fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -257,6 +357,9 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             return F.silu(gate) * up
+        if self.geglu:   # Gemma: tanh GELU on the gate
+            gate, up = h.chunk(2, dim=-1)
+            return F.gelu(gate, approximate="tanh") * up
         return F.gelu(h, approximate="tanh")
 
     def forward(self, x):
@@ -264,19 +367,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.ln1 = make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.ln2 = make_norm(cfg)
         self.mlp = MLP(cfg)
+        # Gemma also normalises what attention and the MLP add to the residual stream.
+        self.post_attn_norm = make_norm(cfg) if cfg.post_norms else None
+        self.post_mlp_norm = make_norm(cfg) if cfg.post_norms else None
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, cache, layer, capture=False):
         a, cap = self.attn(self.ln1(x), rope, cache, layer, capture)
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
         x = x + self.dropout(a)
-        x = x + self.mlp(self.ln2(x))
-        return x, cap
+        m = self.mlp(self.ln2(x))
+        if self.post_mlp_norm is not None:
+            m = self.post_mlp_norm(m)
+        return x + m, cap
 
 
 def _plain(m: nn.Module) -> bool:
@@ -297,26 +407,20 @@ def _norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
-def _window(cfg: ModelConfig, layer: int) -> int | None:
-    """The layer's sliding attention window (None: sees every earlier position)."""
-    window = getattr(cfg, "window", None)
-    return window(layer) if window is not None else None
-
-
 def decode_masks(cfg: ModelConfig, pos: torch.Tensor, capacity: int) -> dict:
     """{window: (B, 1, 1, capacity) bool mask} for one new token per row at positions `pos`:
     True where the row may attend (filled positions up to its own, within the window if any)."""
     slots = torch.arange(capacity, device=pos.device)
     seen = slots[None, :] <= pos[:, None]
     masks = {}
-    for window in {_window(cfg, i) for i in range(cfg.n_layer)}:
+    for window in {cfg.window(i) for i in range(cfg.n_layer)}:
         m = seen if window is None else seen & (slots[None, :] > pos[:, None] - window)
         masks[window] = m[:, None, None, :]
     return masks
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """One query per row against the cache's full capacity: q (B, H, 1, hd), k and v (B, KV, S, hd),
     mask (B, 1, 1, S), True where a row may look.
 
@@ -327,10 +431,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     B, H, _, hd = q.shape
     KV = k.shape[1]
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
-    if q.device.type == "cpu" and B == 1 and (KV == H or _SDPA_HAS_GQA):
+    if q.device.type == "cpu" and B == 1 and (KV == H or _SDPA_HAS_GQA) and softcap is None:
         gqa = {"enable_gqa": True} if KV != H else {}
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
     scores = (q.view(B, KV, H // KV, hd) @ k.transpose(-2, -1)) * scale    # (B, KV, H/KV, S)
+    if softcap is not None:   # Gemma 2: scores -> softcap * tanh(scores / softcap), before the mask
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     return (torch.softmax(scores, dim=-1) @ v).view(B, H, 1, hd)
 
@@ -342,14 +448,21 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.context, cfg.d_model) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        if cfg.positions == "rope":
-            self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
-        self._rope_cache = None
+        # RoPE tables: ("full",) or, for Gemma 3, ("full", "local"); each layer's index into them.
+        local = cfg.rope_local_theta is not None
+        self._rope_kinds = ("full", "local") if local else ("full",)
+        self._rope_of = [int(local and (cfg.layer_types is None or t == "sliding_attention"))
+                         for t in (cfg.layer_types or [None] * cfg.n_layer)]
+        self._rope_tables: dict = {}
+        scaling = cfg.rope_scaling or {}
+        # longrope switches every position to its long factors once the sequence outgrows this length.
+        self.rope_switch = (scaling["original_max_position_embeddings"]
+                            if scaling.get("rope_type", scaling.get("type")) == "longrope" else None)
         self.apply(self._init_weights)
         # GPT-2's scaled init for residual projections keeps activations steady with depth.
         for name, p in self.named_parameters():
@@ -379,39 +492,79 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, batch, max_len or self.cfg.context, self.device, cache_dtype(self.device, self.dtype))
 
-    def _rope(self, start: int, T: int):
-        end = start + T
-        rc = self._rope_cache
-        if rc is None or rc[0].shape[0] < end or rc[0].device != self.device or rc[0].dtype != self.dtype:
+    def _rope_table(self, kind: str, end: int):
+        """cos and sin for positions 0.. at least `end` (the whole context), in the model's dtype. Built
+        once: captured decode steps (CUDA graphs) keep reading the table they were captured with."""
+        t = self._rope_tables.get(kind)
+        if t is None or t[0].shape[0] < end or t[0].device != self.device or t[0].dtype != self.dtype:
             n = max(end, self.cfg.context)
-            t = torch.arange(n, device=self.device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(self.device))
+            # Frequencies straight from the config in float32, never a half-precision copy.
+            inv_freq, factor = rope_frequencies(self.cfg, local=kind == "local", long=kind == "long")
+            pos = torch.arange(n, device=self.device, dtype=torch.float32)
+            freqs = torch.outer(pos, inv_freq.to(self.device))
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._rope_cache = rc = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
-        return rc[0][start:end], rc[1][start:end]
+            t = self._rope_tables[kind] = ((emb.cos() * factor).to(self.dtype), (emb.sin() * factor).to(self.dtype))
+        return t
+
+    def _rope(self, start: int, T: int) -> tuple:
+        """(cos, sin) for positions start..start+T-1, one pair per kind of layer (see _rope_of)."""
+        end = start + T
+        ropes = []
+        for kind in self._rope_kinds:
+            if kind == "full" and self.rope_switch is not None and end > self.rope_switch:
+                kind = "long"
+            cos, sin = self._rope_table(kind, end)
+            ropes.append((cos[start:end], sin[start:end]))
+        return tuple(ropes)
+
+    def _decode_ropes(self, pos: torch.Tensor, capacity: int) -> tuple:
+        """Like _rope, for one token per row at positions `pos` (B,): each (cos, sin) is (B, 1, 1, rope dim).
+        With longrope, rows whose sequence has passed the switch take the long factors."""
+        B = pos.shape[0]
+        ropes = []
+        for kind in self._rope_kinds:
+            cos, sin = self._rope_table(kind, capacity)
+            cos, sin = cos[pos], sin[pos]
+            if kind == "full" and self.rope_switch is not None:
+                far = (pos >= self.rope_switch).view(B, 1)
+                long_cos, long_sin = self._rope_table("long", capacity)
+                cos, sin = torch.where(far, long_cos[pos], cos), torch.where(far, long_sin[pos], sin)
+            ropes.append((cos.view(B, 1, 1, -1), sin.view(B, 1, 1, -1)))
+        return tuple(ropes)
+
+    def _check_switch(self, cache: KVCache | None, start: int, end: int) -> None:
+        # Keys cached with longrope's short factors are wrong once the sequence passes the switch:
+        # transformers recomputes them all, and so must the caller (Session.feed does).
+        if cache is not None and 0 < start <= self.rope_switch < end:
+            raise ValueError(f"the sequence passes {self.rope_switch} tokens, where this model's RoPE switches to "
+                             "its long factors: run it again from the start without the cache")
 
     def _embed(self, idx, start):
         T = idx.shape[1]
         x = self.embed(idx)
-        rope = None
+        if self.cfg.scale_embeddings:   # Gemma: sqrt(d_model), rounded to the weights' dtype as transformers does
+            x = x * torch.tensor(self.cfg.d_model ** 0.5).to(x.dtype)
+        ropes = None
         if self.pos_embed is not None:
             if start + T > self.cfg.context:
                 raise ValueError(f"sequence of {start + T} tokens is longer than the context of {self.cfg.context}")
             x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
         else:
-            rope = self._rope(start, T)
-        return self.drop(x), rope
+            ropes = self._rope(start, T)
+        return self.drop(x), ropes
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final normalised hidden states (B, T, d_model): what the LM head and a reward head read."""
         if cache is not None and idx.shape[1] == 1 and not self.training:
             return self._step(idx, cache)
         start = cache.pos if cache is not None else 0
-        x, rope = self._embed(idx, start)
+        if self.rope_switch is not None:
+            self._check_switch(cache, start, start + idx.shape[1])
+        x, ropes = self._embed(idx, start)
         if cache is not None:
             cache.reserve(start + idx.shape[1])
         for i, block in enumerate(self.blocks):
-            x, _ = block(x, rope, cache, i)
+            x, _ = block(x, ropes and ropes[self._rope_of[i]], cache, i)
         if cache is not None:
             cache.pos = start + idx.shape[1]
         return self.norm(x)
@@ -421,6 +574,8 @@ class Transformer(nn.Module):
         cache.reserve(cache.pos + 1)
         if self.pos_embed is not None and cache.pos >= self.cfg.context:
             raise ValueError(f"sequence of {cache.pos + 1} tokens is longer than the context of {self.cfg.context}")
+        if self.rope_switch is not None:
+            self._check_switch(cache, cache.pos, cache.pos + 1)
         pos = torch.full((idx.shape[0],), cache.pos, dtype=torch.long, device=idx.device)
         h = self.decode(idx, pos, cache)
         cache.pos += 1
@@ -440,27 +595,33 @@ class Transformer(nn.Module):
         B = idx.shape[0]
         H, KV, hd = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
         x = self.embed(idx)
-        rope = None
+        if self.cfg.scale_embeddings:
+            x = x * torch.tensor(self.cfg.d_model ** 0.5).to(x.dtype)
+        ropes = None
         if self.pos_embed is not None:
             x = x + self.pos_embed(pos).unsqueeze(1)
         else:
-            cos, sin = self._rope(0, cache.capacity)
-            rope = cos[pos].view(B, 1, 1, hd), sin[pos].view(B, 1, 1, hd)
+            ropes = self._decode_ropes(pos, cache.capacity)
         masks = decode_masks(self.cfg, pos, cache.capacity)
         where = pos.view(B, 1, 1, 1).expand(B, KV, 1, hd)
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             # With one position, (B, 1, heads, hd) -> (B, heads, 1, hd) is a plain view.
             q, k, v = _linear(attn.qkv, _norm(block.ln1, x)).view(B, H + 2 * KV, 1, hd).split([H, KV, KV], dim=1)
-            if rope is not None:
+            if attn.q_norm is not None:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            if ropes is not None:
+                rope = ropes[self._rope_of[i]]
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             keys, values = cache.k[i][:B], cache.v[i][:B]
             keys.scatter_(2, where, k.to(keys.dtype))
             values.scatter_(2, where, v.to(values.dtype))
-            y = decode_attention(q.to(keys.dtype), keys, values, masks[_window(self.cfg, i)]).to(x.dtype)
-            x = x + _linear(attn.proj, y.view(B, 1, H * hd))
-            h = mlp.activate(_linear(mlp.fc, _norm(block.ln2, x)))
-            x = x + _linear(mlp.proj, h)
+            y = decode_attention(q.to(keys.dtype), keys, values, masks[attn.window], attn.scale,
+                                 attn.softcap).to(x.dtype)
+            a = _linear(attn.proj, y.view(B, 1, H * hd))
+            x = x + (a if block.post_attn_norm is None else block.post_attn_norm(a))
+            m = _linear(mlp.proj, mlp.activate(_linear(mlp.fc, _norm(block.ln2, x))))
+            x = x + (m if block.post_mlp_norm is None else block.post_mlp_norm(m))
         return _norm(self.norm, x)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
@@ -469,7 +630,15 @@ class Transformer(nn.Module):
         h = self.hidden(idx, cache)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head over hidden states (and Gemma's final soft-cap)."""
+        logits = self.lm_head(h)
+        cap = self.cfg.logit_softcap
+        if cap is not None:   # Gemma's final soft-cap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @torch.no_grad()
     def forward_with_attention(self, idx: torch.Tensor, layers=None, need_logits: bool = True):
@@ -478,12 +647,12 @@ class Transformer(nn.Module):
         Memory grows as layers x heads x T^2, so the visualizer asks for one layer at a time;
         with need_logits=False it stops after the last wanted layer and returns None for logits."""
         wanted = set(range(self.cfg.n_layer)) if layers is None else set(layers)
-        x, rope = self._embed(idx, 0)
+        x, ropes = self._embed(idx, 0)
         captures = {}
         for i, block in enumerate(self.blocks):
-            x, cap = block(x, rope, None, i, capture=i in wanted)
+            x, cap = block(x, ropes and ropes[self._rope_of[i]], None, i, capture=i in wanted)
             if cap is not None:
                 captures[i] = cap
             if not need_logits and len(captures) == len(wanted):
                 return None, captures  # nothing later is needed
-        return self.lm_head(self.norm(x)), captures
+        return self.logits(self.norm(x)), captures

@@ -151,9 +151,9 @@ def test_the_decode_step_sees_the_same_shapes_token_after_token(lm, monkeypatch)
     seen = []
     real = model_module.decode_attention
 
-    def spy(q, k, v, mask, scale=None):
+    def spy(q, k, v, mask, *rest):
         seen.append((tuple(q.shape), tuple(k.shape), tuple(mask.shape)))
-        return real(q, k, v, mask, scale)
+        return real(q, k, v, mask, *rest)
 
     monkeypatch.setattr(model_module, "decode_attention", spy)
     ids, _ = solo(lm, prompts(lm, 1)[0], params(60))   # one sequence: 60 tokens, one shape

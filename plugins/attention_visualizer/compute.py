@@ -20,8 +20,15 @@ class LayerAttention:
     k: np.ndarray            # (H, T, d_head)
     v: np.ndarray            # (H, T, d_head)
     scores: np.ndarray       # (H, T, T) q·k
-    scaled: np.ndarray       # (H, T, T) q·k / sqrt(d_head), future positions -inf
+    scaled: np.ndarray       # (H, T, T) q·k × scale (soft-capped if the model does), hidden positions -inf
     output: np.ndarray       # (H, T, d_head) weights @ v
+    scale: float = 0.0       # what q·k is multiplied by: 1/sqrt(d_head) for most models
+    window: int | None = None    # a sliding-window layer: positions each token sees, itself included
+    softcap: float | None = None
+
+    def __post_init__(self):
+        if not self.scale:
+            self.scale = 1.0 / np.sqrt(self.d_head)
 
     @property
     def d_head(self) -> int:
@@ -46,7 +53,7 @@ def layer_attention(model, ids: list[int], layer: int) -> LayerAttention:
     c = caps[layer]
     arr = lambda t: t[0].detach().float().cpu().numpy()  # noqa: E731
     return LayerAttention(layer, arr(c.weights), arr(c.q), arr(c.k), arr(c.v), arr(c.scores), arr(c.scaled),
-                          arr(c.output))
+                          arr(c.output), c.scale, c.window, c.softcap)
 
 
 def all_layers(model, ids: list[int], max_side: int = 128) -> list[np.ndarray]:
@@ -72,15 +79,20 @@ def pool(w: np.ndarray, side: int) -> np.ndarray:
 
 
 def step_by_step(att: LayerAttention, head: int, query: int) -> dict:
-    """The book's §4.5.1.3 for one query token: q·k, ÷√d_k, mask, softmax, Σ weights·v."""
+    """The book's §4.5.1.3 for one query token: q·k, ÷√d_k, mask, softmax, Σ weights·v -- with the
+    model's own scale, soft-cap and sliding window where it has them."""
     q = att.q[head, query]
     scores = att.k[head] @ q                       # (T,) q·k for every key
-    scaled = scores / np.sqrt(att.d_head)
+    scaled = scores * att.scale                    # 1/sqrt(d_head) unless the model says otherwise
+    if att.softcap:
+        scaled = np.tanh(scaled / att.softcap) * att.softcap
     masked = scaled.copy()
     masked[query + 1:] = -np.inf                   # a token may not look at the future
-    e = np.exp(masked - masked[: query + 1].max())
+    first = 0 if att.window is None else max(0, query + 1 - att.window)
+    masked[:first] = -np.inf                       # nor, in a sliding-window layer, too far back
+    e = np.exp(masked - masked[first: query + 1].max())
     weights = e / e.sum()
     output = weights @ att.v[head]
-    return {"query": query, "d_head": att.d_head, "scores": scores, "scaled": scaled, "masked": masked,
-            "weights": weights, "output": output, "model_weights": att.weights[head, query],
-            "model_output": att.output[head, query]}
+    return {"query": query, "d_head": att.d_head, "scale": att.scale, "first": first, "scores": scores,
+            "scaled": scaled, "masked": masked, "weights": weights, "output": output,
+            "model_weights": att.weights[head, query], "model_output": att.output[head, query]}

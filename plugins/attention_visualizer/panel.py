@@ -27,6 +27,17 @@ def colormap():
     return pg.colormap.get("inferno")
 
 
+def scale_text(s: dict) -> str:
+    root = np.sqrt(s["d_head"])
+    if abs(s["scale"] * root - 1) < 1e-6:
+        return f"divide by √d_k = √{s['d_head']} = {root:.2f}"
+    return f"multiply by this model's scale {s['scale']:.4f} (not 1/√d_k = {1 / root:.4f})"
+
+
+def window_text(s: dict) -> str:
+    return f" and the {s['first']} too far back for this layer's sliding window" if s["first"] else ""
+
+
 class HeadView(QWidget):
     """bertviz-style: tokens on the left attend to tokens on the right; line opacity is the weight."""
     ROW = 20
@@ -362,8 +373,9 @@ class AttentionPanel(QWidget):
         self.weights_bars.setOpts(x=np.arange(n), height=s["weights"][:n])
         self.steps_text.setText(
             f"<b>Query token {qi}</b> “{short(self.labels[qi], 24)}”, layer {layer}, head {h}. "
-            f"1) score = q·k for every key token; 2) divide by √d_k = √{s['d_head']} = {np.sqrt(s['d_head']):.2f}; "
-            f"3) mask the {len(self.ids) - n} future tokens to −∞; 4) softmax turns scores into weights that sum to 1 "
+            f"1) score = q·k for every key token; 2) {scale_text(s)}; "
+            f"3) mask the {len(self.ids) - n} future tokens{window_text(s)} to −∞; "
+            f"4) softmax turns scores into weights that sum to 1 "
             f"(here {s['weights'].sum():.4f}); 5) the output is Σ weight · v.")
         out = ", ".join(f"{x:.3f}" for x in s["output"][:8])
         diff = float(np.abs(s["output"] - s["model_output"]).max())
