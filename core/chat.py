@@ -21,8 +21,10 @@ branches; the old ones stay in the store.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import string
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -36,6 +38,8 @@ MAX_TOOL_ROUNDS = 5
 SOL_CALL = re.compile(r"<\|tool_call\|>(.*?)<\|tool_end\|>", re.S)
 JSON_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 END_MARKERS = {"sol": "<|tool_end|>", "json": "</tool_call>"}
+# A template that tells a tool-call message by its content being None (DeepSeek's).
+TESTS_NONE = re.compile(r"""(\[\s*['"]content['"]\s*\]|\.content)\s+is\s+(not\s+)?none""")
 # Stands in for a tool's result while we render the template, to find where the result goes.
 SENTINEL = "\u2063SOL-TOOL-RESULT\u2063"
 
@@ -93,6 +97,29 @@ def parse_json_call(body: str) -> ToolCall:
         return ToolCall("?", {}, "json", f"cannot read the tool call {body.strip()[:60]!r}; expected "
                                          '{"name": ..., "arguments": {...}}')
     return ToolCall(name, args, "json")
+
+
+ID_CHARS = string.ascii_letters + string.digits
+
+
+def tool_call_id(message_id) -> str:
+    """The id of the call an assistant message made: 9 letters and digits (Mistral's templates refuse any
+    other), derived from the message's id so every rendering of the conversation writes the same one."""
+    n = int.from_bytes(hashlib.sha256(f"sol-tool-call-{message_id}".encode()).digest()[:8], "big")
+    out = ""
+    for _ in range(9):
+        n, r = divmod(n, len(ID_CHARS))
+        out += ID_CHARS[r]
+    return out
+
+
+def json_string_arguments(messages: list[dict]) -> list[dict]:
+    """The messages with each tool call's arguments as a JSON string instead of an object."""
+    def call(c):
+        f = c["function"]
+        args = f["arguments"] if isinstance(f["arguments"], str) else json.dumps(f["arguments"], ensure_ascii=False)
+        return {**c, "function": {**f, "arguments": args}}
+    return [{**m, "tool_calls": [call(c) for c in m["tool_calls"]]} if "tool_calls" in m else m for m in messages]
 
 
 def strip_json_calls(text: str) -> str:
@@ -341,29 +368,51 @@ class ChatSession:
 
     def _render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         out = [{"role": "system", "content": self._system}] if self._system else []
-        out += [self._template_message(m) for m in messages]
-        tools = self.plugins.tool_schemas() if self.plugins is not None else []
-        return self.tokenizer.apply_chat_template(out, add_generation_prompt=add_generation_prompt,
-                                                  tools=tools or None)
+        tools = (self.plugins.tool_schemas() if self.plugins is not None else []) or None
+        template = self.tokenizer.template_for(tools)
+        structured = "tool_calls" in template
+        out += [self._template_message(m, structured, bool(TESTS_NONE.search(template))) for m in messages]
+        try:
+            return self.tokenizer.apply_chat_template(out, add_generation_prompt=add_generation_prompt, tools=tools)
+        except SolError:
+            # transformers' docs give a call's arguments as a dict; DeepSeek's templates join them to
+            # strings (OpenAI's form, a JSON string). Give those templates the string.
+            if not any("tool_calls" in m for m in out):
+                raise
+            return self.tokenizer.apply_chat_template(json_string_arguments(out),
+                                                      add_generation_prompt=add_generation_prompt, tools=tools)
 
-    def _template_message(self, m: dict) -> dict:
-        """A stored message as chat templates take it. Imported models' templates that know `tool_calls`
-        get the call structured (as they were trained); others get the text as the model wrote it."""
-        call = (m.get("meta") or {}).get("tool_call")
-        if m["role"] == "assistant" and call and call.get("style") == "json" and \
-                "tool_calls" in (self.tokenizer.chat_template or ""):
-            return {"role": "assistant", "content": strip_json_calls(m["content"]),
-                    "tool_calls": [{"type": "function",
-                                    "function": {"name": call["name"], "arguments": call["arguments"]}}]}
+    @staticmethod
+    def _template_message(m: dict, structured: bool, none_content: bool = False) -> dict:
+        """A stored message as chat templates take it (transformers' chat-templating docs). A template that
+        knows `tool_calls` gets the call structured, as the model was trained: {"id", "type": "function",
+        "function": {"name", "arguments"}}, `content` None when the model wrote nothing beside the call, and
+        the result as a tool message with the call's `tool_call_id` and `name`. Other templates get the text
+        as the model wrote it.
+
+        transformers 5 drops keys whose value is None before rendering (templates handle a missing key
+        better than None), but DeepSeek's templates were written for None (`content is none` marks a
+        call): a template that tests content against none gets it; others get no content key."""
+        meta = m.get("meta") or {}
+        call = meta.get("tool_call")
+        if m["role"] == "assistant" and call and call.get("style") == "json" and structured:
+            msg = {"role": "assistant", "content": strip_json_calls(m["content"]) or None,
+                   "tool_calls": [{"id": tool_call_id(m["id"]), "type": "function",
+                                   "function": {"name": call["name"], "arguments": call["arguments"]}}]}
+            if msg["content"] is None and not none_content:
+                del msg["content"]
+            return msg
         if m["role"] == "tool":
-            return {"role": "tool", "content": m["content"], "name": (m.get("meta") or {}).get("name", "")}
+            return {"role": "tool", "content": m["content"], "tool_call_id": tool_call_id(m.get("parent_id")),
+                    "name": meta.get("name", "")}
         return {"role": m["role"], "content": m["content"]}
 
     def _result_suffix(self, call: ToolCall, text: str) -> str:
         """The text to force after a call: what the chat template writes between the end of the call and
         the model's next words, with the result in it."""
         marker = END_MARKERS[call.style]
-        tool = {"id": None, "role": "tool", "content": SENTINEL, "meta": {"name": call.name}}
+        tool = {"id": None, "role": "tool", "content": SENTINEL, "meta": {"name": call.name},
+                "parent_id": self.messages[-1]["id"]}
         try:
             full = self._render(self.messages + [tool])
         except SolError:

@@ -45,6 +45,7 @@ class LoadedModel:
     format: str                 # "sol" | "hf"
     meta: dict = field(default_factory=dict)  # sol.json, or {} for imported models
     extra_tensors: dict = field(default_factory=dict)  # e.g. a reward model's "reward_head.*"
+    sampling: dict = field(default_factory=dict)  # generation_config.json's sampling defaults, for the chat
 
     @property
     def name(self) -> str:
@@ -202,6 +203,43 @@ def _rope(cfg: dict, mt: str, source: Path, head_dim: int, context: int) -> dict
     return out
 
 
+# ---- generation_config.json ---------------------------------------------------
+SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float}
+
+
+def read_generation_config(d: Path) -> tuple[list[int], dict]:
+    """generation_config.json's stop ids (Llama-3-Instruct ends turns with <|eot_id|>, which config.json's
+    eos_token_id does not name) and its sampling defaults; ([], {}) without the file."""
+    f = d / "generation_config.json"
+    if not f.is_file():
+        return [], {}
+    gen = read_json(f)
+    eos = gen.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    if eos is not None and not (isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                for i in eos)):
+        raise SolError(f"{f}: eos_token_id must be a token id or a list of them, not {gen.get('eos_token_id')!r}")
+    sampling = {}
+    for k, kind in SAMPLING_FIELDS.items():
+        v = gen.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+            raise SolError(f"{f}: {k} must be a number, not {v!r}")
+        sampling[k] = kind(v)
+    if gen.get("do_sample") is False:   # transformers then decodes greedily, whatever the temperature says
+        sampling["temperature"] = 0.0
+    return list(eos or []), sampling
+
+
+def with_stop_ids(cfg: ModelConfig, ids: list[int]) -> None:
+    """Add stop ids to those config.json names (stop_ids_for reads config.extra["eos_token_id"])."""
+    if ids:
+        have = cfg.extra.get("eos_token_id")
+        have = [have] if isinstance(have, int) else list(have or [])
+        cfg.extra = {**cfg.extra, "eos_token_id": sorted(set(have) | set(ids))}
+
+
 # ---- renaming Hugging Face weights into Sol's layout --------------------------
 class UnusedTensors(Exception):
     """Tensors a checkpoint holds that the model built from its config has no place for."""
@@ -337,6 +375,10 @@ def _load_pickle(f: Path) -> dict:
     return sd
 
 
+def _pickle_files(d: Path) -> list[Path]:
+    return sorted(list(d.glob("*.bin")) + list(d.glob("*.pt")))
+
+
 def load_weights(d: Path) -> tuple[dict, str]:
     """All tensors of a model directory, and a description of where they came from (for errors)."""
     files = _safetensors_files(d)
@@ -345,7 +387,7 @@ def load_weights(d: Path) -> tuple[dict, str]:
         for f in files:
             sd.update(_load_safetensors(f))
         return sd, files[0].name if len(files) == 1 else f"{files[0].name} (+{len(files) - 1} more)"
-    pickles = sorted(list(d.glob("*.bin")) + list(d.glob("*.pt")))
+    pickles = _pickle_files(d)
     if pickles:
         sd = {}
         for f in pickles:
@@ -379,6 +421,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if d.is_file():
         raise SolError(f"{d}: a model is a directory (config.json, model.safetensors, tokenizer.json); give its folder")
     cfg, fmt = load_config(d)
+    stop_ids, sampling = read_generation_config(d)
+    with_stop_ids(cfg, stop_ids)
     tok_path = d / "tokenizer.json"
     if not tok_path.is_file():
         raise SolError(f"{tok_path}: tokenizer missing; a model directory needs its tokenizer.json")
@@ -402,7 +446,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if dtype is not None or str(device) != "cpu":
         model.to(device=device, dtype=dtype)
     meta = read_json(d / "sol.json") if fmt == "sol" else {}
-    return LoadedModel(model, tokenizer, cfg, d, fmt, meta, extra)
+    return LoadedModel(model, tokenizer, cfg, d, fmt, meta, extra, sampling)
 
 
 def _check_shapes(model: Transformer, sd: dict, source: Path) -> None:
@@ -462,6 +506,18 @@ def safetensors_numel(f: Path) -> int:
     return total
 
 
+def pickle_numel(f: Path) -> int:
+    """Number of parameters in a .bin/.pt file: loaded onto the meta device (shapes only) and with
+    weights_only, so nothing in it runs."""
+    try:
+        sd = torch.load(str(f), map_location="meta", weights_only=True, mmap=True)
+    except Exception as e:
+        raise SolError(f"{f}: cannot read ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(sd, dict):
+        raise SolError(f"{f}: expected a dictionary of tensors")
+    return sum(v.numel() for v in sd.values() if isinstance(v, torch.Tensor))
+
+
 def inspect(path: Path) -> dict | None:
     """{"format", "architecture", "parameters"} for a loadable model directory, or None."""
     try:
@@ -469,10 +525,13 @@ def inspect(path: Path) -> dict | None:
         if not (path / "tokenizer.json").is_file():
             return None
         files = _safetensors_files(path)
-        if not files:
+        if files:
+            params = sum(safetensors_numel(f) for f in files)
+        elif _pickle_files(path):   # pytorch_model.bin only: shapes from the pickle, no tensor data read
+            params = sum(pickle_numel(f) for f in _pickle_files(path))
+        else:
             return None
-        params = sum(safetensors_numel(f) for f in files)
-    except (SolError, OSError, ValueError, KeyError, struct.error):
+    except (SolError, OSError, ValueError, KeyError, struct.error, RuntimeError, EOFError):
         return None
     arch = cfg.architecture if fmt == "hf" else ("llama-style" if cfg.positions == "rope" else "gpt2-style")
     return {"format": fmt, "architecture": arch, "parameters": params}

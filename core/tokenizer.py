@@ -3,14 +3,18 @@
 - encode with offsets, decode;
 - StreamDecoder: incremental decoding that never emits half a UTF-8 character;
 - train a character-level or byte-level BPE vocabulary from text files;
-- special tokens and chat templates: Sol's own for Sol models, the Jinja
-  `chat_template` of `tokenizer_config.json` for imported models, rendered in
-  a sandbox (a template is data, never code we run with our privileges).
+- special tokens and chat templates: Sol's own for Sol models, and for
+  imported models the Jinja template where transformers keeps it
+  (`chat_template.jinja`, `additional_chat_templates/*.jinja`, the
+  `chat_template` of `tokenizer_config.json`, or a processor's
+  `chat_template.json`), rendered in a sandbox built like transformers' own
+  (a template is data, never code we run with our privileges).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
@@ -49,6 +53,20 @@ SOL_CHAT_TEMPLATE = (
 )
 
 
+# Special tokens that tell which chat format a model was trained on. A model that has them but no
+# template must not be chatted with in another format (Sol's own would fit it silently and badly).
+TEMPLATE_FAMILIES = {
+    "ChatML": ("<|im_start|>", "<|im_end|>"),
+    "Llama 3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "Phi-3": ("<|user|>", "<|assistant|>", "<|end|>"),
+    "Mistral": ("[INST]", "[/INST]"),
+    "Gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "DeepSeek": ("<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"),
+}
+# The named special tokens transformers hands every template (its SPECIAL_TOKENS_ATTRIBUTES).
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
 @dataclass
 class Encoding:
     ids: list[int]
@@ -58,10 +76,14 @@ class Encoding:
 
 
 class Tokenizer:
-    def __init__(self, hf: HFTokenizer, config: dict | None = None, path: Path | None = None):
+    def __init__(self, hf: HFTokenizer, config: dict | None = None, path: Path | None = None,
+                 templates: dict[str, str] | None = None):
         self.hf = hf
         self.config = config or {}   # tokenizer_config.json of imported models, if any
         self.path = path
+        # Named chat templates ("default", "tool_use", ...), as transformers keeps them.
+        self.templates = templates if templates is not None else \
+            config_templates(self.config.get("chat_template"), "tokenizer_config.json")
 
     # ---- loading and saving -------------------------------------------------
     @classmethod
@@ -80,7 +102,7 @@ class Tokenizer:
                 config = json.loads(cfg_path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise SolError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        return cls(hf, config, path)
+        return cls(hf, config, path, read_chat_templates(path.parent, config))
 
     def save(self, path: str | Path) -> None:
         from .atomic import write_text
@@ -135,45 +157,186 @@ class Tokenizer:
     # ---- chat templates -----------------------------------------------------
     @property
     def is_sol(self) -> bool:
-        return all(self.token_to_id(t) is not None for t in ("<|user|>", "<|assistant|>", "<|end|>"))
+        # All of Sol's chat and tool tokens: Phi-3 has <|user|>, <|assistant|> and <|end|> too.
+        return all(self.token_to_id(t) is not None for t in
+                   ("<|user|>", "<|assistant|>", "<|end|>", "<|tool_call|>", "<|tool_result|>", "<|tool_end|>"))
+
+    @property
+    def template_family(self) -> str | None:
+        """The chat format this vocabulary's special tokens belong to (None for Sol's or an unknown one)."""
+        if self.is_sol:
+            return None
+        return next((name for name, toks in TEMPLATE_FAMILIES.items()
+                     if all(self.token_to_id(t) is not None for t in toks)), None)
 
     @property
     def chat_template(self) -> str | None:
-        tmpl = self.config.get("chat_template")
-        if isinstance(tmpl, list):  # several named templates: take "default"
-            tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
-        if tmpl:
-            return tmpl
-        return SOL_CHAT_TEMPLATE if self.is_sol else None
+        """The template used without tools (transformers' "default")."""
+        return self.template_for(None, required=False)
+
+    def template_for(self, tools: list | None, required: bool = True) -> str | None:
+        """The template transformers would pick: "tool_use" when tools are given and the model has one,
+        else "default"; Sol's own for Sol vocabularies without one."""
+        t = self.templates
+        if tools and "tool_use" in t:
+            return t["tool_use"]
+        if "default" in t:
+            return t["default"]
+        where = self.path.parent if self.path else "tokenizer"
+        if t:
+            if not required:
+                return None
+            raise SolError(f"{where}: this model has several chat templates ({', '.join(sorted(t))}) but none named "
+                           "'default'; name one chat_template.jinja")
+        if self.is_sol:
+            return SOL_CHAT_TEMPLATE
+        if not required:
+            return None
+        family = self.template_family
+        if family:
+            raise SolError(f"{where}: the tokenizer has {family} chat tokens "
+                           f"({', '.join(TEMPLATE_FAMILIES[family])}) but the model has no chat template "
+                           "(no chat_template.jinja, chat_template.json or chat_template in tokenizer_config.json); "
+                           "copy the template from the original model's files")
+        raise SolError(f"{where}: this model has no chat template (no chat_template.jinja, chat_template.json or "
+                       "chat_template in tokenizer_config.json); use `sol generate` for raw completion")
+
+    def template_tokens(self) -> dict[str, str]:
+        """The named special tokens a template sees (bos_token, eos_token, ...), only those the model defines."""
+        return {k: v for k in TEMPLATE_TOKENS if (v := self._config_token(k))}
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> str:
-        tmpl = self.chat_template
-        if tmpl is None:
-            raise SolError(f"{self.path or 'tokenizer'}: this model has no chat template "
-                           "(no chat_template in tokenizer_config.json); use `sol generate` for raw completion")
-        return render_template(tmpl, messages=messages, add_generation_prompt=add_generation_prompt,
-                               tools=tools, bos_token=self._config_token("bos_token") or "",
-                               eos_token=self._config_token("eos_token") or "")
+                            tools: list[dict] | None = None, **kwargs) -> str:
+        return render_template(self.template_for(tools), messages=messages, tools=tools, documents=None,
+                               add_generation_prompt=add_generation_prompt, **{**self.template_tokens(), **kwargs})
 
 
-def render_template(template: str, **context) -> str:
+def config_templates(value, source: str) -> dict[str, str]:
+    """`chat_template` as tokenizer_config.json or chat_template.json store it: one string, or a list of
+    {"name", "template"} (transformers' legacy form for several)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return {t["name"]: t["template"] for t in value}
+    raise SolError(f"{source}: chat_template must be a string or a list of {{\"name\", \"template\"}} objects")
+
+
+def read_chat_templates(d: Path, config: dict) -> dict[str, str]:
+    """A model folder's chat templates, found where transformers looks: chat_template.jinja and
+    additional_chat_templates/*.jinja take priority over tokenizer_config.json; chat_template.json
+    (a processor's file) comes last."""
+    found = {}
+    if (d / "chat_template.jinja").is_file():
+        found["default"] = _read_text(d / "chat_template.jinja")
+    extra = d / "additional_chat_templates"
+    if extra.is_dir():
+        for f in sorted(extra.glob("*.jinja")):
+            found[f.name[:-len(".jinja")]] = _read_text(f)
+    if found:
+        return found
+    found = config_templates(config.get("chat_template"), str(d / "tokenizer_config.json"))
+    if not found and (d / "chat_template.json").is_file():
+        f = d / "chat_template.json"
+        try:
+            data = json.loads(_read_text(f))
+        except json.JSONDecodeError as e:
+            raise SolError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if not isinstance(data, dict) or "chat_template" not in data:
+            raise SolError(f"{f}: expected an object with a chat_template field")
+        found = config_templates(data["chat_template"], str(f))
+    return found
+
+
+def _read_text(f: Path) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SolError(f"{f}: not a UTF-8 text file") from None
+
+
+# ---- rendering templates (the environment transformers' _compile_jinja_template builds) -----------------
+@lru_cache(maxsize=32)
+def compile_template(template: str):
+    """A template compiled in a sandbox with what transformers' chat templates may use: loop controls,
+    {% generation %}, raise_exception, strftime_now, tojson with json.dumps' options, dict, namespace."""
     from datetime import datetime
 
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message):
-        raise SolError(f"chat template: {message}")
+    class Generation(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %} marks the assistant's tokens for training masks
+        (transformers' AssistantTracker); rendering writes its body unchanged."""
+        tags = {"generation"}
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Not Jinja's own tojson, which escapes <, >, & and ' for HTML.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class TemplateDict:
+        # dict() without the dict type itself, whose attributes lead out of the sandbox.
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        # namespace() that refuses underscore names, the way to CPython internals.
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"a namespace cannot hold {name!r} (a name starting with _)")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                       extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
     try:
-        return env.from_string(template).render(**context)
-    except jinja2.TemplateError as e:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise SolError(f"chat template line {e.lineno}: {e.message}") from None
+
+
+def render_template(template: str, **context) -> str:
+    import jinja2
+    compiled = compile_template(template)
+    try:
+        return compiled.render(**context)
+    except jinja2.TemplateError as e:   # raise_exception, undefined values, the sandbox refusing something
         raise SolError(f"chat template: {e}") from None
+    except Exception as e:   # a template is data: its TypeError ("str" + None) is a mismatch, not a crash of Sol
+        raise SolError(f"chat template: {type(e).__name__}: {e}; the messages do not have the form this "
+                       "template expects") from None
 
 
 class StreamDecoder:

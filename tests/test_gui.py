@@ -297,3 +297,20 @@ def test_the_panel_kit_that_plugins_use(qtbot):
         [("Word count", "h1"), ("Words in each answer.", "muted")]
     assert t.columnCount() == 2 and t.editTriggers() == QAbstractItemView.NoEditTriggers
     assert t.selectionBehavior() == QAbstractItemView.SelectRows
+
+
+def test_chat_sampling_takes_the_models_generation_config_unless_the_user_set_it(window, tmp_path):
+    win, ctx = window
+    folder = make_tiny_model(tmp_path / "m")
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9, "top_k": 20}))
+    chat = win.panel("chat")
+    chat.params.top_k.setValue(7)                      # the user's own: kept
+    ctx.set_model(loaded(folder))
+    p = chat.params.generation_params().sampling
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.6, 0.9, 7, 1.1)
+    assert "generation_config.json" in chat.params.source.text()
+    chat.params.reset.click()                          # "Model defaults" gives top-k back to the model
+    assert chat.params.generation_params().sampling.top_k == 20
+    ctx.set_model(loaded(make_tiny_model(tmp_path / "plain")))   # a model without one: Sol's defaults
+    p = chat.params.generation_params().sampling
+    assert (p.temperature, p.top_p, p.top_k) == (0.8, 0.95, 50) and chat.params.source.text() == ""

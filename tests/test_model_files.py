@@ -158,6 +158,24 @@ def test_models_list_finds_sol_and_hf_cache_models(isolated_home, capsys):
     assert rc == 0 and json.loads(out.splitlines()[-1])["completion_tokens"] == 3
 
 
+def test_models_list_finds_a_bin_only_hf_cache_repo(isolated_home, capsys):
+    """A snapshot with only pytorch_model.bin (older repos) is listed, with its parameter count, and loads by name."""
+    transformers = pytest.importorskip("transformers")
+    snap = hf_cache_model(isolated_home, "someone/old-llama", "llama-untied")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(snap)
+    torch.save(ref.state_dict(), snap / "pytorch_model.bin")
+    (snap / "model.safetensors").unlink()
+    rc, out, _ = run_cli(["models", "list", "--json"], capsys)
+    models = {m["name"]: m for m in json.loads(out)}
+    assert "someone/old-llama" in models, models
+    m = models["someone/old-llama"]
+    assert m["format"] == "hf" and m["architecture"] == "llama" and m["path"] == str(snap)
+    assert m["parameters"] == sum(p.numel() for p in ref.state_dict().values())
+    rc, out, _ = run_cli(["generate", "--model", "someone/old-llama", "--prompt", "It is", "--max-tokens", "2",
+                          "--temperature", "0", "--json"], capsys)
+    assert rc == 0 and json.loads(out.splitlines()[-1])["completion_tokens"] == 2
+
+
 def test_tokenize_json_is_exactly_what_tokenizers_encodes(tiny_model, capsys):
     from tokenizers import Tokenizer
     text = "Olá 世界 🌍 <|endoftext|> speak"

@@ -191,6 +191,7 @@ class ChatPanel(QWidget):
             self.stop()
         self.session = None      # a new model answers the next message of the same conversation
         self.model_hint.setText(f"model: {loaded.name}" if loaded else "no model loaded — open Models")
+        self.params.model_defaults(getattr(loaded, "sampling", None))
         if loaded is not None:
             import sol.core.chat  # noqa: F401  now, not at the first message: ~20 ms of GUI thread
         self._buttons()

@@ -11,6 +11,8 @@ import sys
 from .common import add_model_args, load, print_json
 from .plugins import add_safe_mode
 
+CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+
 
 def register(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal (tools included)")
@@ -20,11 +22,12 @@ def register(sub) -> None:
                    help="user message(s) to send in turn, then exit (repeatable); without it, chat interactively")
     p.add_argument("--conversation", type=int, default=None, help="continue a stored conversation by its id")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default 256)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    # Unset sampling flags take the model's generation_config.json defaults, else CHAT_DEFAULTS.
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the model's, else 0.7)")
+    p.add_argument("--top-k", type=int, default=None, help="(default: the model's, else 0, off)")
+    p.add_argument("--top-p", type=float, default=None, help="(default: the model's, else 1, off)")
+    p.add_argument("--min-p", type=float, default=None, help="(default: the model's, else 0, off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="(default: the model's, else 1, off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="one JSON event per line")
     add_safe_mode(p)
@@ -40,10 +43,19 @@ def run(args) -> int:
     from ..store import Store
     if args.max_tokens < 1:
         raise SolError(f"--max-tokens {args.max_tokens}: must be at least 1")
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
-    sampling.validate()
-    params = GenerationParams(max_tokens=args.max_tokens, sampling=sampling, explain=args.json)
+    user = {k: getattr(args, k) for k in CHAT_DEFAULTS if getattr(args, k) is not None}
+    SamplingParams(**{**CHAT_DEFAULTS, **user}, seed=args.seed).validate()   # a bad flag fails before loading
     lm = load(args)
+    model = {k: v for k, v in lm.sampling.items() if k not in user}
+    if model and not args.json:
+        sys.stderr.write("sampling: the model's defaults (generation_config.json) "
+                         + ", ".join(f"{k} {v:g}" for k, v in model.items()) + "\n")
+    sampling = SamplingParams(**{**CHAT_DEFAULTS, **model, **user}, seed=args.seed)
+    try:
+        sampling.validate()
+    except SolError as e:
+        raise SolError(f"{lm.path / 'generation_config.json'}: {e}") from None
+    params = GenerationParams(max_tokens=args.max_tokens, sampling=sampling, explain=args.json)
     plugins = PluginManager(safe_mode=True if args.safe_mode else None)
     plugins.load()
     for info in plugins.plugins():

@@ -1,0 +1,234 @@
+"""Chat templates against transformers 5: where they are read from, the Jinja environment, and a full
+tool round trip through real templates (tests/templates/README.md names where each came from).
+
+transformers is the reference only; the tokenizers are tiny ones written with save_pretrained."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sol.core.chat import ChatSession, tool_call_id
+from sol.core.errors import SolError
+from sol.core.tokenizer import SOL_CHAT_TEMPLATE, Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+TEMPLATES = Path(__file__).parent / "templates"
+FAMILY_TOKENS = {
+    "qwen2.5-instruct": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+    "mistral-nemo-instruct-2407": ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+                                   "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"],
+    "deepseek-r1-distill-qwen-32b": ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
+    "llama-3.2-instruct": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "phi-3.5-mini-instruct": ["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+    "smollm3-3b": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+}
+FAMILY_TOKENS["mistral-7b-instruct-v0.3"] = FAMILY_TOKENS["mistral-nemo-instruct-2407"]
+BOS_EOS = {"mistral": ("<s>", "</s>"), "deepseek": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+           "llama": ("<|begin_of_text|>", "<|eot_id|>"), "phi": ("<s>", "<|endoftext|>")}
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+
+
+def save_tokenizer(folder: Path, special: list[str], chat_template=None, bos=None, eos=None, **config):
+    """A tiny word-level tokenizer with `special` tokens, written with transformers' save_pretrained."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "hello": 1, "world": 2}, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(special)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=hf, bos_token=bos, eos_token=eos, unk_token="<unk>",
+                                               **config)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def real_template(folder: Path, name: str):
+    """A tokenizer folder holding the real template `name` (as transformers 5 saves it: chat_template.jinja)."""
+    bos, eos = next((v for k, v in BOS_EOS.items() if name.startswith(k)), (None, "<|im_end|>"))
+    return save_tokenizer(folder, FAMILY_TOKENS[name], (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8"),
+                          bos=bos, eos=eos)
+
+
+def hf_render(folder: Path, messages, **kw) -> str:
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    return tok.apply_chat_template(messages, tokenize=False, **kw)
+
+
+def sol_tokenizer(folder: Path) -> Tokenizer:
+    return Tokenizer.from_file(folder / "tokenizer.json")
+
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "Hello! Olá, 世界."}, {"role": "user", "content": "and now?"}]
+
+
+# ---- item 3: where templates are read from ------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(FAMILY_TOKENS))
+def test_each_real_template_renders_exactly_like_transformers(tmp_path, name):
+    folder = real_template(tmp_path / name, name)
+    assert (folder / "chat_template.jinja").is_file()   # where transformers 5 writes it
+    tok = sol_tokenizer(folder)
+    for gen in (True, False):
+        assert tok.apply_chat_template(CHAT, add_generation_prompt=gen) == \
+            hf_render(folder, CHAT, add_generation_prompt=gen)
+
+
+def test_named_templates_pick_tool_use_with_tools_as_transformers_does(tmp_path):
+    default = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    tool_use = "TOOLS {{ tools | tojson }}" + default
+    # transformers 5 saves a dict as chat_template.jinja + additional_chat_templates/tool_use.jinja
+    folder = save_tokenizer(tmp_path / "new", ["<|im_start|>"], {"default": default, "tool_use": tool_use})
+    assert (folder / "additional_chat_templates" / "tool_use.jinja").is_file()
+    # the legacy form: a list of named templates in tokenizer_config.json
+    legacy = save_tokenizer(tmp_path / "legacy", ["<|im_start|>"])
+    cfg = json.loads((legacy / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = [{"name": "default", "template": default}, {"name": "tool_use", "template": tool_use}]
+    (legacy / "tokenizer_config.json").write_text(json.dumps(cfg))
+    msgs = CHAT[1:3]
+    for d in (folder, legacy):
+        tok = sol_tokenizer(d)
+        for tools in (None, [CALCULATOR]):
+            assert tok.apply_chat_template(msgs, tools=tools) == hf_render(d, msgs, tools=tools, add_generation_prompt=True)
+        assert tok.apply_chat_template(msgs, tools=[CALCULATOR]).startswith("TOOLS ")
+        assert tok.apply_chat_template(msgs).startswith("<user>")
+
+
+def test_chat_template_json_is_read(tmp_path):
+    folder = save_tokenizer(tmp_path / "m", ["<|im_start|>", "<|im_end|>"])
+    template = (TEMPLATES / "qwen2.5-instruct.jinja").read_text(encoding="utf-8")
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert sol_tokenizer(folder).apply_chat_template(CHAT) == \
+        Tokenizer.from_file(real_template(tmp_path / "q", "qwen2.5-instruct") / "tokenizer.json").apply_chat_template(CHAT)
+    (folder / "chat_template.json").write_text("{oops")
+    with pytest.raises(SolError, match="chat_template.json: invalid JSON at line 1"):
+        sol_tokenizer(folder)
+
+
+@pytest.mark.parametrize("tokens, family", [
+    (["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "Phi-3"),
+    (["<|im_start|>", "<|im_end|>"], "ChatML"),
+    (["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "Llama 3"),
+    (["<s>", "</s>", "[INST]", "[/INST]"], "Mistral")])
+def test_a_known_family_without_a_template_is_an_error_not_sols_template(tmp_path, tokens, family):
+    tok = sol_tokenizer(save_tokenizer(tmp_path / "m", tokens))
+    assert tok.chat_template is None
+    with pytest.raises(SolError, match=f"has {family} chat tokens .* but the model has no chat template"):
+        tok.apply_chat_template(CHAT)
+
+
+def test_sol_vocabularies_still_get_sols_template(tiny_model):
+    tok = Tokenizer.from_file(tiny_model / "tokenizer.json")
+    assert tok.is_sol and tok.template_family is None and tok.chat_template == SOL_CHAT_TEMPLATE
+
+
+# ---- item 5: the Jinja environment ----------------------------------------------------------------------
+FEATURES = (
+    "{%- set ns = namespace(n=0) -%}{%- for m in messages -%}{%- set ns.n = ns.n + 1 -%}"
+    "{%- if m.role == 'assistant' -%}{% generation %}[A:{{ m.content }}]{% endgeneration %}"
+    "{%- else -%}[{{ m.role }}:{{ m.content }}]{%- endif -%}{%- endfor -%}"
+    "{{ tools | tojson(indent=2, sort_keys=true) }}|{{ {'é': [1, 2], 'a': None} | tojson(separators=(',', ':')) }}"
+    "|{{ {'é': 1} | tojson(ensure_ascii=true) }}|{{ dict(b=1, **{'c': 2}) | tojson }}|{{ ns.n }}"
+    "|{{ strftime_now('%Y') }}{% if messages | length > 9 %}{{ raise_exception('too long') }}{% endif %}")
+
+
+def test_jinja_extras_render_as_in_transformers(tmp_path):
+    folder = save_tokenizer(tmp_path / "m", ["<|im_start|>"], FEATURES)
+    msgs = CHAT[1:3]
+    got = sol_tokenizer(folder).apply_chat_template(msgs, tools=[CALCULATOR])
+    assert got == hf_render(folder, msgs, tools=[CALCULATOR], add_generation_prompt=True)
+    assert "[A:Hello! Olá, 世界.]" in got and '{"é":[1,2],"a":null}' in got and '{"\\u00e9": 1}' in got
+    with pytest.raises(SolError, match="chat template: too long"):
+        sol_tokenizer(folder).apply_chat_template(CHAT * 3)
+
+
+def test_smollm3_generation_blocks_render_like_transformers(tmp_path):
+    folder = real_template(tmp_path / "s", "smollm3-3b")
+    tok = sol_tokenizer(folder)
+    for kw in ({}, {"enable_thinking": False}):
+        assert tok.apply_chat_template(CHAT, **kw) == hf_render(folder, CHAT, add_generation_prompt=True, **kw)
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__.__mro__ }}", "{{ messages.__class__.__base__ }}", "{% set ns = namespace(_x=1) %}",
+    "{% set ns = namespace() %}{% set ns._y = 1 %}", "{{ dict.__call__.__globals__ }}"])
+def test_the_sandbox_still_holds(tmp_path, template):
+    tok = Tokenizer(sol_tokenizer(save_tokenizer(tmp_path / "m", [])).hf, templates={"default": template})
+    with pytest.raises(SolError, match="chat template"):
+        tok.apply_chat_template(CHAT)
+
+
+def test_a_template_type_error_is_a_sol_error(tmp_path):
+    tok = Tokenizer(sol_tokenizer(save_tokenizer(tmp_path / "m", [])).hf,
+                    templates={"default": "{{ 'x' + messages[0].content }}"})
+    with pytest.raises(SolError, match="TypeError"):
+        tok.apply_chat_template([{"role": "user", "content": None}])
+
+
+# ---- item 6: a tool round trip through real templates ------------------------------------------------------
+class Tools:
+    def tool_schemas(self):
+        return [CALCULATOR]
+
+    def tools(self):
+        return {}
+
+
+def stored_round_trip():
+    """A conversation as the chat stores it: a question, a JSON tool call, its result, the answer, a new
+    question."""
+    call = {"name": "calculator", "arguments": {"expression": "6*7"}, "style": "json"}
+    return [
+        {"id": 11, "parent_id": None, "role": "user", "content": "six times seven?", "meta": {}},
+        {"id": 12, "parent_id": 11, "role": "assistant", "meta": {"tool_call": call},
+         "content": '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>'},
+        {"id": 13, "parent_id": 12, "role": "tool", "content": "42", "meta": {"name": "calculator", "ok": True}},
+        {"id": 14, "parent_id": 13, "role": "assistant", "content": "It is 42.", "meta": {}},
+        {"id": 15, "parent_id": 14, "role": "user", "content": "and 6*8?", "meta": {}},
+    ]
+
+
+@pytest.mark.parametrize("name", ["deepseek-r1-distill-qwen-32b", "mistral-nemo-instruct-2407",
+                                  "mistral-7b-instruct-v0.3", "qwen2.5-instruct", "llama-3.2-instruct"])
+def test_tool_round_trip_through_real_templates_matches_transformers(tmp_path, name):
+    from transformers.utils.chat_template_utils import render_jinja_template
+    folder = real_template(tmp_path / name, name)
+    tok = sol_tokenizer(folder)
+    seen = []
+    original = tok.apply_chat_template
+
+    def spy(messages, **kw):
+        seen.append((messages, kw))
+        return original(messages, **kw)
+    tok.apply_chat_template = spy
+    lm = SimpleNamespace(tokenizer=tok, model=None, config=SimpleNamespace(context=4096, extra={}))
+    chat = ChatSession(lm, Tools())
+    got = chat._render(stored_round_trip())
+    messages, kw = seen[-1]
+    # the messages are built as transformers' docs describe
+    call_msg, tool_msg = messages[1], messages[2]
+    (call,) = call_msg["tool_calls"]
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", call["id"]) and call["id"] == tool_call_id(12)
+    assert call["type"] == "function" and call["function"]["name"] == "calculator"
+    assert call_msg.get("content", None) is None
+    assert tool_msg == {"role": "tool", "content": "42", "tool_call_id": call["id"], "name": "calculator"}
+    if name.startswith("deepseek"):
+        # transformers 5's apply_chat_template drops None-valued keys, which this template (written for None)
+        # cannot render; its own renderer, given the same messages, is the reference.
+        special = transformers.AutoTokenizer.from_pretrained(folder).special_tokens_map
+        want = render_jinja_template([messages], tools=kw["tools"], chat_template=tok.chat_template,
+                                     add_generation_prompt=True, **special)[0][0]
+        assert "<｜tool▁sep｜>calculator\n```json\n{\"expression\": \"6*7\"}\n```" in got   # the call is there
+    else:
+        want = hf_render(folder, messages, tools=kw["tools"], add_generation_prompt=True)
+    assert got == want
+    assert "42" in got and "It is 42." in got and "and 6*8?" in got
+    assert "calculator" in got.split("six times seven?")[-1]   # the call is rendered, not dropped
