@@ -297,3 +297,21 @@ def test_the_panel_kit_that_plugins_use(qtbot):
         [("Word count", "h1"), ("Words in each answer.", "muted")]
     assert t.columnCount() == 2 and t.editTriggers() == QAbstractItemView.NoEditTriggers
     assert t.selectionBehavior() == QAbstractItemView.SelectRows
+
+
+def test_a_damaged_database_is_shown_in_the_window_and_new_chats_go_to_a_fresh_one(qtbot, isolated_home):
+    from sol.app.main import build_window
+    from sol.core.store import Store
+    damaged = isolated_home / "sol.db"
+    junk = b"this is not SQLite" * 1000
+    damaged.write_bytes(junk)
+    win, ctx = build_window()
+    qtbot.addWidget(win)
+    fresh = isolated_home / "sol-new.db"
+    assert not win.problem.isHidden()
+    assert str(damaged) in win.problem.text() and str(fresh) in win.problem.text()
+    cid = ctx.store.create_conversation("kept")
+    ctx.store.add_message(cid, "user", "hello")
+    ctx.store.close()
+    assert damaged.read_bytes() == junk                       # untouched
+    assert [c["title"] for c in Store(fresh).list_conversations()] == ["kept"]   # on disk, not in memory
