@@ -127,3 +127,137 @@ def test_many_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
             from sol.core.store import Store
             assert len(Store(db).list_conversations()) == 6
     assert not failures, failures
+
+
+# ---- 9. one broken model folder does not take down the rest ---------------------------------------
+def _safetensors_with_header(path: Path, header: bytes, length: int | None = None) -> None:
+    import struct
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + b"\0" * 64)
+
+
+def broken_models(models: Path, good: Path) -> dict[str, str]:
+    """Three broken folders beside a good one; name -> what the reason must mention."""
+    import shutil
+    out = {}
+    for name in ("huge-header", "string-shape", "list-config"):
+        shutil.copytree(good, models / name)
+    _safetensors_with_header(models / "huge-header" / "model.safetensors", b"{}", 2**60)
+    out["huge-header"] = "model.safetensors"
+    _safetensors_with_header(models / "string-shape" / "model.safetensors",
+                             json.dumps({"w": {"dtype": "F32", "shape": "3", "data_offsets": [0, 12]}}).encode())
+    out["string-shape"] = "shape"
+    (models / "list-config" / "config.json").write_text("[1, 2, 3]")
+    out["list-config"] = "config.json"
+    return out
+
+
+def test_models_list_and_model_by_name_survive_broken_folders(tmp_path, isolated_home, capsys):
+    models = isolated_home / "models"
+    good = make_tiny_model(models / "good")
+    reasons = broken_models(models, good)
+    code, out, err = sol(["models", "list", "--json"], capsys)
+    assert code == 0, err
+    listed = {m["name"]: m for m in json.loads(out)}
+    assert "broken" not in listed["good"] and listed["good"]["parameters"] > 0
+    assert "starter" in listed
+    for name, word in reasons.items():
+        assert word in listed[name]["broken"], listed[name]
+    code, out, err = sol(["models", "list"], capsys)
+    assert code == 0 and "broken" in out
+    for name in ("starter", "good"):
+        code, out, err = sol(["generate", "--model", name, "--prompt", "a", "--max-tokens", 2], capsys)
+        assert code == 0, err
+    code, _, err = sol(["generate", "--model", "string-shape", "--prompt", "a", "--max-tokens", 2], capsys)
+    assert code == 1 and "shape" in one_error(err)
+
+
+# ---- 6. only regular files are read ------------------------------------------------------------------
+def test_a_fifo_in_place_of_the_weights_does_not_hang(tmp_path, isolated_home, capsys):
+    import subprocess
+    import sys
+    models = isolated_home / "models"
+    m = make_tiny_model(models / "fifo")
+    (m / "model.safetensors").unlink()
+    os.mkfifo(m / "model.safetensors")
+    env = {**os.environ, "SOL_HOME": str(isolated_home)}
+    for argv in (["models", "list"], ["generate", "--model", "fifo", "--prompt", "a"],
+                 ["generate", "--model", str(m), "--prompt", "a"]):
+        r = subprocess.run([sys.executable, "-m", "sol.core.cli", *argv], capture_output=True, text=True,
+                           timeout=60, env=env)
+        if argv[0] == "models":
+            assert r.returncode == 0 and "not a regular file" in r.stdout, r.stdout + r.stderr
+        else:
+            assert r.returncode == 1 and "not a regular file" in one_error(r.stderr)
+
+
+# ---- memory: a test process capped, so a blow-up fails fast instead of exhausting the machine --------
+CAPPED = """
+import resource, sys
+import torch, tokenizers                      # their address space reserved before the cap
+from sol.core.cli import main
+with open("/proc/self/status") as f:
+    vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+cap = vm + int(sys.argv[1]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def sol_capped(argv, extra_mb: int = 1024, env=None, timeout: int = 120):
+    """`sol ARGV` in a child whose memory may grow by at most extra_mb."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", CAPPED, str(extra_mb), *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+# ---- 7. a config far bigger than its weights is refused before anything is allocated -----------------
+def test_a_config_far_bigger_than_its_weights_is_refused_before_allocating(tmp_path):
+    m = make_tiny_model(tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    cfg.update(n_layer=64, d_model=4096, n_head=2, d_ff=None, head_dim=None)   # ~13 billion parameters
+    (m / "config.json").write_text(json.dumps(cfg))
+    r = sol_capped(["generate", "--model", m, "--prompt", "a", "--max-tokens", 1])
+    assert r.returncode == 1, r.stderr
+    line = one_error(r.stderr)
+    assert str(m / "config.json") in line and "parameters" in line
+
+
+# ---- 12. config values that are not numbers a model can have ------------------------------------------
+@pytest.mark.parametrize("field,value,word", [
+    ("vocab_size", -1, "vocab_size"), ("vocab_size", 10**12, "vocab_size"), ("d_model", "32", "d_model"),
+    ("n_layer", None, "n_layer"), ("norm_eps", "NaN", "NaN"), ("context", "Infinity", "Infinity")])
+def test_config_values_name_the_file_and_field(tmp_path, capsys, field, value, word):
+    m = make_tiny_model(tmp_path / "m")
+    text = json.dumps({**json.loads((m / "config.json").read_text()), field: value})
+    if value in ("NaN", "Infinity"):
+        text = text.replace(f'"{value}"', value)     # the bare JSON-ish constant Python's json accepts
+    (m / "config.json").write_text(text)
+    for argv in (["generate", "--model", m, "--prompt", "a", "--max-tokens", 1], ["models", "info", m]):
+        code, _, err = sol(argv, capsys)
+        assert code == 1
+        line = one_error(err)
+        assert str(m / "config.json") in line and word in line, line
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "[" * 100000 + "]" * 100000], ids=["list", "deep"])
+def test_a_config_that_is_not_an_object_is_named(tmp_path, capsys, content):
+    m = make_tiny_model(tmp_path / "m")
+    (m / "config.json").write_text(content)
+    code, _, err = sol(["generate", "--model", m, "--prompt", "a"], capsys)
+    assert code == 1 and str(m / "config.json") in one_error(err)
+
+
+def test_a_tokenizer_bigger_than_the_model_and_nan_weights_are_named(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    m = make_tiny_model(tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    small = make_tiny_model(tmp_path / "small", vocab_size=cfg["vocab_size"] - 100)
+    (small / "tokenizer.json").write_bytes((m / "tokenizer.json").read_bytes())
+    code, _, err = sol(["generate", "--model", small, "--prompt", "a"], capsys)
+    assert code == 1 and "vocab_size" in one_error(err) and "tokenizer.json" in one_error(err)
+    sd = load_file(m / "model.safetensors")
+    sd["norm.weight"][0] = float("nan")
+    save_file(sd, m / "model.safetensors")
+    code, _, err = sol(["generate", "--model", m, "--prompt", "a"], capsys)
+    assert code == 1 and "NaN" in one_error(err) and "model.safetensors" in one_error(err)
