@@ -80,6 +80,10 @@ class Tokenizer:
                 config = json.loads(cfg_path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise SolError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            except (UnicodeDecodeError, RecursionError) as e:
+                raise SolError(f"{cfg_path}: cannot be read ({type(e).__name__}); save it as plain UTF-8 JSON") from None
+            if not isinstance(config, dict):
+                raise SolError(f"{cfg_path}: expected a JSON object {{...}}, found a {type(config).__name__}")
         return cls(hf, config, path)
 
     def save(self, path: str | Path) -> None:

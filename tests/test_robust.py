@@ -261,3 +261,114 @@ def test_a_tokenizer_bigger_than_the_model_and_nan_weights_are_named(tmp_path, c
     save_file(sd, m / "model.safetensors")
     code, _, err = sol(["generate", "--model", m, "--prompt", "a"], capsys)
     assert code == 1 and "NaN" in one_error(err) and "model.safetensors" in one_error(err)
+
+
+# ---- 8. one enormous line: bounded, named, tokenized in pieces --------------------------------------
+def test_a_one_line_corpus_is_tokenized_in_pieces_within_a_memory_cap(tmp_path):
+    import random
+    rng = random.Random(0)
+    text = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "x", "yz"]) for _ in range(1_300_000))
+    corpus = tmp_path / "one-line.txt"
+    corpus.write_text(text[:6_000_000])      # 6 MB, no newline: once took ~100 bytes a character
+    r = sol_capped(["train", "pretrain", "--corpus", corpus, "--out", tmp_path / "run", *TINY_PRETRAIN[:-2],
+                    "--max-steps", 1], extra_mb=768)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "sol.json").is_file()
+
+
+def _record(stage: str, text: str) -> dict:
+    if stage == "sft":
+        return {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "yo"}]}
+    if stage == "reward":
+        return {"prompt": text, "chosen": "yes", "rejected": "no"}
+    return {"prompt": text, "answer": "4"}
+
+
+@pytest.mark.parametrize("stage,flags", [("sft", ["--data"]), ("reward", ["--data"]),
+                                         ("rl", ["--reward", "calculator", "--prompts"])])
+def test_a_huge_jsonl_line_is_refused_naming_file_and_line(tmp_path, stage, flags):
+    data = tmp_path / "data.jsonl"
+    with open(data, "w") as f:
+        f.write(json.dumps(_record(stage, "hi")) + "\n")
+        f.write(json.dumps(_record(stage, "x " * 10_000_000)) + "\n")   # 20 MB on one line
+    r = sol_capped(["train", stage, "--model", "starter", *flags, data, "--out", tmp_path / "run"], extra_mb=512)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"{data}:2" in one_error(r.stderr)
+
+
+def test_invalid_utf8_and_lone_surrogates_in_jsonl_name_the_line(tmp_path, capsys):
+    ok = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    bad_bytes = tmp_path / "bytes.jsonl"
+    bad_bytes.write_bytes(ok.encode() + b"\n" + ok.encode().replace(b"yo", b"y\xff") + b"\n")
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text(ok + "\n\n" + ok.replace("yo", "\\ud800") + "\n")
+    for data, where in ((bad_bytes, f"{bad_bytes}:2"), (surrogate, f"{surrogate}:3")):
+        code, _, err = sol(["train", "sft", "--model", "starter", "--data", data, "--out", tmp_path / "run"], capsys)
+        assert code == 1 and where in one_error(err)
+
+
+# ---- 12/13. arguments, prompts and checkpoints named ------------------------------------------------
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "1e-45"),
+                                        ("--repetition-penalty", "nan"), ("--seed", str(2**70))])
+def test_sampling_arguments_that_would_draw_nothing_are_refused(capsys, flag, value):
+    code, out, err = sol(["generate", "--model", "starter", "--prompt", "a", "--max-tokens", 2, flag, value], capsys)
+    assert code == 1 and flag in one_error(err) and out == ""
+
+
+def test_an_argument_that_is_not_utf8_is_named(capsys):
+    code, _, err = sol(["generate", "--model", "starter", "--prompt", "caf\udce9"], capsys)
+    assert code == 1 and "argument 5" in one_error(err)
+
+
+def test_chat_stdin_that_is_not_utf8_is_one_error_line(isolated_home):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "sol.core.cli", "chat", "--model", "starter", "--safe-mode"],
+                       input=b"caf\xe9\n", capture_output=True, timeout=120,
+                       env={**os.environ, "SOL_HOME": str(isolated_home), "PYTHONIOENCODING": "utf-8"})
+    assert r.returncode == 1
+    assert "stdin" in one_error(r.stderr.decode())
+
+
+def test_an_sft_conversation_longer_than_the_context_names_its_line(tmp_path, capsys):
+    from sol.core.registry import builtin_models_dir
+    context = json.loads((builtin_models_dir() / "starter" / "config.json").read_text())["context"]
+    data = tmp_path / "chats.jsonl"
+    ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    long = {"messages": [{"role": "user", "content": "word " * context}, {"role": "assistant", "content": "yo"}]}
+    data.write_text("\n".join(json.dumps(x) for x in [ok, ok, ok, ok, long]) + "\n")
+    code, _, err = sol(["train", "sft", "--model", "starter", "--data", data, "--out", tmp_path / "run",
+                        "--max-steps", 1], capsys)
+    assert code == 1 and f"{data}:5" in one_error(err)
+
+
+def test_an_rl_prompt_longer_than_the_context_names_its_line(tmp_path, capsys):
+    from sol.core.registry import builtin_models_dir
+    context = json.loads((builtin_models_dir() / "starter" / "config.json").read_text())["context"]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n" +
+                    json.dumps({"prompt": "word " * context, "answer": "4"}) + "\n")
+    code, _, err = sol(["train", "rl", "--model", "starter", "--prompts", data, "--out", tmp_path / "run",
+                        "--reward", "calculator", "--max-steps", 1], capsys)
+    assert code == 1 and f"{data}:2" in one_error(err)
+
+
+def test_resume_from_a_checkpoint_with_a_truncated_config_names_it(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    code, _, err = sol(["train", "pretrain", "--corpus", corpus, "--out", out, *TINY_PRETRAIN[:-6],
+                        "--checkpoint-every", 1, "--threads", 1, "--max-steps", 2], capsys)
+    assert code == 0, err
+    (out / "sol.json").unlink()      # as if stopped before the end
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    cfg = ckpt / "config.json"
+    cfg.write_text(cfg.read_text()[:20])
+    code, _, err = sol(["train", "pretrain", "--corpus", corpus, "--out", out, *TINY_PRETRAIN, "--resume",
+                        "--max-steps", 3], capsys)
+    assert code == 1 and str(cfg) in one_error(err)
+
+
+def test_a_tokenizer_config_that_is_a_list_is_named(tmp_path, capsys):
+    m = make_tiny_model(tmp_path / "m")
+    (m / "tokenizer_config.json").write_text("[]")
+    code, _, err = sol(["generate", "--model", m, "--prompt", "a"], capsys)
+    assert code == 1 and "tokenizer_config.json" in one_error(err)

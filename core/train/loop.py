@@ -143,7 +143,7 @@ def check_out_dir(out: Path, resume: bool, kind: str | None = None) -> Path | No
     elif ckpt is not None or (out / "sol.json").exists():
         raise SolError(f"--out {out}: already holds a training run; add --resume to continue it, "
                        "or choose another --out")
-    foreign = _foreign_entries(out)
+    foreign = [] if resume else _foreign_entries(out)   # resuming: a Sol run's folder (it has checkpoints)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise SolError(f"--out {out}: is not empty and is not a Sol training run (it holds {shown}); "
