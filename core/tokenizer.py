@@ -165,19 +165,25 @@ def render_template(template: str, **context) -> str:
     from datetime import datetime
 
     import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from .template_limits import LimitedSandbox, TemplateLimit, render_limited
 
     def raise_exception(message):
         raise SolError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
-        return env.from_string(template).render(**context)
+        return render_limited(env, template, context)
     except jinja2.TemplateError as e:
         raise SolError(f"chat template: {e}") from None
+    except TemplateLimit as e:
+        raise SolError(f"chat template: {e}; the template is refused (fix chat_template in "
+                       "tokenizer_config.json)") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError, MemoryError) as e:
+        raise SolError(f"chat template: {type(e).__name__}: {e}") from None
 
 
 class StreamDecoder:

@@ -372,3 +372,52 @@ def test_a_tokenizer_config_that_is_a_list_is_named(tmp_path, capsys):
     (m / "tokenizer_config.json").write_text("[]")
     code, _, err = sol(["generate", "--model", m, "--prompt", "a"], capsys)
     assert code == 1 and "tokenizer_config.json" in one_error(err)
+
+
+# ---- 5. chat templates render within limits of time, output and value size ---------------------------
+HOSTILE_TEMPLATES = {
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "endless output": "{% for i in range(100000) %}{% for j in range(100000) %}xxxx{% endfor %}{% endfor %}",
+    "huge power": "{{ (9**(10**9)) % 7 }}",
+    "huge string": "{{ 'x' * 3000000000 }}",
+    "float repeat": "{{ 'x' * 3e9 }}",
+    "doubling": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+                "{% endfor %}{{ ns.s|length }}",
+    "self-calling macro": "{% macro m(n) %}{{ m(n + 1) }}{% endmacro %}{{ m(0) }}",
+}
+RENDER_ALL = """
+import json, resource, sys, time
+from sol.core.errors import SolError
+from sol.core.tokenizer import render_template
+with open("/proc/self/status") as f:
+    vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + 512 * 2**20,) * 2)
+out = {}
+for name, t in json.loads(sys.argv[1]).items():
+    t0 = time.monotonic()
+    try:
+        render_template(t, messages=[{"role": "user", "content": "hi"}])
+        out[name] = ["rendered", time.monotonic() - t0]
+    except SolError as e:
+        out[name] = [str(e), time.monotonic() - t0]
+print(json.dumps(out))
+"""
+
+
+def test_hostile_chat_templates_stop_at_a_limit_with_a_clear_error():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", RENDER_ALL, json.dumps(HOSTILE_TEMPLATES)], capture_output=True,
+                       text=True, timeout=90)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads(r.stdout)
+    for name, (message, seconds) in results.items():
+        assert message.startswith("chat template: "), (name, message)
+        assert seconds < 5, (name, seconds)
+
+
+def test_ordinary_templates_still_render():
+    from sol.core.tokenizer import SOL_CHAT_TEMPLATE, render_template
+    msgs = [{"role": "user", "content": "x" * 100_000}, {"role": "assistant", "content": "ok"}]
+    text = render_template(SOL_CHAT_TEMPLATE, messages=msgs, add_generation_prompt=True)
+    assert "x" * 100_000 in text
