@@ -71,13 +71,16 @@ def build_window(safe_mode: bool = False):
     from .window import MainWindow
     application()
     plugins = make_plugin_manager(safe_mode or None)
-    ctx = PanelContext(store=make_store(), plugins=plugins, device=pick_device("auto"))
+    store, store_problem = make_store()
+    ctx = PanelContext(store=store, plugins=plugins, device=pick_device("auto"))
     try:
         specs = plugins.panels()
     except Exception as e:  # the manager isolates plugins; this guards the manager itself
         print(f"warning: plugin panels unavailable: {e}", file=sys.stderr)
         specs = []
     win = MainWindow(ctx, settings(), specs)
+    if store_problem:
+        win.show_problem(store_problem)
     freeze_heap()
     return win, ctx
 

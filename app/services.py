@@ -11,15 +11,16 @@ import traceback
 
 
 def make_store():
+    """(store, problem): a damaged sol.db is left untouched and new chats go to a fresh database beside
+    it; `problem` says so (the window shows it). (None, problem) only when no database can be opened."""
     try:
-        from sol.core.store import Store
+        from sol.core.store import open_or_fresh
     except ImportError:
-        return None
+        return None, None
     try:
-        return Store()
-    except Exception as e:  # a corrupt database must not stop the window opening
-        print(f"warning: the store could not open: {e}")
-        return None
+        return open_or_fresh()
+    except Exception as e:  # not even a fresh database: the window still opens and says why
+        return None, f"No conversation database could be opened, so chats are not kept: {e}"
 
 
 class BuiltinPanels:

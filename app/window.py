@@ -85,7 +85,21 @@ class MainWindow(QMainWindow):
         split.setStretchFactor(1, 1)
         split.setHandleWidth(1)
         split.setChildrenCollapsible(False)
-        self.setCentralWidget(split)
+        # A problem the user must see (a damaged conversation database): above the panels, not in the
+        # status bar, where it would vanish after a few seconds.
+        self.problem = QLabel()
+        self.problem.setObjectName("problem")
+        self.problem.setWordWrap(True)
+        self.problem.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.problem.setStyleSheet("padding: 8px; background: #7a2e1f; color: white;")
+        self.problem.hide()
+        central = QWidget()
+        cl = QVBoxLayout(central)
+        cl.setContentsMargins(0, 0, 0, 0)
+        cl.setSpacing(0)
+        cl.addWidget(self.problem)
+        cl.addWidget(split, 1)
+        self.setCentralWidget(central)
 
         self._build_status_bar()
         ctx.model_changed.connect(self._on_model)
@@ -99,6 +113,10 @@ class MainWindow(QMainWindow):
             self.restoreGeometry(geo)
         else:
             self.resize(1280, 800)
+
+    def show_problem(self, text: str) -> None:
+        self.problem.setText("⚠ " + text)
+        self.problem.show()
 
     # ---- panels ------------------------------------------------------------
     def names(self) -> list[str]:

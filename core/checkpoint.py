@@ -54,14 +54,45 @@ class LoadedModel:
 
 # ---- reading JSON with errors that name the file ----------------------------
 def read_json(path: Path) -> dict:
+    path = Path(path)
+    check_regular(path)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except FileNotFoundError:
         raise SolError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise SolError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError:
         raise SolError(f"{path}: not a UTF-8 text file") from None
+    except ValueError as e:   # NaN or Infinity: not JSON, and not a number a model can use
+        raise SolError(f"{path}: {e}; write a finite number") from None
+    except RecursionError:
+        raise SolError(f"{path}: JSON nested too deeply to be a model file") from None
+
+
+def read_json_object(path: Path) -> dict:
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise SolError(f"{path}: expected a JSON object {{...}}, found a {type(d).__name__}")
+    return d
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def check_regular(path: Path) -> None:
+    """Only regular files are read: a FIFO or device named model.safetensors would block or never end."""
+    import stat
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        return   # the reader says "not found" in its own words
+    except OSError as e:
+        raise SolError(f"{path}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise SolError(f"{path}: not a regular file (a folder, FIFO or device); Sol reads model files only "
+                       "from regular files")
 
 
 # ---- Hugging Face configs ---------------------------------------------------
@@ -350,13 +381,17 @@ def _safetensors_files(d: Path) -> list[Path]:
         for f in files:
             if not f.is_file():
                 raise SolError(f"{index}: lists {f.name}, which is missing from the directory")
-        return files
-    return sorted(d.glob("*.safetensors"))
+    else:
+        files = sorted(d.glob("*.safetensors"))
+    for f in files:
+        check_regular(f)
+    return files
 
 
 def _load_safetensors(f: Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    read_safetensors_header(f)   # names what is wrong, and never hands the library a header it chokes on
     try:
         return load_file(str(f))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -376,7 +411,10 @@ def _load_pickle(f: Path) -> dict:
 
 
 def _pickle_files(d: Path) -> list[Path]:
-    return sorted(list(d.glob("*.bin")) + list(d.glob("*.pt")))
+    files = sorted(list(d.glob("*.bin")) + list(d.glob("*.pt")))
+    for f in files:
+        check_regular(f)
+    return files
 
 
 def load_weights(d: Path) -> tuple[dict, str]:
@@ -389,6 +427,8 @@ def load_weights(d: Path) -> tuple[dict, str]:
         return sd, files[0].name if len(files) == 1 else f"{files[0].name} (+{len(files) - 1} more)"
     pickles = _pickle_files(d)
     if pickles:
+        for f in pickles:
+            check_regular(f)
         sd = {}
         for f in pickles:
             sd.update(_load_pickle(f))
@@ -400,18 +440,25 @@ def load_weights(d: Path) -> tuple[dict, str]:
 def detect_format(d: Path) -> str:
     if (d / "sol.json").is_file():
         return "sol"
-    if (d / "config.json").is_file():
-        raw = read_json(d / "config.json")
+    if (d / "config.json").exists():
+        raw = read_json_object(d / "config.json")
         return "sol" if "positions" in raw and "n_layer" in raw else "hf"
     raise SolError(f"{d}: not a model directory (no config.json)")
 
 
 def load_config(d: Path) -> tuple[ModelConfig, str]:
     fmt = detect_format(d)
-    raw = read_json(d / "config.json")
-    if fmt == "sol":
-        return ModelConfig.from_dict(raw, source=str(d / "config.json")), fmt
-    return config_from_hf(raw, d / "config.json"), fmt
+    path = d / "config.json"
+    raw = read_json_object(path)
+    try:
+        if fmt == "sol":
+            return ModelConfig.from_dict(raw, source=str(path)), fmt
+        return config_from_hf(raw, path), fmt
+    except SolError as e:
+        msg = str(e)   # ModelConfig's own checks say "config: ..."; name the file instead
+        raise SolError(f"{path}: {msg[len('config: '):]}" if msg.startswith("config: ") else msg) from None
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:   # a field of the wrong kind
+        raise SolError(f"{path}: {e}; check the field's type against the model family's config") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
@@ -439,14 +486,60 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                            "as config.json describes it; Sol refuses it rather than run a different network "
                            "(check config.json, or this variant is not supported)") from None
     extra = {k: sd.pop(k) for k in [k for k in sd if k.startswith(EXTRA_PREFIXES)]}
+    check_size(cfg, sd, d / "config.json", d / source)
+    with torch.device("meta"):   # shapes only, no memory: the config is checked before anything is allocated
+        _check_shapes(Transformer(cfg), sd, d / source)
+    check_finite(sd, d / source)
+    check_vocab(tokenizer, cfg, tok_path, d / "config.json")
     model = Transformer(cfg)
-    _check_shapes(model, sd, d / source)
     model.load_state_dict(sd, strict=False)
     model.eval()
     if dtype is not None or str(device) != "cpu":
         model.to(device=device, dtype=dtype)
     meta = read_json(d / "sol.json") if fmt == "sol" else {}
     return LoadedModel(model, tokenizer, cfg, d, fmt, meta, extra, sampling)
+
+
+def check_vocab(tok: Tokenizer, cfg: ModelConfig, tok_path: Path, cfg_path: Path) -> None:
+    """A token id past the embedding table would fail mid-generation (IndexError); say so at load."""
+    top = max(tok.hf.get_vocab(with_added_tokens=True).values(), default=-1)
+    if top >= cfg.vocab_size:
+        raise SolError(f"{tok_path}: has token id {top}, but {cfg_path} gives vocab_size {cfg.vocab_size}; "
+                       "the tokenizer and the model do not belong together")
+
+
+def check_size(cfg: ModelConfig, sd: dict, cfg_path: Path, source: Path) -> None:
+    """Compare the config's size with the weights' (and with free memory) before building the model:
+    n_layer 10^9 or d_model 2^20 would allocate gigabytes first and fail after."""
+    want = cfg.n_params_estimate
+    have = sum(t.numel() for t in sd.values())
+    if want > 2 * have + 1_000_000:
+        raise SolError(f"{cfg_path}: describes a model of about {want:,} parameters (n_layer {cfg.n_layer}, "
+                       f"d_model {cfg.d_model}, vocab_size {cfg.vocab_size}) but {source} holds {have:,}; "
+                       "the config and the weights do not belong together")
+    free = available_memory()
+    if free is not None and want * 4 > free:
+        raise SolError(f"{cfg_path}: a model of about {want:,} parameters needs ~{want * 4 / 2**30:.1f} GiB, "
+                       f"more than the {free / 2**30:.1f} GiB of memory free")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_finite(sd: dict, source: Path) -> None:
+    for name, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SolError(f"{source}: tensor {name!r} holds NaN or infinite values; the weights are damaged "
+                           "(a diverged training run?): use an earlier checkpoint")
 
 
 def _check_shapes(model: Transformer, sd: dict, source: Path) -> None:
@@ -491,13 +584,47 @@ def save_model(out_dir: str | Path, model: Transformer, tokenizer: Tokenizer, me
 
 
 # ---- cheap inspection (no weights loaded) ------------------------------------
+MAX_HEADER = 100 * 2**20    # the safetensors format's own limit on the JSON header
+
+
+def read_safetensors_header(f: Path) -> dict:
+    """The JSON header of a safetensors file, checked: a header length past the file's end (2^60), a
+    shape that is not a list of integers or a tensor past the file's end is named, never read."""
+    check_regular(f)
+    bad = f"{f}: not a valid safetensors file"
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise SolError(f"{bad} (only {len(raw)} bytes); re-download or re-save it")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(MAX_HEADER, size - 8):
+            raise SolError(f"{bad}: its header claims {n:,} bytes, the file holds {size:,}; re-download or re-save it")
+        try:
+            header = json.loads(fh.read(n), parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            raise SolError(f"{bad}: its header is not valid JSON; re-download or re-save it") from None
+    if not isinstance(header, dict):
+        raise SolError(f"{bad}: its header is a {type(header).__name__}, not a JSON object")
+    data = size - 8 - n
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        shape = v.get("shape") if isinstance(v, dict) else None
+        offsets = v.get("data_offsets") if isinstance(v, dict) else None
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise SolError(f"{bad}: tensor {k!r} has shape {shape!r}, not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data):
+            raise SolError(f"{bad}: tensor {k!r} lies outside the file (data_offsets {offsets!r}); "
+                           "the file is truncated or corrupt")
+    return header
+
+
 def safetensors_numel(f: Path) -> int:
     """Number of parameters in a safetensors file, read from its header alone."""
-    with open(f, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
     total = 0
-    for k, v in header.items():
+    for k, v in read_safetensors_header(f).items():
         if k != "__metadata__":
             c = 1
             for s in v["shape"]:
@@ -521,9 +648,21 @@ def pickle_numel(f: Path) -> int:
 def inspect(path: Path) -> dict | None:
     """{"format", "architecture", "parameters"} for a loadable model directory, or None."""
     try:
+        return inspect_or_raise(path)
+    except SolError:
+        return None
+
+
+def inspect_or_raise(path: Path) -> dict | None:
+    """Like inspect, but a folder that looks like a model and cannot be read raises SolError saying why.
+    None: not a model folder at all (no config.json)."""
+    if not (path / "config.json").exists() and not (path / "sol.json").exists():
+        return None
+    try:
         cfg, fmt = load_config(path)
+        check_regular(path / "tokenizer.json")
         if not (path / "tokenizer.json").is_file():
-            return None
+            raise SolError(f"{path / 'tokenizer.json'}: tokenizer missing")
         files = _safetensors_files(path)
         if files:
             params = sum(safetensors_numel(f) for f in files)
@@ -531,7 +670,8 @@ def inspect(path: Path) -> dict | None:
             params = sum(pickle_numel(f) for f in _pickle_files(path))
         else:
             return None
-    except (SolError, OSError, ValueError, KeyError, struct.error, RuntimeError, EOFError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error, RecursionError,
+            RuntimeError, EOFError) as e:
+        raise SolError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
     arch = cfg.architecture if fmt == "hf" else ("llama-style" if cfg.positions == "rope" else "gpt2-style")
     return {"format": fmt, "architecture": arch, "parameters": params}

@@ -55,6 +55,16 @@ def _plugin_commands(sub) -> None:
         add(sub)
 
 
+def check_arguments(argv: list[str]) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates; no tokenizer or file name can use them."""
+    for i, a in enumerate(argv):
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = a.encode("utf-8", "backslashreplace").decode()[:60]
+            raise SolError(f"argument {i + 1} ({shown}): not valid UTF-8; retype it or set a UTF-8 locale") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -62,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["gui"]
     try:
+        check_arguments(argv)
         first = next((a for a in argv if not a.startswith("-")), None)
         args = build_parser(first).parse_args(argv)
         if not getattr(args, "func", None):

@@ -54,6 +54,7 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # e.g. special token ids read from an imported config
 
     def __post_init__(self):
+        self._check_values()
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -94,6 +95,29 @@ class ModelConfig:
             return self.sliding_window
         return None
 
+    def _check_values(self) -> None:
+        """Each number of the right type and in a range a model can have: "768", null, -1, 10^12, NaN or
+        Infinity would otherwise fail deep inside torch (or allocate gigabytes first)."""
+        for name, (low, high, optional) in INT_LIMITS.items():
+            v = getattr(self, name)
+            if v is None and optional:
+                continue
+            if type(v) is not int:
+                raise SolError(f"config: {name} must be a whole number, not {v!r}")
+            if not low <= v <= high:
+                raise SolError(f"config: {name} {v} is out of range ({low} to {high:,})")
+        for name, (low, high) in FLOAT_LIMITS.items():
+            v = getattr(self, name)
+            if type(v) not in (int, float) or not low <= v <= high:   # NaN fails every comparison
+                raise SolError(f"config: {name} must be a number from {low} to {high:g}, not {v!r}")
+        for name in ("bias", "qkv_bias", "tie_embeddings"):
+            if type(getattr(self, name)) is not bool:
+                raise SolError(f"config: {name} must be true or false, not {getattr(self, name)!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise SolError(f"config: rope_scaling must be an object or null, not {self.rope_scaling!r}")
+        if not isinstance(self.extra, dict):
+            raise SolError(f"config: extra must be an object, not {self.extra!r}")
+
     @property
     def n_params_estimate(self) -> int:
         d, L = self.d_model, self.n_layer
@@ -125,6 +149,14 @@ class ModelConfig:
     def save(self, path: Path) -> None:
         from .atomic import write_text
         write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# Bounds past every real model (Llama 3 405B: 126 layers, d_model 16384, 128k context) and short of sizes
+# that cannot be allocated. (low, high, may be None)
+INT_LIMITS = {"vocab_size": (1, 2**24, False), "n_layer": (1, 4096, False), "n_head": (1, 4096, False),
+              "n_kv_head": (1, 4096, True), "d_model": (1, 2**17, False), "d_ff": (1, 2**20, True),
+              "head_dim": (1, 2**14, True), "context": (1, 2**24, False)}
+FLOAT_LIMITS = {"norm_eps": (0.0, 1.0), "rope_theta": (1e-6, 1e12), "dropout": (0.0, 1.0)}
 
 
 # Named presets. "gpt2-*" follow the GPT-2 paper's table (the book's Fig. 78);

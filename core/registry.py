@@ -50,16 +50,16 @@ def _hf_snapshot(repo_dir: Path) -> Path | None:
     return None
 
 
-def list_models() -> list[dict]:
-    """Every loadable model: {"name", "path", "format", "architecture", "parameters"}."""
+def list_models(include_broken: bool = False) -> list[dict]:
+    """Every loadable model: {"name", "path", "format", "architecture", "parameters"}. With include_broken,
+    also the folders of Sol's models folder that cannot be read, as {"name", "path", "broken": why}."""
     from .checkpoint import inspect   # here, not at the top: it imports torch, which costs seconds
     found: list[dict] = []
     for root in (builtin_models_dir(), models_dir()):
-        if root.is_dir():
-            for d in sorted(root.iterdir()):
-                info = inspect(d) if d.is_dir() else None
-                if info:
-                    found.append({"name": d.name, "path": str(d), **info})
+        for d in _sol_model_dirs(root):
+            entry = _sol_entry(d)
+            if entry and (include_broken or "broken" not in entry):
+                found.append(entry)
     cache = hf_cache_dir()
     if cache.is_dir():
         for repo in sorted(cache.glob("models--*")):
@@ -71,12 +71,30 @@ def list_models() -> list[dict]:
     return found
 
 
+def _sol_model_dirs(root: Path) -> list[Path]:
+    try:
+        return sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    except OSError:
+        return []
+
+
+def _sol_entry(d: Path) -> dict | None:
+    """One folder of Sol's models folder: a model, a broken one (with why), or None (not a model)."""
+    from .checkpoint import inspect_or_raise
+    try:
+        info = inspect_or_raise(d)
+    except SolError as e:
+        return {"name": d.name, "path": str(d), "format": None, "architecture": None, "parameters": None,
+                "broken": str(e)}
+    return {"name": d.name, "path": str(d), **info} if info else None
+
+
 def resolve(name_or_path: str) -> Path:
     """A model directory from a path, or from a name that `sol models list` shows."""
     p = Path(name_or_path).expanduser()
     if p.exists():
         return p
-    for m in list_models():
+    for m in list_models(include_broken=True):   # a broken one loads, to say what is wrong with it
         if m["name"] == name_or_path:
             return Path(m["path"])
     raise SolError(f"--model {name_or_path}: no such directory, and no model of that name in `sol models list`")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 SHOWN = 20  # candidates listed in an explanation (more if the draw lands further down)
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
 
 
 @dataclass
@@ -28,17 +29,24 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
+        import math
+
         from .errors import SolError
-        if self.temperature < 0:
-            raise SolError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            # NaN fails every comparison; 1e-45 divides the logits into infinities: both drew nothing
+            raise SolError(f"--temperature {self.temperature}: must be 0 (greedy) or from {MIN_TEMPERATURE} "
+                           f"to {MAX_TEMPERATURE}")
         if self.top_k < 0:
             raise SolError(f"--top-k {self.top_k}: must be 0 (off) or more")
         if not 0 < self.top_p <= 1:
             raise SolError(f"--top-p {self.top_p}: must be in (0, 1]")
         if not 0 <= self.min_p < 1:
             raise SolError(f"--min-p {self.min_p}: must be in [0, 1)")
-        if self.repetition_penalty <= 0:
-            raise SolError(f"--repetition-penalty {self.repetition_penalty}: must be more than 0 (1 is off)")
+        if not (0 < self.repetition_penalty <= 100 and math.isfinite(self.repetition_penalty)):
+            raise SolError(f"--repetition-penalty {self.repetition_penalty}: must be more than 0 and at most "
+                           "100 (1 is off)")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise SolError(f"--seed {self.seed}: must be from 0 to 2**63-1")
 
     @property
     def greedy(self) -> bool:

@@ -58,6 +58,24 @@ MIGRATIONS = [
 ]
 
 ROLES = ("system", "user", "assistant", "tool")
+BUSY_TIMEOUT_S = 10
+
+
+def _busy(e: Exception) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
+
+
+def _when_free(fn, seconds: float = BUSY_TIMEOUT_S):
+    """Run fn, again while another process holds the lock: switching to WAL can answer "database is
+    locked" at once, without waiting for the busy timeout."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if not _busy(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def default_path() -> Path:
@@ -72,31 +90,40 @@ class Store:
         if self.path != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=10,
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=BUSY_TIMEOUT_S,
                                        isolation_level=None)   # we open transactions ourselves
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _when_free(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            _when_free(self._migrate)
+        except sqlite3.OperationalError as e:
+            if _busy(e):
+                raise SolError(f"{self.path}: the conversation database is busy (another Sol is writing it); "
+                               "close the other Sol or try again") from None
+            raise SolError(f"{self.path}: cannot open the conversation database ({e}); check that the file "
+                           "and its folder can be read and written") from None
         except sqlite3.DatabaseError as e:
             raise SolError(f"{self.path}: cannot open the conversation database ({e}); move the file "
                            "aside and Sol will start a new one (it was not changed)") from None
 
     # ---- plumbing ---------------------------------------------------------------
     def _migrate(self) -> None:
-        with self._lock:
-            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = self._db.execute("SELECT version FROM schema_version").fetchone()
+        # One transaction from reading the version to writing the new one: several processes opening a
+        # new file at once take turns (BEGIN IMMEDIATE waits for the busy timeout), and each one after the
+        # first finds the schema already there.
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
             version = row[0] if row else 0
             if version > len(MIGRATIONS):
                 raise SolError(f"{self.path}: written by a newer Sol (schema version {version}, this Sol knows "
                                f"{len(MIGRATIONS)}); update Sol to open it")
             for v in range(version, len(MIGRATIONS)):
-                with self._tx() as db:
-                    db.executescript_safe(MIGRATIONS[v])
-                    db.execute("DELETE FROM schema_version")
-                    db.execute("INSERT INTO schema_version VALUES (?)", (v + 1,))
+                db.executescript_safe(MIGRATIONS[v])
+            if version < len(MIGRATIONS):
+                db.execute("DELETE FROM schema_version")
+                db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
 
     def _tx(self):
         return _Transaction(self._db, self._lock)
@@ -321,3 +348,22 @@ class _Transaction:
         finally:
             self.lock.release()
         return False
+
+
+def open_or_fresh(path: str | Path | None = None) -> tuple[Store, str | None]:
+    """The store, or, when its file cannot be opened, a fresh database beside it, so new chats are still
+    kept on disk; the damaged file is left exactly as it was. Returns (store, a message saying so or None)."""
+    path = Path(path or default_path())
+    try:
+        return Store(path), None
+    except SolError as e:
+        problem = str(e)
+    for n in range(1, 100):
+        fresh = path.with_name(f"{path.stem}-new{'' if n == 1 else f'-{n}'}{path.suffix}")
+        try:
+            store = Store(fresh)
+        except SolError:
+            continue   # that one is damaged too: leave it, try the next name
+        return store, (f"The conversation database could not be opened and was left untouched: {problem}. "
+                       f"New chats are kept in {fresh}.")
+    raise SolError(f"{path}: cannot open the conversation database, nor a new one beside it ({problem})")

@@ -102,6 +102,10 @@ class Tokenizer:
                 config = json.loads(cfg_path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise SolError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            except (UnicodeDecodeError, RecursionError) as e:
+                raise SolError(f"{cfg_path}: cannot be read ({type(e).__name__}); save it as plain UTF-8 JSON") from None
+            if not isinstance(config, dict):
+                raise SolError(f"{cfg_path}: expected a JSON object {{...}}, found a {type(config).__name__}")
         return cls(hf, config, path, read_chat_templates(path.parent, config))
 
     def save(self, path: str | Path) -> None:
@@ -266,7 +270,8 @@ def compile_template(template: str):
 
     import jinja2
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from .template_limits import LimitedSandbox
 
     class Generation(jinja2.ext.Extension):
         """{% generation %}...{% endgeneration %} marks the assistant's tokens for training masks
@@ -314,8 +319,8 @@ def compile_template(template: str):
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"a namespace cannot hold {name!r} (a name starting with _)")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                       extensions=[Generation, jinja2.ext.loopcontrols])
+    # The sandbox keeps a template from Python's internals; its limits keep it from hanging Sol.
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -329,11 +334,16 @@ def compile_template(template: str):
 
 def render_template(template: str, **context) -> str:
     import jinja2
+
+    from .template_limits import TemplateLimit, render_limited
     compiled = compile_template(template)
     try:
-        return compiled.render(**context)
+        return render_limited(compiled, context)
     except jinja2.TemplateError as e:   # raise_exception, undefined values, the sandbox refusing something
         raise SolError(f"chat template: {e}") from None
+    except TemplateLimit as e:
+        raise SolError(f"chat template: {e}; the template is refused (fix chat_template in "
+                       "tokenizer_config.json)") from None
     except Exception as e:   # a template is data: its TypeError ("str" + None) is a mismatch, not a crash of Sol
         raise SolError(f"chat template: {type(e).__name__}: {e}; the messages do not have the form this "
                        "template expects") from None

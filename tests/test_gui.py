@@ -314,3 +314,21 @@ def test_chat_sampling_takes_the_models_generation_config_unless_the_user_set_it
     ctx.set_model(loaded(make_tiny_model(tmp_path / "plain")))   # a model without one: Sol's defaults
     p = chat.params.generation_params().sampling
     assert (p.temperature, p.top_p, p.top_k) == (0.8, 0.95, 50) and chat.params.source.text() == ""
+
+
+def test_a_damaged_database_is_shown_in_the_window_and_new_chats_go_to_a_fresh_one(qtbot, isolated_home):
+    from sol.app.main import build_window
+    from sol.core.store import Store
+    damaged = isolated_home / "sol.db"
+    junk = b"this is not SQLite" * 1000
+    damaged.write_bytes(junk)
+    win, ctx = build_window()
+    qtbot.addWidget(win)
+    fresh = isolated_home / "sol-new.db"
+    assert not win.problem.isHidden()
+    assert str(damaged) in win.problem.text() and str(fresh) in win.problem.text()
+    cid = ctx.store.create_conversation("kept")
+    ctx.store.add_message(cid, "user", "hello")
+    ctx.store.close()
+    assert damaged.read_bytes() == junk                       # untouched
+    assert [c["title"] for c in Store(fresh).list_conversations()] == ["kept"]   # on disk, not in memory

@@ -104,6 +104,9 @@ def interactive(chat, params, as_json: bool) -> int:
         except EOFError:
             sys.stderr.write("\n")
             return 0
+        except UnicodeDecodeError:
+            from ..errors import SolError
+            raise SolError("stdin: a line is not valid UTF-8; type or pipe UTF-8 text") from None
         if text.strip() in ("/exit", "/quit"):
             return 0
         if not text.strip():

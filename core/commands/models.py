@@ -20,13 +20,16 @@ def register(sub) -> None:
 
 def run_list(args) -> int:
     from ..registry import list_models
-    models = list_models()
+    models = list_models(include_broken=True)
     if args.json:
         print_json(models)
         return 0
     if not models:
         sys.stdout.write("no models found\n")
     for m in models:
+        if "broken" in m:
+            sys.stdout.write(f"{m['name']:<32} broken: {m['broken']}\n")
+            continue
         sys.stdout.write(f"{m['name']:<32} {m['format']:<4} {m['architecture']:<12} "
                          f"{m['parameters'] / 1e6:>9.2f}M  {m['path']}\n")
     return 0

@@ -80,11 +80,16 @@ def make_tokenizer(spec: str, files: list[Path]) -> Tokenizer:
 
 
 def _chunks(text: str, size: int = 1 << 16) -> list[str]:
-    # Cut only after a newline, so a BPE merge never straddles two chunks in the middle of a word.
+    # Cut after a newline, so a BPE merge never straddles two chunks in the middle of a word; a text
+    # without one for 4 chunks (a one-line corpus) is cut after a space, else anywhere: the tokenizer
+    # holds ~100 bytes per character of what it is given, so it is never given more than 256 kB at once.
     out, start = [], 0
     while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end < 0 else end + 1
+        limit = start + 4 * size
+        end = text.find("\n", start + size, limit)
+        if end < 0:
+            end = text.rfind(" ", start + size, limit)
+        end = min(len(text), limit) if end < 0 else end + 1
         out.append(text[start:end])
         start = end
     return out
@@ -96,7 +101,10 @@ def encode_file(tok: Tokenizer, f: Path) -> np.ndarray:
     eot = tok.eos_id if eot is None else eot
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     text = Path(f).read_text(encoding="utf-8", errors="replace")
-    parts = [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch_ids(_chunks(text))]
+    chunks = _chunks(text)
+    parts = []
+    for i in range(0, len(chunks), 16):   # a few MB at a time: the ids as Python lists cost ~36 bytes each
+        parts += [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch_ids(chunks[i:i + 16])]
     return np.concatenate(parts + [np.asarray([eot], dtype=dtype)])
 
 

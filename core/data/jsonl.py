@@ -18,14 +18,27 @@ from ..errors import SolError
 ROLES = ("system", "user", "assistant", "tool")
 
 
+MAX_LINE_BYTES = 1 << 20   # one record; a 50 MB line drove the tokenizer past 5 GB
+
+
 def read_lines(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line."""
     path = Path(path)
     if not path.is_file():
         raise SolError(f"{path}: no such file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        n = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            n += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise SolError(f"{path}:{n}: line longer than {MAX_LINE_BYTES:,} bytes; split the record or "
+                               "shorten it (one record is one conversation, pair or prompt)")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SolError(f"{path}:{n}: not valid UTF-8 (byte {e.start + 1} of the line); save the file "
+                               "as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -33,6 +46,8 @@ def read_lines(path: str | Path) -> list[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise SolError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); "
                                "each line must be one JSON object") from None
+            except RecursionError:
+                raise SolError(f"{path}:{n}: JSON nested too deeply; each line must be one flat record") from None
             if not isinstance(obj, dict):
                 raise SolError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
             out.append((n, obj))
@@ -51,10 +66,20 @@ def check_messages(msgs, where: str, key: str = "messages") -> list[dict]:
             raise SolError(f"{where}: {key}[{i}] has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise SolError(f"{where}: {key}[{i}].content must be a string")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:   # a lone surrogate ("\ud800") is valid JSON but no text a tokenizer reads
+            raise SolError(f"{where}: {key}[{i}].content holds a lone surrogate escape (\\ud800-\\udfff); "
+                           "write the character itself") from None
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
 def read_chat(path: str | Path) -> list[list[dict]]:
+    return [msgs for _, msgs in read_chat_lines(path)]
+
+
+def read_chat_lines(path: str | Path) -> list[tuple[str, list[dict]]]:
+    """("file:line", messages) per conversation, so later errors can name the line."""
     convs = []
     for n, obj in read_lines(path):
         where = f"{path}:{n}"
@@ -63,7 +88,7 @@ def read_chat(path: str | Path) -> list[list[dict]]:
         msgs = check_messages(obj["messages"], where)
         if not any(m["role"] == "assistant" for m in msgs):
             raise SolError(f"{where}: no assistant message, so nothing to learn from this line")
-        convs.append(msgs)
+        convs.append((where, msgs))
     return convs
 
 
@@ -88,8 +113,8 @@ def read_prefs(path: str | Path) -> list[dict]:
     return pairs
 
 
-def read_prompts(path: str | Path, need_answer: bool = False) -> list[dict]:
-    """[{"messages": [...], "answer": str | None}]"""
+def read_prompts(path: str | Path, need_answer: bool = False, with_where: bool = False) -> list[dict]:
+    """[{"messages": [...], "answer": str | None}] (with_where: and "where", the record's "file:line")"""
     out = []
     for n, obj in read_lines(path):
         where = f"{path}:{n}"
@@ -99,5 +124,6 @@ def read_prompts(path: str | Path, need_answer: bool = False) -> list[dict]:
         answer = obj.get("answer")
         if need_answer and answer is None:
             raise SolError(f"{where}: missing key \"answer\", which the verifiable reward checks against")
-        out.append({"messages": msgs, "answer": None if answer is None else str(answer)})
+        out.append({"messages": msgs, "answer": None if answer is None else str(answer),
+                    **({"where": where} if with_where else {})})
     return out

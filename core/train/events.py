@@ -70,7 +70,7 @@ class ProgressBar:
         elif t == "done":
             w(f"\ndone: {e.get('out')}" + (" (stopped, resume with --resume)" if e.get("stopped") else "") + "\n")
         elif t == "error":
-            w(f"\nerror: {e['message']}\n")
+            w("\n")   # end the bar's line; the CLI prints the one `error:` line itself
         self.stream.flush()
 
     def close(self) -> None:

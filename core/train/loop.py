@@ -126,16 +126,63 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, **extra)
 
 
-def check_out_dir(out: Path, resume: bool) -> Path | None:
+# What a Sol run writes into --out before it has finished: a folder holding only these may be reused.
+RUN_ENTRIES = {"checkpoints", "data", "best", "events.jsonl"}
+
+
+def check_out_dir(out: Path, resume: bool, kind: str | None = None) -> Path | None:
+    """Refuse an --out that would overwrite something that is not this stage's own run, and one that
+    cannot be written: both before the first step, not at the first checkpoint after all of them."""
+    if out.exists() and not out.is_dir():
+        raise SolError(f"--out {out}: is a file, not a folder; choose a folder for the model")
+    _check_sol_stage(out, kind)
     ckpt = checkpointing.latest(out)
     if resume:
         if ckpt is None:
             raise SolError(f"--resume: {out} holds no checkpoint to resume from; run without --resume to start")
-        return ckpt
-    if ckpt is not None or (out / "sol.json").exists():
+    elif ckpt is not None or (out / "sol.json").exists():
         raise SolError(f"--out {out}: already holds a training run; add --resume to continue it, "
                        "or choose another --out")
-    return None
+    foreign = [] if resume else _foreign_entries(out)   # resuming: a Sol run's folder (it has checkpoints)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise SolError(f"--out {out}: is not empty and is not a Sol training run (it holds {shown}); "
+                       "nothing was changed: choose a new or empty folder for --out")
+    check_writable(out)
+    return ckpt
+
+
+def _check_sol_stage(out: Path, kind: str | None) -> None:
+    meta = out / "sol.json"
+    if kind is None or not meta.is_file():
+        return
+    try:
+        stage = json.loads(meta.read_text(encoding="utf-8")).get("stage")
+    except (OSError, ValueError, AttributeError):
+        raise SolError(f"--out {out}: its sol.json cannot be read; choose another --out") from None
+    if stage != kind:
+        raise SolError(f"--out {out}: holds a Sol model of stage {stage!r}, not a {kind!r} run; "
+                       "choose another --out")
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """What is in `out` that a Sol run did not put there (half-written temporary files excepted)."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if p.name not in RUN_ENTRIES and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+
+def check_writable(out: Path) -> None:
+    """Create `out` (as the run will) and write a probe file in it."""
+    import tempfile
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise SolError(f"--out {out}: cannot write there ({e.strerror or e}); choose a folder you can "
+                       "write to") from None
 
 
 def train(stage: Stage, cfg: TrainConfig, emit) -> dict:
@@ -156,7 +203,7 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
     if cfg.batch_size % (cfg.grad_accum * dist.world):
         raise SolError(f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} "
                        f"times the number of processes {dist.world}")
-    ckpt = check_out_dir(out, cfg.resume) if dist.main else None
+    ckpt = check_out_dir(out, cfg.resume, stage.kind) if dist.main else None
     ddp.barrier(dist)
     if not dist.main:
         ckpt = checkpointing.latest(out) if cfg.resume else None

@@ -33,8 +33,10 @@ def train_config(args) -> TrainConfig:
     for name in ("max_steps", "batch_size", "grad_accum"):
         if getattr(args, name) < 1:
             raise SolError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.lr <= 0:
+    if not 0 < args.lr < float("inf"):   # NaN fails too
         raise SolError(f"--lr {args.lr}: must be more than 0")
+    if not 0 <= args.seed < 2**63 - 64:      # each process adds its rank
+        raise SolError(f"--seed {args.seed}: must be from 0 to 2**63-65")
     return TrainConfig(out=args.out, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        lr=args.lr, min_lr=args.min_lr, warmup=min(args.warmup, args.max_steps),
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,

@@ -66,7 +66,7 @@ class Pretrain(Stage):
             self.tokenizer = corpus.make_tokenizer(a.tokenizer, self.files)
         self.cfg = model_config(a, self.tokenizer.vocab_size)
         if ckpt is not None:
-            self.cfg = ModelConfig.from_dict(checkpointing_config(ckpt))
+            self.cfg = ModelConfig.from_dict(checkpointing_config(ckpt), source=str(ckpt / "config.json"))
         data_dir = out / "data"
         if dist.main:
             corpus.build(self.files, self.tokenizer, data_dir, self.cfg.context, a.val_fraction)
@@ -128,8 +128,11 @@ class Pretrain(Stage):
 
 
 def checkpointing_config(ckpt: Path) -> dict:
-    import json
-    return json.loads((ckpt / "config.json").read_text())
+    from ..checkpoint import read_json_object
+    try:
+        return read_json_object(ckpt / "config.json")
+    except SolError as e:   # a checkpoint cut short: say which, and how to go on
+        raise SolError(f"{e}; delete the checkpoint folder {ckpt} to resume from the one before") from None
 
 
 def add_arguments(p) -> None:

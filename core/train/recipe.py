@@ -131,6 +131,11 @@ def run(args, emit) -> dict:
         raise SolError(f"--corpus {corpus}: no such file")
     work = Path(args.work) if args.work else data_dir() / "runs" / "starter"
     out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "sol.json").is_file())):
+        raise SolError(f"--out {out}: is not empty and is not a Sol model; nothing was changed: choose a new "
+                       "or empty folder for --out")
+    from .loop import check_writable
+    check_writable(out)
     if work.exists() and any(work.iterdir()) and not args.resume:
         raise SolError(f"--work {work}: already holds a recipe run; add --resume to continue it, or choose another --work")
     work.mkdir(parents=True, exist_ok=True)

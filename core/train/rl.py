@@ -90,6 +90,13 @@ class Scorer:
         return fn(self.tok.decode(out.ids), rec["answer"], out.tool_calls)
 
 
+def check_prompt_fits(record: dict, n_tokens: int, context: int) -> None:
+    """A prompt that fills the context leaves no room for an answer: name its line before training."""
+    if n_tokens >= context:
+        raise SolError(f"{record.get('where', 'a prompt')}: the prompt is {n_tokens} tokens, the model's context "
+                       f"is {context}; shorten the prompt (it needs room for an answer)")
+
+
 def generate_grouped(model, tok, prompts: list[list[int]], k: int, max_new: int, temperature: float,
                      gen: torch.Generator, stops) -> list:
     """k rollouts per prompt; prompts of equal length share one batch. Returns them in prompt order."""
@@ -125,8 +132,9 @@ class RL(Stage):
     def prepare(self, cfg, device, dist):
         a = self.args
         need_answer = a.reward is not None
-        records = jsonl.read_prompts(a.prompts, need_answer=need_answer)
-        self.eval_records = jsonl.read_prompts(a.eval_prompts, need_answer=need_answer) if a.eval_prompts else None
+        records = jsonl.read_prompts(a.prompts, need_answer=need_answer, with_where=True)
+        self.eval_records = (jsonl.read_prompts(a.eval_prompts, need_answer=need_answer, with_where=True)
+                             if a.eval_prompts else None)
         self.parent = load_parent(a.model, device)
         self.tokenizer, self.model = self.parent.tokenizer, self.parent.model
         self.module = self.model
@@ -140,6 +148,11 @@ class RL(Stage):
             self.eval_records = val
         self.prompts = [conversations.encode(self.tokenizer, r["messages"], add_generation_prompt=True)[0]
                         for r in self.train_rec]
+        for r, ids in zip(self.train_rec, self.prompts):
+            check_prompt_fits(r, len(ids), self.model.cfg.context)
+        for r in self.eval_records:
+            ids = conversations.encode(self.tokenizer, r["messages"], add_generation_prompt=True)[0]
+            check_prompt_fits(r, len(ids), self.model.cfg.context)
         self.out, self.step, self.best = Path(cfg.out), 0, best_accuracy(Path(cfg.out))
         if a.samples < 2:
             raise SolError(f"--samples {a.samples}: needs at least 2 answers per prompt to compare them")

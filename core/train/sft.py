@@ -19,15 +19,18 @@ DEFAULTS = {"lr": 5e-4, "max_steps": 500, "warmup": 20, "batch_size": 16, "eval_
 IGNORE = -100
 
 
-def encode_examples(tok, convs: list[list[dict]], context: int, source: str) -> list[tuple[list[int], list[int]]]:
-    """(input ids, target ids with IGNORE where no loss) per conversation, cut to the context window."""
+def encode_examples(tok, convs: list[list[dict]], context: int, source: str,
+                    wheres: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
+    """(input ids, target ids with IGNORE where no loss) per conversation, cut to the context window.
+    `wheres`: "file:line" of each conversation, for errors."""
     out = []
     for n, msgs in enumerate(convs):
         ids, mask = conversations.encode(tok, msgs)
         ids, mask = ids[:context + 1], mask[:context + 1]
         targets = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
         if all(t == IGNORE for t in targets):
-            raise SolError(f"{source}: conversation {n + 1} has no assistant tokens within the context window "
+            where = wheres[n] if wheres else f"{source}: conversation {n + 1}"
+            raise SolError(f"{where}: no assistant tokens within the context window "
                            f"of {context}; shorten it or use a model with a longer context")
         out.append((ids[:-1], targets))
     return out
@@ -41,12 +44,14 @@ class SFT(Stage):
 
     def prepare(self, cfg, device, dist):
         a = self.args
-        convs = jsonl.read_chat(a.data)           # errors name file:line, before anything heavy
+        lines = jsonl.read_chat_lines(a.data)     # errors name file:line, before anything heavy
+        convs = [msgs for _, msgs in lines]
         self.parent = load_parent(a.model, device)
         self.tokenizer, self.model = self.parent.tokenizer, self.parent.model
         self.module = self.model
         self.device, self.seed = device, cfg.seed
-        examples = encode_examples(self.tokenizer, convs, self.model.cfg.context, a.data)
+        examples = encode_examples(self.tokenizer, convs, self.model.cfg.context, a.data,
+                                   [where for where, _ in lines])
         self.train_ex, self.val_ex = split_val(examples, a.val_fraction)
         self.pad = pad_id(self.tokenizer)
 
