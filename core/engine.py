@@ -91,9 +91,10 @@ class Session:
             raise SolError(f"{len(self.ids) + len(ids)} tokens do not fit the context window of "
                            f"{self.cache.max_len}; shorten the prompt")
         switch = self.model.rope_switch
-        if switch is not None and 0 < self.cache.pos <= switch < self.cache.pos + len(ids):
-            # longrope: past `switch` tokens every position takes the long factors, so the cached keys
-            # are stale; recompute the whole sequence, as transformers' generate does.
+        if switch is not None and self.cache.pos > 0 and (self.cache.pos + len(ids) > switch) != self.cache.long_rope:
+            # longrope: past `switch` tokens every position takes the long factors (and within it, after a
+            # rewind, the short ones), so the cached keys are stale: recompute the whole sequence, as
+            # transformers' generate does.
             ids, self.ids = self.ids + list(ids), []
             self.cache.truncate(0)
         pos = self.cache.pos

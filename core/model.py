@@ -168,6 +168,7 @@ class KVCache:
         self.k = [torch.zeros(first, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(first, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.pos = 0
+        self.long_rope = False   # longrope models: the cached keys took the long factors
 
     @property
     def capacity(self) -> int:
@@ -200,6 +201,7 @@ class KVCache:
         view.v = [t[start:stop] for t in self.v]
         view.max_len = self.capacity
         view.pos = 0
+        view.long_rope = False
         return view
 
     def move_row(self, src: int, dst: int) -> None:
@@ -533,11 +535,16 @@ class Transformer(nn.Module):
         return tuple(ropes)
 
     def _check_switch(self, cache: KVCache | None, start: int, end: int) -> None:
-        # Keys cached with longrope's short factors are wrong once the sequence passes the switch:
-        # transformers recomputes them all, and so must the caller (Session.feed does).
-        if cache is not None and 0 < start <= self.rope_switch < end:
-            raise ValueError(f"the sequence passes {self.rope_switch} tokens, where this model's RoPE switches to "
-                             "its long factors: run it again from the start without the cache")
+        """longrope: a sequence longer than the switch takes the long factors at every position, a shorter
+        one the short ones. Cached keys of the other kind are wrong: transformers recomputes them all, and
+        so must the caller (Session.feed does); here it is an error, never a silently different answer."""
+        if cache is None:
+            return
+        long = end > self.rope_switch
+        if start > 0 and long != cache.long_rope:
+            raise ValueError(f"the sequence {'passes' if long else 'is back within'} {self.rope_switch} tokens, "
+                             "where this model's RoPE factors change: run it again from the start without the cache")
+        cache.long_rope = long
 
     def _embed(self, idx, start):
         T = idx.shape[1]

@@ -77,7 +77,7 @@ def test_cached_feeds_match_full_forward_past_the_window(hf_pair):
         if model.rope_switch is not None:   # longrope: the cache cannot cross the switch (Session recomputes)
             cache = model.new_cache()
             model(ids[:, :10], cache=cache)
-            with pytest.raises(ValueError, match="long factors"):
+            with pytest.raises(ValueError, match="factors change"):
                 model(ids[:, 10:20], cache=cache)
             return
         cache = model.new_cache()
@@ -103,6 +103,11 @@ def test_session_recomputes_at_the_longrope_switch():
     s = Session(model)
     with torch.no_grad():
         for a, b in ((0, 12), (12, 16), (16, 17), (17, 18), (18, 30)):
+            s.feed(ids[a:b])
+            expected = ref(torch.tensor([ids[:b]])).logits[0, -1]
+            assert (s.logits - expected).abs().max().item() <= 1e-4, (a, b)
+        s.rewind(10)          # back within the switch (an edited message): the short factors again
+        for a, b in ((10, 13), (13, 14)):
             s.feed(ids[a:b])
             expected = ref(torch.tensor([ids[:b]])).logits[0, -1]
             assert (s.logits - expected).abs().max().item() <= 1e-4, (a, b)
