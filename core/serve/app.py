@@ -93,6 +93,10 @@ class Choice:
             if at:
                 return min(at)
         for s in self.holds:
+            at = text.find(s, max(0, self.sent - len(s)))
+            if at >= 0:   # the token that completes a stop string comes before the DoneEvent
+                end = min(end, at)
+                continue
             for k in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:k]):
                     end = min(end, len(text) - k)
