@@ -162,6 +162,25 @@ def relay(reqs: list, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
     return q
 
 
+class KeyCheck:
+    """401 for /v1 and /sol requests without `Authorization: Bearer KEY`. Plain ASGI, not
+    BaseHTTPMiddleware: that one hides a client's disconnect from the endpoint."""
+
+    def __init__(self, app, key: str, log):
+        self.app, self.key, self.log = app, f"Bearer {key}".encode(), log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith(("/v1", "/sol")):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.key):
+                self.log({"endpoint": scope["path"], "status": 401, "error": "missing or wrong API key"})
+                e = P.ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY` with the key "
+                                    "`sol serve` was started with", None, "invalid_api_key")
+                await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # ---- the application ---------------------------------------------------------------------
 def create_app(served: list[Served], api_key: str | None = None, cors_origins: list[str] | None = None,
                log=None):
@@ -171,7 +190,9 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
     inflight: set = set()
     log = log or (lambda entry: None)
 
-    if cors_origins:
+    if api_key:
+        app.add_middleware(KeyCheck, key=api_key, log=log)
+    if cors_origins:   # added last, so outermost: refusals carry the CORS headers too
         from starlette.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
@@ -194,17 +215,6 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
         first = (e.errors() or [{}])[0]
         return error_response(P.ApiError(400, f"{'.'.join(map(str, first.get('loc', [])))}: {first.get('msg')}",
                                          None, "invalid_value"))
-
-    @app.middleware("http")
-    async def _check_key(request: Request, call_next):
-        if api_key and request.method != "OPTIONS" and request.url.path.startswith(("/v1", "/sol")):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                log({"endpoint": request.url.path, "status": 401, "error": "api key"})
-                return error_response(P.ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY` "
-                                                      "with the key `sol serve` was started with", None,
-                                                 "invalid_api_key"))
-        return await call_next(request)
 
     async def read_body(request: Request) -> dict:
         try:
@@ -262,13 +272,18 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
         """Wait for every choice's DoneEvent; a client that leaves cancels them."""
         q = relay([c.req for c in choices], asyncio.get_running_loop())
         left = len(choices)
+        checked = time.monotonic()
         try:
             while left:
                 try:
-                    i, ev = await asyncio.wait_for(q.get(), 0.1)
+                    i, ev = await asyncio.wait_for(q.get(), 0.05)
                 except asyncio.TimeoutError:
+                    i, ev = None, None
+                if time.monotonic() - checked > 0.05:   # tokens may come faster than that: check on time
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if ev is None:
                     continue
                 if isinstance(ev, DoneEvent):
                     choices[i].finish(ev)
