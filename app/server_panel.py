@@ -72,7 +72,7 @@ class ServerPanel(QWidget):
         self.python = QPlainTextEdit()
         for name, box in (("curl", self.curl), ("Python", self.python)):
             box.setReadOnly(True)
-            box.setMaximumHeight(110)
+            box.setMaximumHeight(130)
             col = QHBoxLayout()
             copy = QPushButton(f"Copy {name}")
             copy.clicked.connect(lambda _=False, b=box: QGuiApplication.clipboard().setText(b.toPlainText()))
