@@ -26,15 +26,17 @@ def slow_server(tmp_path):
     from sol.core.checkpoint import load_model
     from sol.core.commands.serve import bind
     from sol.core.serve.app import Served, create_app
-    from sol.core.serve.queue_engine import BatchEngine
+    from sol.core.batch import BatchEngine
     lm = load_model(make_tiny_model(tmp_path / "slow", context=512))
     calls = []
+    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=1, max_queue=1)
+    step = engine.step_fn
 
-    def slow(module, inputs):
+    def slow(*args):   # every decode step takes STEP seconds, so "within one step" can be timed
         time.sleep(STEP)
         calls.append(time.perf_counter())
-    lm.model.register_forward_pre_hook(slow)
-    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=1, max_queue=1)
+        return step(*args)
+    engine.step_fn = slow
     engine.start()
     app = create_app([Served("slow", lm, engine)])
     sock = bind("127.0.0.1", 0)

@@ -47,7 +47,7 @@ def load_all(args) -> list:
     from ..errors import SolError
     from ..registry import resolve
     from ..serve.app import Served
-    from ..serve.queue_engine import BatchEngine
+    from ..batch import BatchEngine
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     served = []

@@ -24,11 +24,11 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from ..chat import END_MARKERS, find_tool_call
-from ..engine import DoneEvent, end_of_turn_ids, stop_ids_for
+from ..batch import QueueFull
+from ..engine import DoneEvent, GenerationParams, end_of_turn_ids, stop_ids_for
 from ..errors import SolError
 from . import protocol as P
 from .constrain import Constraint, grammar_for, ll_tokenizer
-from .queue_engine import Params, QueueFull
 
 OPEN_MARKERS = ("<|tool_call|>", "<tool_call>")
 
@@ -234,7 +234,7 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                              "model_not_found", "not_found_error")
         return models[name]
 
-    def submit(s: Served, ids: list[int], params: Params):
+    def submit(s: Served, ids: list[int], params: GenerationParams):
         try:
             req = s.engine.submit(ids, params)
         except QueueFull as e:
@@ -245,7 +245,7 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
         inflight.add(req)
         return req
 
-    def submit_all(s: Served, ids: list[int], params: Params, n: int, constrained) -> list:
+    def submit_all(s: Served, ids: list[int], params: GenerationParams, n: int, constrained) -> list:
         reqs = []
         try:
             for i in range(n):
@@ -253,7 +253,7 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                 sampling = P.SamplingParams(**{**params.sampling.__dict__,
                                                "seed": None if seed is None else seed + i})
                 proc = constrained() if constrained else None
-                p = Params(**{**params.__dict__, "sampling": sampling, "logits_processor": proc})
+                p = GenerationParams(**{**params.__dict__, "sampling": sampling, "logits_processor": proc})
                 reqs.append(submit(s, ids, p))
         except P.ApiError:
             for r in reqs:
@@ -378,6 +378,7 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
 
         if not stream:
             await collect(request, choices)
+            failed(choices)
             done_log(choices)
             out = []
             for c in choices:
@@ -411,6 +412,9 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                     c = choices[i]
                     if isinstance(ev, DoneEvent):
                         left -= 1
+                        if ev.stop_reason.startswith("error"):
+                            yield json.dumps(engine_error(ev).body())
+                            continue
                         rest = c.finish(ev)
                         if rest:
                             yield chunk(i, {"content": rest})
@@ -467,6 +471,7 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
 
         if not stream:
             await collect(request, choices)
+            failed(choices)
             echo_lp = await asyncio.to_thread(prompt_logprobs, s, ids, top_n) if echo and top_n is not None else None
             out = []
             for c in choices:
@@ -501,6 +506,9 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                     c = choices[i]
                     if isinstance(ev, DoneEvent):
                         left -= 1
+                        if ev.stop_reason.startswith("error"):
+                            yield json.dumps(engine_error(ev).body())
+                            continue
                         rest = c.finish(ev)
                         yield chunk(i, rest, c.finish_reason())
                         continue
@@ -521,6 +529,17 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
         return EventSourceResponse(events(), sep="\n")
 
     return app
+
+
+def engine_error(done: DoneEvent) -> P.ApiError:
+    return P.ApiError(500, f"the engine failed on this request: {done.stop_reason.removeprefix('error: ')}",
+                      None, "engine_error", "server_error")
+
+
+def failed(choices: list[Choice]) -> None:
+    for c in choices:
+        if c.done is not None and c.done.stop_reason.startswith("error"):
+            raise engine_error(c.done)
 
 
 # ---- reading requests ------------------------------------------------------------------------
@@ -549,7 +568,7 @@ def request_params(body: dict, s: Served, ids: list[int], stops: tuple[str, ...]
                 constrained().check_start()
         except SolError as e:
             raise P.ApiError(400, str(e), "response_format", "invalid_value") from None
-    params = Params(max_tokens=limit, sampling=sampling, stop_ids=stop_ids, stop_strings=strings,
+    params = GenerationParams(max_tokens=limit, sampling=sampling, stop_ids=stop_ids, stop_strings=strings,
                     explain=want_top or explain, top_n=max(top_n, 1) if want_top else 0)
     return params, n, explain, constrained
 

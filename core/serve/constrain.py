@@ -99,8 +99,9 @@ class Constraint:
         self.consumed = len(ids)
         mask = self.allowed()
         if not bool(mask.any()):
-            raise SolError("response_format: this model's vocabulary has no token the schema allows next "
-                           "(a character-level vocabulary without { or \" cannot write a JSON object)")
+            # Nothing the vocabulary has can continue (or the matcher failed): end the answer here rather
+            # than raise inside the engine's step, which would end every request in the batch.
+            mask[self.end_ids] = True
         return logits.masked_fill(~mask, float("-inf"))
 
     def check_start(self) -> None:
