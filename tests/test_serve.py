@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import textwrap
@@ -321,3 +322,19 @@ def test_sigterm_during_a_stream_exits_0_within_5_s(tmp_path):
     t.join(10)
     assert rc == 0 and took < 5.0, (rc, took, srv.proc.stderr.read())
     assert len(got) < 2000
+
+
+def test_key_from_the_environment_and_a_warning_off_loopback(tmp_path):
+    srv = ServerProcess(["--model", "starter", "--host", "0.0.0.0"], tmp_path, env={"SOL_API_KEY": "from-env"})
+    port = srv.url.rsplit(":", 1)[1]
+    assert srv.url == f"http://0.0.0.0:{port}"
+    body = {"model": "starter", "prompt": "hi", "max_tokens": 1}
+    assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body).status_code == 401
+    ok = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body,
+                    headers={"Authorization": "Bearer from-env"})
+    assert ok.status_code == 200
+    rc, _ = srv.stop()
+    assert rc == 0 and "warning" not in srv.proc.stderr.read()   # a key is set: no warning
+    bare = ServerProcess(["--model", "starter", "--host", "0.0.0.0"], tmp_path)
+    rc, _ = bare.stop(signal.SIGINT)
+    assert rc == 0 and "warning: --host 0.0.0.0" in bare.proc.stderr.read()
