@@ -239,7 +239,7 @@ def test_errors_have_their_status_and_shape(server):
         (raw(server, "/v1/chat/completions", {"model": "starter", "messages": msg, "top_logprobs": 25,
                                               "logprobs": True}), 400, "top_logprobs"),
         (raw(server, "/v1/chat/completions", {"model": "starter", "messages": "hi"}), 400, "messages"),
-        (raw(server, "/v1/completions", {"model": "starter", "prompt": "hi", "max_tokens": 500}), 400, "messages"),
+        (raw(server, "/v1/completions", {"model": "starter", "prompt": "hi", "max_tokens": 500}), 400, "prompt"),
     ]
     for r, status, param in cases:
         assert r.status_code == status, r.text

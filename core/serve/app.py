@@ -234,18 +234,22 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                              "model_not_found", "not_found_error")
         return models[name]
 
-    def submit(s: Served, ids: list[int], params: GenerationParams):
+    def submit(s: Served, ids: list[int], params: GenerationParams, param: str):
+        if app.state.closing:
+            raise P.ApiError(503, "the server is shutting down", None, "shutting_down", "server_error",
+                             {"Retry-After": "5"})
         try:
             req = s.engine.submit(ids, params)
         except QueueFull as e:
             raise P.ApiError(503, f"the server is busy: {e}", None, "queue_full", "server_error",
                              {"Retry-After": "1"}) from None
-        except SolError as e:
-            raise P.ApiError(400, str(e), "messages", "context_length_exceeded") from None
+        except SolError as e:   # the prompt and max_tokens do not fit the context: the engine names the numbers
+            raise P.ApiError(400, str(e), param, "context_length_exceeded") from None
         inflight.add(req)
         return req
 
-    def submit_all(s: Served, ids: list[int], params: GenerationParams, n: int, constrained) -> list:
+    def submit_all(s: Served, ids: list[int], params: GenerationParams, n: int, constrained,
+                   param: str) -> list:
         reqs = []
         try:
             for i in range(n):
@@ -254,7 +258,7 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                                                "seed": None if seed is None else seed + i})
                 proc = constrained() if constrained else None
                 p = GenerationParams(**{**params.__dict__, "sampling": sampling, "logits_processor": proc})
-                reqs.append(submit(s, ids, p))
+                reqs.append(submit(s, ids, p, param))
         except P.ApiError:
             for r in reqs:
                 r.cancel()
@@ -363,7 +367,7 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                                                          s.end_ids, tools)
         stream = P.flag(body, "stream")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
-        reqs = submit_all(s, ids, params, n, constrained)
+        reqs = submit_all(s, ids, params, n, constrained, "messages")
         choices = [Choice(i, r, stops, tools) for i, r in enumerate(reqs)]
         rid, created, t0 = P.new_id("chatcmpl"), P.now(), time.perf_counter()
         head = {"id": rid, "created": created, "model": s.name, "system_fingerprint": None}
@@ -451,7 +455,7 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
         if stream and echo:
             raise P.bad("echo", "is not supported with stream; ask without stream")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
-        reqs = submit_all(s, ids, params, n, constrained)
+        reqs = submit_all(s, ids, params, n, constrained, "prompt")
         choices = [Choice(i, r, stops, None) for i, r in enumerate(reqs)]
         rid, created, t0 = P.new_id("cmpl"), P.now(), time.perf_counter()
         head = {"id": rid, "object": "text_completion", "created": created, "model": s.name,
