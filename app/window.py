@@ -29,8 +29,13 @@ def app_panels() -> list[PanelSpec]:
         from .models_panel import ModelsPanel
         return ModelsPanel(ctx)
 
+    def server(ctx):
+        from .server_panel import ServerPanel
+        return ServerPanel(ctx)
+
     return [PanelSpec("chat", "Chat", chat, "chat.svg", 0, "sol"),
-            PanelSpec("models", "Models", models, "models.svg", 10, "sol")]
+            PanelSpec("models", "Models", models, "models.svg", 10, "sol"),
+            PanelSpec("server", "Server", server, "server.svg", 15, "sol")]
 
 
 class PanelError(QWidget):

@@ -232,6 +232,45 @@ def test_plugins_panel_lists_builtins_and_a_broken_plugin(window, qtbot, tmp_pat
     assert "RuntimeError" in panel.details.toPlainText()
 
 
+def test_server_switch_starts_serves_and_stops_sol_serve(window, qtbot):
+    # Before test_screenshot_saves_a_png_and_exits: once a test has run app.exec() and app.exit(), a
+    # QProcess started later in the same QApplication never leaves the Starting state.
+    import os
+    import time
+    import urllib.request
+
+    from PySide6.QtCore import Qt
+    win, ctx = window
+    panel = win.panel("server")
+    panel.select_model(panel.model_box.itemData(panel.model_box.findText("starter")))
+    panel.port.setValue(0)
+    qtbot.mouseClick(panel.switch, Qt.LeftButton)
+    qtbot.waitUntil(lambda: panel.state in ("running", "failed"), timeout=60_000)
+    assert panel.state == "running", panel.status.text()
+    assert panel.url.startswith("http://127.0.0.1:") and panel.url in panel.curl.toPlainText()
+    assert '"model": "starter"' in panel.curl.toPlainText() and panel.url in panel.python.toPlainText()
+    body = json.dumps({"model": "starter", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    req = urllib.request.Request(panel.url + "/v1/chat/completions", body.encode(),
+                                 {"Content-Type": "application/json"})
+    reply = json.loads(urllib.request.urlopen(req, timeout=30).read())
+    assert reply["usage"]["completion_tokens"] >= 1
+    qtbot.waitUntil(lambda: panel.log.rowCount() == 1, timeout=10_000)
+    assert panel.log.item(0, 1).text() == "/v1/chat/completions" and panel.log.item(0, 2).text() == "200"
+    proc = panel.proc
+    qtbot.mouseClick(panel.switch, Qt.LeftButton)
+    qtbot.waitUntil(lambda: panel.state == "stopped", timeout=10_000)
+    assert panel.proc is None and proc is not None
+    # Closing the window stops a server the panel started.
+    panel.start()
+    qtbot.waitUntil(lambda: panel.state == "running", timeout=60_000)
+    pid = panel.proc.processId()
+    win.close()
+    with pytest.raises(ProcessLookupError):   # gone (and reaped) by the time close() returns
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+
+
 def test_screenshot_saves_a_png_and_exits(tmp_path, qtbot):
     import argparse
 

@@ -16,6 +16,11 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def encoding_json(enc) -> dict:
+    """The `--json` object; `sol serve`'s /sol/tokenize answers the same."""
+    return {"ids": enc.ids, "tokens": enc.tokens, "offsets": [list(o) for o in enc.offsets]}
+
+
 def run(args) -> int:
     from ..tokenizer import Tokenizer
     if args.tokenizer:
@@ -29,7 +34,7 @@ def run(args) -> int:
         tok = Tokenizer.from_file(d / "tokenizer.json")
     enc = tok.encode(args.text)
     if args.json:
-        print_json({"ids": enc.ids, "tokens": enc.tokens, "offsets": [list(o) for o in enc.offsets]})
+        print_json(encoding_json(enc))
     else:
         for i, t, (a, b) in zip(enc.ids, enc.tokens, enc.offsets):
             sys.stdout.write(f"{i:>8}  {t!r:<24} {args.text[a:b]!r}\n")

@@ -1,0 +1,185 @@
+"""`sol serve` under load, on the CPU: 1, 4 and 16 concurrent streaming clients (the `openai` client,
+64 new tokens each) against the starter and a small random GPT-2 (6 layers, d_model 384, vocab 8192,
+written with save_pretrained as in decode.py). Reports aggregate tokens/s, time to first token p50/p99,
+and /health latency p99 (timed from another process) during the 16-client run.
+
+The reference is a plain transformers loop on the same GPT-2 weights: `generate` for one request after
+another (what a server without batching does), 64 greedy tokens each; ratios are Sol's aggregate
+tokens/s over it. `transformers serve` is not used: it needs more packages and a model hub.
+
+    python benchmarks/serve.py [--json] [--clients 1,4,16] [--only starter|gpt2_small]
+
+The last line with --json is
+{"starter": {"1": {"tok_s", "ttft_p50_s", "ttft_p99_s"}, ..., "health_p99_ms"},
+ "gpt2_small": {..., "hf_loop_tok_s", "ratio_16_vs_hf_loop"}}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+NEW_TOKENS = 64
+SMALL = dict(n_layer=6, n_embd=384, n_head=6, vocab_size=8192, n_positions=1024)
+PROMPTS = ["First Citizen:", "Before we proceed", "All: Speak, speak.", "What is 12 times 7?",
+           "The quality of mercy", "Now is the winter", "To be, or not to be", "O Romeo, Romeo"]
+
+
+def quantile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def start(model: str, home: Path, max_concurrent: int):
+    from serve_helpers import ServerProcess
+    return ServerProcess(["--model", model, "--device", "cpu", "--max-concurrent", str(max_concurrent)], home)
+
+
+def run_clients(url: str, model: str, n: int) -> dict:
+    from openai import OpenAI
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    ttft, tokens = [], []
+    barrier = threading.Barrier(n)
+
+    def one(i):
+        barrier.wait()
+        t0 = time.perf_counter()
+        first = None
+        count = 0
+        stream = client.completions.create(model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=NEW_TOKENS,
+                                           temperature=0, stream=True, stream_options={"include_usage": True})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text and first is None:
+                first = time.perf_counter() - t0
+            if chunk.usage:
+                count = chunk.usage.completion_tokens
+        ttft.append(first if first is not None else time.perf_counter() - t0)
+        tokens.append(count)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"tok_s": round(sum(tokens) / wall, 1), "tokens": sum(tokens), "wall_s": round(wall, 2),
+            "ttft_p50_s": round(statistics.median(ttft), 4), "ttft_p99_s": round(quantile(ttft, 0.99), 4)}
+
+
+POLLER = """
+import json, os, sys, time, http.client
+host, port, flag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = http.client.HTTPConnection(host, port)
+lat = []
+while not os.path.exists(flag):
+    t0 = time.perf_counter()
+    c.request("GET", "/health")
+    c.getresponse().read()
+    lat.append(time.perf_counter() - t0)
+    time.sleep(0.02)
+print(json.dumps(lat))
+"""
+
+
+def bench_model(model: str, name: str, clients: list[int], log) -> dict:
+    home = Path(tempfile.mkdtemp(prefix="sol-serve-bench-"))
+    srv = start(model, home, max(clients))
+    out = {}
+    try:
+        run_clients(srv.url, name, 1)   # warm-up
+        for n in clients:
+            poller = None
+            if n == max(clients):
+                host, port = srv.url.rsplit("/", 1)[-1].split(":")
+                flag = home / "stop"
+                poller = subprocess.Popen([sys.executable, "-c", POLLER, host, port, str(flag)],
+                                          stdout=subprocess.PIPE, text=True)
+            r = run_clients(srv.url, name, n)
+            if poller is not None:
+                flag.write_text("")
+                lat = json.loads(poller.communicate(timeout=60)[0])
+                out["health_p99_ms"] = round(quantile(lat, 0.99) * 1000, 1)
+                out["health_samples"] = len(lat)
+            out[str(n)] = r
+            log(f"{name}: {n} clients: {r}")
+    finally:
+        srv.stop()
+    return out
+
+
+def fill_vocabulary(folder: Path, size: int) -> None:
+    """decode.py's tokenizer has ~300 tokens for the model's 8192: ids past it decode to nothing, and
+    a stream of empty pieces would hide when the first token came. Name the rest `<tN>`."""
+    from sol.core.tokenizer import Tokenizer
+    tok = Tokenizer.from_file(folder / "tokenizer.json")
+    tok.hf.add_tokens([f"<t{i}>" for i in range(tok.vocab_size, size)])
+    tok.save(folder / "tokenizer.json")
+
+
+def hf_loop(folder: Path, n: int) -> float:
+    """Tokens/s of transformers' generate serving n requests one after another."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sol.core.tokenizer import Tokenizer
+    torch.set_num_threads(2)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = Tokenizer.from_file(folder / "tokenizer.json")
+    prompts = [torch.tensor([tok.encode_ids(PROMPTS[i % len(PROMPTS)])]) for i in range(n)]
+    hf.generate(prompts[0], attention_mask=torch.ones_like(prompts[0]), max_new_tokens=4, do_sample=False,
+                pad_token_id=0)
+    t0 = time.perf_counter()
+    total = 0
+    for p in prompts:
+        out = hf.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=NEW_TOKENS, do_sample=False,
+                          pad_token_id=0)
+        total += out.shape[1] - p.shape[1]
+    return total / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--only", choices=["starter", "gpt2_small"])
+    args = ap.parse_args(argv)
+    clients = [int(x) for x in args.clients.split(",")]
+
+    def log(msg):
+        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
+    log(f"load average: {os.getloadavg()}")
+    result = {}
+    if args.only in (None, "starter"):
+        result["starter"] = bench_model(str(ROOT / "resources" / "models" / "starter"), "starter", clients, log)
+    if args.only in (None, "gpt2_small"):
+        from decode import write_hf_model
+        folder = Path(tempfile.mkdtemp(prefix="sol-serve-gpt2-")) / "gpt2_small"
+        folder.mkdir(parents=True)
+        write_hf_model(folder, SMALL)
+        fill_vocabulary(folder, SMALL["vocab_size"])
+        r = bench_model(str(folder), "gpt2_small", clients, log)
+        r["hf_loop_tok_s"] = round(hf_loop(folder, max(clients)), 1)
+        r["ratio_16_vs_hf_loop"] = round(r[str(max(clients))]["tok_s"] / r["hf_loop_tok_s"], 2)
+        r["ratio_1_vs_hf_loop"] = round(r[str(min(clients))]["tok_s"] / r["hf_loop_tok_s"], 2)
+        result["gpt2_small"] = r
+        log(f"gpt2_small: transformers loop {r['hf_loop_tok_s']} tok/s")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

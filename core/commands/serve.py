@@ -1,0 +1,134 @@
+"""`sol serve`: the OpenAI API on this machine, over the models given with --model.
+
+Prints `listening on http://HOST:PORT` once the socket accepts connections (port 0 picks a free
+one, and the line says which), one line per finished request, and serves until SIGINT or SIGTERM;
+then it stops accepting, cancels what is still generating, and exits 0 within a few seconds.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from .common import print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve models over the OpenAI API (chat, completions, embeddings)")
+    p.add_argument("--model", action="append", required=True,
+                   help="model directory or name from `sol models list` (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set SOL_API_KEY)")
+    p.add_argument("--max-concurrent", type=int, default=8, help="requests decoded at once per model (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto|float32|float16|bfloat16 (default auto)")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow browser pages from this origin "
+                   "(repeatable; * for any)")
+    p.add_argument("--log-json", action="store_true", help="request log lines as JSON objects")
+    p.set_defaults(func=run)
+
+
+def model_name(path: Path) -> str:
+    """The name `sol models list` shows for this directory, else the directory's own name."""
+    from ..registry import list_models
+    for m in list_models():
+        if Path(m["path"]).resolve() == path.resolve():
+            return m["name"]
+    return path.name
+
+
+def load_all(args) -> list:
+    from ..checkpoint import load_model
+    from ..devices import pick_device, pick_dtype
+    from ..errors import SolError
+    from ..registry import resolve
+    from ..serve.app import Served
+    from ..batch import BatchEngine
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    served = []
+    for name in args.model:
+        path = resolve(name)
+        lm = load_model(path, device=device, dtype=dtype)
+        label = model_name(path)
+        if any(s.name == label for s in served):
+            raise SolError(f"--model {name}: {label} is already served; give each model once")
+        served.append(Served(label, lm, BatchEngine(lm.model, lm.tokenizer, max_batch=args.max_concurrent,
+                                                    max_queue=args.max_queue)))
+    return served
+
+
+def bind(host: str, port: int) -> socket.socket:
+    from ..errors import SolError
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this: without it a keep-alive client waits ~40 ms on every
+    # response (Nagle's algorithm holds the body until the headers' delayed ACK).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SolError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                       "choose another port, or 0 for any free one") from None
+    sock.listen(128)
+    return sock
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..errors import SolError
+    from ..serve.app import create_app, print_log
+    if args.max_concurrent < 1:
+        raise SolError(f"--max-concurrent {args.max_concurrent}: must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise SolError(f"--port {args.port}: must be from 0 to 65535")
+    key = args.api_key or os.environ.get("SOL_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        sys.stderr.write(f"warning: --host {args.host} lets other machines use these models with no API key; "
+                         "set --api-key or SOL_API_KEY\n")
+    served = load_all(args)
+    sock = bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    app = create_app(served, key, args.cors_origin, print_log(args.log_json))
+    for s in served:
+        s.engine.start()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Stop accepting, and end what is still generating now rather than after it finishes.
+            app.state.closing = True
+            app.state.cancel_inflight()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3, lifespan="off",
+                            access_log=False)
+    server = Server(config)
+    announce = f"listening on http://{host if ':' not in host else f'[{host}]'}:{port}"
+    # uvicorn re-raises the signal it caught once it has shut down; ours makes that a no-op, so
+    # the process exits 0 after a clean stop.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    orig_startup = server.startup
+
+    async def startup(sockets=None):
+        await orig_startup(sockets)
+        sys.stdout.write(announce + "\n")
+        sys.stdout.flush()
+    server.startup = startup
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for s in served:
+            s.engine.close(timeout=2.0)
+    if args.log_json:
+        print_json({"stopped": True})
+    else:
+        sys.stdout.write("stopped\n")
+    return 0

@@ -1,0 +1,340 @@
+"""`sol serve`, driven by the official `openai` client against a real server process.
+
+One server per module (the starter, and a small Sol model with an imported-style Jinja chat
+template); the tests that stop a server start their own."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+try:   # the openai client's own HTTP library (httpx2 in current releases, httpx before)
+    import httpx2 as httpx
+except ImportError:
+    httpx = pytest.importorskip("httpx")
+
+from conftest import make_tiny_model  # noqa: E402
+from serve_helpers import ServerProcess  # noqa: E402
+
+KEY = "sk-sol-test"
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator", "description": "evaluate arithmetic",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+CHATML = textwrap.dedent("""\
+    {%- for m in messages %}
+    {%- if m.role == 'assistant' %}<|im_start|>assistant
+    {{ m.content }}{% for c in m.tool_calls or [] %}<tool_call>
+    {{ {"name": c.function.name, "arguments": c.function.arguments} | tojson }}
+    </tool_call>{% endfor %}<|im_end|>
+    {% elif m.role == 'tool' %}<|im_start|>user
+    <tool_response>
+    {{ m.content }}
+    </tool_response><|im_end|>
+    {% else %}<|im_start|>{{ m.role }}
+    {{ m.content }}<|im_end|>
+    {% endif %}
+    {%- endfor %}
+    {%- if add_generation_prompt %}<|im_start|>assistant
+    {% endif %}""")
+
+
+def chatml_model(folder):
+    d = make_tiny_model(folder, context=256)
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|endoftext|>"}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("servehome")
+    tiny = chatml_model(home / "tiny-chat")
+    srv = ServerProcess(["--model", "starter", "--model", str(tiny), "--api-key", KEY,
+                         "--cors-origin", "http://example.test"], home)
+    srv.tiny = tiny
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def ask(client, text, model="starter", **kw):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], **kw)
+
+
+def test_models_are_listed_by_their_names(client):
+    assert [m.id for m in client.models.list()] == ["starter", "tiny-chat"]
+
+
+def test_stream_equals_non_stream_for_the_same_seed(client):
+    full = ask(client, "hello! who are you?", temperature=0.9, seed=11, max_tokens=40)
+    chunks = list(ask(client, "hello! who are you?", temperature=0.9, seed=11, max_tokens=40, stream=True,
+                      stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content and text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [full.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens > 0
+    assert full.usage.prompt_tokens > 0 and full.usage.total_tokens == full.usage.prompt_tokens + \
+        full.usage.completion_tokens
+
+
+def test_seed_reproduces_and_n_gives_choices(client):
+    a = ask(client, "tell me a story", temperature=1.0, seed=5, max_tokens=30)
+    b = ask(client, "tell me a story", temperature=1.0, seed=5, max_tokens=30)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    many = ask(client, "tell me a story", temperature=1.0, seed=5, max_tokens=30, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.choices[0].message.content == a.choices[0].message.content   # choice i uses seed + i
+    assert len({c.message.content for c in many.choices}) > 1
+
+
+def test_max_tokens_ends_with_length_and_stop_cuts(client):
+    r = ask(client, "tell me a story", temperature=0, max_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    full = ask(client, "tell me a story", temperature=0, max_tokens=40).choices[0].message.content
+    word = full.split()[2]
+    cut = ask(client, "tell me a story", temperature=0, max_tokens=40, stop=[word, "zzz"])
+    assert cut.choices[0].message.content == full[:full.index(word)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       ask(client, "tell me a story", temperature=0, max_tokens=40, stop=word, stream=True))
+    assert streamed == full[:full.index(word)]   # a stop string split across tokens is never streamed
+
+
+def test_logprobs_equal_sol_generate(client, server):
+    prompt = "<|user|>hello<|end|><|assistant|>"
+    r = client.completions.create(model="starter", prompt=prompt, max_tokens=6, temperature=0, logprobs=5)
+    out = subprocess.run([sys.executable, "-m", "sol.core.cli", "generate", "--model", "starter", "--prompt", prompt,
+                          "--max-tokens", "6", "--temperature", "0", "--json"], capture_output=True, text=True,
+                         check=True, cwd=str(server.tiny.parent), env={**__import__("os").environ,
+                                                                        "SOL_HOME": str(server.tiny.parent)})
+    tokens = [json.loads(x) for x in out.stdout.splitlines() if '"token"' in x]
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(tokens) > 0
+    for got, top, want in zip(lp.token_logprobs, lp.top_logprobs, tokens):
+        assert got == pytest.approx(want["logprob"], abs=1e-5)
+        assert list(top) == [t["text"] for t in want["top"][:5]]
+        assert list(top.values()) == pytest.approx([math.log(t["prob"]) for t in want["top"][:5]], abs=1e-5)
+    chat = ask(client, "hello", temperature=0, max_tokens=4, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob, abs=1e-6)   # greedy: the top one
+
+
+def test_tool_call_round_trip(client):
+    question = [{"role": "user", "content": "what is 12 times 7?"}]
+    r = client.chat.completions.create(model="starter", messages=question, tools=[CALCULATOR], temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "calculator" and json.loads(call.function.arguments) == {"expression": "12*7"}
+    follow = question + [choice.message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": "84"}]
+    answer = client.chat.completions.create(model="starter", messages=follow, tools=[CALCULATOR], temperature=0)
+    assert answer.choices[0].finish_reason == "stop"
+    assert "84" in answer.choices[0].message.content
+    # Streamed, the call comes as a tool_calls delta and no markup leaks into the content.
+    chunks = list(client.chat.completions.create(model="starter", messages=question, tools=[CALCULATOR],
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+    calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
+    assert calls[0][0].function.name == "calculator"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_json_schema_output_validates(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    number = {"type": "integer", "minimum": 0, "maximum": 100000}
+    for seed in range(3):
+        r = ask(client, "what is 12 times 7?", seed=seed, temperature=1.0, max_tokens=20,
+                response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": number}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), number)
+    obj = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99},
+                                            "sure": {"type": "boolean"}},
+           "required": ["answer", "sure"], "additionalProperties": False}
+    r = ask(client, "answer in JSON", model="tiny-chat", seed=1, max_tokens=100,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": obj}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), obj)
+    # The starter's characters include no { or ": an object is refused up front, naming the field.
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "hi", response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format"
+
+
+def test_imported_template_renders_the_prompt(client, server):
+    from sol.core.tokenizer import Tokenizer
+    tok = Tokenizer.from_file(server.tiny / "tokenizer.json")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    r = client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=2, temperature=0)
+    want = tok.encode_ids(tok.apply_chat_template(msgs), add_special_tokens=False)
+    assert r.usage.prompt_tokens == len(want) and "<|im_start|>" in tok.apply_chat_template(msgs)
+
+
+def test_completions_echo_embeddings_and_tokenize(client, server):
+    r = client.completions.create(model="starter", prompt="12 times 7", max_tokens=4, temperature=0, echo=True,
+                                  logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith("12 times 7") and lp.tokens[:2] == ["1", "2"]
+    assert lp.token_logprobs[0] is None and lp.text_offset[:3] == [0, 1, 2]
+    assert len(lp.tokens) == len("12 times 7") + r.usage.completion_tokens
+    stream = "".join(c.choices[0].text for c in client.completions.create(
+        model="starter", prompt="12 times 7", max_tokens=4, temperature=0, stream=True))
+    assert "12 times 7" + stream == r.choices[0].text
+
+    e = client.embeddings.create(model="starter", input=["hello", "hello", "goodbye"])
+    vecs = [d.embedding for d in e.data]
+    assert len(vecs) == 3 and len(vecs[0]) == 128
+    assert sum(x * x for x in vecs[0]) == pytest.approx(1.0, abs=1e-4)
+    assert vecs[0] == pytest.approx(vecs[1]) and vecs[0] != pytest.approx(vecs[2])
+    assert e.usage.prompt_tokens == len("hello") * 2 + len("goodbye")
+    plain = httpx.post(server.url + "/v1/embeddings", json={"model": "starter", "input": "hello"},
+                       headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert plain["data"][0]["embedding"] == pytest.approx(vecs[0], abs=1e-6)
+
+    t = httpx.post(server.url + "/sol/tokenize", json={"model": "starter", "text": "hi you"},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    cli = subprocess.run([sys.executable, "-m", "sol.core.cli", "tokenize", "--model", "starter", "--text", "hi you",
+                          "--json"], capture_output=True, text=True, check=True)
+    assert t.status_code == 200 and t.json() == json.loads(cli.stdout)
+
+
+def test_sol_explain_rides_on_every_streamed_token(client):
+    chunks = list(ask(client, "hello", temperature=0.8, seed=3, max_tokens=8, stream=True,
+                      extra_body={"sol_explain": True}))
+    explained = [c.model_extra["sol_explain"] for c in chunks if c.model_extra.get("sol_explain")]
+    assert len(explained) == 8
+    for e in explained:
+        assert 0 <= e["draw"] < 1 and e["ids"][e["index"]] == e["token_id"]
+        assert e["cumulative"][e["index"]] >= e["draw"] * (1 - 1e-6) and e["params"]["temperature"] == 0.8
+
+
+def raw(server, path, body=None, key=KEY, method="POST", **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.request(method, server.url + path, headers=headers,
+                         content=body if isinstance(body, (str, bytes)) else json.dumps(body), timeout=30, **kw)
+
+
+def test_errors_have_their_status_and_shape(server):
+    msg = [{"role": "user", "content": "hi"}]
+    cases = [
+        (raw(server, "/v1/chat/completions", {"model": "starter", "messages": msg}, key=None), 401, None),
+        (raw(server, "/v1/chat/completions", {"model": "starter", "messages": msg}, key="wrong"), 401, None),
+        (raw(server, "/v1/chat/completions", {"model": "nope", "messages": msg}), 404, "model"),
+        (raw(server, "/v1/chat/completions", "{not json"), 400, None),
+        (raw(server, "/v1/chat/completions", {"model": "starter", "messages": msg, "temperature": "hot"}), 400,
+         "temperature"),
+        (raw(server, "/v1/chat/completions", {"model": "starter", "messages": msg, "presence_penalty": 0.5}), 400,
+         "presence_penalty"),
+        (raw(server, "/v1/chat/completions", {"model": "starter", "messages": msg, "top_logprobs": 25,
+                                              "logprobs": True}), 400, "top_logprobs"),
+        (raw(server, "/v1/chat/completions", {"model": "starter", "messages": "hi"}), 400, "messages"),
+        (raw(server, "/v1/completions", {"model": "starter", "prompt": "hi", "max_tokens": 500}), 400, "prompt"),
+    ]
+    for r, status, param in cases:
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        if param:
+            assert err["param"] == param, err
+    context = cases[-1][0].json()["error"]["message"]
+    assert "500" in context and "128" in context   # the numbers: max_tokens and the context
+    ok = raw(server, "/health", key=None, method="GET").json()
+    assert ok["status"] == "ok" and ok["models"] == ["starter", "tiny-chat"] and ok["active"] >= 0
+    pre = httpx.options(server.url + "/v1/chat/completions", headers={
+        "Origin": "http://example.test", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.headers.get("access-control-allow-origin") == "http://example.test"
+    assert any(e["status"] == 401 for e in server.log())   # the request log has the refusals too
+
+
+HEALTH_POLLER = """
+import json, sys, time, http.client
+host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = http.client.HTTPConnection(host, port)
+lat = []
+while not __import__("os").path.exists(path):
+    t0 = time.perf_counter()
+    c.request("GET", "/health")
+    assert c.getresponse().read()
+    lat.append(time.perf_counter() - t0)
+    time.sleep(0.02)
+print(json.dumps(lat))
+"""
+
+
+def test_sixteen_concurrent_streams_each_equal_their_solo_result(client, server, tmp_path):
+    prompts = [f"what is {a} times {b}?" for a, b in zip(range(2, 18), range(3, 19))]
+    solo = [ask(client, p, temperature=0, max_tokens=48).choices[0].message.content for p in prompts]
+    got: dict[int, str] = {}
+
+    def stream(i):
+        parts = ask(client, prompts[i], temperature=0, max_tokens=48, stream=True)
+        got[i] = "".join(c.choices[0].delta.content or "" for c in parts)
+
+    # /health is timed from another process, so this one's 16 client threads don't slow the clock.
+    host, port = server.url.rsplit("/", 1)[-1].split(":")
+    flag = tmp_path / "stop"
+    poller = subprocess.Popen([sys.executable, "-c", HEALTH_POLLER, host, port, str(flag)], stdout=subprocess.PIPE,
+                              text=True)
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    flag.write_text("")
+    lat = sorted(json.loads(poller.communicate(timeout=30)[0]))
+    assert [got.get(i) for i in range(16)] == solo
+    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+    assert len(lat) > 5 and p99 < 0.1, (p99, len(lat), lat[len(lat) // 2])
+
+
+def test_sigterm_during_a_stream_exits_0_within_5_s(tmp_path):
+    big = make_tiny_model(tmp_path / "big", d_model=256, n_layer=6, n_head=4, context=2048)
+    srv = ServerProcess(["--model", str(big)], tmp_path)
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    got = []
+    stream = c.completions.create(model="big", prompt="Speak", max_tokens=2000, temperature=1.0, stream=True)
+
+    def read():
+        try:
+            for chunk in stream:
+                got.append(chunk.choices[0].text)
+        except Exception:
+            pass
+    t = threading.Thread(target=read)
+    t.start()
+    deadline = time.time() + 30
+    while len(got) < 5 and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(got) >= 5
+    rc, took = srv.stop()
+    t.join(10)
+    assert rc == 0 and took < 5.0, (rc, took, srv.proc.stderr.read())
+    assert len(got) < 2000
+
+
+def test_key_from_the_environment_and_a_warning_off_loopback(tmp_path):
+    srv = ServerProcess(["--model", "starter", "--host", "0.0.0.0"], tmp_path, env={"SOL_API_KEY": "from-env"})
+    port = srv.url.rsplit(":", 1)[1]
+    assert srv.url == f"http://0.0.0.0:{port}"
+    body = {"model": "starter", "prompt": "hi", "max_tokens": 1}
+    assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body).status_code == 401
+    ok = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body,
+                    headers={"Authorization": "Bearer from-env"})
+    assert ok.status_code == 200
+    rc, _ = srv.stop()
+    assert rc == 0 and "warning" not in srv.proc.stderr.read()   # a key is set: no warning
+    bare = ServerProcess(["--model", "starter", "--host", "0.0.0.0"], tmp_path)
+    rc, _ = bare.stop(signal.SIGINT)
+    assert rc == 0 and "warning: --host 0.0.0.0" in bare.proc.stderr.read()
