@@ -41,10 +41,13 @@ class DecodeStep:
     Writes each row's key and value at its position; positions are the caller's (a batch holds
     sequences of different lengths). Every position must be below the cache's capacity."""
 
-    def __init__(self, model: Transformer, cache: KVCache, capture: bool | None = None):
+    def __init__(self, model: Transformer, cache: KVCache, capture: bool | None = None, pad: bool = False):
         self.model = model
         self.cache = cache
         self.capture = model.device.type == "cuda" if capture is None else capture
+        # Pad the rows up to a bucket as the captured step does, without capturing: the CPU tests use
+        # it to check that the padding rows never disturb the live ones.
+        self.pad = pad or self.capture
         self._graphs: dict[int, _Captured] = {}
         self._storage = None   # the cache tensors the graphs were captured on
         self._pool = None
@@ -56,20 +59,24 @@ class DecodeStep:
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         n = len(tokens)
         dev = self.model.device
-        if not self.capture:
+        if not self.pad:
             idx = torch.tensor(tokens, dtype=torch.long, device=dev).view(n, 1)
             return self.forward(idx, torch.tensor(positions, dtype=torch.long, device=dev))
         storage = self.cache.k[0]
+        b = next(s for s in buckets(storage.shape[0]) if s >= n)
+        # Rows n..b-1 are free rows of the cache: they decode token 0 at position 0, which no one reads.
+        idx = torch.tensor(tokens + [0] * (b - n), dtype=torch.long).view(b, 1)
+        pos = torch.tensor(positions + [0] * (b - n), dtype=torch.long)
+        if not self.capture:
+            return self.forward(idx.to(dev), pos.to(dev))[:n]
         if storage is not self._storage:   # the cache grew: its tensors are new
             self._graphs.clear()
             self._storage = storage
-        b = next(s for s in buckets(storage.shape[0]) if s >= n)
         g = self._graphs.get(b) or self._capture(b)
-        # Rows n..b-1 are free rows of the cache: they decode token 0 at position 0, which no one reads.
-        g.idx.copy_(torch.tensor(tokens + [0] * (b - n), dtype=torch.long).view(b, 1), non_blocking=True)
-        g.pos.copy_(torch.tensor(positions + [0] * (b - n), dtype=torch.long), non_blocking=True)
+        g.idx.copy_(idx, non_blocking=True)
+        g.pos.copy_(pos, non_blocking=True)
         g.graph.replay()
-        return g.logits[:n]
+        return g.logits[:n].clone()   # the next replay overwrites the graph's own output
 
     def _capture(self, b: int) -> _Captured:
         dev = self.model.device

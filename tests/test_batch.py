@@ -205,3 +205,16 @@ def test_models_info_states_the_kv_memory_of_concurrent_sequences(tiny_model, ca
     # 2 layers x 2 heads x 16 dims x 128 positions x (k, v) x 4 bytes = 65536 bytes per sequence
     assert info["kv_cache_mb_per_sequence"] == {"float32": 0.06, "bfloat16": 0.03}
     assert info["kv_cache_mb_8_sequences"]["float32"] == 0.5
+
+
+def test_rows_padded_to_a_bucket_as_the_captured_step_pads_them_change_nothing(lm):
+    """The CUDA graph path runs a bucket of rows (1, 2, 4, 8...) and lets the extra rows decode into free
+    cache rows; here the same padding runs eagerly, so the CPU checks what the GPU relies on."""
+    ps = prompts(lm, 5)
+    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=8)
+    engine.step_fn = DecodeStep(lm.model, engine.cache, capture=False, pad=True)
+    reqs = [engine.submit(p, params(12 + 3 * i)) for i, p in enumerate(ps)]   # 5 rows -> a bucket of 8
+    while any(not r.finished for r in reqs):
+        engine.step()
+    for i, r in enumerate(reqs):
+        assert [e.id for e in list(r)[:-1]] == solo(lm, ps[i], params(12 + 3 * i))[0]
