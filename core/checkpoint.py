@@ -411,7 +411,9 @@ def _load_pickle(f: Path) -> dict:
 
 
 def _pickle_files(d: Path) -> list[Path]:
-    files = sorted(list(d.glob("*.bin")) + list(d.glob("*.pt")))
+    """The pickled weights: pytorch_model*.bin when there are some (a fine-tune's folder often also holds
+    training_args.bin, which is not weights), else any *.bin and *.pt."""
+    files = sorted(d.glob("pytorch_model*.bin")) or sorted(list(d.glob("*.bin")) + list(d.glob("*.pt")))
     for f in files:
         check_regular(f)
     return files

@@ -232,3 +232,39 @@ def test_tool_round_trip_through_real_templates_matches_transformers(tmp_path, n
     assert got == want
     assert "42" in got and "It is 42." in got and "and 6*8?" in got
     assert "calculator" in got.split("six times seven?")[-1]   # the call is rendered, not dropped
+
+
+@pytest.mark.parametrize("name", ["mistral-7b-instruct-v0.3", "mistral-nemo-instruct-2407",
+                                  "deepseek-r1-distill-qwen-32b", "qwen2.5-instruct"])
+def test_a_chat_with_a_tool_call_through_a_real_template_then_a_next_turn(tmp_path, monkeypatch, name):
+    """The live loop: the model calls the calculator, the result goes back, it answers, and the next turn
+    renders the whole history (the call with its id, the result with its tool_call_id) without an error."""
+    from conftest import make_tiny_model
+    from test_chat import CountingPlugins, params, script
+    from sol.core.checkpoint import load_model
+    model = make_tiny_model(tmp_path / "m", context=2048)
+    (model / "chat_template.jinja").write_text((TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8"),
+                                               encoding="utf-8")
+    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    lm = load_model(model)
+    pm = CountingPlugins()
+    chat = ChatSession(lm, pm)
+    script(monkeypatch, lm.tokenizer, '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}'
+                                      '\n</tool_call>', "It is 42.")
+    first = list(chat.send("six times seven?", params(200)))
+    script(monkeypatch, lm.tokenizer, "It is 48.")
+    second = list(chat.send("and 6*8?", params(200)))
+    errors = [e for e in first + second if e["type"] == "error"]
+    assert not errors, errors
+    assert pm.calls == [("calculator", {"expression": "6*7"})]
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "tool", "assistant", "user", "assistant"]
+    prompt = chat._render(chat.messages[:5])
+    call_id = tool_call_id(chat.messages[1]["id"])
+    if name.startswith("mistral"):
+        assert f'"name": "calculator", "arguments": {{"expression": "6*7"}}, "id": "{call_id}"}}]' in prompt
+        assert f'"content": 42, "call_id": "{call_id}"}}[/TOOL_RESULTS]' in prompt
+    elif name.startswith("deepseek"):
+        assert '<｜tool▁sep｜>calculator\n```json\n{"expression": "6*7"}\n```' in prompt
+    else:
+        assert '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>' in prompt
+    assert "It is 42." in prompt and "and 6*8?" in prompt

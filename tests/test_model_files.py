@@ -165,6 +165,8 @@ def test_models_list_finds_a_bin_only_hf_cache_repo(isolated_home, capsys):
     ref = transformers.AutoModelForCausalLM.from_pretrained(snap)
     torch.save(ref.state_dict(), snap / "pytorch_model.bin")
     (snap / "model.safetensors").unlink()
+    with open(snap / "training_args.bin", "wb") as f:   # a fine-tune's settings, pickled: not weights
+        pickle.dump({"learning_rate": 1e-5, "output_dir": "out"}, f)
     rc, out, _ = run_cli(["models", "list", "--json"], capsys)
     models = {m["name"]: m for m in json.loads(out)}
     assert "someone/old-llama" in models, models
