@@ -47,7 +47,7 @@ CHATML = textwrap.dedent("""\
 
 
 def chatml_model(folder):
-    d = make_tiny_model(folder, context=256)
+    d = make_tiny_model(folder, context=512)
     (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|endoftext|>"}))
     return d
 
@@ -179,6 +179,18 @@ def test_imported_template_renders_the_prompt(client, server):
     r = client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=2, temperature=0)
     want = tok.encode_ids(tok.apply_chat_template(msgs), add_special_tokens=False)
     assert r.usage.prompt_tokens == len(want) and "<|im_start|>" in tok.apply_chat_template(msgs)
+    # A template that knows tool_calls gets the call structured, and the result as a tool message.
+    sent = msgs + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "abc123def", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "6*7"}'}}]},
+        {"role": "tool", "tool_call_id": "abc123def", "content": "42"}]
+    r = client.chat.completions.create(model="tiny-chat", messages=sent, tools=[CALCULATOR], max_tokens=2,
+                                       temperature=0)
+    text = tok.apply_chat_template(msgs + [
+        {"role": "assistant", "tool_calls": [{"id": "abc123def", "type": "function",
+                                              "function": {"name": "calculator", "arguments": {"expression": "6*7"}}}]},
+        {"role": "tool", "tool_call_id": "abc123def", "name": "calculator", "content": "42"}], tools=[CALCULATOR])
+    assert '{"name": "calculator", "arguments": {"expression": "6*7"}}' in text and "<tool_response>\n42" in text
+    assert r.usage.prompt_tokens == len(tok.encode_ids(text, add_special_tokens=False))
 
 
 def test_completions_echo_embeddings_and_tokenize(client, server):

@@ -14,6 +14,7 @@ import json
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from ..chat import END_MARKERS, find_tool_call
+from ..chat import END_MARKERS, TESTS_NONE, find_tool_call, json_string_arguments
 from ..batch import QueueFull
 from ..engine import DoneEvent, GenerationParams, end_of_turn_ids, stop_ids_for
 from ..errors import SolError
@@ -138,7 +139,8 @@ class Choice:
 
 
 def tool_calls_json(call, index: int) -> list[dict]:
-    return [{"index": 0, "id": f"call_{index}_{P.new_id('x')[2:14]}", "type": "function",
+    # Nine letters and digits: Mistral's templates refuse any other id when the client sends it back.
+    return [{"index": 0, "id": uuid.uuid4().hex[:9], "type": "function",
              "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}]
 
 
@@ -351,10 +353,8 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
         body = await read_body(request)
         s = pick(body)
         tools, tool_list = chat_tools(body)
-        messages = chat_messages(s, body.get("messages"), tool_list)
         try:
-            prompt = s.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tools=tool_list if tools is not None else None)
+            prompt = render_chat(s, body.get("messages"), tool_list if tools is not None else None)
         except SolError as e:
             raise P.ApiError(400, str(e), "messages", "invalid_value") from None
         ids = s.tokenizer.encode_ids(prompt, add_special_tokens=False)
@@ -604,11 +604,24 @@ def chat_tools(body: dict):
     return {t["function"]["name"]: _Tool(t["function"].get("parameters") or {}) for t in tools}, tools
 
 
-def chat_messages(s: Served, messages, tool_list: list) -> list[dict]:
-    """OpenAI messages as the model's chat template takes them; tool calls in the model's own markup."""
+def render_chat(s: Served, messages, tools: list | None) -> str:
+    """The prompt: OpenAI messages through the model's chat template (the one transformers would pick
+    for these tools), as core/chat.py renders a conversation."""
+    template = s.tokenizer.template_for(tools)
+    out = chat_messages(s, messages, tools or [], "tool_calls" in template, bool(TESTS_NONE.search(template)))
+    try:
+        return s.tokenizer.apply_chat_template(out, add_generation_prompt=True, tools=tools)
+    except SolError:
+        if not any("tool_calls" in m for m in out):   # DeepSeek's templates want the arguments as a string
+            raise
+        return s.tokenizer.apply_chat_template(json_string_arguments(out), add_generation_prompt=True, tools=tools)
+
+
+def chat_messages(s: Served, messages, tool_list: list, structured: bool, none_content: bool) -> list[dict]:
+    """OpenAI messages as chat templates take them. A template that knows `tool_calls` gets calls
+    structured; Sol's gets them in its own markup, others as <tool_call>{json}</tool_call> text."""
     if not isinstance(messages, list) or not messages:
         raise P.bad("messages", "give a non-empty list of {role, content} messages")
-    sol = s.tokenizer.is_sol and "tool_calls" not in (s.tokenizer.chat_template or "")
     names: dict[str, str] = {}
     out = []
     for k, m in enumerate(messages):
@@ -630,17 +643,23 @@ def chat_messages(s: Served, messages, tool_list: list) -> list[dict]:
                 except ValueError:
                     raise P.bad(f"{where}.tool_calls[{j}].function.arguments", "is not valid JSON") from None
                 names[c.get("id", "")] = f["name"]
-                parsed.append((f["name"], args))
-            if sol:
-                msg["content"] = content + "".join(f"<|tool_call|>{name}: {sol_arguments(name, args, tool_list)}"
-                                                   "<|tool_end|>" for name, args in parsed)
-            elif "tool_calls" in (s.tokenizer.chat_template or ""):
-                msg["tool_calls"] = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in parsed]
+                parsed.append((c.get("id") or "", f["name"], args))
+            if structured:
+                msg["tool_calls"] = [{"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+                                     for i, n, a in parsed]
+                if not content:
+                    msg["content"] = None
+                    if not none_content:
+                        del msg["content"]
+            elif s.tokenizer.is_sol:
+                msg["content"] = content + "".join(f"<|tool_call|>{n}: {sol_arguments(n, a, tool_list)}<|tool_end|>"
+                                                   for _, n, a in parsed)
             else:
                 msg["content"] = content + "".join(
                     "<tool_call>" + json.dumps({"name": n, "arguments": a}, ensure_ascii=False) + "</tool_call>"
-                    for n, a in parsed)
+                    for _, n, a in parsed)
         if role == "tool":
+            msg["tool_call_id"] = m.get("tool_call_id", "")
             msg["name"] = m.get("name") or names.get(m.get("tool_call_id", ""), "")
         out.append(msg)
     return out
