@@ -350,3 +350,24 @@ def test_key_from_the_environment_and_a_warning_off_loopback(tmp_path):
     bare = ServerProcess(["--model", "starter", "--host", "0.0.0.0"], tmp_path)
     rc, _ = bare.stop(signal.SIGINT)
     assert rc == 0 and "warning: --host 0.0.0.0" in bare.proc.stderr.read()
+
+
+def test_plugin_tools_run_on_the_server(tmp_path):
+    srv = ServerProcess(["--model", "starter", "--plugin-tools"], tmp_path)
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        r = ask(c, "what is 12 times 7?", temperature=0)
+        msg = r.choices[0].message
+        assert msg.model_extra["sol_tool_rounds"] == [{"name": "calculator", "arguments": {"expression": "12*7"},
+                                                        "result": "84"}]
+        assert "84" in msg.content and "<|" not in msg.content and r.choices[0].finish_reason == "stop"
+        chunks = list(ask(c, "what is 12 times 7?", temperature=0, stream=True))
+        assert "".join(x.choices[0].delta.content or "" for x in chunks if x.choices) == msg.content
+        assert [x.model_extra.get("sol_tool_round") for x in chunks if x.model_extra.get("sol_tool_round")] == \
+            msg.model_extra["sol_tool_rounds"]
+        # A request that brings its own tools gets the call back, as without --plugin-tools.
+        own = c.chat.completions.create(model="starter", messages=[{"role": "user", "content": "what is 12 times 7?"}],
+                                        tools=[CALCULATOR], temperature=0)
+        assert own.choices[0].finish_reason == "tool_calls"
+    finally:
+        srv.stop()

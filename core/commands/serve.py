@@ -29,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser pages from this origin "
                    "(repeatable; * for any)")
     p.add_argument("--log-json", action="store_true", help="request log lines as JSON objects")
+    p.add_argument("--plugin-tools", action="store_true", help="offer Sol's plugin tools (the calculator, ...) "
+                   "to requests that bring no tools of their own, and run them here as the chat does")
     p.set_defaults(func=run)
 
 
@@ -96,7 +98,15 @@ def run(args) -> int:
     served = load_all(args)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    app = create_app(served, key, args.cors_origin, print_log(args.log_json))
+    plugins = None
+    if args.plugin_tools:
+        from ..plugins import PluginManager
+        plugins = PluginManager()
+        plugins.load()
+        for info in plugins.plugins():
+            if info.status != "ok":
+                sys.stderr.write(f"warning: plugin {info.name} is broken and skipped: {info.error}\n")
+    app = create_app(served, key, args.cors_origin, print_log(args.log_json), plugins)
     for s in served:
         s.engine.start()
 

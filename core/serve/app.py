@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from fastapi import FastAPI, Request
@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from ..chat import END_MARKERS, TESTS_NONE, find_tool_call, json_string_arguments
+from ..chat import END_MARKERS, MAX_TOOL_ROUNDS, TESTS_NONE, find_tool_call, json_string_arguments, result_text
 from ..batch import QueueFull
 from ..engine import DoneEvent, GenerationParams, end_of_turn_ids, stop_ids_for
 from ..errors import SolError
@@ -79,6 +79,8 @@ class Choice:
         self.sent = 0           # characters of it already sent as content
         self.events = []        # TokenEvents
         self.done: DoneEvent | None = None
+        self.before = ""        # content of earlier segments, when the server ran a tool in between
+        self.rounds: list[dict] = []   # the tools the server ran: {"name", "arguments", "result"}
 
     def add(self, ev) -> str:
         """Take a token event; returns the content that is now safe to send."""
@@ -114,8 +116,14 @@ class Choice:
     def finish(self, done: DoneEvent) -> str:
         """The last content to send once the DoneEvent came."""
         self.done = done
-        self.text = self.content() or ""
+        self.text = self._segment() or ""
         return self._release(len(self.text))
+
+    def restart(self, req, call, result: str) -> None:
+        """Go on with a new engine request after the server ran the tool the model called."""
+        self.before += self._segment() or ""
+        self.rounds.append({"name": call.name, "arguments": call.arguments, "result": result})
+        self.req, self.text, self.sent, self.done = req, "", 0, None
 
     def call(self):
         if self.tools is None or self.done is None:
@@ -127,12 +135,16 @@ class Choice:
                 return call
         return None
 
-    def content(self) -> str | None:
+    def _segment(self) -> str | None:
         text = self.done.text
         if self.call() is not None:
             cut = min(text.find(m) for m in OPEN_MARKERS if m in text)
             return text[:cut].strip() or None
         return text
+
+    def content(self) -> str | None:
+        segment = self._segment()
+        return (self.before + (segment or "")) if self.before else segment
 
     def finish_reason(self) -> str:
         return "tool_calls" if self.call() is not None else P.FINISH.get(self.done.stop_reason, "stop")
@@ -154,14 +166,16 @@ class _Tool:
 def relay(reqs: list, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
     """(index, event) pairs of several engine requests, in the order they arrive."""
     q: asyncio.Queue = asyncio.Queue()
+    for i, req in enumerate(reqs):
+        relay_into(q, i, req, loop)
+    return q
 
-    def run(i, req):
+
+def relay_into(q: asyncio.Queue, i: int, req, loop: asyncio.AbstractEventLoop) -> None:
+    def run():
         for ev in req:
             loop.call_soon_threadsafe(q.put_nowait, (i, ev))
-
-    for i, req in enumerate(reqs):
-        threading.Thread(target=run, args=(i, req), daemon=True, name=f"sol-serve-relay-{i}").start()
-    return q
+    threading.Thread(target=run, daemon=True, name=f"sol-serve-relay-{i}").start()
 
 
 class KeyCheck:
@@ -185,7 +199,9 @@ class KeyCheck:
 
 # ---- the application ---------------------------------------------------------------------
 def create_app(served: list[Served], api_key: str | None = None, cors_origins: list[str] | None = None,
-               log=None):
+               log=None, plugins=None):
+    """`plugins`: a PluginManager whose tools the server offers to the model and runs itself when a
+    request brings no tools of its own (`sol serve --plugin-tools`)."""
     models = {s.name: s for s in served}
     app = FastAPI(title="Sol", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.closing = False
@@ -274,8 +290,9 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
 
     app.state.cancel_inflight = lambda: cancel_all(list(inflight))
 
-    async def collect(request: Request, choices: list[Choice]) -> None:
-        """Wait for every choice's DoneEvent; a client that leaves cancels them."""
+    async def collect(request: Request, choices: list[Choice], more=None) -> None:
+        """Wait for every choice's DoneEvent; a client that leaves cancels them. `more(choice, q)`
+        may go on with a new engine request (a tool the server ran) and returns True if it did."""
         q = relay([c.req for c in choices], asyncio.get_running_loop())
         left = len(choices)
         checked = time.monotonic()
@@ -293,11 +310,35 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                     continue
                 if isinstance(ev, DoneEvent):
                     choices[i].finish(ev)
-                    left -= 1
+                    if more is None or not await more(choices[i], q):
+                        left -= 1
                 else:
                     choices[i].add(ev)
         finally:
             cancel_all([c.req for c in choices])
+
+    async def run_tool(s: Served, c: Choice, messages: list, tool_list: list, params: GenerationParams,
+                       q: asyncio.Queue) -> bool:
+        """The model called one of the server's plugin tools: run it, add the call and its result to the
+        conversation, and go on with a new engine request for the rest of the answer."""
+        call = c.call()
+        used = len(c.events)   # tokens of this answer so far, every segment
+        if call is None or len(c.rounds) >= MAX_TOOL_ROUNDS or used >= params.max_tokens:
+            return False
+        result = result_text(await asyncio.to_thread(plugins.call_tool, call.name, call.arguments))
+        call_id = uuid.uuid4().hex[:9]
+        messages += [{"role": "assistant", "content": c._segment(),
+                      "tool_calls": [{"id": call_id, "type": "function",
+                                      "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}]},
+                     {"role": "tool", "tool_call_id": call_id, "content": result}]
+        ids = s.tokenizer.encode_ids(render_chat(s, messages, tool_list), add_special_tokens=False)
+        budget = min(params.max_tokens - used, s.context - len(ids))
+        if budget < 1:
+            return False
+        req = submit(s, ids, replace(params, max_tokens=budget), "messages")
+        c.restart(req, call, result)
+        relay_into(q, c.index, req, asyncio.get_running_loop())
+        return True
 
     # ---- endpoints -----------------------------------------------------------------------
     @app.get("/health")
@@ -353,6 +394,12 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
         body = await read_body(request)
         s = pick(body)
         tools, tool_list = chat_tools(body)
+        server_tools = plugins is not None and tools is None and body.get("tool_choice") != "none"
+        if server_tools:   # the request brings no tools: offer the server's, and run them here
+            tools, tool_list = plugins.tools(), plugins.tool_schemas()
+            if P.integer(body, "n", 1, 1, 16) > 1:
+                raise P.bad("n", "must be 1 when the server runs its plugin tools (--plugin-tools)")
+        conversation = list(body.get("messages") or []) if isinstance(body.get("messages"), list) else None
         try:
             prompt = render_chat(s, body.get("messages"), tool_list if tools is not None else None)
         except SolError as e:
@@ -369,24 +416,27 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
         reqs = submit_all(s, ids, params, n, constrained, "messages")
         choices = [Choice(i, r, stops, tools) for i, r in enumerate(reqs)]
+        more = (lambda c, q: run_tool(s, c, conversation, tool_list, params, q)) if server_tools else None
         rid, created, t0 = P.new_id("chatcmpl"), P.now(), time.perf_counter()
         head = {"id": rid, "created": created, "model": s.name, "system_fingerprint": None}
 
         def done_log(choices):
             log({"endpoint": "/v1/chat/completions", "status": 200, "prompt_tokens": len(ids),
-                 "completion_tokens": sum(c.done.completion_tokens for c in choices if c.done),
+                 "completion_tokens": sum(len(c.events) for c in choices),
                  "duration_s": time.perf_counter() - t0})
 
         def token_logprobs(c, events):
             return {"content": [P.chat_logprob(ev, top_n, s.token_text(ev.id)) for ev in events]} if logprobs else None
 
         if not stream:
-            await collect(request, choices)
+            await collect(request, choices, more)
             failed(choices)
             done_log(choices)
             out = []
             for c in choices:
                 msg = {"role": "assistant", "content": c.content()}
+                if c.rounds:
+                    msg["sol_tool_rounds"] = c.rounds
                 call = c.call()
                 if call is not None:
                     msg["tool_calls"] = [{k: v for k, v in t.items() if k != "index"} for t in tool_calls_json(call, c.index)]
@@ -395,7 +445,7 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                 if explain:
                     item["sol_explain"] = [ev.explanation.to_dict() if ev.explanation else None for ev in c.events]
                 out.append(item)
-            done = sum(c.done.completion_tokens for c in choices)
+            done = sum(len(c.events) for c in choices)
             return {**head, "object": "chat.completion", "choices": out, "usage": P.usage(len(ids), done)}
 
         def chunk(index, delta, finish=None, lp=None, **extra):
@@ -415,13 +465,18 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                     i, ev = await q.get()
                     c = choices[i]
                     if isinstance(ev, DoneEvent):
-                        left -= 1
                         if ev.stop_reason.startswith("error"):
+                            left -= 1
                             yield json.dumps(engine_error(ev).body())
                             continue
                         rest = c.finish(ev)
                         if rest:
                             yield chunk(i, {"content": rest})
+                        if more is not None and await more(c, q):
+                            r = c.rounds[-1]
+                            yield chunk(i, {}, None, sol_tool_round=r)
+                            continue
+                        left -= 1
                         call = c.call()
                         if call is not None:
                             yield chunk(i, {"tool_calls": tool_calls_json(call, i)})
@@ -433,11 +488,11 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                         yield chunk(i, {"content": piece}, None, token_logprobs(c, [ev]), **extra)
                 done_log(choices)
                 if include_usage:
-                    u = P.usage(len(ids), sum(c.done.completion_tokens for c in choices))
+                    u = P.usage(len(ids), sum(len(c.events) for c in choices))
                     yield json.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": u})
                 yield "[DONE]"
             finally:
-                cancel_all(reqs)
+                cancel_all([c.req for c in choices])   # the latest request of each
 
         return EventSourceResponse(events(), sep="\n")
 
