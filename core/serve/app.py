@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from ..chat import END_MARKERS, MAX_TOOL_ROUNDS, TESTS_NONE, find_tool_call, json_string_arguments, result_text
 from ..batch import QueueFull
+from ..chat import END_MARKERS, MAX_TOOL_ROUNDS, TESTS_NONE, find_tool_call, json_string_arguments, result_text
 from ..engine import DoneEvent, GenerationParams, end_of_turn_ids, stop_ids_for
 from ..errors import SolError
 from . import protocol as P
