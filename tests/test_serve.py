@@ -349,7 +349,9 @@ def test_key_from_the_environment_and_a_warning_off_loopback(tmp_path):
     assert rc == 0 and "warning" not in srv.proc.stderr.read()   # a key is set: no warning
     bare = ServerProcess(["--model", "starter", "--host", "0.0.0.0"], tmp_path)
     rc, _ = bare.stop(signal.SIGINT)
-    assert rc == 0 and "warning: --host 0.0.0.0" in bare.proc.stderr.read()
+    err = bare.proc.stderr.read()
+    assert rc == 0 and "warning: --host 0.0.0.0" in err
+    assert "starter: batched engine: 8 concurrent sequences of up to 128 tokens; KV cache up to 4.0 MB" in err
 
 
 def test_plugin_tools_run_on_the_server(tmp_path):

@@ -108,6 +108,7 @@ def run(args) -> int:
                 sys.stderr.write(f"warning: plugin {info.name} is broken and skipped: {info.error}\n")
     app = create_app(served, key, args.cors_origin, print_log(args.log_json), plugins)
     for s in served:
+        sys.stderr.write(f"{s.name}: {s.engine.describe()}\n")   # the memory N concurrent sequences take
         s.engine.start()
 
     class Server(uvicorn.Server):
