@@ -112,14 +112,17 @@ def choose_model(args, win) -> str | None:
 def run(args) -> int:
     app = application()
     win, ctx = build_window(getattr(args, "safe_mode", False))
+    panel = getattr(args, "panel", None) or win.settings.value("window/panel") or "chat"
+    if getattr(args, "panel", None) and not any(s.name == panel or s.title.lower() == panel.lower()
+                                                for s in win.specs):
+        # Before anything starts in the background: a model loading on a worker thread would report
+        # to a window that is gone (a stray Qt traceback after the error line).
+        sys.stderr.write(f"error: --panel {panel}: no such panel; choose one of {', '.join(win.names())}\n")
+        return 2
     model = choose_model(args, win)
     if model:
         ctx.load_model(model)
-    panel = getattr(args, "panel", None) or win.settings.value("window/panel") or "chat"
     if not win.show_panel(panel):
-        if getattr(args, "panel", None):
-            sys.stderr.write(f"error: --panel {panel}: no such panel; choose one of {', '.join(win.names())}\n")
-            return 2
         win.show_panel("chat")
     win.show()
     if getattr(args, "screenshot", None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import SolError
@@ -55,6 +56,16 @@ def _plugin_commands(sub) -> None:
         add(sub)
 
 
+def _global_safe_mode(argv: list[str]) -> list[str]:
+    """`sol --safe-mode COMMAND ...` (before the subcommand) means safe mode for everything this process
+    does, as SOL_SAFE_MODE=1 would; after the subcommand it is that subcommand's own flag."""
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    if "--safe-mode" not in argv[:first]:
+        return argv
+    os.environ["SOL_SAFE_MODE"] = "1"   # every PluginManager of this process reads it
+    return [a for a in argv[:first] if a != "--safe-mode"] + argv[first:]
+
+
 def check_arguments(argv: list[str]) -> None:
     """Bytes that are not UTF-8 reach Python as lone surrogates; no tokenizer or file name can use them."""
     for i, a in enumerate(argv):
@@ -69,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    argv = _global_safe_mode(argv)
     if not argv:
         argv = ["gui"]
     try:

@@ -34,6 +34,14 @@ from .errors import SolError
 from .hooks import ENTRY_POINT_GROUP, PROJECT, PanelSpec, SolHookSpecs, StageSpec, ToolSpec
 
 TOOL_TIMEOUT_S = 30.0
+IMPORT_TIMEOUT_S = 10.0    # a third-party plugin that takes longer to import is marked broken
+
+
+def import_timeout_s() -> float:
+    try:
+        return float(os.environ.get("SOL_PLUGIN_IMPORT_TIMEOUT", IMPORT_TIMEOUT_S))
+    except ValueError:
+        return IMPORT_TIMEOUT_S
 
 
 def sol_version() -> str:
@@ -64,6 +72,7 @@ class PluginInfo:
     traceback: str | None = None           # the full traceback of a failure, for the GUI's details
     module: ModuleType | None = field(default=None, repr=False)
     dist: str | None = None                # the distribution to `pip uninstall`, for third-party plugins
+    entry: str | None = None               # the entry-point name it was found under (failures are kept by it)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "builtin": self.builtin, "enabled": self.enabled,
@@ -111,9 +120,41 @@ class PluginManager:
             # A damaged state file must not stop Sol; every plugin starts enabled, the file is left as it is.
             return set()
 
+    def _state(self) -> dict:
+        try:
+            data = json.loads(self.state_path.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
     def _save_disabled(self, disabled: set[str]) -> None:
+        self._save_state({**self._state(), "disabled": sorted(disabled)})
+
+    def _save_state(self, state: dict) -> None:
         from .atomic import write_text
-        write_text(self.state_path, json.dumps({"disabled": sorted(disabled)}, indent=2) + "\n")
+        try:
+            write_text(self.state_path, json.dumps(state, indent=2) + "\n")
+        except OSError:
+            pass   # a read-only data folder costs the memory of it, never the command
+
+    def _failures(self) -> dict:
+        """Failures recorded in earlier runs: {plugin name: {"version", "error"}}."""
+        f = self._state().get("failures")
+        return f if isinstance(f, dict) else {}
+
+    def _record_failure(self, info: PluginInfo) -> None:
+        """A failure seen outside load() (a command, a chat event, a slow import) is kept in plugins.json,
+        so `sol plugins list` and the Plugins panel of a later run show it too; `enable` clears it."""
+        state = self._state()
+        failures = state.get("failures") if isinstance(state.get("failures"), dict) else {}
+        failures[info.entry or info.name] = {"version": info.version, "error": info.error}
+        self._save_state({**state, "failures": failures})
+
+    def _clear_failure(self, name: str) -> None:
+        state = self._state()
+        if isinstance(state.get("failures"), dict) and name in state["failures"]:
+            del state["failures"][name]
+            self._save_state(state)
 
     # ---- loading -------------------------------------------------------------------
     def load(self) -> None:
@@ -124,11 +165,12 @@ class PluginManager:
             self._pm.add_hookspecs(SolHookSpecs)
             self._infos = {}
             disabled = self._disabled()
+            self._earlier = self._failures()
             for name, loader, version in self._builtins():
                 self._load_one(name, loader, version, builtin=True, disabled=disabled)
             for name, loader, version, dist in self._third_party():
-                info = self._load_one(name, loader, version, builtin=False, disabled=disabled,
-                                      skip=self.safe_mode)
+                info = self._load_one(name, _with_time_limit(name, loader), version, builtin=False,
+                                      disabled=disabled, skip=self.safe_mode)
                 info.dist = dist
             self._collect()
             self._loaded = True
@@ -169,15 +211,31 @@ class PluginManager:
 
     def _load_one(self, name: str, loader: Callable, version: str | None, builtin: bool, disabled: set[str],
                   skip: bool = False) -> PluginInfo:
-        info = PluginInfo(name, version or sol_version(), builtin, name not in disabled)
+        info = PluginInfo(name, version or sol_version(), builtin, name not in disabled, entry=name)
+        earlier = getattr(self, "_earlier", {}).get(name)
         if skip:
             info.error = "not loaded: safe mode"
+        elif (not builtin and info.enabled and isinstance(earlier, dict)
+              and earlier.get("version") == info.version):
+            # It failed in an earlier run (a hung import, a raising command): not imported again until
+            # `sol plugins enable NAME` or a new version.
+            self._fail(info, f"{earlier.get('error')} (in an earlier run; `sol plugins enable {name}` "
+                             "tries it again)", with_traceback=False)
         elif builtin or info.enabled:   # built-ins are imported even when disabled: their NAME is their identity
             try:
                 module = loader()
+                if any(i.module is module for i in self._infos.values()):
+                    other = next(i.name for i in self._infos.values() if i.module is module)
+                    raise _Duplicate(f"module {module.__name__} is already loaded as plugin {other!r} "
+                                     "(registered under two entry-point names); remove one entry point")
                 info.module = module
                 info.name = str(getattr(module, "NAME", None) or name)
                 info.version = str(getattr(module, "VERSION", None) or info.version)
+            except _Duplicate as e:
+                self._fail(info, str(e), with_traceback=False)
+            except ImportTimeout as e:
+                self._fail(info, str(e), with_traceback=False)
+                self._record_failure(info)
             except BaseException as e:   # SystemExit and friends from a plugin are its failure, not ours
                 if isinstance(e, KeyboardInterrupt):
                     raise
@@ -239,6 +297,8 @@ class PluginManager:
                 bad = next((x for x in items if not isinstance(x, kind)), None)
                 if bad is not None:
                     raise TypeError(f"returned {type(bad).__name__}, expected {kind.__name__}")
+                for x in items:
+                    check_spec(x)
             except Exception as e:
                 self._fail(info, f"{hook} {_one_line(e)}")
                 continue
@@ -250,7 +310,11 @@ class PluginManager:
         for info, spec in self._specs("sol_tools", ToolSpec):
             spec.plugin = info.name
             if spec.name in self._tools:
-                info.error = f"tool {spec.name!r} skipped: plugin {self._tools[spec.name].plugin!r} provides it"
+                first = self._tools[spec.name].plugin
+                info.error = f"tool {spec.name!r} skipped: plugin {first!r} provides it"
+                if first != info.name and self._infos[first].status == "ok":
+                    self._infos[first].error = (f"tool {spec.name!r} is also offered by plugin {info.name!r}; "
+                                                "this one is used")
                 continue
             self._tools[spec.name] = spec
         for info, spec in self._specs("sol_panels", PanelSpec):
@@ -343,11 +407,20 @@ class PluginManager:
     def chat_event(self, event: dict) -> None:
         """Show a chat event to every plugin that observes the chat; one that raises is broken and skipped."""
         self._ensure_loaded()
-        self._call("sol_chat_event", event=event)
+        self._call_recorded("sol_chat_event", event=event)
 
     def add_cli_commands(self, subparsers) -> None:
         self._ensure_loaded()
-        self._call("sol_cli_commands", subparsers=subparsers)
+        self._call_recorded("sol_cli_commands", subparsers=subparsers)
+
+    def _call_recorded(self, hook: str, **kwargs) -> None:
+        """A hook called after load(): a plugin that breaks here is remembered across runs."""
+        ok = {n for n, i in self._infos.items() if i.status == "ok"}
+        self._call(hook, **kwargs)
+        for name in ok:
+            info = self._infos[name]
+            if info.status != "ok" and not info.builtin:
+                self._record_failure(info)
 
     # ---- enable, disable, install, uninstall ------------------------------------------
     def enable(self, name: str) -> None:
@@ -358,6 +431,8 @@ class PluginManager:
 
     def _set_enabled(self, name: str, enabled: bool) -> None:
         self.plugin(name)   # names an unknown plugin
+        if enabled:
+            self._clear_failure(self.plugin(name).entry or name)
         disabled = self._disabled()
         (disabled.discard if enabled else disabled.add)(name)
         self._save_disabled(disabled)
@@ -415,3 +490,105 @@ def add_cli_commands(subparsers) -> None:
     except Exception:
         # The `sol` command must always start, whatever a plugin (or its state file) does.
         pass
+
+
+class _Duplicate(Exception):
+    pass
+
+
+class ImportTimeout(Exception):
+    pass
+
+
+def _with_time_limit(name: str, loader: Callable) -> Callable:
+    """Import a third-party plugin on its own thread: one that hangs at import is left behind after the
+    time limit (as a daemon thread, which does not keep Sol from exiting) instead of hanging Sol."""
+    def load():
+        box: dict = {}
+
+        def run():
+            try:
+                box["module"] = loader()
+            except BaseException as e:
+                box["error"] = e
+        limit = import_timeout_s()
+        t = threading.Thread(target=run, name=f"sol-plugin-import-{name}", daemon=True)
+        t.start()
+        t.join(limit)
+        if t.is_alive():
+            raise ImportTimeout(f"import took longer than {limit:g} s; marked broken")
+        if "error" in box:
+            raise box["error"]
+        return box["module"]
+    return load
+
+
+def _is_cli_name(s) -> bool:
+    import re
+    return isinstance(s, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", s) is not None
+
+
+def check_spec(spec) -> None:
+    """Every field of a ToolSpec, PanelSpec or StageSpec of the right kind, checked when plugins load:
+    a tool named None broke `sol tools list` for everyone. Raises TypeError naming the field."""
+    kind = type(spec).__name__
+
+    def bad(field: str, want: str):
+        raise TypeError(f"{kind}.{field} must be {want}, not {getattr(spec, field)!r}")
+    if not _is_cli_name(spec.name):
+        bad("name", "a non-empty name of letters, digits, '_', '.' or '-'")
+    if isinstance(spec, ToolSpec):
+        if not isinstance(spec.description, str):
+            bad("description", "a string")
+        if not isinstance(spec.parameters, dict) or spec.parameters.get("type", "object") != "object":
+            bad("parameters", 'a JSON schema object, {"type": "object", "properties": {...}}')
+        req = spec.parameters.get("required", [])
+        if not isinstance(req, list) or not all(isinstance(r, str) for r in req):
+            raise TypeError(f"ToolSpec.parameters['required'] must be a list of names, not {req!r}")
+        try:
+            json.dumps(spec.parameters)
+        except (TypeError, ValueError):
+            bad("parameters", "JSON-able")
+        if not callable(spec.func):
+            bad("func", "callable")
+    elif isinstance(spec, PanelSpec):
+        if not isinstance(spec.title, str) or not spec.title:
+            bad("title", "a non-empty string")
+        if not callable(spec.factory):
+            bad("factory", "callable")
+        if spec.icon is not None and not isinstance(spec.icon, str):
+            bad("icon", "a file name or None")
+        if not isinstance(spec.order, (int, float)) or isinstance(spec.order, bool):
+            bad("order", "a number")
+    elif isinstance(spec, StageSpec):
+        if not isinstance(spec.description, str):
+            bad("description", "a string")
+        if not callable(spec.add_arguments):
+            bad("add_arguments", "callable")
+        if not callable(spec.run):
+            bad("run", "callable")
+
+
+def normalize_dist(name: str) -> str:
+    import re
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def dist_of_spec(spec: str) -> str | None:
+    """The distribution a `sol plugins install` spec names: a folder's pyproject name, a wheel's file
+    name, or the requirement's name; None when it cannot be told."""
+    import re
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        try:
+            import tomllib
+        except ImportError:   # Python 3.10
+            return None
+        try:
+            return tomllib.loads((p / "pyproject.toml").read_text(encoding="utf-8"))["project"]["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    if p.suffix == ".whl":
+        return p.name.split("-")[0]
+    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec)
+    return m.group(1) if m and not p.exists() else None

@@ -66,21 +66,42 @@ def _err(line: str) -> None:
 
 def run_install(args) -> int:
     from ..errors import SolError
+    from ..plugins import dist_of_spec, normalize_dist
     pm = manager(args)
-    before = {i.name for i in pm.plugins()}
+    before = {i.name: (i.version, i.dist) for i in pm.plugins()}
+    spec = pip_spec(args.spec)
+    dist = dist_of_spec(spec)
+    if dist is not None and normalize_dist(dist) == "sol-lab":
+        raise SolError(f"{args.spec}: that is Sol itself, not a plugin; to update Sol, run "
+                       "`pip install --upgrade sol-lab`")
     pip_args = [a for a, on in (("--no-deps", args.no_deps), ("--no-build-isolation", args.no_build_isolation),
                                 ("--upgrade", args.upgrade)) if on]
-    code = pm.install(args.spec, on_output=_err, pip_args=pip_args)
+    code = pm.install(spec, on_output=_err, pip_args=pip_args)
     if code != 0:
         raise SolError(f"pip could not install {args.spec} (exit code {code}); its output is above")
-    new = [i for i in pm.plugins() if i.name not in before]
+    # New plugins, new versions, and (a reinstall) the plugins of the distribution just installed.
+    ours = {normalize_dist(dist)} if dist else set()
+    new = [i for i in pm.plugins() if not i.builtin and (before.get(i.name) != (i.version, i.dist)
+                                                         or (i.dist and normalize_dist(i.dist) in ours))]
     if not new:
-        raise SolError(f"{args.spec}: pip installed it, but it registers no plugin under the entry-point group "
-                       "sol.plugins (see docs/plugins.md); uninstall it with pip")
+        named = f" ({dist})" if dist else ""
+        raise SolError(f"{args.spec}: pip installed it{named}, but it registers no plugin under the entry-point "
+                       f"group sol.plugins (see docs/plugins.md); `pip uninstall {dist or 'DIST'}` removes it")
     for i in new:
         status = "ok" if i.status == "ok" else f"broken: {i.error}"
-        sys.stdout.write(f"installed plugin {i.name} {i.version} ({status})\n")
+        verb = "installed" if i.name not in before else "reinstalled"
+        sys.stdout.write(f"{verb} plugin {i.name} {i.version} ({status})\n")
     return 0 if all(i.status == "ok" for i in new) else 1
+
+
+def pip_spec(spec: str) -> str:
+    """A folder or wheel named without ./ (`myplugin`) is the folder here, not a package on the index."""
+    from pathlib import Path
+    p = Path(spec).expanduser()
+    project = p.is_dir() and ((p / "pyproject.toml").is_file() or (p / "setup.py").is_file())
+    if project or (p.is_file() and p.suffix == ".whl"):
+        return str(p.resolve())
+    return spec
 
 
 def run_uninstall(args) -> int:

@@ -13,8 +13,22 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a model: pretrain, sft, reward, rl, or a whole recipe")
     stages = p.add_subparsers(dest="stage", metavar="STAGE")
     for spec in all_stages():
-        sp = stages.add_parser(spec.name, help=spec.description, description=spec.description)
-        spec.add_arguments(sp)
+        builtin = not spec.plugin or spec.plugin == "sol"
+        # A plugin's stage gets the flags every stage shares (--out, --events, --max-steps, ...) first;
+        # a flag it defines itself replaces the shared one of that name.
+        sp = stages.add_parser(spec.name, help=spec.description, description=spec.description,
+                               conflict_handler="error" if builtin else "resolve")
+        if builtin:
+            spec.add_arguments(sp)
+        else:
+            from ..train.options import add_common
+            add_common(sp)
+            try:
+                spec.add_arguments(sp)
+            except Exception as e:   # a plugin's broken flags cost its own stage, never `sol train`
+                stages._name_parser_map.pop(spec.name, None)
+                _skip_stage(stages, spec, e)
+                continue
         sp.set_defaults(func=_runner(spec))
     rp = stages.add_parser("recipe", help="run several stages in order (recipe starter: all four)")
     add_recipe_arguments(rp)
@@ -22,12 +36,19 @@ def register(sub) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
+def _skip_stage(stages, spec, e) -> None:
+    import sys
+    stages._choices_actions[:] = [a for a in stages._choices_actions if a.dest != spec.name]
+    sys.stderr.write(f"warning: training stage {spec.name!r} of plugin {spec.plugin} skipped: its "
+                     f"add_arguments raised {type(e).__name__}: {e}\n")
+
+
 def _with_events(args, body):
     import os
 
     from ..errors import SolError
     from ..train.events import make_emitter
-    emit = make_emitter(args.events, int(os.environ.get("RANK", "0")))
+    emit = make_emitter(getattr(args, "events", None), int(os.environ.get("RANK", "0")))
     try:
         body(emit)
     except SolError as e:

@@ -37,6 +37,24 @@ class JsonEvents:
             self.fh.close()
 
 
+STEP_FIELDS = (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("tokens_per_s", "{:,.0f} tok/s"), ("eta_s", "eta {:.0f}s"))
+
+
+def step_line(e: dict, total: int) -> str:
+    """The bar and whichever of loss, lr, tokens/s and eta the step event has (a plugin's stage may send
+    only some; anything else numeric it sends is shown too)."""
+    step = e.get("step", 0) if isinstance(e.get("step"), int) else 0
+    n = max(0, min(30, 30 * step // max(1, total)))
+    parts = [f"[{'#' * n}{'.' * (30 - n)}] {step}/{total}"]
+    known = {k for k, _ in STEP_FIELDS} | {"type", "step"}
+    for key, fmt in STEP_FIELDS:
+        if isinstance(e.get(key), (int, float)):
+            parts.append(fmt.format(e[key]))
+    parts += [f"{k} {v:.4g}" for k, v in e.items() if k not in known and isinstance(v, (int, float))
+              and not isinstance(v, bool)]
+    return " ".join(parts)
+
+
 class ProgressBar:
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -54,12 +72,10 @@ class ProgressBar:
                 w(f"note: {dev['warning']}\n")
         elif t == "step":
             now = time.monotonic()
-            if now - self.last < 0.2 and e["step"] < self.total:
+            if now - self.last < 0.2 and e.get("step", 0) < self.total:
                 return
             self.last = now
-            n = 30 * e["step"] // max(1, self.total)
-            w(f"\r[{'#' * n}{'.' * (30 - n)}] {e['step']}/{self.total} loss {e['loss']:.4f} "
-              f"lr {e['lr']:.2e} {e['tokens_per_s']:,.0f} tok/s eta {e['eta_s']:.0f}s ")
+            w("\r" + step_line(e, self.total) + " ")
         elif t == "eval":
             w("\n" + "eval " + " ".join(f"{k} {v:.4f}" for k, v in e.items()
                                         if isinstance(v, float)) + f" (step {e['step']})\n")
