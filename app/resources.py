@@ -9,6 +9,8 @@ RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 def icon_path(name: str | None) -> str:
     if not name:
         return ""
+    if Path(name).is_absolute():   # a plugin's own icon, shipped in its package
+        return name if Path(name).is_file() else ""
     p = RESOURCES / "icons" / name
     return str(p) if p.is_file() else ""
 

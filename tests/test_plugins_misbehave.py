@@ -271,3 +271,42 @@ def test_the_gui_opens_with_every_misbehaving_plugin(misbehaving, tmp_path):
     assert "Traceback" not in r.stderr
     r = sol("gui", "--panel", "nosuch")
     assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr
+
+
+# ---- 11. docs/plugins.md names what a plugin author needs -------------------------------------------
+DOC = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text(encoding="utf-8")
+
+
+def test_docs_name_every_panel_context_attribute_that_exists():
+    import re
+    pytest.importorskip("PySide6")
+    from sol.app.context import PanelContext
+    section = DOC[DOC.index("| attribute | what it is |"):DOC.index("A panel's `icon`")]
+    names = set(re.findall(r"`context\.(\w+)", section))
+    assert {"loaded", "model", "tokenizer", "chat_session", "store", "plugins", "device", "run", "stream",
+            "setting", "set_setting"} <= names
+    assert all(hasattr(PanelContext, n) or n in ("store", "plugins", "device", "chat_session", "last_answer")
+               for n in names)
+    for signal in re.findall(r"`(\w+)\(", section[section.index("signals"):]):
+        assert isinstance(getattr(PanelContext, signal), object) and hasattr(PanelContext, signal)
+
+
+def test_docs_list_every_chat_event_type_and_the_stage_contract():
+    import re
+    chat_src = (Path(__file__).resolve().parents[1] / "core" / "chat.py").read_text()
+    types = set(re.findall(r'"type": "(\w+)"', chat_src)) - {"function"}
+    section = DOC[DOC.index("## Chat events"):DOC.index("## Tools: fields")]
+    assert types and all(f"| `{t}` |" in section for t in types)
+    for words in ("run(args, emit)", "--events", "--out", "Name clashes", "first loaded wins", "Installing offline",
+                  "absolute path", "SOL_PLUGIN_IMPORT_TIMEOUT", "sol --safe-mode"):
+        assert words in DOC, words
+
+
+def test_a_panel_icon_may_be_a_file_in_the_plugins_package(tmp_path):
+    pytest.importorskip("PySide6")
+    from sol.app.resources import icon_path
+    icon = tmp_path / "icon.svg"
+    icon.write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    assert icon_path(str(icon)) == str(icon)
+    assert icon_path(str(tmp_path / "missing.svg")) == ""
+    assert icon_path("chat.svg").endswith("chat.svg")
