@@ -126,7 +126,7 @@ class Store:
                 db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
 
     def _tx(self):
-        return _Transaction(self._db, self._lock)
+        return _Transaction(self._db, self._lock, self.path)
 
     def _query(self, sql: str, args=()) -> list[sqlite3.Row]:
         with self._lock:
@@ -321,17 +321,27 @@ def _message(row: sqlite3.Row) -> dict:
 class _Transaction:
     """`with store._tx() as db:` — BEGIN IMMEDIATE under the lock, COMMIT on success, ROLLBACK on error."""
 
-    def __init__(self, db: sqlite3.Connection, lock):
-        self.db, self.lock = db, lock
+    def __init__(self, db: sqlite3.Connection, lock, path=None):
+        self.db, self.lock, self.path = db, lock, path
 
     def __enter__(self):
         self.lock.acquire()
         try:
             self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            self.lock.release()
+            self._read_only(e)
+            raise
         except BaseException:
             self.lock.release()
             raise
         return self
+
+    def _read_only(self, e: BaseException) -> None:
+        """A database Sol may read but not write (file mode, a read-only folder or disk): say so, naming it."""
+        if isinstance(e, sqlite3.OperationalError) and "readonly" in str(e):
+            raise SolError(f"{self.path}: the conversation database cannot be written ({e}); make the file "
+                           "and its folder writable, or set SOL_HOME to a folder you can write") from None
 
     def execute(self, sql, args=()):
         return self.db.execute(sql, args)
@@ -347,6 +357,7 @@ class _Transaction:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self.lock.release()
+        self._read_only(exc)
         return False
 
 

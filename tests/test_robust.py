@@ -421,3 +421,15 @@ def test_ordinary_templates_still_render():
     msgs = [{"role": "user", "content": "x" * 100_000}, {"role": "assistant", "content": "ok"}]
     text = render_template(SOL_CHAT_TEMPLATE, messages=msgs, add_generation_prompt=True)
     assert "x" * 100_000 in text
+
+
+# ---- 12. a conversation database that can be read but not written ---------------------------------
+def test_a_read_only_store_names_the_file_on_write(tmp_path):
+    from sol.core.errors import SolError
+    from sol.core.store import Store
+    store = Store(tmp_path / "sol.db")
+    cid = store.create_conversation("kept")
+    store._db.execute("PRAGMA query_only=ON")   # as a file without write permission reads (root ignores modes)
+    with pytest.raises(SolError, match=r"sol\.db: the conversation database cannot be written"):
+        store.add_message(cid, "user", "hi")
+    assert store.list_conversations()[0]["title"] == "kept"
