@@ -176,7 +176,8 @@ class ModelsPanel(QWidget):
     # ---- listing -----------------------------------------------------------
     def refresh(self):
         from sol.core.registry import list_models
-        self.ctx.run(list_models, on_done=self._fill, on_error=lambda e: self.ctx.status_message.emit(str(e)))
+        # Broken folders too, each with its reason: one of them must not hide the others.
+        self.ctx.run(list_models, True, on_done=self._fill, on_error=lambda e: self.ctx.status_message.emit(str(e)))
 
     def _fill(self, models: list[dict]):
         from sol.core.checkpoint import inspect, read_json
@@ -188,6 +189,12 @@ class ModelsPanel(QWidget):
         self.models = models
         self.table.setRowCount(len(models))
         for r, m in enumerate(models):
+            if "broken" in m:
+                for c, v in enumerate([m["name"], "", "broken", "", "", m["path"]]):
+                    item = QTableWidgetItem(v)
+                    item.setToolTip(m["broken"])
+                    self.table.setItem(r, c, item)
+                continue
             stage = ""
             if m["format"] == "sol":
                 try:
@@ -254,7 +261,7 @@ class ModelsPanel(QWidget):
                 f"imported {p}")), on_error=self._error)
 
     def new_clicked(self):
-        dlg = NewModelDialog(self.models, self)
+        dlg = NewModelDialog([m for m in self.models if "broken" not in m], self)
         if dlg.exec() != QDialog.Accepted:
             return
         name, preset_name, src, vocab = dlg.values()

@@ -371,3 +371,16 @@ def test_a_damaged_database_is_shown_in_the_window_and_new_chats_go_to_a_fresh_o
     ctx.store.close()
     assert damaged.read_bytes() == junk                       # untouched
     assert [c["title"] for c in Store(fresh).list_conversations()] == ["kept"]   # on disk, not in memory
+
+
+def test_models_panel_lists_a_broken_folder_with_its_reason(window, isolated_home):
+    from sol.core.registry import list_models
+    (isolated_home / "models" / "bad").mkdir(parents=True)
+    (isolated_home / "models" / "bad" / "config.json").write_text("[1, 2]")
+    win, ctx = window
+    panel = win.panel("models")
+    panel._fill(list_models(True))          # what refresh() hands it from its worker
+    row = next(r for r, m in enumerate(panel.models) if m["name"] == "bad")
+    assert panel.table.item(row, 2).text() == "broken"
+    assert "config.json" in panel.table.item(row, 2).toolTip()
+    assert any(m["name"] == "starter" for m in panel.models)     # the rest still listed
