@@ -122,6 +122,11 @@ def json_string_arguments(messages: list[dict]) -> list[dict]:
     return [{**m, "tool_calls": [call(c) for c in m["tool_calls"]]} if "tool_calls" in m else m for m in messages]
 
 
+def empty_call_content(messages: list[dict]) -> list[dict]:
+    """The messages with content "" on each tool call that has none."""
+    return [{**m, "content": ""} if "tool_calls" in m and m.get("content") is None else m for m in messages]
+
+
 def strip_json_calls(text: str) -> str:
     return JSON_CALL.sub("", text).strip()
 
@@ -375,12 +380,19 @@ class ChatSession:
         try:
             return self.tokenizer.apply_chat_template(out, add_generation_prompt=add_generation_prompt, tools=tools)
         except SolError:
-            # transformers' docs give a call's arguments as a dict; DeepSeek's templates join them to
-            # strings (OpenAI's form, a JSON string). Give those templates the string.
             if not any("tool_calls" in m for m in out):
                 raise
-            return self.tokenizer.apply_chat_template(json_string_arguments(out),
-                                                      add_generation_prompt=add_generation_prompt, tools=tools)
+        # transformers' docs give a call's arguments as a dict and no content beside it. Some templates were
+        # written for other clients' forms: DeepSeek's join the arguments to strings (OpenAI's form, a JSON
+        # string); Qwen3's adds the content to strings, so it must be "" (Qwen-Agent's form).
+        variants = (json_string_arguments, empty_call_content)
+        for i, variant in enumerate(variants):
+            try:
+                return self.tokenizer.apply_chat_template(variant(out), add_generation_prompt=add_generation_prompt,
+                                                          tools=tools)
+            except SolError:
+                if i == len(variants) - 1:
+                    raise
 
     @staticmethod
     def _template_message(m: dict, structured: bool, none_content: bool = False) -> dict:

@@ -267,7 +267,8 @@ def stop_ids_for(tokenizer: Tokenizer, config_extra: dict | None = None) -> tupl
 def end_of_turn_ids(tokenizer: Tokenizer, config_extra: dict | None = None) -> tuple[int, ...]:
     """What ends an assistant turn in a chat: eos plus the chat templates' end-of-turn markers."""
     ids = set(stop_ids_for(tokenizer, config_extra))
-    for name in ("<|end|>", "<|im_end|>", "<|eot_id|>", "<|end_of_turn|>"):
+    # Phi-3, ChatML, Llama 3, OpenChat, Gemma (whose tokenizer's eos is <eos>, not its turns' end).
+    for name in ("<|end|>", "<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>"):
         i = tokenizer.token_to_id(name)
         if i is not None:
             ids.add(i)

@@ -26,10 +26,14 @@ FAMILY_TOKENS = {
     "llama-3.2-instruct": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
     "phi-3.5-mini-instruct": ["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
     "smollm3-3b": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+    "qwen3-0.6b": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+    "gemma-3-1b-it": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
 }
 FAMILY_TOKENS["mistral-7b-instruct-v0.3"] = FAMILY_TOKENS["mistral-nemo-instruct-2407"]
+FAMILY_TOKENS["phi-3-mini-4k-instruct"] = FAMILY_TOKENS["phi-3.5-mini-instruct"]
 BOS_EOS = {"mistral": ("<s>", "</s>"), "deepseek": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
-           "llama": ("<|begin_of_text|>", "<|eot_id|>"), "phi": ("<s>", "<|endoftext|>")}
+           "llama": ("<|begin_of_text|>", "<|eot_id|>"), "phi": ("<s>", "<|endoftext|>"),
+           "gemma": ("<bos>", "<eos>")}
 CALCULATOR = {"type": "function", "function": {
     "name": "calculator", "description": "Evaluate an arithmetic expression.",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
@@ -157,6 +161,41 @@ def test_smollm3_generation_blocks_render_like_transformers(tmp_path):
         assert tok.apply_chat_template(CHAT, **kw) == hf_render(folder, CHAT, add_generation_prompt=True, **kw)
 
 
+THINKING = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "<think>\nThe user greets.\n</think>\n\nHello!"},
+            {"role": "user", "content": "and now?"},
+            {"role": "assistant", "content": "Now.", "reasoning_content": "A second thought."},
+            {"role": "user", "content": "<tool_response>\n42\n</tool_response>"}]
+
+
+@pytest.mark.parametrize("messages", [CHAT, THINKING, THINKING[:-1], THINKING[:3]])
+def test_qwen3_thinking_renders_like_transformers(tmp_path, messages):
+    """Qwen3's switch (enable_thinking, read when the template is rendered) and its reasoning in the history
+    (<think> in the content, or reasoning_content), with and without a generation prompt."""
+    folder = real_template(tmp_path / "q", "qwen3-0.6b")
+    tok = sol_tokenizer(folder)
+    for kw in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+        for gen in (True, False):
+            got = tok.apply_chat_template(messages, add_generation_prompt=gen, **kw)
+            assert got == hf_render(folder, messages, add_generation_prompt=gen, **kw)
+    assert tok.apply_chat_template(messages, enable_thinking=False).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.apply_chat_template(messages).endswith("<|im_start|>assistant\n")
+
+
+def test_gemma3_folds_the_system_prompt_and_refuses_what_transformers_refuses(tmp_path):
+    folder = real_template(tmp_path / "g", "gemma-3-1b-it")
+    tok = sol_tokenizer(folder)
+    got = tok.apply_chat_template(CHAT)
+    assert got.startswith("<bos><start_of_turn>user\nYou are terse.\n\nhello<end_of_turn>\n")
+    assert got.endswith("<start_of_turn>model\n")
+    for bad in (CHAT[1:2] * 2, [CHAT[2]]):   # two user turns in a row; the model first
+        with pytest.raises(Exception, match="Conversation roles must alternate"):
+            hf_render(folder, bad, add_generation_prompt=True)
+        with pytest.raises(SolError, match="chat template: Conversation roles must alternate user/assistant"):
+            tok.apply_chat_template(bad)
+
+
 @pytest.mark.parametrize("template", [
     "{{ ''.__class__.__mro__ }}", "{{ messages.__class__.__base__ }}", "{% set ns = namespace(_x=1) %}",
     "{% set ns = namespace() %}{% set ns._y = 1 %}", "{{ dict.__call__.__globals__ }}"])
@@ -197,7 +236,8 @@ def stored_round_trip():
 
 
 @pytest.mark.parametrize("name", ["deepseek-r1-distill-qwen-32b", "mistral-nemo-instruct-2407",
-                                  "mistral-7b-instruct-v0.3", "qwen2.5-instruct", "llama-3.2-instruct"])
+                                  "mistral-7b-instruct-v0.3", "qwen2.5-instruct", "llama-3.2-instruct",
+                                  "qwen3-0.6b"])
 def test_tool_round_trip_through_real_templates_matches_transformers(tmp_path, name):
     from transformers.utils.chat_template_utils import render_jinja_template
     folder = real_template(tmp_path / name, name)
@@ -212,14 +252,21 @@ def test_tool_round_trip_through_real_templates_matches_transformers(tmp_path, n
     lm = SimpleNamespace(tokenizer=tok, model=None, config=SimpleNamespace(context=4096, extra={}))
     chat = ChatSession(lm, Tools())
     got = chat._render(stored_round_trip())
-    messages, kw = seen[-1]
     # the messages are built as transformers' docs describe
-    call_msg, tool_msg = messages[1], messages[2]
+    call_msg, tool_msg = seen[0][0][1], seen[0][0][2]
     (call,) = call_msg["tool_calls"]
     assert re.fullmatch(r"[A-Za-z0-9]{9}", call["id"]) and call["id"] == tool_call_id(12)
     assert call["type"] == "function" and call["function"]["name"] == "calculator"
     assert call_msg.get("content", None) is None
     assert tool_msg == {"role": "tool", "content": "42", "tool_call_id": call["id"], "name": "calculator"}
+    messages, kw = seen[-1]   # what rendered: those, or the form a template was written for
+    if name.startswith("qwen3"):
+        # Qwen3's template adds the call's content to strings: transformers fails without it, as Sol's first
+        # try does; content "" (Qwen-Agent's form) renders the call as the model was trained.
+        with pytest.raises(Exception, match="has no attribute 'content'"):
+            hf_render(folder, seen[0][0], tools=kw["tools"], add_generation_prompt=True)
+        assert messages[1]["content"] == "" and messages[1]["tool_calls"] == [call]
+        assert "<|im_start|>assistant\n<tool_call>\n{\"name\": \"calculator\"" in got
     if name.startswith("deepseek"):
         # transformers 5's apply_chat_template drops None-valued keys, which this template (written for None)
         # cannot render; its own renderer, given the same messages, is the reference.
@@ -235,7 +282,7 @@ def test_tool_round_trip_through_real_templates_matches_transformers(tmp_path, n
 
 
 @pytest.mark.parametrize("name", ["mistral-7b-instruct-v0.3", "mistral-nemo-instruct-2407",
-                                  "deepseek-r1-distill-qwen-32b", "qwen2.5-instruct"])
+                                  "deepseek-r1-distill-qwen-32b", "qwen2.5-instruct", "qwen3-0.6b"])
 def test_a_chat_with_a_tool_call_through_a_real_template_then_a_next_turn(tmp_path, monkeypatch, name):
     """The live loop: the model calls the calculator, the result goes back, it answers, and the next turn
     renders the whole history (the call with its id, the result with its tool_call_id) without an error."""
@@ -268,3 +315,82 @@ def test_a_chat_with_a_tool_call_through_a_real_template_then_a_next_turn(tmp_pa
     else:
         assert '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>' in prompt
     assert "It is 42." in prompt and "and 6*8?" in prompt
+
+
+# ---- end to end: `sol chat` on the tiny Qwen3, Gemma 3 and Phi-3 models with their real templates ------------
+CHAT_MODELS = {"qwen3": "qwen3-0.6b", "gemma3": "gemma-3-1b-it", "phi3": "phi-3-mini-4k-instruct"}
+
+
+def chat_model(folder: Path, family: str, monkeypatch):
+    """A tiny random model of `family` whose tokenizer has the family's special tokens and its real template,
+    written with save_pretrained as the Hub's files are. Room for Qwen3's tool prompt: 1024 positions."""
+    from hf_models import CORPUS, FAMILIES, VOCAB, make_hf_model
+    from sol.core.tokenizer import train_bpe
+    base = FAMILIES[family]
+
+    def longer(t):
+        cfg = base(t)
+        cfg.max_position_embeddings = 1024
+        return cfg
+    monkeypatch.setitem(FAMILIES, family, longer)
+    ref = make_hf_model(family, folder)
+    name = CHAT_MODELS[family]
+    corpus = folder.parent / "chat-corpus.txt"
+    corpus.write_text(CORPUS + "You are terse. hello world, and now? <think> </think> calculator", encoding="utf-8")
+    special = FAMILY_TOKENS[name]
+    bos, eos = next((v for k, v in BOS_EOS.items() if name.startswith(k)), (None, "<|im_end|>"))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=train_bpe([corpus], VOCAB - 20, special).hf,
+                                              bos_token=bos, eos_token=eos)
+    hf.chat_template = (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+    hf.save_pretrained(folder)
+    return ref, hf
+
+
+@pytest.mark.parametrize("family", sorted(CHAT_MODELS))
+def test_sol_chat_on_tiny_models_renders_and_answers_like_transformers(tmp_path, monkeypatch, capsys, family):
+    """Two turns of `sol chat --system ... --message ... --message ...` (tools on): every prompt Sol renders is
+    transformers' apply_chat_template of the same messages, token for token, and the greedy answer is
+    transformers' generate from those ids up to the end of the turn."""
+    import torch
+
+    from sol.core.checkpoint import load_model
+    from sol.core.cli import main
+    folder = tmp_path / family
+    ref, hf = chat_model(folder, family, monkeypatch)
+    renders = []
+    original = Tokenizer.apply_chat_template
+
+    def spy(self, messages, **kw):
+        out = original(self, messages, **kw)
+        renders.append((json.loads(json.dumps(messages)), kw, out))
+        return out
+    monkeypatch.setattr(Tokenizer, "apply_chat_template", spy)
+    rc = main(["chat", "--model", str(folder), "--system", "You are terse.", "--message", "hello world",
+               "--message", "and now?", "--max-tokens", "12", "--temperature", "0", "--json"])
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert rc == 0, [e for e in events if e["type"] == "error"]
+    end_ids = ChatSession(load_model(folder)).end_ids
+    # where the template ends a turn, with no generation_config.json to say so (Gemma's eos is <eos>)
+    turn_end = {"qwen3": "<|im_end|>", "gemma3": "<end_of_turn>", "phi3": "<|end|>"}[family]
+    assert hf.eos_token_id in end_ids and hf.convert_tokens_to_ids(turn_end) in end_ids
+    turns = [[]]
+    for e in events:
+        if e["type"] == "token":
+            turns[-1].append(e["id"])
+        elif e["type"] == "message" and e["role"] == "assistant":
+            turns.append([])
+    prompts = [r for r in renders if r[1].get("add_generation_prompt", True)]
+    assert len(prompts) >= 2
+    for messages, kw, text in renders:
+        assert messages[0] == {"role": "system", "content": "You are terse."}
+        assert kw.get("tools") and kw["tools"][0]["function"]["name"] == "calculator"   # the built-in tool
+        assert text == hf.apply_chat_template(messages, tokenize=False, **kw)
+    for (messages, kw, text), answer in zip(prompts[-2:], turns[:2]):
+        ids = hf.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"]
+        assert load_model(folder).tokenizer.encode_ids(text, add_special_tokens=False) == list(ids)
+        with torch.no_grad():
+            want = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        stop = next((i for i, t in enumerate(want) if t in end_ids), len(want))
+        assert answer == want[:stop] and answer
+    assert prompts[-1][0][-1] == {"role": "user", "content": "and now?"}
+    assert prompts[-1][0][-2]["role"] == "assistant"   # the first answer is in the second prompt
