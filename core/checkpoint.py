@@ -42,7 +42,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     config: ModelConfig
     path: Path
-    format: str                 # "sol" | "hf"
+    format: str                 # "sol" | "hf" | "gguf"
     meta: dict = field(default_factory=dict)  # sol.json, or {} for imported models
     extra_tensors: dict = field(default_factory=dict)  # e.g. a reward model's "reward_head.*"
     sampling: dict = field(default_factory=dict)  # generation_config.json's sampling defaults, for the chat
@@ -465,6 +465,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     d = Path(path).expanduser().resolve()   # one name per model, whatever the cwd later
     if not d.exists():
         raise SolError(f"{d}: no such model directory")
+    if d.is_file() and d.suffix.lower() == ".gguf":
+        from .gguf_io import load_gguf
+        return load_gguf(d, device=device, dtype=dtype)
     if d.is_file():
         raise SolError(f"{d}: a model is a directory (config.json, model.safetensors, tokenizer.json); give its folder")
     cfg, fmt = load_config(d)
