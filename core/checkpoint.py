@@ -446,7 +446,24 @@ def detect_format(d: Path) -> str:
     raise SolError(f"{d}: not a model directory (no config.json)")
 
 
+def is_gguf(path: Path) -> bool:
+    """A GGUF file: named *.gguf, or (Ollama's blobs have no suffix) starting with GGUF's magic."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def load_config(d: Path) -> tuple[ModelConfig, str]:
+    if is_gguf(d):
+        from .gguf_io import gguf_config
+        return gguf_config(d), "gguf"
     fmt = detect_format(d)
     path = d / "config.json"
     raw = read_json_object(path)
@@ -465,7 +482,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     d = Path(path).expanduser().resolve()   # one name per model, whatever the cwd later
     if not d.exists():
         raise SolError(f"{d}: no such model directory")
-    if d.is_file() and d.suffix.lower() == ".gguf":
+    if is_gguf(d):
         from .gguf_io import load_gguf
         return load_gguf(d, device=device, dtype=dtype)
     if d.is_file():
@@ -659,6 +676,9 @@ def inspect(path: Path) -> dict | None:
 def inspect_or_raise(path: Path) -> dict | None:
     """Like inspect, but a folder that looks like a model and cannot be read raises SolError saying why.
     None: not a model folder at all (no config.json)."""
+    if is_gguf(path):
+        from .gguf_io import inspect_gguf
+        return inspect_gguf(path)
     if not (path / "config.json").exists() and not (path / "sol.json").exists():
         return None
     try:

@@ -240,6 +240,23 @@ def inspect_gguf(path: Path) -> dict:
             "quantization": quantization(reader)}
 
 
+def gguf_config(path: Path) -> ModelConfig:
+    """The ModelConfig a GGUF file describes, from its header alone."""
+    reader = open_gguf(path)
+    return _config(reader, metadata(reader), Path(path))
+
+
+def _config(reader, meta: dict, path: Path) -> ModelConfig:
+    shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
+    try:
+        return config_from_gguf(meta, shapes, path)
+    except SolError as e:
+        msg = str(e)
+        raise SolError(f"{path}: {msg[len('config: '):]}" if msg.startswith("config: ") else msg) from None
+    except (TypeError, ValueError) as e:
+        raise SolError(f"{path}: metadata of the wrong kind ({e})") from None
+
+
 def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
     """A LoadedModel from a .gguf file, with the same checks as a model directory."""
     from .checkpoint import LoadedModel, check_finite, check_size, check_vocab, _check_shapes
@@ -247,14 +264,7 @@ def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
     path = Path(path).expanduser().resolve()
     reader = open_gguf(path)
     meta = metadata(reader)
-    shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
-    try:
-        cfg = config_from_gguf(meta, shapes, path)
-    except SolError as e:
-        msg = str(e)
-        raise SolError(f"{path}: {msg[len('config: '):]}" if msg.startswith("config: ") else msg) from None
-    except (TypeError, ValueError) as e:
-        raise SolError(f"{path}: metadata of the wrong kind ({e})") from None
+    cfg = _config(reader, meta, path)
     tokenizer = tokenizer_from_gguf(meta, path)
     check_size(cfg, {"x": torch.empty(sum(int(t.n_elements) for t in reader.tensors), device="meta")}, path, path)
     sd = weights_from_gguf(reader, cfg, path)

@@ -239,3 +239,62 @@ def test_unsupported_architecture(tmp_path):
     assert "architecture 'mamba' is not supported" in _error(tmp_path / "mamba.gguf")
     with pytest.raises(SolError, match="mamba"):
         gguf_io.inspect_gguf(tmp_path / "mamba.gguf")
+
+
+# ---- finding GGUF files: Sol's folder, the HF cache, Ollama, LM Studio ----------
+def test_ollama_and_lmstudio_stores_are_listed_and_load_by_name(good_gguf, tmp_path, monkeypatch, isolated_home):
+    import hashlib
+    import shutil
+    home = tmp_path / "user"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("OLLAMA_MODELS")   # the default: ~/.ollama/models
+    q8 = gguf_io.export_gguf(load_model(good_gguf), tmp_path / "q8.gguf", "q8_0")
+    # Ollama: a manifest per model and tag; its model layer names the blob by digest.
+    store = home / ".ollama" / "models"
+    digest = hashlib.sha256(q8.read_bytes()).hexdigest()
+    (store / "blobs").mkdir(parents=True)
+    shutil.copy(q8, store / "blobs" / f"sha256-{digest}")
+    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "1b"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                                    "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                                               "digest": "sha256:" + "0" * 64, "size": 10},
+                                    "layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                                "digest": f"sha256:{digest}", "size": q8.stat().st_size},
+                                               {"mediaType": "application/vnd.ollama.image.template",
+                                                "digest": "sha256:" + "1" * 64, "size": 5}]}))
+    # LM Studio: publisher/repo/file.gguf, in the current and the older folder.
+    lms = home / ".lmstudio" / "models" / "pub" / "tiny-GGUF"
+    lms.mkdir(parents=True)
+    shutil.copy(good_gguf, lms / "tiny-F32.gguf")
+    old = home / ".cache" / "lm-studio" / "models" / "pub" / "old-GGUF"
+    old.mkdir(parents=True)
+    (old / "broken.gguf").write_bytes(b"GGUF\x03\x00")
+    # Sol's own models folder and the HF cache.
+    (isolated_home / "models").mkdir(exist_ok=True)
+    shutil.copy(q8, isolated_home / "models" / "mine.gguf")
+    snap = isolated_home / "hf" / "hub" / "models--org--tiny-GGUF" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    shutil.copy(good_gguf, snap / "tiny.f32.gguf")
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["models", "list", "--json"]) == 0
+    listed = {m["name"]: m for m in json.loads(buf.getvalue())}
+    for name, quant in (("ollama:tiny:1b", "Q8_0"), ("lmstudio:pub/tiny-GGUF/tiny-F32.gguf", "F32"),
+                        ("mine.gguf", "Q8_0"), ("org/tiny-GGUF/tiny.f32.gguf", "F32")):
+        m = listed[name]
+        assert m["format"] == "gguf" and m["quantization"] == quant and m["architecture"] == "llama", m
+        assert m["parameters"] > 0 and "broken" not in m
+    assert listed["ollama:tiny:1b"]["path"] == str(store / "blobs" / f"sha256-{digest}")   # read in place
+    assert "truncated or corrupt" in listed["lmstudio:pub/old-GGUF/broken.gguf"]["broken"]
+    for name in ("ollama:tiny:1b", "lmstudio:pub/tiny-GGUF/tiny-F32.gguf", "mine.gguf"):
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            assert main(["generate", "--model", name, "--prompt", "It is", "--max-tokens", "4",
+                         "--temperature", "0", "--device", "cpu", "--json"]) == 0
+        assert len(json.loads(buf.getvalue().splitlines()[-1])["token_ids"]) == 4
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["models", "info", "ollama:tiny:1b", "--json"]) == 0
+    assert json.loads(buf.getvalue())["format"] == "gguf"

@@ -30,7 +30,8 @@ def run_list(args) -> int:
         if "broken" in m:
             sys.stdout.write(f"{m['name']:<32} broken: {m['broken']}\n")
             continue
-        sys.stdout.write(f"{m['name']:<32} {m['format']:<4} {m['architecture']:<12} "
+        fmt = f"{m['format']} {m['quantization']}" if m.get("quantization") else m["format"]
+        sys.stdout.write(f"{m['name']:<32} {fmt:<4} {m['architecture']:<12} "
                          f"{m['parameters'] / 1e6:>9.2f}M  {m['path']}\n")
     return 0
 
