@@ -560,16 +560,26 @@ def _write_tokenizer(w, tok: Tokenizer, cfg: ModelConfig, source) -> None:
 
 def export_gguf(lm, out: str | Path, kind: str = "f32") -> Path:
     """Write a loaded model (Sol's own or an imported one) as a GGUF file; atomic."""
-    import gguf
-    from gguf import GGMLQuantizationType as Q
     from .atomic import replace, temp_path_for
     if kind not in WRITE_TYPES:
         raise SolError(f"--type {kind}: choose one of {', '.join(WRITE_TYPES)}")
     out = Path(out)
     cfg = lm.config
     arch = gguf_architecture(cfg, lm.path)
-    sd = lm.model.state_dict()
     tmp = temp_path_for(out)
+    try:
+        _write(tmp, lm, cfg, arch, kind)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    replace(tmp, out)
+    return out
+
+
+def _write(tmp: Path, lm, cfg: ModelConfig, arch: str, kind: str) -> None:
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    sd = lm.model.state_dict()
     w = gguf.GGUFWriter(str(tmp), arch)
     w.add_name(lm.name)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -591,5 +601,3 @@ def export_gguf(lm, out: str | Path, kind: str = "f32") -> Path:
         w.write_tensors_to_file()
     finally:
         w.close()
-    replace(tmp, out)
-    return out

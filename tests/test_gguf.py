@@ -298,3 +298,45 @@ def test_ollama_and_lmstudio_stores_are_listed_and_load_by_name(good_gguf, tmp_p
     with redirect_stdout(buf):
         assert main(["models", "info", "ollama:tiny:1b", "--json"]) == 0
     assert json.loads(buf.getvalue())["format"] == "gguf"
+
+
+# ---- export ------------------------------------------------------------------------
+def _ask_12_times_7(lm):
+    from sol.core.chat import ChatSession
+    from sol.core.engine import GenerationParams
+    from sol.core.plugins import PluginManager
+    from sol.core.sampling import SamplingParams
+    chat = ChatSession(lm, plugins=PluginManager())
+    events = list(chat.send("what is 12 times 7?", GenerationParams(max_tokens=64,
+                                                                    sampling=SamplingParams(temperature=0))))
+    calls = [(e["name"], e.get("arguments")) for e in events if e.get("type") == "tool_call"]
+    return calls, [m["content"] for m in chat.messages if m["role"] == "assistant"]
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_starter_exported_to_gguf_answers_the_same(tmp_path, kind):
+    from sol.core.registry import builtin_models_dir
+    starter = builtin_models_dir() / "starter"
+    if not (starter / "sol.json").is_file():
+        pytest.skip("starter model not built")
+    out = tmp_path / f"starter-{kind}.gguf"
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["models", "export", "starter", "--format", "gguf", "--out", str(out), "--type", kind]) == 0
+    assert out.is_file() and "wrote" in buf.getvalue()
+    meta = gguf_io.metadata(gguf.GGUFReader(out))
+    assert meta["general.architecture"] == "gpt2" and "<|assistant|>" in meta["tokenizer.chat_template"]
+    calls, answer = _ask_12_times_7(load_model(out))
+    want_calls, want_answer = _ask_12_times_7(load_model(starter))
+    assert want_calls and want_calls[0][0] == "calculator" and "84" in want_answer[-1]
+    assert (calls, answer) == (want_calls, want_answer)
+    # An existing file is never overwritten.
+    assert main(["models", "export", "starter", "--format", "gguf", "--out", str(out)]) == 1
+
+
+def test_export_refuses_an_architecture_gguf_lacks(tmp_path):
+    folder = tmp_path / "gemma"
+    make_hf_model("gemma2", folder)
+    with pytest.raises(SolError, match="no GGUF architecture"):
+        gguf_io.export_gguf(load_model(folder), tmp_path / "g.gguf")
+    assert not (tmp_path / "g.gguf").exists()

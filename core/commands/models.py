@@ -16,6 +16,13 @@ def register(sub) -> None:
     ip.add_argument("model")
     ip.add_argument("--json", action="store_true")
     ip.set_defaults(func=run_info)
+    ep = msub.add_parser("export", help="write a model as a GGUF file (llama.cpp, Ollama, LM Studio)")
+    ep.add_argument("model", help="model directory, .gguf file, or a name from `sol models list`")
+    ep.add_argument("--format", required=True, choices=["gguf"])
+    ep.add_argument("--out", required=True, help="the .gguf file to write")
+    ep.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"],
+                    help="weight type: f32 (exact), f16, or q8_0 (a quarter of f32's bytes); default f32")
+    ep.set_defaults(func=run_export)
 
 
 def run_list(args) -> int:
@@ -54,4 +61,22 @@ def run_info(args) -> int:
     else:
         for k, v in info.items():
             sys.stdout.write(f"{k:<20} {v}\n")
+    return 0
+
+
+def run_export(args) -> int:
+    """Sol's own models and imported ones of the gguf-writable families (gpt2, llama, qwen2)."""
+    from ..checkpoint import load_model
+    from ..errors import SolError
+    from ..gguf_io import export_gguf
+    from ..registry import resolve
+    from pathlib import Path
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() != ".gguf":
+        raise SolError(f"--out {args.out}: name the file *.gguf")
+    if out.exists():   # never replace a file the user has without asking
+        raise SolError(f"--out {args.out}: already exists; remove it first or choose another name")
+    lm = load_model(resolve(args.model))
+    export_gguf(lm, out, args.type)
+    sys.stdout.write(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})\n")
     return 0
