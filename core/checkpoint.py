@@ -478,13 +478,15 @@ def load_config(d: Path) -> tuple[ModelConfig, str]:
         raise SolError(f"{path}: {e}; check the field's type against the model family's config") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               quantize: str | None = None) -> LoadedModel:
+    """quantize: "int8" keeps linear weights int8 (core/quant.py); "auto" does so for Q8_0 GGUF files only."""
     d = Path(path).expanduser().resolve()   # one name per model, whatever the cwd later
     if not d.exists():
         raise SolError(f"{d}: no such model directory")
     if is_gguf(d):
         from .gguf_io import load_gguf
-        return load_gguf(d, device=device, dtype=dtype)
+        return load_gguf(d, device=device, dtype=dtype, quantize=quantize)
     if d.is_file():
         raise SolError(f"{d}: a model is a directory (config.json, model.safetensors, tokenizer.json); give its folder")
     cfg, fmt = load_config(d)
@@ -514,10 +516,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model = Transformer(cfg)
     model.load_state_dict(sd, strict=False)
     model.eval()
-    if dtype is not None or str(device) != "cpu":
-        model.to(device=device, dtype=dtype)
+    place(model, device, dtype, quantize == "int8")
     meta = read_json(d / "sol.json") if fmt == "sol" else {}
     return LoadedModel(model, tokenizer, cfg, d, fmt, meta, extra, sampling)
+
+
+def place(model: Transformer, device, dtype, int8: bool) -> None:
+    """Quantize (from the float32 weights) then move: int8 weights stay int8 whatever the dtype."""
+    if int8:
+        from .quant import quantize_model
+        quantize_model(model)
+    if dtype is not None or str(device) != "cpu":
+        model.to(device=device, dtype=dtype)
 
 
 def check_vocab(tok: Tokenizer, cfg: ModelConfig, tok_path: Path, cfg_path: Path) -> None:

@@ -257,9 +257,9 @@ def _config(reader, meta: dict, path: Path) -> ModelConfig:
         raise SolError(f"{path}: metadata of the wrong kind ({e})") from None
 
 
-def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
+def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None):
     """A LoadedModel from a .gguf file, with the same checks as a model directory."""
-    from .checkpoint import LoadedModel, check_finite, check_size, check_vocab, _check_shapes
+    from .checkpoint import LoadedModel, check_finite, check_size, check_vocab, place, _check_shapes
     from .model import Transformer
     path = Path(path).expanduser().resolve()
     reader = open_gguf(path)
@@ -275,9 +275,10 @@ def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
     model = Transformer(cfg)
     model.load_state_dict(sd, strict=False)
     model.eval()
-    if dtype is not None or str(device) != "cpu":
-        model.to(device=device, dtype=dtype)
-    info = {"name": path.name, "quantization": quantization(reader)}
+    quant = quantization(reader)
+    # A Q8_0 file stays int8 unless a dtype was asked for: its int8 values re-scaled per row.
+    place(model, device, dtype, quantize == "int8" or (quantize == "auto" and quant == "Q8_0"))
+    info = {"name": path.name, "quantization": quant}
     return LoadedModel(model, tokenizer, cfg, path, "gguf", info)
 
 

@@ -45,6 +45,7 @@ def run_list(args) -> int:
 
 def run_info(args) -> int:
     from ..checkpoint import load_config
+    from ..quant import weight_bytes
     from ..registry import resolve
     d = resolve(args.model)
     cfg, fmt = load_config(d)
@@ -55,7 +56,12 @@ def run_info(args) -> int:
             "d_model": cfg.d_model, "heads": cfg.n_head, "kv_heads": cfg.n_kv_head, "d_head": cfg.head_dim,
             "d_ff": cfg.d_ff, "context": cfg.context, "vocab_size": cfg.vocab_size,
             "parameters_estimate": cfg.n_params_estimate,
+            "weights_mb": {k: round(weight_bytes(cfg, k) / 2**20, 2) for k in ("float32", "bfloat16", "int8")},
             "kv_cache_mb_per_sequence": kv(1), "kv_cache_mb_8_sequences": kv(8)}
+    if fmt == "gguf":   # as stored; a Q8_0 file loads as int8 (weights_mb's int8), others as float
+        from ..gguf_io import inspect_gguf
+        info["quantization"] = inspect_gguf(d)["quantization"]
+        info["file_mb"] = round(d.stat().st_size / 2**20, 2)
     if args.json:
         print_json(info)
     else:
