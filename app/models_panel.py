@@ -201,7 +201,8 @@ class ModelsPanel(QWidget):
                     stage = read_json(Path(m["path"]) / "sol.json").get("stage", "")
                 except Exception:
                     stage = "?"
-            for c, v in enumerate([m["name"], m["format"], m["architecture"], human(m["parameters"]), stage,
+            fmt = f"{m['format']} {m['quantization']}" if m.get("quantization") else m["format"]
+            for c, v in enumerate([m["name"], fmt, m["architecture"], human(m["parameters"]), stage,
                                    m["path"]]):
                 item = QTableWidgetItem(v)
                 if c == 3:

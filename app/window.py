@@ -214,8 +214,11 @@ class MainWindow(QMainWindow):
             self.model_label.setText("no model loaded")
             self.settings.remove("model/last")
             return
+        from sol.core.quant import is_quantized, memory_bytes
         n = loaded.model.num_parameters()
-        self.model_label.setText(f"model: {loaded.name} · {n / 1e6:.2f}M params")
+        kind = "int8" if is_quantized(loaded.model) else str(loaded.model.dtype).replace("torch.", "")
+        self.model_label.setText(f"model: {loaded.name} · {n / 1e6:.2f}M params · "
+                                 f"{memory_bytes(loaded.model) / 2**20:.1f} MB ({kind})")
         self.settings.setValue("model/last", str(loaded.path))
 
     def _on_model_failed(self, msg: str):

@@ -42,7 +42,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     config: ModelConfig
     path: Path
-    format: str                 # "sol" | "hf"
+    format: str                 # "sol" | "hf" | "gguf"
     meta: dict = field(default_factory=dict)  # sol.json, or {} for imported models
     extra_tensors: dict = field(default_factory=dict)  # e.g. a reward model's "reward_head.*"
     sampling: dict = field(default_factory=dict)  # generation_config.json's sampling defaults, for the chat
@@ -448,7 +448,24 @@ def detect_format(d: Path) -> str:
     raise SolError(f"{d}: not a model directory (no config.json)")
 
 
+def is_gguf(path: Path) -> bool:
+    """A GGUF file: named *.gguf, or (Ollama's blobs have no suffix) starting with GGUF's magic."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def load_config(d: Path) -> tuple[ModelConfig, str]:
+    if is_gguf(d):
+        from .gguf_io import gguf_config
+        return gguf_config(d), "gguf"
     fmt = detect_format(d)
     path = d / "config.json"
     raw = read_json_object(path)
@@ -463,10 +480,15 @@ def load_config(d: Path) -> tuple[ModelConfig, str]:
         raise SolError(f"{path}: {e}; check the field's type against the model family's config") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               quantize: str | None = None) -> LoadedModel:
+    """quantize: "int8" keeps linear weights int8 (core/quant.py); "auto" does so for Q8_0 GGUF files only."""
     d = Path(path).expanduser().resolve()   # one name per model, whatever the cwd later
     if not d.exists():
         raise SolError(f"{d}: no such model directory")
+    if is_gguf(d):
+        from .gguf_io import load_gguf
+        return load_gguf(d, device=device, dtype=dtype, quantize=quantize)
     if d.is_file():
         raise SolError(f"{d}: a model is a directory (config.json, model.safetensors, tokenizer.json); give its folder")
     cfg, fmt = load_config(d)
@@ -496,10 +518,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model = Transformer(cfg)
     model.load_state_dict(sd, strict=False)
     model.eval()
-    if dtype is not None or str(device) != "cpu":
-        model.to(device=device, dtype=dtype)
+    place(model, device, dtype, quantize == "int8")
     meta = read_json(d / "sol.json") if fmt == "sol" else {}
     return LoadedModel(model, tokenizer, cfg, d, fmt, meta, extra, sampling)
+
+
+def place(model: Transformer, device, dtype, int8: bool) -> None:
+    """Quantize (from the float32 weights) then move: int8 weights stay int8 whatever the dtype."""
+    if int8:
+        from .quant import quantize_model
+        quantize_model(model)
+    if dtype is not None or str(device) != "cpu":
+        model.to(device=device, dtype=dtype)
 
 
 def check_vocab(tok: Tokenizer, cfg: ModelConfig, tok_path: Path, cfg_path: Path) -> None:
@@ -658,6 +688,9 @@ def inspect(path: Path) -> dict | None:
 def inspect_or_raise(path: Path) -> dict | None:
     """Like inspect, but a folder that looks like a model and cannot be read raises SolError saying why.
     None: not a model folder at all (no config.json)."""
+    if is_gguf(path):
+        from .gguf_io import inspect_gguf
+        return inspect_gguf(path)
     if not (path / "config.json").exists() and not (path / "sol.json").exists():
         return None
     try:

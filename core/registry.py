@@ -4,10 +4,16 @@
   `SOL_HOME` overrides it), plus the starter model shipped in the package.
 - Hugging Face models: the HF cache (`HF_HUB_CACHE`, or `HF_HOME`/hub, or
   ~/.cache/huggingface/hub), read in place, never copied.
+- GGUF files, read in place: *.gguf in Sol's models folder and in the HF cache's snapshots; Ollama's store
+  (`OLLAMA_MODELS`, default ~/.ollama/models: a manifest per model and tag names the model layer's blob) as
+  `ollama:name:tag`; LM Studio's models folders (~/.lmstudio/models, ~/.cache/lm-studio/models:
+  publisher/repo/file.gguf) as `lmstudio:publisher/repo/file.gguf`.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 from .errors import SolError
@@ -68,7 +74,90 @@ def list_models(include_broken: bool = False) -> list[dict]:
             if info:
                 name = repo.name[len("models--"):].replace("--", "/")
                 found.append({"name": name, "path": str(snap), **info})
+    for name, path in gguf_files():
+        entry = _gguf_entry(name, path)
+        if include_broken or "broken" not in entry:
+            found.append(entry)
     return found
+
+
+# ---- GGUF files: Sol's folder, the HF cache, Ollama, LM Studio ------------------
+OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+
+
+def ollama_dir() -> Path:
+    env = os.environ.get("OLLAMA_MODELS")
+    return Path(env).expanduser() if env else Path.home() / ".ollama" / "models"
+
+
+def lmstudio_dirs() -> list[Path]:
+    return [Path.home() / ".lmstudio" / "models", Path.home() / ".cache" / "lm-studio" / "models"]
+
+
+def gguf_files() -> list[tuple[str, Path]]:
+    """(name, path) of every GGUF file Sol knows where to find; names only, no file is opened but manifests."""
+    out = [(f.name, f) for f in _glob(models_dir(), "*.gguf")]
+    cache = hf_cache_dir()
+    for repo in sorted(cache.glob("models--*")) if cache.is_dir() else []:
+        snap = _hf_snapshot(repo)
+        if snap:
+            repo_name = repo.name[len("models--"):].replace("--", "/")
+            out += [(f"{repo_name}/{f.relative_to(snap).as_posix()}", f) for f in _glob(snap, "**/*.gguf")]
+    out += ollama_models()
+    seen = set()
+    for root in lmstudio_dirs():
+        for f in _glob(root, "*/*/*.gguf"):
+            name = "lmstudio:" + f.relative_to(root).as_posix()
+            if name not in seen:
+                seen.add(name)
+                out.append((name, f))
+    return out
+
+
+def _glob(root: Path, pattern: str) -> list[Path]:
+    try:
+        return sorted(p for p in root.glob(pattern) if p.is_file()) if root.is_dir() else []
+    except OSError:
+        return []
+
+
+def ollama_models() -> list[tuple[str, Path]]:
+    """Ollama's manifests/<registry>/<namespace>/<model>/<tag>, each naming its model layer's blob."""
+    root = ollama_dir()
+    out = []
+    for manifest in _glob(root / "manifests", "*/*/*/*"):
+        registry, namespace, model, tag = manifest.relative_to(root / "manifests").parts
+        name = f"{model}:{tag}"
+        if namespace != "library":
+            name = f"{namespace}/{name}"
+        if registry != "registry.ollama.ai":
+            name = f"{registry}/{name}"
+        blob = _ollama_blob(root, manifest)
+        if blob is not None:
+            out.append((f"ollama:{name}", blob))
+    return out
+
+
+def _ollama_blob(root: Path, manifest: Path) -> Path | None:
+    try:
+        layers = json.loads(manifest.read_text(encoding="utf-8")).get("layers") or []
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    for layer in layers:
+        if isinstance(layer, dict) and layer.get("mediaType") == OLLAMA_MODEL_LAYER:
+            digest = str(layer.get("digest", ""))
+            if re.fullmatch(r"sha256:[0-9a-f]{64}", digest):   # a name, never a path out of the store
+                return root / "blobs" / digest.replace(":", "-")
+    return None
+
+
+def _gguf_entry(name: str, path: Path) -> dict:
+    from .gguf_io import inspect_gguf
+    try:
+        return {"name": name, "path": str(path), **inspect_gguf(path)}
+    except SolError as e:
+        return {"name": name, "path": str(path), "format": "gguf", "architecture": None, "parameters": None,
+                "quantization": None, "broken": str(e)}
 
 
 def _sol_model_dirs(root: Path) -> list[Path]:
@@ -94,6 +183,12 @@ def resolve(name_or_path: str) -> Path:
     p = Path(name_or_path).expanduser()
     if p.exists():
         return p
+    wanted = name_or_path
+    if wanted.startswith("ollama:") and ":" not in wanted[len("ollama:"):]:
+        wanted += ":latest"   # as Ollama reads a name without a tag
+    for name, path in gguf_files():
+        if name == wanted:
+            return path
     for m in list_models(include_broken=True):   # a broken one loads, to say what is wrong with it
         if m["name"] == name_or_path:
             return Path(m["path"])

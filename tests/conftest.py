@@ -20,6 +20,7 @@ def isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SOL_HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("OLLAMA_MODELS", str(home / "ollama"))   # never the developer's own Ollama store
     monkeypatch.delenv("SOL_SAFE_MODE", raising=False)
     return home
 

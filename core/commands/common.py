@@ -9,6 +9,9 @@ def add_model_args(p, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="model directory, or a name from `sol models list`")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
     p.add_argument("--dtype", default="auto", help="auto|float32|float16|bfloat16 (default auto)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: keep linear weights as int8 with per-row scales (a quarter of float32's bytes); "
+                        "Q8_0 GGUF files load this way unless --dtype is given")
 
 
 def load(args):
@@ -18,7 +21,13 @@ def load(args):
     from ..registry import resolve
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    return load_model(resolve(args.model), device=device, dtype=dtype)
+    return load_model(resolve(args.model), device=device, dtype=dtype, quantize=quantize_arg(args))
+
+
+def quantize_arg(args) -> str | None:
+    """--quantize, else "auto" (Q8_0 GGUF stays int8) when --dtype was left to Sol."""
+    q = getattr(args, "quantize", None)
+    return q or ("auto" if getattr(args, "dtype", "auto") == "auto" else None)
 
 
 def print_json(obj) -> None:

@@ -16,6 +16,13 @@ def register(sub) -> None:
     ip.add_argument("model")
     ip.add_argument("--json", action="store_true")
     ip.set_defaults(func=run_info)
+    ep = msub.add_parser("export", help="write a model as a GGUF file (llama.cpp, Ollama, LM Studio)")
+    ep.add_argument("model", help="model directory, .gguf file, or a name from `sol models list`")
+    ep.add_argument("--format", required=True, choices=["gguf"])
+    ep.add_argument("--out", required=True, help="the .gguf file to write")
+    ep.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"],
+                    help="weight type: f32 (exact), f16, or q8_0 (a quarter of f32's bytes); default f32")
+    ep.set_defaults(func=run_export)
 
 
 def run_list(args) -> int:
@@ -30,13 +37,15 @@ def run_list(args) -> int:
         if "broken" in m:
             sys.stdout.write(f"{m['name']:<32} broken: {m['broken']}\n")
             continue
-        sys.stdout.write(f"{m['name']:<32} {m['format']:<4} {m['architecture']:<12} "
+        fmt = f"{m['format']} {m['quantization']}" if m.get("quantization") else m["format"]
+        sys.stdout.write(f"{m['name']:<32} {fmt:<4} {m['architecture']:<12} "
                          f"{m['parameters'] / 1e6:>9.2f}M  {m['path']}\n")
     return 0
 
 
 def run_info(args) -> int:
     from ..checkpoint import load_config
+    from ..quant import weight_bytes
     from ..registry import resolve
     d = resolve(args.model)
     cfg, fmt = load_config(d)
@@ -47,10 +56,33 @@ def run_info(args) -> int:
             "d_model": cfg.d_model, "heads": cfg.n_head, "kv_heads": cfg.n_kv_head, "d_head": cfg.head_dim,
             "d_ff": cfg.d_ff, "context": cfg.context, "vocab_size": cfg.vocab_size,
             "parameters_estimate": cfg.n_params_estimate,
+            "weights_mb": {k: round(weight_bytes(cfg, k) / 2**20, 2) for k in ("float32", "bfloat16", "int8")},
             "kv_cache_mb_per_sequence": kv(1), "kv_cache_mb_8_sequences": kv(8)}
+    if fmt == "gguf":   # as stored; a Q8_0 file loads as int8 (weights_mb's int8), others as float
+        from ..gguf_io import inspect_gguf
+        info["quantization"] = inspect_gguf(d)["quantization"]
+        info["file_mb"] = round(d.stat().st_size / 2**20, 2)
     if args.json:
         print_json(info)
     else:
         for k, v in info.items():
             sys.stdout.write(f"{k:<20} {v}\n")
+    return 0
+
+
+def run_export(args) -> int:
+    """Sol's own models and imported ones of the gguf-writable families (gpt2, llama, qwen2)."""
+    from ..checkpoint import load_model
+    from ..errors import SolError
+    from ..gguf_io import export_gguf
+    from ..registry import resolve
+    from pathlib import Path
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() != ".gguf":
+        raise SolError(f"--out {args.out}: name the file *.gguf")
+    if out.exists():   # never replace a file the user has without asking
+        raise SolError(f"--out {args.out}: already exists; remove it first or choose another name")
+    lm = load_model(resolve(args.model))
+    export_gguf(lm, out, args.type)
+    sys.stdout.write(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})\n")
     return 0

@@ -49,13 +49,14 @@ def load_all(args) -> list:
     from ..errors import SolError
     from ..registry import resolve
     from ..serve.app import Served
+    from .common import quantize_arg
     from ..batch import BatchEngine
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     served = []
     for name in args.model:
         path = resolve(name)
-        lm = load_model(path, device=device, dtype=dtype)
+        lm = load_model(path, device=device, dtype=dtype, quantize=quantize_arg(args))
         label = model_name(path)
         if any(s.name == label for s in served):
             raise SolError(f"--model {name}: {label} is already served; give each model once")
