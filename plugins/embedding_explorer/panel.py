@@ -50,9 +50,9 @@ class EmbeddingsPanel(QWidget):
         top.addWidget(self.status, 1)
         lay.addLayout(top)
         self.tabs = QTabWidget()
+        self.tabs.addTab(self._map_tab(), "Map")
         self.tabs.addTab(self._neighbours_tab(), "Neighbours")
         self.tabs.addTab(self._analogy_tab(), "Analogy")
-        self.tabs.addTab(self._map_tab(), "Map")
         self.tabs.addTab(self._context_tab(), "In context")
         self.tabs.addTab(self._positions_tab(), "Positions")
         lay.addWidget(self.tabs, 1)
@@ -237,6 +237,9 @@ class EmbeddingsPanel(QWidget):
             t.setPos(x, y)
             self.map_plot.addItem(t)
             self.labels.append(t)
+        self.map_plot.getViewBox().autoRange(padding=0.12)   # room for the labels right of the points
+        if not self.results.get("map_pick") and out["words"]:
+            self.pick_word(out["words"][0])
         if out["explained_variance"]:
             a, b = out["explained_variance"]
             self.map_info.setText(f"PCA of {len(xy)} words: the two axes keep {100 * (a + b):.1f}% of the variance "

@@ -99,6 +99,7 @@ class LensPanel(QWidget):
                 item = QTableWidgetItem(f"{shown(e['text'])}\n{e['prob']:.2f}")
                 item.setTextAlignment(Qt.AlignCenter)
                 item.setBackground(shade(e["prob"]))
+                item.setForeground(QColor("#111" if e["prob"] > 0.45 else "#e4e6eb"))   # readable on both
                 item.setToolTip("\n".join(f"{a['text']!r}  {a['prob']:.3f}" for a in e.get("top", [e])))
                 g.setItem(r, c, item)
         g.resizeRowsToContents()

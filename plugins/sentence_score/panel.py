@@ -55,7 +55,7 @@ class Column(QWidget):
             tip = "not scored" if t["prob"] is None else f"p = {t['prob']:.4g}"
             spans.append(f'<span style="background:{c.name()};color:#111" title="{tip}">'
                          f'{html.escape(shown(t["text"])).replace(" ", "&nbsp;")}</span>')
-        self.tokens.setText("".join(spans))
+        self.tokens.setText('<span style="font-size:15px">' + "".join(spans) + "</span>")
         cond = (f"after {out['conditioned_on']!r}" if out["conditioned_on"] is not None
                 else "the first token has nothing before it and is not scored")
         if out["n_scored"]:
