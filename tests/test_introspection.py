@@ -176,3 +176,13 @@ def test_errors_name_the_argument(tiny_model, capsys):
     assert "--word" in capsys.readouterr().err
     assert main(["score", "--model", str(tiny_model), "--text", ""]) == 1
     assert "--text" in capsys.readouterr().err
+
+
+def test_embed_map_and_positions_cli(planted):
+    folder, w = planted
+    words = ",".join(w[k][1].strip() or w[k][1] for k in "abcq")
+    out = cli_json("embed", "map", "--model", str(folder), "--words", words, "--json")
+    assert out["method"] == "pca" and len(out["xy"]) == 4 and 0 < sum(out["explained_variance"]) <= 1 + 1e-6
+    assert main(["embed", "map", "--model", str(folder), "--words", words, "--method", "tsne"]) == 1
+    pos = cli_json("embed", "positions", "--model", str(folder), "--n", "8", "--json")
+    assert pos["kind"] == "learned" and len(pos["cosine"]) == 8

@@ -1,10 +1,12 @@
 """The Embeddings panel: neighbours, analogy, a map of words, one word in two contexts, positions."""
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtWidgets import (QCheckBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox,
-                               QSplitter, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton,
+                               QSpinBox, QSplitter, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from sol.app.kit import page, table
 from sol.core import embeddings as E
@@ -96,9 +98,13 @@ class EmbeddingsPanel(QWidget):
         w = QWidget()
         v = QVBoxLayout(w)
         self.words = QLineEdit(MAP_WORDS)
+        self.method = QComboBox()
+        self.method.addItem("PCA", "pca")
+        if importlib.util.find_spec("umap") is not None:   # optional: umap-learn
+            self.method.addItem("UMAP", "umap")
         btn = QPushButton("Draw map")
         btn.setObjectName("primary")
-        v.addLayout(row(self.words, btn))
+        v.addLayout(row(self.words, self.method, btn))
         self.map_info = QLabel()
         self.map_info.setObjectName("stat")
         v.addWidget(self.map_info)
@@ -224,7 +230,7 @@ class EmbeddingsPanel(QWidget):
 
     def run_map(self):
         words = [self._w(x) for x in self.words.text().split(",") if x.strip()]
-        self._run("map", E.word_map, words, then=self._show_map)
+        self._run("map", E.word_map, words, self.method.currentData(), then=self._show_map)
 
     def _show_map(self, out):
         xy = np.array(out["xy"], dtype=float)
