@@ -669,3 +669,15 @@ class Transformer(nn.Module):
             if not need_logits and len(captures) == len(wanted):
                 return None, captures  # nothing later is needed
         return self.logits(self.norm(x)), captures
+
+    @torch.no_grad()
+    def residuals(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """The residual stream (B, T, d_model) after the embedding and after each block: n_layer + 1
+        tensors. self.logits(self.norm(last)) is forward()'s output; the earlier ones through the same
+        norm and head are the logit lens."""
+        x, ropes = self._embed(idx, 0)
+        out = [x]
+        for i, block in enumerate(self.blocks):
+            x, _ = block(x, ropes and ropes[self._rope_of[i]], None, i)
+            out.append(x)
+        return out

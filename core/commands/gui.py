@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("gui", help="open the desktop app")
-    p.add_argument("--panel", default=None, help="panel to open (chat, models, tokens, attention, training, plugins)")
+    p.add_argument("--panel", default=None, help="panel to open (chat, models, server, tokens, embeddings, score, attention, lens, training, plugins)")
     p.add_argument("--model", default=None, help="model to load (default: the starter model)")
     p.add_argument("--screenshot", default=None, help="save a PNG of the window once loaded, then exit")
     p.add_argument("--safe-mode", action="store_true", help="load no third-party plugin")

@@ -30,7 +30,7 @@ def register(sub) -> None:
                 _skip_stage(stages, spec, e)
                 continue
         sp.set_defaults(func=_runner(spec))
-    rp = stages.add_parser("recipe", help="run several stages in order (recipe starter: all four)")
+    rp = stages.add_parser("recipe", help="run a whole recipe (starter: all four stages; words: a BPE model for the embedding explorer)")
     add_recipe_arguments(rp)
     rp.set_defaults(func=_recipe)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

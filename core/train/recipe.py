@@ -1,4 +1,6 @@
 """`sol train recipe starter`: the four stages in order, the way Sol's starter model is made.
+`sol train recipe words`: one pretraining run with a byte-level BPE vocabulary, the way the `words`
+model is made (a model whose tokens are mostly whole words, so its embeddings can be explored).
 
     synthetic data -> pretrain (tinyshakespeare + rendered calculator chats, char tokenizer)
                    -> sft (calculator conversations) -> reward (preference pairs)
@@ -44,10 +46,24 @@ STARTER = {
     "data": {"sft": 4000, "prefs": 2000, "rl": 2000, "eval": 200, "chat_corpus": 2000},
 }
 
+# Words: shakespeare_complete.txt (5 MB, about 1.4 M tokens at 4096 BPE tokens). Four layers of 192 with
+# tied embeddings are 2.6 M parameters (10.5 MB in float32, under the 12 MB a shipped model may take);
+# 4096 tokens keep common words whole. Steps sized for about 20 minutes on a 2-core laptop CPU.
+WORDS = {
+    "tokenizer": "bpe:4096",
+    "model": ["--layers", "4", "--heads", "4", "--d-model", "192", "--context", "128"],
+    "pretrain": ["--max-steps", "2000", "--batch-size", "16", "--lr", "2e-3", "--warmup", "60",
+                 "--eval-every", "250", "--sample-every", "500", "--checkpoint-every", "250"],
+}
+# What the words recipe records in sol.json about its embeddings (the book's §2.6 examples, in English).
+PROBE_WORDS = ["king", "queen", "love", "sword"]
+PROBE_ANALOGY = ("king", "man", "woman")
+
 
 def add_arguments(p) -> None:
-    p.add_argument("recipe", choices=["starter"], help="which recipe")
-    p.add_argument("--corpus", required=True, help="pretraining text (tinyshakespeare.txt for the starter)")
+    p.add_argument("recipe", choices=["starter", "words"], help="which recipe")
+    p.add_argument("--corpus", required=True,
+                   help="pretraining text (tinyshakespeare.txt for starter, shakespeare_complete.txt for words)")
     p.add_argument("--out", required=True, help="where the final model goes")
     p.add_argument("--work", default=None, help="folder for data and the stages' runs (default: <SOL_HOME>/runs/starter)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted recipe in --work")
@@ -123,13 +139,13 @@ def _threads(asked: int) -> int:
         return 0
 
 
-def run(args, emit) -> dict:
+def _folders(args) -> tuple[Path, Path, Path]:
+    """(corpus, work, out), checked before anything is written."""
     from ..registry import data_dir
-    from .rl import Scorer, accuracy
     corpus = Path(args.corpus)
     if not corpus.is_file():
         raise SolError(f"--corpus {corpus}: no such file")
-    work = Path(args.work) if args.work else data_dir() / "runs" / "starter"
+    work = Path(args.work) if args.work else data_dir() / "runs" / args.recipe
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "sol.json").is_file())):
         raise SolError(f"--out {out}: is not empty and is not a Sol model; nothing was changed: choose a new "
@@ -139,6 +155,14 @@ def run(args, emit) -> dict:
     if work.exists() and any(work.iterdir()) and not args.resume:
         raise SolError(f"--work {work}: already holds a recipe run; add --resume to continue it, or choose another --work")
     work.mkdir(parents=True, exist_ok=True)
+    return corpus, work, out
+
+
+def run(args, emit) -> dict:
+    if args.recipe == "words":
+        return run_words(args, emit)
+    from .rl import Scorer, accuracy
+    corpus, work, out = _folders(args)
     t0 = time.time()
     cfg = STARTER
     sizes = cfg["data"]
@@ -191,6 +215,40 @@ def run(args, emit) -> dict:
             "elapsed_s": time.time() - t0, "example": answer}
     emit(done)
     return done
+
+
+def run_words(args, emit) -> dict:
+    """Pretrain only: a base model is all an embedding explorer needs, and all 20 minutes allow."""
+    corpus, work, out = _folders(args)
+    t0 = time.time()
+    base = work / "base"
+    common = ["--device", args.device, "--seed", str(args.seed), "--threads", str(_threads(args.threads))]
+    argv = ["--corpus", str(corpus), "--tokenizer", WORDS["tokenizer"], *WORDS["model"], *WORDS["pretrain"]]
+    if not (args.resume and (base / "sol.json").is_file()):
+        spec, sargs = _stage_args("pretrain", [*_scaled(argv, args.scale), "--out", str(base), *common])
+        sargs.resume = args.resume and (base / "checkpoints").is_dir()
+        done = spec.run(sargs, lambda e: emit({**e, "recipe_stage": "pretrain",
+                                               **({"final": False} if e["type"] == "done" else {})}))
+        if done.get("stopped"):
+            return done
+    from ..checkpoint import load_model
+    meta = json.loads((base / "sol.json").read_text())
+    meta.update({"name": out.name, "recipe": "words", "recipe_seconds": round(time.time() - t0, 1),
+                 "embeddings": probe(load_model(base))})
+    install(base, out, meta)
+    done = {"type": "done", "out": str(out), "final": True, "metrics": meta.get("metrics", {}),
+            "elapsed_s": time.time() - t0, "embeddings": meta["embeddings"]}
+    emit(done)
+    return done
+
+
+def probe(loaded) -> dict:
+    """Neighbours of a few words and king - man + woman, each word after a space (a whole BPE token)."""
+    from ..embeddings import analogy, neighbours
+    near = {w: [n["text"] for n in neighbours(loaded, " " + w, 8)["neighbours"]] for w in PROBE_WORDS}
+    a, b, c = (" " + w for w in PROBE_ANALOGY)
+    return {"neighbours": near, "analogy": {"query": " - ".join(PROBE_ANALOGY[:2]) + " + " + PROBE_ANALOGY[2],
+                                            "nearest": [n["text"] for n in analogy(loaded, a, b, c, 8)["neighbours"]]}}
 
 
 def install(src: Path, out: Path, meta: dict) -> None:

@@ -12,4 +12,9 @@ for panel in models tokens attention training plugins; do
   xvfb-run -a -s "-screen 0 1400x900x24" sol gui --panel "$panel" --model resources/models/starter \
     --screenshot "docs/screenshots/$panel.png"
 done
+# The book's §2.6/§2.9 views and the logit lens, on the word-level model (its tokens are words).
+for panel in embeddings score lens; do
+  xvfb-run -a -s "-screen 0 1400x900x24" sol gui --panel "$panel" --model resources/models/words \
+    --screenshot "docs/screenshots/$panel.png"
+done
 echo "SOL_HOME was $SOL_HOME"
