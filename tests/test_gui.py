@@ -271,14 +271,17 @@ def test_server_switch_starts_serves_and_stops_sol_serve(window, qtbot):
             time.sleep(0.05)
 
 
-def test_screenshot_saves_a_png_and_exits(tmp_path, qtbot):
-    import argparse
-
-    from sol.app.main import run
+def test_screenshot_saves_a_png_and_exits(tmp_path):
+    # In its own process: `sol gui --screenshot` runs and quits a whole application, and doing that in
+    # pytest's QApplication left later tests' threads and child processes never starting.
+    import subprocess
+    import sys
     out = tmp_path / "shot.png"
     model = make_tiny_model(tmp_path / "m")
-    rc = run(argparse.Namespace(panel="models", model=str(model), screenshot=str(out), safe_mode=False))
-    assert rc == 0 and out.stat().st_size > 1000
+    r = subprocess.run([sys.executable, "-m", "sol.core.cli", "gui", "--panel", "models", "--model", str(model),
+                        "--screenshot", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 1000
 
 
 def test_training_commands_use_each_stage_flags():
