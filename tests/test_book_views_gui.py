@@ -1,5 +1,9 @@
 """GUI tests (pytest-qt, offscreen) for the Embeddings, Score and Layers panels: each view shows what the
-headless core computes."""
+headless core computes.
+
+This file must run before test_gui.py: after its screenshot test runs app.exec() and exits, results of
+the thread pool's tasks never reach the GUI thread again in that QApplication, and these panels
+compute off the GUI thread."""
 from __future__ import annotations
 
 import math
@@ -41,7 +45,7 @@ def test_embeddings_panel_every_tab(with_model, qtbot):
     win, ctx = with_model
     panel = win.panel("embeddings")
     every = {"neighbours", "analogy", "map", "map_pick", "context", "positions"}
-    qtbot.waitUntil(lambda: panel.is_ready() and every <= set(panel.results), timeout=20_000)
+    qtbot.waitUntil(lambda: panel.is_ready() and every <= set(panel.results), timeout=30_000)
     assert panel.map_pick.text() == f"neighbours of {panel.results['map']['words'][0]!r}"
     # Neighbours: the table is the core's answer for the word after a space.
     panel.word.setText("speak")
