@@ -1,9 +1,5 @@
 """GUI tests (pytest-qt, offscreen) for the Embeddings, Score and Layers panels: each view shows what the
-headless core computes.
-
-This file must run before test_gui.py: after its screenshot test runs app.exec() and exits, results of
-the thread pool's tasks never reach the GUI thread again in that QApplication, and these panels
-compute off the GUI thread."""
+headless core computes."""
 from __future__ import annotations
 
 import math
