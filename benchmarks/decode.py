@@ -3,14 +3,17 @@
 Batch 1, greedy, a 32-token prompt, 128 new tokens, the same random weights
 on both sides (a GPT-2 model written with `save_pretrained` and loaded by
 Sol from that directory). transformers runs in float32, its default; Sol runs
-in float32 and with float16 weights. Tokens per second count the whole call,
+in float32, with float16 weights, and with int8 weights (`--quantize int8`: weight-only int8 kernels). Tokens per second count the whole call,
 prefill included, on both sides. The runs alternate within one process so a
 busy machine slows both alike; we report the median.
 
     python benchmarks/decode.py [--reps 5] [--only small|gpt2_124m] [--json]
 
 The last line with --json is
-{"small": {"hf_tok_s", "sol_fp32_tok_s", "sol_fp16_tok_s", "fp32_ratio", "fp16_ratio", ...}, "gpt2_124m": {...}}
+{"small": {"hf_tok_s", "sol_fp32_tok_s", "sol_fp16_tok_s", "sol_int8_tok_s", "fp32_ratio", "fp16_ratio",
+ "int8_ratio", "int8_vs_fp16", "int8_top1_agreement", ...}, "gpt2_124m": {...}}
+int8_top1_agreement: the share of positions of held-out text (../shared/data's tinyshakespeare, its last
+4096 tokens) where int8's next token equals float32's.
 
 With --device cuda (see gpu_mode below) both sides run every dtype on the GPU.
 """
@@ -82,6 +85,16 @@ def max_logit_diff(hf, sol_model, prompt: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+def top1_agreement(lm32, lm8, n_tokens: int = 4096, row: int = 512) -> float:
+    """Share of held-out text's positions where the int8 model's top-1 next token is float32's."""
+    text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt").read_text()
+    ids = lm32.tokenizer.encode_ids(text[-40000:], add_special_tokens=False)[-n_tokens:]
+    rows = torch.tensor(ids[:len(ids) // row * row]).view(-1, row)
+    with torch.inference_mode():
+        a, b = lm32.model(rows).argmax(-1), lm8.model(rows).argmax(-1)
+    return round(float((a == b).float().mean()), 4)
+
+
 def bench_shape(name: str, reps: int, log) -> dict:
     from sol.core.checkpoint import load_model
     from sol.core.engine import Engine
@@ -91,6 +104,7 @@ def bench_shape(name: str, reps: int, log) -> dict:
         hf = write_hf_model(d, shape)
         lm32 = load_model(d, dtype=torch.float32)
         lm16 = load_model(d, dtype=torch.float16)
+        lm8 = load_model(d, quantize="int8")
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, shape["vocab_size"], (1, PROMPT_LEN), generator=g)
     ids = prompt[0].tolist()
@@ -98,6 +112,7 @@ def bench_shape(name: str, reps: int, log) -> dict:
         "hf": lambda: hf_generate(hf, prompt),
         "sol_fp32": lambda: sol_generate(Engine(lm32.model, lm32.tokenizer), ids),
         "sol_fp16": lambda: sol_generate(Engine(lm16.model, lm16.tokenizer), ids),
+        "sol_int8": lambda: sol_generate(Engine(lm8.model, lm8.tokenizer), ids),
     }
     tokens = {k: f() for k, f in runs.items()}   # warm-up, and the tokens to compare
     for k, f in runs.items():
@@ -105,7 +120,7 @@ def bench_shape(name: str, reps: int, log) -> dict:
     times = {k: [] for k in runs}
     order = list(runs)
     for r in range(reps):
-        for k in order[r % 3:] + order[:r % 3]:  # rotate who goes first
+        for k in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
             t, _ = timed(runs[k])
             times[k].append(t)
     tok_s = {k: NEW_TOKENS / statistics.median(v) for k, v in times.items()}
@@ -117,6 +132,10 @@ def bench_shape(name: str, reps: int, log) -> dict:
         "sol_fp16_tok_s": round(tok_s["sol_fp16"], 1),
         "fp32_ratio": round(tok_s["sol_fp32"] / tok_s["hf"], 2),
         "fp16_ratio": round(tok_s["sol_fp16"] / tok_s["hf"], 2),
+        "sol_int8_tok_s": round(tok_s["sol_int8"], 1),
+        "int8_ratio": round(tok_s["sol_int8"] / tok_s["hf"], 2),
+        "int8_vs_fp16": round(tok_s["sol_int8"] / tok_s["sol_fp16"], 2),
+        "int8_top1_agreement": top1_agreement(lm32, lm8),
         "greedy_match": tokens["sol_fp32"] == tokens["hf"],
         "fp16_greedy_same_tokens": f"{same16}/{NEW_TOKENS}",
         "fp16_first_divergence": first_diff16,
