@@ -355,9 +355,9 @@ def test_int8_linear_matches_float_and_takes_the_decode_fast_path():
         want = lin(x)
         assert (q(x) - want).abs().max().item() < 0.02 * want.abs().max().item()
         assert torch.equal(model_mod._linear(q, x), q(x))
-        # The GPU path (dequantize on the fly), run here on float64 activations to check its arithmetic.
+        # The int8 kernel computes the dequantized product (up to its bfloat16 activations).
         deq = torch.nn.functional.linear(x, q.weight.float() * q.scales[:, None], q.bias)
-        assert (q(x) - deq).abs().max().item() < 1e-4
+        assert (q(x) - deq).abs().max().item() < 0.01 * deq.abs().max().item()
 
 
 def _starter():
