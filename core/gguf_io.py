@@ -163,13 +163,17 @@ def tensor_to_torch(t, path: Path) -> torch.Tensor:
     if name not in READ_TYPES:
         raise SolError(f"{path}: tensor {t.name!r} has type {name}, which Sol does not read "
                        f"(it reads {', '.join(READ_TYPES)})")
-    if t.tensor_type == Q.F32:
-        a = np.asarray(t.data, dtype=np.float32)
-    elif t.tensor_type == Q.F16:
-        a = np.asarray(t.data).view(np.float16).astype(np.float32)
-    else:
-        a = dequantize(np.asarray(t.data), t.tensor_type)
-    return torch.from_numpy(np.ascontiguousarray(a).reshape(shape).copy())
+    try:
+        if t.tensor_type == Q.F32:
+            a = np.asarray(t.data, dtype=np.float32)
+        elif t.tensor_type == Q.F16:
+            a = np.asarray(t.data).view(np.float16).astype(np.float32)
+        else:
+            a = dequantize(np.asarray(t.data), t.tensor_type)
+        return torch.from_numpy(np.ascontiguousarray(a).reshape(shape).copy())
+    except (ValueError, TypeError) as e:
+        raise SolError(f"{path}: tensor {t.name!r} ({name}, shape {shape}) cannot be read ({e}); "
+                       "the file is corrupt") from None
 
 
 def weights_from_gguf(reader, cfg: ModelConfig, path: Path) -> dict:
@@ -293,15 +297,20 @@ def tokenizer_from_gguf(meta: dict, path: Path, prefer_sol: bool = True) -> Toke
         if not tokens:
             raise SolError(f"{path}: no tokenizer in the metadata (tokenizer.ggml.tokens is missing)")
         types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-        if kind == "gpt2":
-            hf = _bpe_tokenizer(meta, tokens, types, path)
-        elif kind == "llama":
-            hf = _spm_tokenizer(meta, tokens, types, path)
-        else:
+        if kind not in ("gpt2", "llama"):
             raise SolError(f"{path}: tokenizer.ggml.model {kind!r} is not supported; Sol reads 'gpt2' (byte-level "
                            "BPE) and 'llama' (SentencePiece) vocabularies")
-        _add_special(hf, tokens, types)
-        _post_process(hf, meta, tokens)
+        if len(types) != len(tokens):
+            raise SolError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+        try:
+            hf = (_bpe_tokenizer if kind == "gpt2" else _spm_tokenizer)(meta, tokens, types, path)
+            _add_special(hf, tokens, types)
+            _post_process(hf, meta, tokens)
+        except SolError:
+            raise
+        except Exception as e:   # tokenizers raises plain Exceptions (a merge of unknown tokens, ...)
+            raise SolError(f"{path}: the tokenizer in the metadata cannot be built ({str(e).splitlines()[0][:160]})") \
+                from None
     config = {}
     for key, name in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
                       ("pad_token", "padding_token_id")):
@@ -376,7 +385,7 @@ def _add_special(hf, tokens: list, types: list) -> None:
     for i, tok in added:
         hf.add_tokens([tok]) if not tok.special else hf.add_special_tokens([tok])
         if hf.token_to_id(tok.content) != i:
-            raise SolError(f"tokenizer: added token {tok.content!r} would get id {hf.token_to_id(tok.content)}, "
+            raise ValueError(f"added token {tok.content!r} would get id {hf.token_to_id(tok.content)}, "
                            f"not {i}")
 
 

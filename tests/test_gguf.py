@@ -415,3 +415,14 @@ def test_quantize_int8_flag_for_any_model(gguf_pair):
     info = json.loads(buf.getvalue())
     assert info["format"] == "gguf" and info["quantization"] == "F32"
     assert info["weights_mb"]["int8"] < 0.5 * info["weights_mb"]["float32"]
+
+
+def test_a_tokenizer_the_metadata_cannot_build_is_one_error(tmp_path):
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": ["a", "b"],
+            "tokenizer.ggml.token_type": [1, 1], "tokenizer.ggml.merges": ["x y"]}
+    with pytest.raises(SolError, match="m.gguf: the tokenizer in the metadata cannot be built"):
+        gguf_io.tokenizer_from_gguf(meta, tmp_path / "m.gguf")
+    with pytest.raises(SolError, match="token_type has 1 entries for 2 tokens"):
+        gguf_io.tokenizer_from_gguf({**meta, "tokenizer.ggml.token_type": [1]}, tmp_path / "m.gguf")
+    with pytest.raises(SolError, match="tokenizer.ggml.pre 'deepseek-llm' is not supported"):
+        gguf_io.tokenizer_from_gguf({**meta, "tokenizer.ggml.pre": "deepseek-llm"}, tmp_path / "m.gguf")
