@@ -59,6 +59,8 @@ def tiny_model(tmp_path) -> Path:
 
 @pytest.fixture
 def shared_data() -> Path:
+    # The corpora are part of the test set-up (CI clones the repo with ../shared beside it): a missing
+    # folder is a failure that says what to do, not a silent skip.
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not beside this checkout")
+        pytest.fail(f"{SHARED_DATA}: the shared test corpora are missing; put the shared folder beside this checkout")
     return SHARED_DATA

@@ -7,8 +7,6 @@ import math
 import numpy as np
 import pytest
 
-pytest.importorskip("pytestqt")
-
 from conftest import make_tiny_model  # noqa: E402
 
 

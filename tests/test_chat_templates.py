@@ -15,7 +15,7 @@ from sol.core.chat import ChatSession, tool_call_id
 from sol.core.errors import SolError
 from sol.core.tokenizer import SOL_CHAT_TEMPLATE, Tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
 FAMILY_TOKENS = {

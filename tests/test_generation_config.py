@@ -13,7 +13,7 @@ from sol.core.chat import ChatSession
 from sol.core.checkpoint import load_model
 from sol.core.cli import main
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 PROMPT = "It is the east, and"
 
 

@@ -8,8 +8,6 @@ import textwrap
 import numpy as np
 import pytest
 
-pytest.importorskip("pytestqt")
-
 from conftest import TINY_TEXT, make_tiny_model  # noqa: E402
 
 
@@ -275,7 +273,6 @@ def test_screenshot_saves_a_png_and_exits(tmp_path):
     # In its own process: `sol gui --screenshot` runs and quits a whole application, and doing that in
     # pytest's QApplication left later tests' threads and child processes never starting.
     import subprocess
-    import sys
     out = tmp_path / "shot.png"
     model = make_tiny_model(tmp_path / "m")
     r = subprocess.run([sys.executable, "-m", "sol.core.cli", "gui", "--panel", "models", "--model", str(model),

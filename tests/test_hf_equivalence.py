@@ -10,8 +10,6 @@ from hf_models import FAMILIES, VOCAB, make_hf_model
 from sol.core.checkpoint import load_model
 from sol.core.cli import main
 
-pytest.importorskip("transformers")
-
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def hf_pair(request, tmp_path_factory):

@@ -9,8 +9,6 @@ from hf_models import VOCAB, make_hf_model
 from sol.core.checkpoint import config_from_hf, load_model
 from sol.core.errors import SolError
 
-pytest.importorskip("transformers")
-
 
 def rewrite_weights(folder, change):
     from safetensors.torch import load_file, save_file

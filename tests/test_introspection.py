@@ -25,7 +25,6 @@ TEXT = "It is the east, and Juliet is the sun."
 
 @pytest.mark.parametrize("family", ["gpt2", "llama-untied"])
 def test_score_equals_transformers_log_softmax(family, tmp_path):
-    pytest.importorskip("transformers")
     from hf_models import make_hf_model
     folder = tmp_path / family
     ref = make_hf_model(family, folder)
@@ -152,7 +151,6 @@ def test_positions_learned_and_rope(tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma3-softcap"])
 def test_lens_last_layer_is_the_models_prediction(family, tmp_path):
-    pytest.importorskip("transformers")
     from hf_models import make_hf_model
     folder = tmp_path / family
     ref = make_hf_model(family, folder)

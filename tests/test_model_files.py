@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from sol.core.checkpoint import load_model, save_model
@@ -136,7 +135,6 @@ def hf_cache_model(home, repo, family="gpt2"):
 
 
 def test_models_list_finds_sol_and_hf_cache_models(isolated_home, capsys):
-    pytest.importorskip("transformers")
     make_tiny_model(isolated_home / "models" / "my-model")
     snap = hf_cache_model(isolated_home, "someone/tiny-llama", "llama-gqa-tied")
     bert = isolated_home / "hf" / "hub" / "models--x--bert" / "snapshots" / "1"
@@ -160,7 +158,7 @@ def test_models_list_finds_sol_and_hf_cache_models(isolated_home, capsys):
 
 def test_models_list_finds_a_bin_only_hf_cache_repo(isolated_home, capsys):
     """A snapshot with only pytorch_model.bin (older repos) is listed, with its parameter count, and loads by name."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     snap = hf_cache_model(isolated_home, "someone/old-llama", "llama-untied")
     ref = transformers.AutoModelForCausalLM.from_pretrained(snap)
     torch.save(ref.state_dict(), snap / "pytorch_model.bin")

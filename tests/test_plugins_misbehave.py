@@ -279,7 +279,7 @@ DOC = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text(en
 
 def test_docs_name_every_panel_context_attribute_that_exists():
     import re
-    pytest.importorskip("PySide6")
+
     from sol.app.context import PanelContext
     section = DOC[DOC.index("| attribute | what it is |"):DOC.index("A panel's `icon`")]
     names = set(re.findall(r"`context\.(\w+)", section))
@@ -303,7 +303,7 @@ def test_docs_list_every_chat_event_type_and_the_stage_contract():
 
 
 def test_a_panel_icon_may_be_a_file_in_the_plugins_package(tmp_path):
-    pytest.importorskip("PySide6")
+
     from sol.app.resources import icon_path
     icon = tmp_path / "icon.svg"
     icon.write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")

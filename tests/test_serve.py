@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-openai = pytest.importorskip("openai")
+import openai  # noqa: E402
 try:   # the openai client's own HTTP library (httpx2 in current releases, httpx before)
     import httpx2 as httpx
 except ImportError:
-    httpx = pytest.importorskip("httpx")
+    import httpx
 
 from conftest import make_tiny_model  # noqa: E402
 from serve_helpers import ServerProcess  # noqa: E402
@@ -154,7 +154,7 @@ def test_tool_call_round_trip(client):
 
 
 def test_json_schema_output_validates(client):
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
     number = {"type": "integer", "minimum": 0, "maximum": 100000}
     for seed in range(3):
         r = ask(client, "what is 12 times 7?", seed=seed, temperature=1.0, max_tokens=20,

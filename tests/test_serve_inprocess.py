@@ -9,12 +9,11 @@ import time
 
 import pytest
 
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+import uvicorn  # noqa: E402
 try:
     import httpx2 as httpx
 except ImportError:
-    httpx = pytest.importorskip("httpx")
+    import httpx
 
 from conftest import make_tiny_model  # noqa: E402
 

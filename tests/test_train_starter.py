@@ -3,13 +3,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from sol.core.registry import builtin_models_dir, list_models
 
 STARTER = builtin_models_dir() / "starter"
-
-pytestmark = pytest.mark.skipif(not (STARTER / "sol.json").is_file(), reason="starter model not built yet")
 
 
 def test_starter_is_listed_small_and_has_its_lineage():

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from conftest import TINY_TEXT
 from sol.core.cli import main
 from sol.core.registry import builtin_models_dir
@@ -30,7 +28,6 @@ def test_words_recipe_pretrains_a_bpe_model_and_records_its_neighbours(tmp_path)
                  str(tmp_path / "work")]) == 1
 
 
-@pytest.mark.skipif(not (WORDS / "sol.json").is_file(), reason="words model not built yet")
 def test_shipped_words_model_is_small_and_whole_words_are_tokens():
     from sol.core.checkpoint import load_model
     from sol.core.embeddings import neighbours
