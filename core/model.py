@@ -412,13 +412,14 @@ def _norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
-def decode_masks(cfg: ModelConfig, pos: torch.Tensor, capacity: int) -> dict:
-    """{window: (B, 1, 1, capacity) bool mask} for one new token per row at positions `pos`:
-    True where the row may attend (filled positions up to its own, within the window if any)."""
+def decode_masks(windows, pos: torch.Tensor, capacity: int) -> dict:
+    """{window: (B, 1, 1, capacity) bool mask} for one new token per row at positions `pos`, one per
+    distinct window of the model's layers: True where the row may attend (filled positions up to its
+    own, within the window if any)."""
     slots = torch.arange(capacity, device=pos.device)
     seen = slots[None, :] <= pos[:, None]
     masks = {}
-    for window in {cfg.window(i) for i in range(cfg.n_layer)}:
+    for window in windows:
         m = seen if window is None else seen & (slots[None, :] > pos[:, None] - window)
         masks[window] = m[:, None, None, :]
     return masks
@@ -464,6 +465,7 @@ class Transformer(nn.Module):
         self._rope_of = [int(local and (cfg.layer_types is None or t == "sliding_attention"))
                          for t in (cfg.layer_types or [None] * cfg.n_layer)]
         self._rope_tables: dict = {}
+        self._windows = frozenset(cfg.window(i) for i in range(cfg.n_layer))   # the decode step's masks
         scaling = cfg.rope_scaling or {}
         # longrope switches every position to its long factors once the sequence outgrows this length.
         self.rope_switch = (scaling["original_max_position_embeddings"]
@@ -615,7 +617,7 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(pos).unsqueeze(1)
         else:
             ropes = self._decode_ropes(pos, cache.capacity)
-        masks = decode_masks(self.cfg, pos, cache.capacity)
+        masks = decode_masks(self._windows, pos, cache.capacity)
         where = pos.view(B, 1, 1, 1).expand(B, KV, 1, hd)
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
