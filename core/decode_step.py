@@ -7,7 +7,8 @@ input buffers (token ids, positions), and each token afterwards is one graph rep
 because `Transformer.decode`'s shapes depend only on the batch size and the cache's capacity, never
 on the positions. When the cache grows (it does in buckets), the graphs are captured again.
 
-On the CPU there is nothing to capture: the same step runs eagerly on the exact rows asked for.
+On the CPU there is nothing to capture: the same step runs eagerly on the exact rows asked for, and
+one row reads only the filled part of its cache.
 """
 from __future__ import annotations
 
@@ -16,6 +17,23 @@ from dataclasses import dataclass
 import torch
 
 from .model import KVCache, Transformer
+
+
+def cpu_decode_layout(model: Transformer) -> None:
+    """Store the float32 weights of linear layers that widen (more outputs than inputs: qkv, the MLP's
+    first layer, the LM head) transposed in memory, on the CPU.
+
+    Decoding multiplies one row by each weight, which is bound by how fast the weights stream from
+    memory. PyTorch's float32 matrix-vector product reads a widening weight about twice as fast when
+    its columns, not its rows, are contiguous (2 cores: 24 against 10 GB/s for the small model's LM
+    head), and a narrowing one the other way round; float16's kernel wants rows, so it is left alone.
+    The parameters keep their shapes and values, only their strides change: everything else (training,
+    saving, hooks) sees the same tensors. Idempotent."""
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if (type(m) is torch.nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32
+                and w.shape[0] > w.shape[1] and w.is_contiguous()):
+            w.data = w.data.t().contiguous().t()
 
 
 @dataclass
@@ -51,9 +69,11 @@ class DecodeStep:
         self._graphs: dict[int, _Captured] = {}
         self._storage = None   # the cache tensors the graphs were captured on
         self._pool = None
+        if not self.capture:
+            cpu_decode_layout(model)
 
-    def forward(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(self.model.decode(idx, pos, self.cache))[:, 0]
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor, at: int | None = None) -> torch.Tensor:
+        return self.model.logits(self.model.decode(idx, pos, self.cache, at))[:, 0]
 
     @torch.inference_mode()
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
@@ -61,7 +81,9 @@ class DecodeStep:
         dev = self.model.device
         if not self.pad:
             idx = torch.tensor(tokens, dtype=torch.long, device=dev).view(n, 1)
-            return self.forward(idx, torch.tensor(positions, dtype=torch.long, device=dev))
+            # One row, eagerly: attention reads only the filled part of its cache (Transformer.decode).
+            at = positions[0] if n == 1 else None
+            return self.forward(idx, torch.tensor(positions, dtype=torch.long, device=dev), at)
         storage = self.cache.k[0]
         b = next(s for s in buckets(storage.shape[0]) if s >= n)
         # Rows n..b-1 are free rows of the cache: they decode token 0 at position 0, which no one reads.

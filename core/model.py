@@ -425,15 +425,16 @@ def decode_masks(windows, pos: torch.Tensor, capacity: int) -> dict:
     return masks
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
-    """One query per row against the cache's full capacity: q (B, H, 1, hd), k and v (B, KV, S, hd),
-    mask (B, 1, 1, S), True where a row may look.
+    """One query per row against keys and values: q (B, H, 1, hd), k and v (B, KV, S, hd), mask
+    (B, 1, 1, S), True where a row may look, or None where every key is visible.
 
-    For one row on the CPU, PyTorch's fused attention with a mask is the fastest (one call instead of
-    five; with more rows it is slower than the products below). Otherwise, two matrix products and a softmax: the same on every GPU, no attention backend to
-    choose (on Hopper, cuDNN's attention re-plans for every new key length: 5 ms a call), and
-    nothing a CUDA graph cannot capture. Grouped-query heads share their kv head through a reshape."""
+    For one row on the CPU, PyTorch's fused attention is the fastest (one call instead of five; with
+    more rows it is slower than the products below). Otherwise, two matrix products and a softmax: the
+    same on every GPU, no attention backend to choose (on Hopper, cuDNN's attention re-plans for every
+    new key length: 5 ms a call), and nothing a CUDA graph cannot capture. Grouped-query heads share
+    their kv head through a reshape."""
     B, H, _, hd = q.shape
     KV = k.shape[1]
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
@@ -443,7 +444,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     scores = (q.view(B, KV, H // KV, hd) @ k.transpose(-2, -1)) * scale    # (B, KV, H/KV, S)
     if softcap is not None:   # Gemma 2: scores -> softcap * tanh(scores / softcap), before the mask
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return (torch.softmax(scores, dim=-1) @ v).view(B, H, 1, hd)
 
 
@@ -596,7 +598,7 @@ class Transformer(nn.Module):
         cache.pos += 1
         return h
 
-    def decode(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, at: int | None = None) -> torch.Tensor:
         """Final hidden states (B, 1, d_model) for one new token per row; row b's token is at position
         pos[b] and rows b < B use the cache's first B rows. Reads and writes the cache but never moves
         `cache.pos`: the caller owns the positions (a batch holds sequences of different lengths).
@@ -606,7 +608,11 @@ class Transformer(nn.Module):
         what lets CUDA capture it in a graph (and GPU attention kernels not re-plan per key length).
         The same arithmetic as hidden(), with fewer Python calls and tensor views per layer: decoding one
         token is only a few microseconds of work per operation, so on a small model the per-call
-        overhead is much of the time."""
+        overhead is much of the time.
+
+        `at`: one row's position as a Python int, for the CPU's eager step, where nothing is captured
+        and no kernel re-plans: attention then reads only the filled part of the cache (on average half
+        of it, or less) with no mask to build, and the key and value are written by a plain copy."""
         B = idx.shape[0]
         H, KV, hd = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
         x = self.embed(idx)
@@ -617,8 +623,9 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(pos).unsqueeze(1)
         else:
             ropes = self._decode_ropes(pos, cache.capacity)
-        masks = decode_masks(self._windows, pos, cache.capacity)
-        where = pos.view(B, 1, 1, 1).expand(B, KV, 1, hd)
+        if at is None:
+            masks = decode_masks(self._windows, pos, cache.capacity)
+            where = pos.view(B, 1, 1, 1).expand(B, KV, 1, hd)
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             # With one position, (B, 1, heads, hd) -> (B, heads, 1, hd) is a plain view.
@@ -628,11 +635,18 @@ class Transformer(nn.Module):
             if ropes is not None:
                 rope = ropes[self._rope_of[i]]
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            keys, values = cache.k[i][:B], cache.v[i][:B]
-            keys.scatter_(2, where, k.to(keys.dtype))
-            values.scatter_(2, where, v.to(values.dtype))
-            y = decode_attention(q.to(keys.dtype), keys, values, masks[attn.window], attn.scale,
-                                 attn.softcap).to(x.dtype)
+            if at is None:
+                keys, values = cache.k[i][:B], cache.v[i][:B]
+                keys.scatter_(2, where, k.to(keys.dtype))
+                values.scatter_(2, where, v.to(values.dtype))
+                mask = masks[attn.window]
+            else:
+                cache.k[i][:1, :, at:at + 1].copy_(k)
+                cache.v[i][:1, :, at:at + 1].copy_(v)
+                start = 0 if attn.window is None else max(0, at + 1 - attn.window)
+                keys, values = cache.k[i][:1, :, start:at + 1], cache.v[i][:1, :, start:at + 1]
+                mask = None
+            y = decode_attention(q.to(keys.dtype), keys, values, mask, attn.scale, attn.softcap).to(x.dtype)
             a = _linear(attn.proj, y.view(B, 1, H * hd))
             x = x + (a if block.post_attn_norm is None else block.post_attn_norm(a))
             m = _linear(mlp.proj, mlp.activate(_linear(mlp.fc, _norm(block.ln2, x))))

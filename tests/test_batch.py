@@ -1,9 +1,11 @@
 """The batched engine: many requests in one forward pass, each getting what it would get alone."""
+import functools
 import threading
 
 import pytest
 import torch
 
+import sol.core.engine as engine_module
 import sol.core.model as model_module
 from sol.core.batch import BatchEngine, QueueFull
 from sol.core.checkpoint import load_model
@@ -156,7 +158,9 @@ def test_the_decode_step_sees_the_same_shapes_token_after_token(lm, monkeypatch)
         return real(q, k, v, mask, *rest)
 
     monkeypatch.setattr(model_module, "decode_attention", spy)
-    ids, _ = solo(lm, prompts(lm, 1)[0], params(60))   # one sequence: 60 tokens, one shape
+    # One sequence through the static step (the one CUDA captures): 60 tokens, one shape.
+    monkeypatch.setattr(engine_module, "DecodeStep", functools.partial(DecodeStep, pad=True))
+    ids, _ = solo(lm, prompts(lm, 1)[0], params(60))
     assert len(ids) == 60 and len(set(seen)) == 1
     seen.clear()
     engine = BatchEngine(lm.model, lm.tokenizer, max_batch=4)
@@ -164,6 +168,32 @@ def test_the_decode_step_sees_the_same_shapes_token_after_token(lm, monkeypatch)
     while any(not r.finished for r in reqs):
         engine.step()
     assert len(set(seen)) == 1   # four rows, the same capacity, every step
+
+
+def test_one_row_on_the_cpu_reads_only_the_filled_cache_and_never_reallocates_it(lm, monkeypatch):
+    """The CPU's eager one-row step slices the cache to the filled positions (nothing is captured on
+    the CPU, so a changing length costs nothing) and gives the static step's tokens."""
+    lengths = []
+    real = model_module.decode_attention
+
+    def spy(q, k, v, mask, *rest):
+        lengths.append(k.shape[2])
+        return real(q, k, v, mask, *rest)
+
+    prompt = prompts(lm, 2)[1]
+    engine = Engine(lm.model, lm.tokenizer)
+    session = engine.session(prompt)
+    storage = [t.data_ptr() for t in session.cache.k]
+    monkeypatch.setattr(model_module, "decode_attention", spy)
+    ids = [e.id for e in engine.generate(session, params(30)) if isinstance(e, TokenEvent)]
+    n = lm.config.n_layer
+    # Each step reads positions 0..pos: the prompt and one more per token (every chosen token is fed).
+    assert lengths == [len(prompt) + 1 + t for t in range(30) for _ in range(n)]
+    assert [t.data_ptr() for t in session.cache.k] == storage
+    monkeypatch.setattr(model_module, "decode_attention", real)
+    monkeypatch.setattr(engine_module, "DecodeStep", functools.partial(DecodeStep, pad=True))
+    static, _ = solo(lm, prompt, params(30))
+    assert ids == static
 
 
 def test_kv_memory_is_stated_and_matches_what_is_allocated(lm):
@@ -218,3 +248,25 @@ def test_rows_padded_to_a_bucket_as_the_captured_step_pads_them_change_nothing(l
         engine.step()
     for i, r in enumerate(reqs):
         assert [e.id for e in list(r)[:-1]] == solo(lm, ps[i], params(12 + 3 * i))[0]
+
+
+def test_cpu_decode_layout_changes_strides_not_values(lm, tmp_path):
+    """Widening float32 weights are stored column-major for the CPU's matrix-vector product; values,
+    shapes, outputs and what is saved stay the same."""
+    from sol.core.checkpoint import save_model
+    from sol.core.decode_step import cpu_decode_layout
+    model = load_model(lm.path).model   # a copy of its own: the fixture's model stays as it is
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, lm.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        logits = model(x)
+    cpu_decode_layout(model)
+    qkv = model.blocks[0].attn.qkv.weight
+    assert qkv.shape[0] > qkv.shape[1] and not qkv.is_contiguous() and qkv.t().is_contiguous()
+    assert model.blocks[0].mlp.proj.weight.is_contiguous()   # narrowing: rows stay contiguous
+    with torch.no_grad():
+        assert torch.allclose(model(x), logits, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    save_model(tmp_path / "saved", model, lm.tokenizer)
+    again = load_model(tmp_path / "saved").model.state_dict()
+    assert all(torch.equal(again[k], before[k]) for k in before)
