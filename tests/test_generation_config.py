@@ -96,3 +96,28 @@ def test_sol_models_without_generation_config_keep_the_chat_defaults(tiny_model,
                         capsys)
     params = next(e for e in events if e["type"] == "token")["explanation"]["params"]
     assert (params["temperature"], params["top_p"], params["top_k"]) == (0.7, 1.0, 0)
+
+
+def test_serve_takes_the_models_sampling_defaults_for_fields_a_request_leaves_out(hf_model):
+    """As `sol chat` and transformers: the API's defaults (OpenAI's temperature 1, ...) apply only where
+    the model says nothing; a bad default is refused at start-up, naming the file."""
+    from sol.core.errors import SolError
+    from sol.core.serve.app import Served, request_params
+    folder, ids, _ = hf_model
+    write_generation_config(folder, do_sample=True, temperature=0.6, top_p=0.9, top_k=20)
+    try:
+        served = Served("llama", load_model(folder), engine=None)
+
+        def sampling(body):
+            return request_params(body, served, ids, (), False, 0, (), None)[0].sampling
+        got = sampling({})
+        assert (got.temperature, got.top_p, got.top_k, got.min_p, got.repetition_penalty) == (0.6, 0.9, 20, 0.0, 1.0)
+        got = sampling({"temperature": 0, "top_k": 0})
+        assert (got.temperature, got.top_p, got.top_k) == (0.0, 0.9, 0)
+        write_generation_config(folder, top_p=0.0)
+        with pytest.raises(SolError, match=r"generation_config\.json: .*top-p 0.0"):
+            Served("llama", load_model(folder), engine=None)
+    finally:
+        (folder / "generation_config.json").unlink()
+    got = request_params({}, Served("llama", load_model(folder), engine=None), ids, (), False, 0, (), None)[0].sampling
+    assert (got.temperature, got.top_p, got.top_k) == (1.0, 1.0, 0)   # no file: OpenAI's defaults

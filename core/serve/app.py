@@ -48,6 +48,12 @@ class Served:
         extra = getattr(self.lm.config, "extra", None)
         self.end_ids = end_of_turn_ids(self.lm.tokenizer, extra)
         self.stop_ids = stop_ids_for(self.lm.tokenizer, extra)
+        defaults = getattr(self.lm, "sampling", None)
+        if defaults:   # what requests that leave a field out get: refuse a bad one at start-up, by its file
+            try:
+                P.SamplingParams(**defaults).validate()
+            except SolError as e:
+                raise SolError(f"{self.lm.path / 'generation_config.json'}: {e}") from None
 
     @property
     def tokenizer(self):
@@ -605,7 +611,7 @@ def failed(choices: list[Choice]) -> None:
 def request_params(body: dict, s: Served, ids: list[int], stops: tuple[str, ...], want_top: bool, top_n: int,
                    stop_ids: tuple[int, ...], tools):
     """Params for the engine, how many choices, whether to explain, and a maker of constraints."""
-    sampling = P.sampling(body)
+    sampling = P.sampling(body, getattr(s.lm, "sampling", None))
     n = P.integer(body, "n", 1, 1, 16)
     explain = P.flag(body, "sol_explain")
     room = s.context - len(ids)

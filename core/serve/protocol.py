@@ -70,18 +70,21 @@ def stop_strings(body: dict) -> tuple[str, ...]:
     return tuple(v)
 
 
-def sampling(body: dict) -> SamplingParams:
+def sampling(body: dict, defaults: dict | None = None) -> SamplingParams:
+    """The request's sampling fields; a field it leaves out takes the model's own default (its
+    generation_config.json, as `sol chat` and transformers do), else OpenAI's."""
+    d = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0, **(defaults or {})}
     for key in ("presence_penalty", "frequency_penalty"):
         if body.get(key) not in (None, 0, 0.0):
             raise ApiError(400, f"{key}: not supported by Sol's sampler; send it as 0 or leave it out "
                                 "(Sol has `repetition_penalty`, as Hugging Face's, e.g. 1.1)", key, "unsupported_parameter")
     if body.get("logit_bias"):
         raise ApiError(400, "logit_bias: not supported; leave it out", "logit_bias", "unsupported_parameter")
-    return SamplingParams(temperature=number(body, "temperature", 1.0, 0.0, 2.0),
-                          top_k=integer(body, "top_k", 0, 0),
-                          top_p=number(body, "top_p", 1.0, 1e-9, 1.0),
-                          min_p=number(body, "min_p", 0.0, 0.0, 0.999),
-                          repetition_penalty=number(body, "repetition_penalty", 1.0, 1e-3, 100.0),
+    return SamplingParams(temperature=number(body, "temperature", d["temperature"], 0.0, 2.0),
+                          top_k=integer(body, "top_k", d["top_k"], 0),
+                          top_p=number(body, "top_p", d["top_p"], 1e-9, 1.0),
+                          min_p=number(body, "min_p", d["min_p"], 0.0, 0.999),
+                          repetition_penalty=number(body, "repetition_penalty", d["repetition_penalty"], 1e-3, 100.0),
                           seed=integer(body, "seed", None, -2**63, 2**63 - 1))
 
 
