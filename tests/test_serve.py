@@ -373,3 +373,11 @@ def test_plugin_tools_run_on_the_server(tmp_path):
         assert own.choices[0].finish_reason == "tool_calls"
     finally:
         srv.stop()
+
+
+def test_a_tool_choice_sol_cannot_keep_is_refused_not_ignored(client):
+    for choice in ("required", {"type": "function", "function": {"name": "calculator"}}):
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+            ask(client, "what is 2 plus 2?", model="tiny-chat", tools=[CALCULATOR], tool_choice=choice, max_tokens=4)
+    r = ask(client, "what is 2 plus 2?", model="tiny-chat", tools=[CALCULATOR], tool_choice="auto", max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")

@@ -657,7 +657,13 @@ def text_of(content, where: str) -> str:
 def chat_tools(body: dict):
     """({name: _Tool} or None when tools are off, the OpenAI tool list for the template)."""
     tools = body.get("tools")
-    if tools is None or body.get("tool_choice") == "none":
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        # "required" and a named function would force a call; Sol's sampler cannot yet force one in
+        # every chat template's format, and answering as "auto" would break the promise silently.
+        raise P.ApiError(400, f"tool_choice {choice!r}: not supported; Sol lets the model choose (\"auto\", the "
+                              "default) or offers no tools (\"none\")", "tool_choice", "unsupported_parameter")
+    if tools is None or choice == "none":
         return None, []
     if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
                                               and isinstance(t["function"].get("name"), str) for t in tools):
