@@ -394,3 +394,22 @@ def test_sol_chat_on_tiny_models_renders_and_answers_like_transformers(tmp_path,
         assert answer == want[:stop] and answer
     assert prompts[-1][0][-1] == {"role": "user", "content": "and now?"}
     assert prompts[-1][0][-2]["role"] == "assistant"   # the first answer is in the second prompt
+
+
+def test_serve_passes_chat_template_kwargs_to_the_template(tmp_path):
+    """`chat_template_kwargs` in a chat request (vLLM's and llama.cpp's name) reaches the template:
+    Qwen3's enable_thinking switches its thinking off; the server's own variables cannot be replaced."""
+    from conftest import make_tiny_model
+    from sol.core.checkpoint import load_model
+    from sol.core.serve.app import Served, render_chat, template_kwargs
+    from sol.core.serve.protocol import ApiError
+    folder = make_tiny_model(tmp_path / "q3")
+    (folder / "chat_template.jinja").write_text((TEMPLATES / "qwen3-0.6b.jinja").read_text(encoding="utf-8"))
+    served = Served("q3", load_model(folder), engine=None)
+    plain = render_chat(served, CHAT, None, template_kwargs({}))
+    off = render_chat(served, CHAT, None, template_kwargs({"chat_template_kwargs": {"enable_thinking": False}}))
+    assert plain.endswith("<|im_start|>assistant\n")
+    assert off == plain + "<think>\n\n</think>\n\n"
+    for bad in ({"add_generation_prompt": False}, ["enable_thinking"], {"not a name": 1}):
+        with pytest.raises(ApiError, match="chat_template_kwargs"):
+            template_kwargs({"chat_template_kwargs": bad})

@@ -324,7 +324,7 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
             cancel_all([c.req for c in choices])
 
     async def run_tool(s: Served, c: Choice, messages: list, tool_list: list, params: GenerationParams,
-                       q: asyncio.Queue) -> bool:
+                       q: asyncio.Queue, template_vars: dict) -> bool:
         """The model called one of the server's plugin tools: run it, add the call and its result to the
         conversation, and go on with a new engine request for the rest of the answer."""
         call = c.call()
@@ -337,7 +337,7 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                       "tool_calls": [{"id": call_id, "type": "function",
                                       "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}]},
                      {"role": "tool", "tool_call_id": call_id, "content": result}]
-        ids = s.tokenizer.encode_ids(render_chat(s, messages, tool_list), add_special_tokens=False)
+        ids = s.tokenizer.encode_ids(render_chat(s, messages, tool_list, template_vars), add_special_tokens=False)
         budget = min(params.max_tokens - used, s.context - len(ids))
         if budget < 1:
             return False
@@ -407,7 +407,8 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
                 raise P.bad("n", "must be 1 when the server runs its plugin tools (--plugin-tools)")
         conversation = list(body.get("messages") or []) if isinstance(body.get("messages"), list) else None
         try:
-            prompt = render_chat(s, body.get("messages"), tool_list if tools is not None else None)
+            prompt = render_chat(s, body.get("messages"), tool_list if tools is not None else None,
+                                 template_kwargs(body))
         except SolError as e:
             raise P.ApiError(400, str(e), "messages", "invalid_value") from None
         ids = s.tokenizer.encode_ids(prompt, add_special_tokens=False)
@@ -422,7 +423,8 @@ def create_app(served: list[Served], api_key: str | None = None, cors_origins: l
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
         reqs = submit_all(s, ids, params, n, constrained, "messages")
         choices = [Choice(i, r, stops, tools) for i, r in enumerate(reqs)]
-        more = (lambda c, q: run_tool(s, c, conversation, tool_list, params, q)) if server_tools else None
+        more = ((lambda c, q: run_tool(s, c, conversation, tool_list, params, q, template_kwargs(body)))
+                if server_tools else None)
         rid, created, t0 = P.new_id("chatcmpl"), P.now(), time.perf_counter()
         head = {"id": rid, "created": created, "model": s.name, "system_fingerprint": None}
 
@@ -671,17 +673,37 @@ def chat_tools(body: dict):
     return {t["function"]["name"]: _Tool(t["function"].get("parameters") or {}) for t in tools}, tools
 
 
-def render_chat(s: Served, messages, tools: list | None) -> str:
+# What the server itself gives every chat template; a request's chat_template_kwargs cannot replace them.
+TEMPLATE_OWN = {"messages", "tools", "documents", "add_generation_prompt"}
+
+
+def template_kwargs(body: dict) -> dict:
+    """`chat_template_kwargs` (as vLLM and llama.cpp's server take it): extra variables for the chat
+    template, such as Qwen3's {"enable_thinking": false}."""
+    kw = body.get("chat_template_kwargs")
+    if kw is None:
+        return {}
+    if not isinstance(kw, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kw):
+        raise P.bad("chat_template_kwargs", 'give an object of template variables, e.g. {"enable_thinking": false}')
+    own = sorted(TEMPLATE_OWN & set(kw))
+    if own:
+        raise P.bad("chat_template_kwargs", f"{', '.join(own)} come from the request itself; leave them out")
+    return kw
+
+
+def render_chat(s: Served, messages, tools: list | None, template_vars: dict | None = None) -> str:
     """The prompt: OpenAI messages through the model's chat template (the one transformers would pick
     for these tools), as core/chat.py renders a conversation."""
     template = s.tokenizer.template_for(tools)
     out = chat_messages(s, messages, tools or [], "tool_calls" in template, bool(TESTS_NONE.search(template)))
+    kw = template_vars or {}
     try:
-        return s.tokenizer.apply_chat_template(out, add_generation_prompt=True, tools=tools)
+        return s.tokenizer.apply_chat_template(out, add_generation_prompt=True, tools=tools, **kw)
     except SolError:
         if not any("tool_calls" in m for m in out):   # DeepSeek's templates want the arguments as a string
             raise
-        return s.tokenizer.apply_chat_template(json_string_arguments(out), add_generation_prompt=True, tools=tools)
+        return s.tokenizer.apply_chat_template(json_string_arguments(out), add_generation_prompt=True, tools=tools,
+                                               **kw)
 
 
 def chat_messages(s: Served, messages, tool_list: list, structured: bool, none_content: bool) -> list[dict]:
