@@ -165,7 +165,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, d_model=64, context=128),
     "shakespeare-cpu": dict(n_layer=4, n_head=4, d_model=128, context=64),
     "small": dict(n_layer=6, n_head=6, d_model=384, context=256),
-    "starter": dict(n_layer=6, n_head=6, d_model=256, context=256),
+    "starter": dict(n_layer=6, n_head=8, d_model=256, context=256),
     "gpt2": dict(n_layer=12, n_head=12, d_model=768, context=1024, vocab_size=50257),
     "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024, context=1024, vocab_size=50257),
     "llama-tiny": dict(n_layer=4, n_head=8, n_kv_head=2, d_model=256, context=512, norm="rmsnorm",

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_model
+from sol.core.config import PRESETS
 
 TIME_LIMIT_S = 90
 
@@ -156,3 +157,12 @@ def test_hostile_input(case, sol_model, tmp_path):
     after = snapshot(d)
     assert {p: h for p, h in after.items() if p in before} == before     # nothing of the user's changed
     assert not (m / "pwned").exists()
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_a_model_config(name):
+    """`--preset NAME` must never be a config Sol itself refuses (the starter preset once had 6 heads
+    for d_model 256)."""
+    from sol.core.config import preset
+    cfg = preset(name, vocab_size=97)
+    assert cfg.d_model % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
