@@ -5,6 +5,7 @@ A page is the panel's column: its title, a one-line hint under it, then whatever
 A table is read-only, one selected row at a time, columns sized to their contents."""
 from __future__ import annotations
 
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QLabel, QTableWidget, QVBoxLayout, QWidget
 
 
@@ -36,4 +37,6 @@ def table(columns: list[str]) -> QTableWidget:
     t.setShowGrid(False)
     t.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
     t.horizontalHeader().setStretchLastSection(True)
+    # Headers sit over their cells' text (left), not centred over a stretched last column.
+    t.horizontalHeader().setDefaultAlignment(Qt.AlignLeft | Qt.AlignVCenter)
     return t
