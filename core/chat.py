@@ -172,9 +172,11 @@ def trace_entry(token: dict) -> dict:
 
 class ChatSession:
     def __init__(self, lm, plugins=None, store: Store | None = None, conversation_id: int | None = None,
-                 system: str | None = None):
-        """`lm` is a LoadedModel (model, tokenizer, config). Without a store the conversation lives in memory."""
+                 system: str | None = None, template_vars: dict | None = None):
+        """`lm` is a LoadedModel (model, tokenizer, config). Without a store the conversation lives in memory.
+        `template_vars`: extra variables for the chat template (Qwen3's {"enable_thinking": False})."""
         self.lm = lm
+        self.template_vars = dict(template_vars or {})
         self.tokenizer = lm.tokenizer
         self.engine = Engine(lm.model, lm.tokenizer)
         self.plugins = plugins
@@ -378,7 +380,8 @@ class ChatSession:
         structured = "tool_calls" in template
         out += [self._template_message(m, structured, bool(TESTS_NONE.search(template))) for m in messages]
         try:
-            return self.tokenizer.apply_chat_template(out, add_generation_prompt=add_generation_prompt, tools=tools)
+            return self.tokenizer.apply_chat_template(out, add_generation_prompt=add_generation_prompt, tools=tools,
+                                                      **self.template_vars)
         except SolError:
             if not any("tool_calls" in m for m in out):
                 raise
@@ -389,7 +392,7 @@ class ChatSession:
         for i, variant in enumerate(variants):
             try:
                 return self.tokenizer.apply_chat_template(variant(out), add_generation_prompt=add_generation_prompt,
-                                                          tools=tools)
+                                                          tools=tools, **self.template_vars)
             except SolError:
                 if i == len(variants) - 1:
                     raise

@@ -413,3 +413,24 @@ def test_serve_passes_chat_template_kwargs_to_the_template(tmp_path):
     for bad in ({"add_generation_prompt": False}, ["enable_thinking"], {"not a name": 1}):
         with pytest.raises(ApiError, match="chat_template_kwargs"):
             template_kwargs({"chat_template_kwargs": bad})
+
+
+def test_sol_chat_template_var_reaches_the_template(tmp_path, capsys):
+    """`sol chat --template-var enable_thinking=false` (read as JSON: false) turns Qwen3's thinking off."""
+    from conftest import make_tiny_model
+    from sol.core.checkpoint import load_model
+    from sol.core.cli import main
+    from sol.core.commands.chat import template_vars
+    folder = make_tiny_model(tmp_path / "q3", context=2048)   # the template lists the calculator tool
+    (folder / "chat_template.jinja").write_text((TEMPLATES / "qwen3-0.6b.jinja").read_text(encoding="utf-8"))
+    assert template_vars(["enable_thinking=false", "name=Sol", "n=3"]) == {"enable_thinking": False, "name": "Sol",
+                                                                           "n": 3}
+    lm = load_model(folder)
+    msgs = [{"role": "user", "content": "hello"}]
+    assert ChatSession(lm)._render(msgs).endswith("<|im_start|>assistant\n")
+    assert ChatSession(lm, template_vars={"enable_thinking": False})._render(msgs).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    base = ["chat", "--model", str(folder), "--message", "hello", "--max-tokens", "2", "--json"]
+    assert main(base + ["--template-var", "enable_thinking=false"]) == 0
+    assert main(base + ["--template-var", "tools=[]"]) != 0
+    assert "--template-var tools=[]: write NAME=VALUE" in capsys.readouterr().err

@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--min-p", type=float, default=None, help="(default: the model's, else 0, off)")
     p.add_argument("--repetition-penalty", type=float, default=None, help="(default: the model's, else 1, off)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--template-var", action="append", default=[], metavar="NAME=VALUE",
+                   help="a variable for the chat template, e.g. enable_thinking=false for Qwen3 (repeatable; "
+                        "the value is read as JSON when it is JSON: false, 3, \"text\")")
     p.add_argument("--json", action="store_true", help="one JSON event per line")
     add_safe_mode(p)
     p.set_defaults(func=run)
@@ -43,6 +46,7 @@ def run(args) -> int:
     from ..store import Store
     if args.max_tokens < 1:
         raise SolError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    tvars = template_vars(args.template_var)   # a bad flag fails before loading
     user = {k: getattr(args, k) for k in CHAT_DEFAULTS if getattr(args, k) is not None}
     SamplingParams(**{**CHAT_DEFAULTS, **user}, seed=args.seed).validate()   # a bad flag fails before loading
     lm = load(args)
@@ -61,7 +65,7 @@ def run(args) -> int:
     for info in plugins.plugins():
         if info.status != "ok" and not args.json:
             sys.stderr.write(f"warning: plugin {info.name} is broken and skipped: {info.error}\n")
-    chat = ChatSession(lm, plugins, Store(), args.conversation, args.system)
+    chat = ChatSession(lm, plugins, Store(), args.conversation, args.system, tvars)
     if args.message:
         ok = True
         for text in args.message:
@@ -118,3 +122,25 @@ def interactive(chat, params, as_json: bool) -> int:
             sys.stderr.write(f"system prompt {'set' if chat.system else 'cleared'}\n")
         else:
             show(chat.send(text, params), as_json)
+
+
+# The chat session gives the template these itself.
+TEMPLATE_OWN = {"messages", "tools", "documents", "add_generation_prompt"}
+
+
+def template_vars(items: list[str]) -> dict:
+    """--template-var NAME=VALUE flags as {name: value}; a value that is JSON (false, 3) is read as JSON."""
+    import json
+
+    from ..errors import SolError
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not name.isidentifier() or name in TEMPLATE_OWN:
+            raise SolError(f"--template-var {item}: write NAME=VALUE with NAME a template variable "
+                           "(not messages, tools, documents or add_generation_prompt), e.g. enable_thinking=false")
+        try:
+            out[name] = json.loads(value)
+        except ValueError:
+            out[name] = value
+    return out
