@@ -37,7 +37,8 @@ class ModelConfig:
     proj_bias: bool = False           # a bias on the attention output too (Llama's attention_bias)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear"|"yarn"|"longrope", ...} as in HF configs
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear"|"yarn"|"longrope", ...} as in HF configs,
+    #                                   or {"rope_type": "freq_factors", "freq_factors": [...]} from a GGUF's rope_freqs
     rope_dim: int | None = None       # dimensions of each head that RoPE rotates; None: all (Phi-4-mini: 3/4)
     rope_local_theta: float | None = None  # sliding-window layers' RoPE base, when it differs (Gemma 3)
     sliding_window: int | None = None      # each position sees itself and the window - 1 before it

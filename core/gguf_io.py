@@ -91,8 +91,9 @@ def _arch(meta: dict, path: Path) -> str:
     return arch
 
 
-def config_from_gguf(meta: dict, tensors: dict, path: Path) -> ModelConfig:
-    """ModelConfig from the metadata (`tensors`: name -> torch shape, for the vocabulary and tied head)."""
+def config_from_gguf(meta: dict, tensors: dict, path: Path, rope_freqs: list | None = None) -> ModelConfig:
+    """ModelConfig from the metadata (`tensors`: name -> torch shape, for the vocabulary and tied head;
+    `rope_freqs`: the values of rope_freqs.weight, if the file has it)."""
     arch = _arch(meta, path)
 
     def get(key, default=KeyError):
@@ -126,10 +127,23 @@ def config_from_gguf(meta: dict, tensors: dict, path: Path) -> ModelConfig:
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
     elif kind not in ("none", None):
         raise SolError(f"{path}: {arch}.rope.scaling.type {kind!r} is not supported for GGUF models")
-    if "rope_freqs.weight" in tensors:
-        raise SolError(f"{path}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1's scaling) are not "
-                       "supported for GGUF models yet")
+    if rope_freqs is not None:
+        cfg["rope_scaling"] = _freq_factors(rope_freqs, kind, head_dim, path)
     return ModelConfig(**cfg, extra=_token_ids(meta))
+
+
+def _freq_factors(factors: list, kind, head_dim: int, path: Path) -> dict:
+    """rope_freqs.weight: what convert_hf_to_gguf.py writes for Llama 3.1+'s "llama3" RoPE scaling, one
+    divisor per frequency (llama.cpp divides each rotation angle by it). Sol uses the divisors as they are,
+    as llama.cpp does: the metadata does not keep the low/high frequency factors they came from."""
+    if kind not in ("none", None):
+        raise SolError(f"{path}: rope_freqs.weight together with rope.scaling.type {kind!r} is not supported")
+    if len(factors) != head_dim // 2:
+        raise SolError(f"{path}: rope_freqs.weight holds {len(factors)} numbers; this model's heads need "
+                       f"{head_dim // 2} (half the head size {head_dim}); the file is corrupt")
+    if not all(np.isfinite(factors)) or min(factors) <= 0:
+        raise SolError(f"{path}: rope_freqs.weight holds a value that is not a positive number; the file is corrupt")
+    return {"rope_type": "freq_factors", "freq_factors": [float(f) for f in factors]}
 
 
 def _token_ids(meta: dict) -> dict:
@@ -179,6 +193,7 @@ def tensor_to_torch(t, path: Path) -> torch.Tensor:
 def weights_from_gguf(reader, cfg: ModelConfig, path: Path) -> dict:
     """The tensors renamed into Sol's layout (float32); every tensor in the file used or refused by name."""
     raw = {t.name: t for t in reader.tensors}
+    raw.pop("rope_freqs.weight", None)   # read into cfg.rope_scaling already
     out = {}
 
     def take(name):
@@ -252,8 +267,10 @@ def gguf_config(path: Path) -> ModelConfig:
 
 def _config(reader, meta: dict, path: Path) -> ModelConfig:
     shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     try:
-        return config_from_gguf(meta, shapes, path)
+        return config_from_gguf(meta, shapes, path,
+                                None if freqs is None else tensor_to_torch(freqs, path).flatten().tolist())
     except SolError as e:
         msg = str(e)
         raise SolError(f"{path}: {msg[len('config: '):]}" if msg.startswith("config: ") else msg) from None
@@ -409,23 +426,49 @@ def gguf_architecture(cfg: ModelConfig, source) -> str:
     unsupported = [name for name in ("sliding_window", "qk_norm", "norm_plus_one", "post_norms", "scale_embeddings",
                                      "attn_scale", "attn_softcap", "logit_softcap", "rope_dim", "rope_local_theta")
                    if getattr(cfg, name)]
-    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") != "linear":
-        unsupported.append(f"rope_scaling {cfg.rope_scaling.get('rope_type')}")
+    rope = _rope_kind(cfg)
+    if rope not in ("default", "linear", "llama3", "freq_factors"):
+        unsupported.append(f"rope_scaling {rope}")
     if not unsupported:
         if (cfg.positions, cfg.norm, cfg.mlp, cfg.bias) == ("learned", "layernorm", "gelu", True) \
                 and cfg.n_kv_head == cfg.n_head and cfg.head_dim * cfg.n_head == cfg.d_model:
             return "gpt2"
         if (cfg.positions, cfg.norm, cfg.mlp, cfg.bias) == ("rope", "rmsnorm", "swiglu", False):
-            return "qwen2" if cfg.qkv_bias and not cfg.proj_bias else "llama"
+            # llama.cpp reads rope_freqs.weight for the llama architecture (which takes q/k/v biases too)
+            per_freq = rope in ("llama3", "freq_factors")
+            return "qwen2" if cfg.qkv_bias and not cfg.proj_bias and not per_freq else "llama"
     why = ", ".join(unsupported) or f"{cfg.positions} positions, {cfg.norm}, {cfg.mlp}, bias={cfg.bias}"
     raise SolError(f"{source}: this model ({why}) has no GGUF architecture Sol writes (gpt2, llama, qwen2)")
+
+
+def _rope_kind(cfg: ModelConfig) -> str:
+    scaling = cfg.rope_scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def rope_freq_factors(cfg: ModelConfig) -> np.ndarray | None:
+    """rope_freqs.weight for a model whose RoPE frequencies are scaled one by one (Llama 3.1's "llama3"
+    scaling, or factors read from a GGUF): each plain frequency over the scaled one, which llama.cpp divides
+    every rotation angle by. None for any other model."""
+    from dataclasses import replace
+    from .model import rope_frequencies
+    kind = _rope_kind(cfg)
+    if kind == "freq_factors":
+        return np.asarray(cfg.rope_scaling["freq_factors"], dtype=np.float32)
+    if kind != "llama3":
+        return None
+    plain, _ = rope_frequencies(replace(cfg, rope_scaling=None))
+    scaled, _ = rope_frequencies(cfg)
+    return (plain / scaled).numpy().astype(np.float32)
 
 
 def _gguf_tensors(sd: dict, cfg: ModelConfig, arch: str) -> list[tuple[str, np.ndarray]]:
     """Sol's tensors as llama.cpp names and lays them out (float32 numpy, torch dimension order)."""
     def f(t):
         return t.detach().to("cpu", torch.float32).contiguous().numpy()
-    out = [("token_embd.weight", f(sd["embed.weight"]))]
+    factors = rope_freq_factors(cfg)
+    out = [] if factors is None else [("rope_freqs.weight", factors)]
+    out.append(("token_embd.weight", f(sd["embed.weight"])))
     if cfg.positions == "learned":
         out.append(("position_embd.weight", f(sd["pos_embed.weight"])))
     out.append(("output_norm.weight", f(sd["norm.weight"])))
@@ -476,7 +519,7 @@ def _write_metadata(w, cfg: ModelConfig, arch: str) -> None:
     w.add_uint32(f"{arch}.rope.dimension_count", cfg.head_dim)
     w.add_uint32(f"{arch}.attention.key_length", cfg.head_dim)
     w.add_uint32(f"{arch}.attention.value_length", cfg.head_dim)
-    if cfg.rope_scaling:
+    if _rope_kind(cfg) == "linear":   # llama3 / freq_factors scaling travels as rope_freqs.weight instead
         w.add_string(f"{arch}.rope.scaling.type", "linear")
         w.add_float32(f"{arch}.rope.scaling.factor", float(cfg.rope_scaling["factor"]))
 

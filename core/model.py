@@ -89,6 +89,8 @@ def rope_frequencies(cfg: ModelConfig, local: bool = False, long: bool = False) 
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         mid = ~(wavelen < old_ctx / hi) * ~(wavelen > old_ctx / lo)
         return torch.where(mid, smoothed, scaled), 1.0
+    if kind == "freq_factors":   # llama.cpp's rope_freqs.weight (Llama 3.1+ GGUFs): one divisor per frequency
+        return inv_freq / torch.tensor(scaling["freq_factors"], dtype=torch.float32), 1.0
     if kind == "yarn":
         return _yarn(cfg, scaling, base, dim, exponents)
     if kind == "longrope":

@@ -34,6 +34,14 @@ FAMILIES = {
     "mistral-sliding": lambda t: t.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160,
                                                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                                                  max_position_embeddings=128, sliding_window=8),
+    # Llama 3.1's "llama3" RoPE scaling with an original context of 32 (top-level too, where llama.cpp's
+    # converter reads it), so over 24 positions all three bands count: kept, smoothed, divided by the factor.
+    "llama3-rope": lambda t: t.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=128, original_max_position_embeddings=32,
+                                           rope_scaling={"rope_type": "llama3", "factor": 4.0,
+                                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 32}),
     "qwen2-yarn": lambda t: t.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=160,
                                           num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                                           max_position_embeddings=128,

@@ -21,7 +21,7 @@ from sol.core import gguf_io  # noqa: E402
 TEXT = "  Olá, café naïve! 世界 🌍🎉 It is   the east.\n\tJuliet <|endoftext|> is the sun <|end|>."
 
 
-@pytest.fixture(scope="module", params=["llama-gqa-tied", "qwen2", "gpt2"])
+@pytest.fixture(scope="module", params=["llama-gqa-tied", "qwen2", "gpt2", "llama3-rope"])
 def gguf_pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp("gguf") / request.param
     ref = make_hf_model(request.param, folder)
@@ -32,7 +32,7 @@ def gguf_pair(request, tmp_path_factory):
 def test_gguf_logits_match_transformers(gguf_pair):
     family, folder, path, ref = gguf_pair
     lm = load_model(path)
-    assert lm.format == "gguf" and lm.config.architecture == family.split("-")[0]
+    assert lm.format == "gguf" and lm.config.architecture == family.split("-")[0].replace("llama3", "llama")
     x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(x).logits
@@ -73,6 +73,66 @@ def test_llama_q_k_are_stored_permuted_as_llama_cpp_does(gguf_pair):
     assert np.array_equal(q, permute(attn.q_proj.weight.detach().numpy(), cfg.num_attention_heads))
     assert np.array_equal(k, permute(attn.k_proj.weight.detach().numpy(), cfg.num_key_value_heads))
     assert not np.array_equal(q, attn.q_proj.weight.detach().numpy())
+
+
+def _llama_cpp_rope_factors(folder):
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors, written out on its own: the rope_freqs.weight
+    it derives from config.json for rope_type "llama3" (the original context read at the top level, 8192 if
+    absent, as llama.cpp does)."""
+    import math
+    hp = json.loads((folder / "config.json").read_text())
+    rp = hp.get("rope_parameters") or hp["rope_scaling"]
+    dim = hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
+    freqs = 1.0 / (rp.get("rope_theta", 10000.0) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old = hp.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32).numpy()
+
+
+@pytest.mark.parametrize("gguf_pair", ["llama3-rope"], indirect=True)
+def test_llama3_rope_is_written_as_llama_cpp_rope_freqs(gguf_pair):
+    """Llama 3.1's scaling travels as llama.cpp's rope_freqs.weight (no rope.scaling.type key), with the
+    values convert_hf_to_gguf.py writes; all three bands occur in this model."""
+    family, folder, path, ref = gguf_pair
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    got = np.asarray(tensors["rope_freqs.weight"].data)
+    want = _llama_cpp_rope_factors(folder)
+    assert tensors["rope_freqs.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert np.allclose(got, want, rtol=1e-6, atol=0)
+    assert want[0] == 1 and want[-1] == 4.0 and 1 < want[1] < 4   # kept, smoothed, divided
+    assert "llama.rope.scaling.type" not in gguf_io.metadata(reader)
+
+
+@pytest.mark.parametrize("gguf_pair", ["llama3-rope"], indirect=True)
+def test_rope_freqs_are_used_as_llama_cpp_uses_them(gguf_pair, tmp_path):
+    """Sol reads rope_freqs.weight as per-frequency divisors (so a Llama 3.x GGUF loads): ignoring them would
+    change the logits; a GGUF model written out again keeps them, in every --type."""
+    family, folder, path, ref = gguf_pair
+    lm = load_model(path)
+    assert lm.config.rope_scaling["rope_type"] == "freq_factors"
+    x = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(2))
+    plain = gguf_io.load_gguf(path)
+    plain.model.cfg.rope_scaling = None
+    plain.model._rope_tables.clear()
+    with torch.no_grad():
+        assert (plain.model(x) - ref(x).logits).abs().max().item() > 1e-2
+    want = np.asarray({t.name: t for t in gguf.GGUFReader(path).tensors}["rope_freqs.weight"].data)
+    for kind in ("f32", "q8_0"):
+        again = gguf_io.export_gguf(lm, tmp_path / f"again-{kind}.gguf", kind)
+        got = {t.name: t for t in gguf.GGUFReader(again).tensors}["rope_freqs.weight"]
+        assert got.tensor_type == gguf.GGMLQuantizationType.F32
+        assert np.array_equal(np.asarray(got.data), want)
 
 
 # ---- tokenizers from metadata ------------------------------------------------
@@ -237,6 +297,19 @@ def test_unsupported_architecture(tmp_path):
     assert "architecture 'mamba' is not supported" in _error(tmp_path / "mamba.gguf")
     with pytest.raises(SolError, match="mamba"):
         gguf_io.inspect_gguf(tmp_path / "mamba.gguf")
+
+
+def test_bad_rope_freqs_are_one_error(good_gguf):
+    reader = gguf.GGUFReader(good_gguf)
+    meta = gguf_io.metadata(reader)
+    shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
+    half = gguf_io.config_from_gguf(meta, shapes, good_gguf).head_dim // 2
+    with pytest.raises(SolError, match=f"good.gguf: rope_freqs.weight holds 3 numbers; .* need {half}"):
+        gguf_io.config_from_gguf(meta, shapes, good_gguf, [1.0] * 3)
+    with pytest.raises(SolError, match="not a positive number"):
+        gguf_io.config_from_gguf(meta, shapes, good_gguf, [1.0] * (half - 1) + [float("nan")])
+    cfg = gguf_io.config_from_gguf(meta, shapes, good_gguf, [2.0] * half)
+    assert cfg.rope_scaling == {"rope_type": "freq_factors", "freq_factors": [2.0] * half}
 
 
 # ---- finding GGUF files: Sol's folder, the HF cache, Ollama, LM Studio ----------
