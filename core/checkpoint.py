@@ -530,6 +530,9 @@ def place(model: Transformer, device, dtype, int8: bool) -> None:
         quantize_model(model)
     if dtype is not None or str(device) != "cpu":
         model.to(device=device, dtype=dtype)
+    if int8 and str(device) == "cpu":
+        from .quant import pack_model
+        pack_model(model)
 
 
 def check_vocab(tok: Tokenizer, cfg: ModelConfig, tok_path: Path, cfg_path: Path) -> None:

@@ -500,7 +500,7 @@ class Transformer(nn.Module):
     def num_parameters(self) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         # int8 weights are buffers; a tied head's int8 copy is the embedding, counted already.
-        return n + sum(m.weight.numel() for name, m in self.named_modules()
+        return n + sum(m.in_features * m.out_features for name, m in self.named_modules()
                        if type(m) is Int8Linear and not (name == "lm_head" and self.cfg.tie_embeddings))
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
