@@ -346,6 +346,9 @@ def _bpe_tokenizer(meta: dict, tokens: list, types: list, path: Path):
                        f"{', '.join(PRE_SPLITS)}")
     vocab = _vocab(tokens)
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    # A merge of two tokens into a string that is no token changes nothing in llama.cpp (the pieces stay
+    # as they were); Sol's own exports of a character vocabulary carry one, since GGUF lists cannot be empty.
+    merges = [m for m in merges if len(m) < 2 or m[0] + m[1] in vocab or m[0] not in vocab or m[1] not in vocab]
     # llama.cpp takes a whole word that is a token as is (ignore_merges) for Llama 3's vocabulary.
     hf = HFTokenizer(models.BPE(vocab, merges, ignore_merges=pre in ("llama-bpe", "llama3")))
     split = PRE_SPLITS[pre]
@@ -587,8 +590,10 @@ def _write_tokenizer(w, tok: Tokenizer, cfg: ModelConfig, source) -> None:
     w.add_string("tokenizer.ggml.model", kind)
     if kind == "gpt2":
         w.add_string("tokenizer.ggml.pre", pre)
-        merges = model.get("merges") or []
-        w.add_array("tokenizer.ggml.merges", [m if isinstance(m, str) else " ".join(m) for m in merges])
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+        # llama.cpp refuses a gpt2 vocabulary without tokenizer.ggml.merges, and GGUF has no empty list:
+        # a character vocabulary gets one merge whose result is no token, which changes nothing.
+        w.add_array("tokenizer.ggml.merges", merges or [_placeholder_merge(tokens, types)])
     w.add_array("tokenizer.ggml.tokens", tokens)
     w.add_array("tokenizer.ggml.token_type", types)
     if kind == "llama":
@@ -609,6 +614,13 @@ def _write_tokenizer(w, tok: Tokenizer, cfg: ModelConfig, source) -> None:
     if template:
         w.add_string("tokenizer.chat_template", template)
     w.add_string(SOL_TOKENIZER_KEY, tok.hf.to_str())
+
+
+def _placeholder_merge(tokens: list, types: list) -> str:
+    """Two ordinary tokens whose joined string is no token."""
+    normal = [t for t, k in zip(tokens, types) if k == NORMAL]
+    have = set(tokens)
+    return next(f"{a} {b}" for a in normal for b in normal if a + b not in have)
 
 
 def export_gguf(lm, out: str | Path, kind: str = "f32") -> Path:

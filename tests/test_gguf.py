@@ -396,6 +396,12 @@ def test_starter_exported_to_gguf_answers_the_same(tmp_path, kind):
     assert out.is_file() and "wrote" in buf.getvalue()
     meta = gguf_io.metadata(gguf.GGUFReader(out))
     assert meta["general.architecture"] == "gpt2" and "<|assistant|>" in meta["tokenizer.chat_template"]
+    # llama.cpp refuses a gpt2 vocabulary without merges ("cannot find tokenizer merges"): the character
+    # vocabulary carries one that changes nothing, and the vocabulary read back without Sol's copy encodes alike.
+    assert len(meta["tokenizer.ggml.merges"]) == 1
+    text = "what is 12 times 7? <|end|>"
+    want = load_model(starter).tokenizer.encode_ids(text)
+    assert gguf_io.tokenizer_from_gguf(meta, out, prefer_sol=False).encode_ids(text) == want
     calls, answer = _ask_12_times_7(load_model(out))
     want_calls, want_answer = _ask_12_times_7(load_model(starter))
     assert want_calls and want_calls[0][0] == "calculator" and "84" in want_answer[-1]
