@@ -1,4 +1,4 @@
-"""Weight-only int8: linear layers that keep their weights as int8 with one float scale per output row.
+"""int8 weights: linear layers that keep their weights as int8 with one float scale per output row.
 
 Decoding one token reads every weight once, so it is bound by memory: int8 weights read a quarter of
 float32's bytes. The products:
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 # fbgemm stores a packed matrix in blocks of 512 inputs and 32 rows, plus three 4-byte numbers a row
 # (measured with torch 2.13: 768 inputs take 1024 bytes a row, 96 take 512).
 PACK_BLOCK, PACK_ROWS = 512, 32
-# Below this many inputs, dequantizing on the fly beats reading (and keeping) a padded copy.
+# Without fbgemm, layers this wide run in _weight_int8pack_mm; narrower ones are dequantized on the fly.
 WOQ_MIN_IN = 384
 
 
@@ -163,7 +163,7 @@ class Int8Linear(nn.Module):
         if self._packed is not None:
             destination[prefix + "weight"] = self.int8_weight()
 
-    def weight_bytes(self) -> int:
+    def int8_bytes(self) -> int:
         """Bytes the int8 weights take as held now (fbgemm's packed blocks included)."""
         if self._packed is None:
             return self.weight.numel()
@@ -232,4 +232,4 @@ def memory_bytes(model: nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
-    return total + sum(m.weight_bytes() for m in model.modules() if type(m) is Int8Linear and m._packed is not None)
+    return total + sum(m.int8_bytes() for m in model.modules() if type(m) is Int8Linear and m._packed is not None)
