@@ -1,0 +1,53 @@
+"""torch.compile for training, with inductor's caches kept between runs.
+
+Compiling costs tens of seconds per model shape; inductor keeps what it built (FX graphs, Triton
+kernels, autotuning results) in a cache folder, so a second run of the same shape starts in seconds.
+That folder is Sol's own (data folder / cache / inductor) rather than one under /tmp that a reboot
+clears. `reduce-overhead` also captures the compiled forward and backward in CUDA graphs: one launch
+replays a whole pass, which is what small models on a big GPU need (they wait on launches, not math).
+It needs the same shapes every step (pretraining's fixed B x T windows) and one process.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def cache_dir() -> Path:
+    from ..registry import data_dir
+    return data_dir() / "cache" / "inductor"
+
+
+def use_caches() -> None:
+    """Point inductor at Sol's cache folder (unless the user chose one) and turn its caches on.
+    Inductor reads the variable when it first needs the folder, so setting it before compiling is enough."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+    try:
+        import torch._inductor.config as inductor_config
+        inductor_config.fx_graph_cache = True
+    except (ImportError, AttributeError):   # a torch without these switches compiles without the cache
+        pass
+
+
+def effective_mode(mode: str, stage, device: torch.device, dist) -> str:
+    """reduce-overhead only where CUDA graphs are correct: CUDA, static shapes, one process."""
+    if mode == "reduce-overhead" and not (device.type == "cuda" and stage.static_shapes and not dist.enabled):
+        return "default"
+    return mode
+
+
+def compile_for_training(module, mode: str, stage, device: torch.device, dist):
+    """The compiled module and the mode used."""
+    use_caches()
+    mode = effective_mode(mode, stage, device, dist)
+    return torch.compile(module, mode=None if mode == "default" else mode), mode
+
+
+def mark_step(mode: str | None) -> None:
+    """Tell CUDA graph trees that a new forward begins, so they may reuse the last pass's memory."""
+    if mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
