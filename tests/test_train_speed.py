@@ -232,6 +232,7 @@ def test_compile_uses_sols_cache_folder_and_reduce_overhead_only_where_it_is_saf
     from sol.core.train.pretrain import Pretrain
     from sol.core.train.sft import SFT
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])   # sets torch's default folder, as training does
     compiled.use_caches()
     assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == isolated_home / "cache" / "inductor"
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -250,3 +251,18 @@ def test_log_every_must_not_be_negative(tmp_path, tiny_text_file):
     from sol.core.errors import SolError
     with pytest.raises(SolError, match="--log-every -1"):
         pretrain(tiny_text_file, tmp_path / "x", 2, "--log-every", -1)
+
+
+def test_a_vocabulary_trained_on_the_same_files_is_reused(tmp_path, tiny_text_file, monkeypatch, isolated_home):
+    trained = []
+    train_bpe = corpus.train_bpe
+    monkeypatch.setattr(corpus, "train_bpe", lambda files, n: trained.append(n) or train_bpe(files, n))
+    pretrain(tiny_text_file, tmp_path / "one", 1, "--tokenizer", "bpe:320")
+    pretrain(tiny_text_file, tmp_path / "two", 1, "--tokenizer", "bpe:320")
+    assert trained == [320]
+    assert (tmp_path / "one" / "tokenizer.json").read_text() == (tmp_path / "two" / "tokenizer.json").read_text()
+    pretrain(tiny_text_file, tmp_path / "three", 1, "--tokenizer", "bpe:330")    # another size: trained
+    assert trained == [320, 330]
+    tiny_text_file.write_text(tiny_text_file.read_text(encoding="utf-8") + "more words\n", encoding="utf-8")
+    pretrain(tiny_text_file, tmp_path / "four", 1, "--tokenizer", "bpe:320")     # other contents: trained
+    assert trained == [320, 330, 320]

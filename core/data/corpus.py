@@ -26,6 +26,7 @@ from ..errors import SolError
 from ..tokenizer import EOT, Tokenizer, train_bpe, train_char
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ""}
+CACHE_FORMAT = 1   # of the cached vocabularies and token ids: bump when what an entry holds changes
 
 
 def sha256(path: Path) -> str:
@@ -61,10 +62,13 @@ def corpus_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def make_tokenizer(spec: str, files: list[Path]) -> Tokenizer:
-    """`char`, `bpe:N`, or the path of a tokenizer.json (or of a model directory holding one)."""
+def make_tokenizer(spec: str, files: list[Path], cache: Path | None = None,
+                   described: list[dict] | None = None) -> Tokenizer:
+    """`char`, `bpe:N`, or the path of a tokenizer.json (or of a model directory holding one).
+    With `cache` (a folder), a vocabulary trained on these files' contents is kept there and reused
+    (`described`: describe_files(files), when the caller has it already)."""
     if spec == "char":
-        return train_char(files)
+        return _trained(spec, files, cache, described, lambda: train_char(files))
     if spec.startswith("bpe:"):
         try:
             n = int(spec[4:])
@@ -72,7 +76,7 @@ def make_tokenizer(spec: str, files: list[Path]) -> Tokenizer:
             raise SolError(f"--tokenizer {spec}: write bpe:N with N the vocabulary size, e.g. bpe:4096") from None
         if n < 300:
             raise SolError(f"--tokenizer {spec}: a byte-level BPE needs at least 300 tokens (256 bytes + specials)")
-        return train_bpe(files, n)
+        return _trained(spec, files, cache, described, lambda: train_bpe(files, n))
     p = Path(spec).expanduser()
     if p.is_dir():
         p = p / "tokenizer.json"
@@ -81,6 +85,26 @@ def make_tokenizer(spec: str, files: list[Path]) -> Tokenizer:
     tok = Tokenizer.from_file(p)
     if tok.token_to_id(EOT) is None and tok.eos_id is None:
         raise SolError(f"{p}: the tokenizer has no end-of-text token to separate documents")
+    return tok
+
+
+def _trained(spec: str, files: list[Path], cache: Path | None, described: list[dict] | None, train) -> Tokenizer:
+    """A vocabulary trained on `files` by `spec`, from the cache when these contents were seen before."""
+    if cache is None:
+        return train()
+    what = {"format": CACHE_FORMAT, "spec": spec,
+            "files": [f["sha256"] for f in (described or describe_files(files))]}
+    path = cache / (hashlib.sha256(json.dumps(what).encode("utf-8")).hexdigest()[:32] + ".json")
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(path)
+        except SolError:   # a damaged entry: train again and replace it
+            pass
+    tok = train()
+    try:
+        tok.save(path)
+    except OSError:        # a cache that cannot be written only costs the next run the training
+        pass
     return tok
 
 
@@ -120,13 +144,13 @@ def write_memmap(path: Path, arr: np.ndarray) -> None:
 
 
 def build(files: list[Path], tok: Tokenizer, out: Path, context: int, val_fraction: float = 0.1,
-          cache: Path | None = None) -> dict:
+          cache: Path | None = None, described: list[dict] | None = None) -> dict:
     """Tokenize the corpus into out/train.bin and out/val.bin; returns the meta also written to meta.json.
     Each file's first part trains and its last `val_fraction` validates, so every kind of text in a
     mixed corpus is measured. With `cache` (a folder), the ids are kept there too, keyed by the files'
     contents, the tokenizer and the split: the next run on the same data links them instead of
     tokenizing again (out/ still holds its own train.bin, val.bin and meta.json)."""
-    described = describe_files(files)
+    described = described or describe_files(files)
     key = cache_key(described, tok, val_fraction)
     hit = _cached(cache / key) if cache is not None else None
     if hit is not None:
@@ -168,12 +192,16 @@ def _check_size(files: list[Path], n_train: int, n_val: int, context: int, val_f
 
 
 # ---- the cache of tokenized corpora -------------------------------------------
-CACHE_FORMAT = 1   # bump when what a cache entry holds changes
 
 
 def cache_dir() -> Path:
     from ..registry import data_dir
     return data_dir() / "cache" / "corpus"
+
+
+def tokenizer_cache_dir() -> Path:
+    from ..registry import data_dir
+    return data_dir() / "cache" / "tokenizers"
 
 
 def cache_key(described: list[dict], tok: Tokenizer, val_fraction: float) -> str:

@@ -24,8 +24,16 @@ def cache_dir() -> Path:
 
 def use_caches() -> None:
     """Point inductor at Sol's cache folder (unless the user chose one) and turn its caches on.
-    Inductor reads the variable when it first needs the folder, so setting it before compiling is enough."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+    Inductor reads the variable whenever it needs the folder, but the first time writes its default
+    (under /tmp) into it -- creating an AdamW does -- so that default is replaced too."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        torch_default = os.path.abspath(default_cache_dir())
+    except (ImportError, AttributeError):
+        torch_default = None
+    if current is None or os.path.abspath(current) == torch_default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
     try:
         import torch._inductor.config as inductor_config
         inductor_config.fx_graph_cache = True

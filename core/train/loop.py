@@ -267,7 +267,9 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-    # Reading a number from a GPU waits for every step queued before it: read every log_every steps.
+    # Reading a number from a GPU waits for every step queued before it: read every log_every steps (and,
+    # when that is automatic, at least every second, so slow steps still show; not under DDP, whose
+    # ranks must read at the same steps).
     log_every = cfg.log_every or (1 if device.type == "cpu" else 10)
     n_params = sum(p.numel() for p in module.parameters())
     emit({"type": "start", "stage": stage.name, "config": {**_public(cfg), **stage.config_summary()},
@@ -297,15 +299,23 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
         nonlocal elapsed, step_time, since
         if not pending:
             return
-        losses = ddp.all_sum(torch.stack([p["loss_sum"].float() for p in pending]), dist, device)
-        values = torch.cat([losses, torch.stack([p["grad_norm"].float() for p in pending])]).tolist()
+        n = len(pending)
+        parts = [ddp.all_sum(torch.stack([p["loss_sum"].float() for p in pending]), dist, device),
+                 torch.stack([p["grad_norm"].float() for p in pending])]
+        if dist.enabled:   # the global counts were summed on the device too
+            parts.append(torch.stack([p["count"] for p in pending]).float())
+        values = torch.cat(parts).tolist()
+        counts = values[2 * n:] if dist.enabled else [p["count"] for p in pending]
         tokens = ddp.all_sum(sum(p["tokens"] for p in pending), dist, device)
         now = time.perf_counter()
-        dt, n = now - since, len(pending)
+        dt = now - since
         elapsed += dt
         for i, p in enumerate(pending):
+            if counts[i] <= 0:
+                raise SolError(f"{stage.name}: step {p['step'] - 1} has nothing to learn from (no target tokens); "
+                               "check the data")
             step_time = dt / n if step_time is None else 0.9 * step_time + 0.1 * dt / n
-            loss_mean = values[i] / p["count"]
+            loss_mean = values[i] / counts[i]
             emit({"type": "step", "step": p["step"], "loss": loss_mean, "lr": p["lr"], "grad_norm": values[n + i],
                   "tokens_per_s": tokens / dt if dt > 0 else 0.0,
                   "eta_s": step_time * (cfg.max_steps - p["step"]), **p["extra"]})
@@ -328,8 +338,10 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
                     module.train()
                 micro = batches.get(step)
                 extra = stage_step_extra(stage)
-                count = ddp.all_sum(sum(b["count"] for b in micro), dist, device)
-                if count <= 0:
+                count = sum(b["count"] for b in micro)
+                if dist.enabled:   # summed over ranks on the device: no wait here; read_pending checks it
+                    count = ddp.all_sum(torch.tensor(float(count), device=device), dist, device)
+                elif count <= 0:
                     raise SolError(f"{stage.name}: step {step} has nothing to learn from (no target tokens); "
                                    "check the data")
                 loss_sum = None
@@ -352,8 +364,13 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
                 do_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or last)
                 do_sample = bool(cfg.sample_every) and (step % cfg.sample_every == 0 or last)
                 do_ckpt = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and not last
-                stop_now = ddp.all_sum(1.0 if stop.requested else 0.0, dist, device) > 0
-                if not (last or stop_now or do_eval or do_sample or do_ckpt or step % log_every == 0):
+                due = last or do_eval or do_sample or do_ckpt or step % log_every == 0
+                if dist.enabled:   # ranks agree on stopping where they all read anyway (no extra wait)
+                    stop_now = due and ddp.all_sum(1.0 if stop.requested else 0.0, dist, device) > 0
+                else:              # alone, a stop is seen at once; automatic reads also come every second
+                    stop_now = stop.requested
+                    due = due or stop_now or (not cfg.log_every and time.perf_counter() - since >= 1.0)
+                if not due:
                     continue
                 read_pending()
                 if do_eval:

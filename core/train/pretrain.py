@@ -61,18 +61,19 @@ class Pretrain(Stage):
         out = Path(cfg.out)
         self.device = device
         self.files = corpus.corpus_files(a.corpus)
+        described = corpus.describe_files(self.files)   # hashed once: the caches' keys and sol.json
         ckpt = checkpointing.latest(out) if cfg.resume else None
         if ckpt is not None:   # the tokenizer the run started with, whatever --tokenizer says now
             self.tokenizer = Tokenizer.from_file(ckpt / "tokenizer.json")
         else:
-            self.tokenizer = corpus.make_tokenizer(a.tokenizer, self.files)
+            self.tokenizer = corpus.make_tokenizer(a.tokenizer, self.files, corpus.tokenizer_cache_dir(), described)
         self.cfg = model_config(a, self.tokenizer.vocab_size)
         if ckpt is not None:
             self.cfg = ModelConfig.from_dict(checkpointing_config(ckpt), source=str(ckpt / "config.json"))
         data_dir = out / "data"
         if dist.main:
             corpus.build(self.files, self.tokenizer, data_dir, self.cfg.context, a.val_fraction,
-                         cache=corpus.cache_dir())
+                         cache=corpus.cache_dir(), described=described)
         ddp.barrier(dist)
         self.train_data, self.val_data, self.data_meta = corpus.load(data_dir)
         torch.manual_seed(cfg.seed)   # same initial weights on every rank
