@@ -266,3 +266,24 @@ def test_a_vocabulary_trained_on_the_same_files_is_reused(tmp_path, tiny_text_fi
     tiny_text_file.write_text(tiny_text_file.read_text(encoding="utf-8") + "more words\n", encoding="utf-8")
     pretrain(tiny_text_file, tmp_path / "four", 1, "--tokenizer", "bpe:320")     # other contents: trained
     assert trained == [320, 330, 320]
+
+
+def test_compiled_pretraining_takes_the_same_steps(tmp_path, tiny_text_file, monkeypatch, isolated_home):
+    """--compile traces forward, head and cross-entropy as one graph. aot_eager runs what dynamo and
+    autograd traced without building kernels (no compiler needed, seconds not minutes); inductor's own
+    numerics are torch's business."""
+    compiled_what = []
+    real = torch.compile
+
+    def compile_(fn, mode=None, **kw):
+        compiled_what.append((fn, mode))
+        return real(fn, backend="aot_eager")
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    _, eager = pretrain(tiny_text_file, tmp_path / "eager", 4)
+    _, comp = pretrain(tiny_text_file, tmp_path / "comp", 4, "--compile", "--compile-mode", "reduce-overhead")
+    assert comp[0]["compile"] == "default"             # no CUDA graphs on the CPU
+    assert len(compiled_what) == 1 and not isinstance(compiled_what[0][0], torch.nn.Module)
+    for (s1, l1, g1, lr1), (s2, l2, g2, lr2) in zip(steps_of(eager), steps_of(comp), strict=True):
+        assert (s1, lr1) == (s2, lr2) and l2 == pytest.approx(l1, abs=1e-5) and g2 == pytest.approx(g1, rel=1e-4)
+    torch._dynamo.reset()

@@ -49,10 +49,19 @@ def effective_mode(mode: str, stage, device: torch.device, dist) -> str:
 
 
 def compile_for_training(module, mode: str, stage, device: torch.device, dist):
-    """The compiled module and the mode used."""
+    """(module, loss, mode used): what the loop calls as loss(module, batch).
+
+    One process and fixed shapes (pretraining): the whole loss -- forward, LM head and cross-entropy --
+    is one compiled graph, so inductor fuses the cross-entropy into the head's output instead of
+    writing float32 logits out. Otherwise (DDP wraps the module; varying shapes) the module alone."""
     use_caches()
     mode = effective_mode(mode, stage, device, dist)
-    return torch.compile(module, mode=None if mode == "default" else mode), mode
+    options = {"mode": None if mode == "default" else mode}
+    if stage.static_shapes and not dist.enabled:
+        def loss(m, batch):
+            return stage.loss(m, batch)
+        return module, torch.compile(loss, **options), mode
+    return torch.compile(module, **options), stage.loss, mode
 
 
 def mark_step(mode: str | None) -> None:

@@ -258,9 +258,10 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
         optimizer.load_state_dict(state["optimizer"])
         checkpointing.set_rng_state(state["rng"])
         step, elapsed, metrics = state["step"], state.get("elapsed", 0.0), state.get("metrics", {})
-    train_module, compile_mode = module, None
+    train_module, loss_of, compile_mode = module, stage.loss, None
     if cfg.compile:
-        train_module, compile_mode = compiled.compile_for_training(module, cfg.compile_mode, stage, device, dist)
+        train_module, loss_of, compile_mode = compiled.compile_for_training(module, cfg.compile_mode, stage,
+                                                                            device, dist)
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_module = DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -351,9 +352,11 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
                     compiled.mark_step(compile_mode)
                     with no_sync:
                         with autocast:
-                            loss = stage.loss(train_module, b)
+                            loss = loss_of(train_module, b)
                         (loss * (dist.world / count)).backward()
-                    loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+                    # A CUDA graph's output is overwritten by its next replay: keep a copy until it is read.
+                    kept = loss.detach().clone() if compile_mode == "reduce-overhead" else loss.detach()
+                    loss_sum = kept if loss_sum is None else loss_sum + kept
                 grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip or float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -19,8 +19,9 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     """Sum over (B, T) of -log softmax(logits)[target], positions whose target is ignore_index skipped."""
     V = logits.size(-1)
     logits, targets = logits.reshape(-1, V), targets.reshape(-1)
-    if logits.dtype == torch.float32 or logits.dtype == torch.float64:
-        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    if logits.dtype in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+        # Compiled, the cast is fused into the reduction and never written out: the plain form is best.
+        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
     return ChunkedCrossEntropy.apply(logits, targets, ignore_index, max(1, CHUNK_ELEMENTS // V))
 
 
