@@ -6,7 +6,6 @@ answers and tool calls, not to imitate users or invent tool results.
 """
 from __future__ import annotations
 
-
 from ..data import conversations, jsonl
 from ..data.corpus import describe_files
 from ..errors import SolError
