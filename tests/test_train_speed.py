@@ -46,24 +46,25 @@ def seen_rows(monkeypatch):
     return seen
 
 
-def test_prefetch_and_deferred_reads_change_no_step(tmp_path, tiny_text_file, seen_rows, monkeypatch):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_prefetch_and_deferred_reads_change_no_step(tmp_path, tiny_text_file, seen_rows, monkeypatch, accum):
     from sol.core.train.pretrain import Pretrain
     threads = []
     make = Pretrain.micro_batches
     monkeypatch.setattr(Pretrain, "micro_batches",
                         lambda self, *a: threads.append(threading.current_thread().name) or make(self, *a))
-    _, ref = pretrain(tiny_text_file, tmp_path / "ref", 12, "--no-prefetch", "--log-every", 1)
+    _, ref = pretrain(tiny_text_file, tmp_path / "ref", 12, "--no-prefetch", "--log-every", 1, "--grad-accum", accum)
     assert threads == ["MainThread"] * 12
     ref_rows = list(seen_rows)
     seen_rows.clear()
     threads.clear()
-    _, fast = pretrain(tiny_text_file, tmp_path / "fast", 12, "--prefetch", "--log-every", 5)
+    _, fast = pretrain(tiny_text_file, tmp_path / "fast", 12, "--prefetch", "--log-every", 5, "--grad-accum", accum)
     # step 0 is built when asked for, every later step in the background while the one before trains
     assert threads[0] == "MainThread" and all(t.startswith("sol-batches") for t in threads[1:])
     assert len(threads) == 12
     assert steps_of(fast) == steps_of(ref)          # every step's loss and grad norm, bit for bit
     assert [s for s, *_ in steps_of(fast)] == list(range(1, 13))
-    assert all(torch.equal(a, b) for a, b in zip(seen_rows, ref_rows)) and len(seen_rows) == 12
+    assert all(torch.equal(a, b) for a, b in zip(seen_rows, ref_rows)) and len(seen_rows) == 12 * accum
     # read every 5 steps: steps 1-5 were emitted together, over one interval, and so were 6-10
     rates = [e["tokens_per_s"] for e in fast if e["type"] == "step"]
     assert len(set(rates[:5])) == 1 and len(set(rates[5:10])) == 1 and rates[0] != rates[5]
@@ -241,6 +242,7 @@ def test_compile_uses_sols_cache_folder_and_reduce_overhead_only_where_it_is_saf
     assert compiled.effective_mode("reduce-overhead", Pretrain, cpu, one) == "default"
     assert compiled.effective_mode("reduce-overhead", SFT, cuda, one) == "default"     # shapes vary
     assert compiled.effective_mode("reduce-overhead", Pretrain, cuda, two) == "default"
+    assert compiled.effective_mode("reduce-overhead", Pretrain, cuda, one, grad_accum=2) == "default"
     assert compiled.effective_mode("max-autotune", Pretrain, cpu, one) == "max-autotune"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
     compiled.use_caches()

@@ -41,21 +41,24 @@ def use_caches() -> None:
         pass
 
 
-def effective_mode(mode: str, stage, device: torch.device, dist) -> str:
-    """reduce-overhead only where CUDA graphs are correct: CUDA, static shapes, one process."""
-    if mode == "reduce-overhead" and not (device.type == "cuda" and stage.static_shapes and not dist.enabled):
+def effective_mode(mode: str, stage, device: torch.device, dist, grad_accum: int = 1) -> str:
+    """reduce-overhead only where CUDA graphs are correct: CUDA, static shapes, one process, and one
+    micro-batch a step (the gradients a replay writes live in the graphs' memory, which the next
+    micro-batch's replay would reuse before they were added up)."""
+    if mode == "reduce-overhead" and not (device.type == "cuda" and stage.static_shapes and not dist.enabled
+                                          and grad_accum == 1):
         return "default"
     return mode
 
 
-def compile_for_training(module, mode: str, stage, device: torch.device, dist):
+def compile_for_training(module, mode: str, stage, device: torch.device, dist, grad_accum: int = 1):
     """(module, loss, mode used): what the loop calls as loss(module, batch).
 
     One process and fixed shapes (pretraining): the whole loss -- forward, LM head and cross-entropy --
     is one compiled graph, so inductor fuses the cross-entropy into the head's output instead of
     writing float32 logits out. Otherwise (DDP wraps the module; varying shapes) the module alone."""
     use_caches()
-    mode = effective_mode(mode, stage, device, dist)
+    mode = effective_mode(mode, stage, device, dist, grad_accum)
     options = {"mode": None if mode == "default" else mode}
     if stage.static_shapes and not dist.enabled:
         def loss(m, batch):
@@ -65,6 +68,6 @@ def compile_for_training(module, mode: str, stage, device: torch.device, dist):
 
 
 def mark_step(mode: str | None) -> None:
-    """Tell CUDA graph trees that a new forward begins, so they may reuse the last pass's memory."""
+    """Tell CUDA graph trees that a new step begins, so they may reuse the last step's memory."""
     if mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()

@@ -261,7 +261,7 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
     train_module, loss_of, compile_mode = module, stage.loss, None
     if cfg.compile:
         train_module, loss_of, compile_mode = compiled.compile_for_training(module, cfg.compile_mode, stage,
-                                                                            device, dist)
+                                                                            device, dist, cfg.grad_accum)
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_module = DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -346,10 +346,10 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
                     raise SolError(f"{stage.name}: step {step} has nothing to learn from (no target tokens); "
                                    "check the data")
                 loss_sum = None
+                compiled.mark_step(compile_mode)
                 for i, b in enumerate(micro):
                     sync = i == len(micro) - 1
                     no_sync = train_module.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
-                    compiled.mark_step(compile_mode)
                     with no_sync:
                         with autocast:
                             loss = loss_of(train_module, b)
