@@ -78,7 +78,7 @@ def test_prefetch_and_deferred_reads_change_no_step(tmp_path, tiny_text_file, se
 
 def test_resume_with_prefetch_lands_on_the_same_step_lr_and_batches(tmp_path, tiny_text_file, seen_rows):
     steps = 16
-    _, full = pretrain(tiny_text_file, tmp_path / "full", steps, "--log-every", 4)
+    _, full = pretrain(tiny_text_file, tmp_path / "full", steps, "--log-every", 4, "--no-prefetch")
     full_rows = list(seen_rows)
     seen_rows.clear()
 
@@ -93,7 +93,7 @@ def test_resume_with_prefetch_lands_on_the_same_step_lr_and_batches(tmp_path, ti
     spec, args = stage_args("pretrain", ["--corpus", tiny_text_file, "--out", tmp_path / "cut", *MODEL,
                                          "--batch-size", 8, "--max-steps", steps, "--lr", 3e-3, "--warmup", 3,
                                          "--eval-every", 0, "--sample-every", 0, "--checkpoint-every", 0,
-                                         "--log-every", 4, "--threads", 1])
+                                         "--log-every", 4, "--prefetch", "--threads", 1])
     cut = []
     done = spec.run(args, interrupt(cut))
     assert done["stopped"] is True
@@ -101,7 +101,7 @@ def test_resume_with_prefetch_lands_on_the_same_step_lr_and_batches(tmp_path, ti
     assert 5 < stopped_at < steps   # stopped at the next read (step 8), never at once mid-interval
     assert [e["step"] for e in cut if e["type"] == "step"] == list(range(1, stopped_at + 1))
     n_cut = len(seen_rows)
-    _, resumed = pretrain(tiny_text_file, tmp_path / "cut", steps, "--resume", "--log-every", 4)
+    _, resumed = pretrain(tiny_text_file, tmp_path / "cut", steps, "--resume", "--log-every", 4, "--prefetch")
     start = resumed[0]
     assert start["type"] == "start" and start["step"] == stopped_at
     assert all(torch.equal(a, b) for a, b in zip(seen_rows, full_rows)) and len(seen_rows) == steps
@@ -289,3 +289,13 @@ def test_compiled_pretraining_takes_the_same_steps(tmp_path, tiny_text_file, mon
     for (s1, l1, g1, lr1), (s2, l2, g2, lr2) in zip(steps_of(eager), steps_of(comp), strict=True):
         assert (s1, lr1) == (s2, lr2) and l2 == pytest.approx(l1, abs=1e-5) and g2 == pytest.approx(g1, rel=1e-4)
     torch._dynamo.reset()
+
+
+def test_prefetch_is_off_on_the_cpu_unless_asked(tmp_path, tiny_text_file, monkeypatch):
+    from sol.core.train import loop
+    made = []
+    real = loop.Prefetcher
+    monkeypatch.setattr(loop, "Prefetcher", lambda *a, ahead: made.append(ahead) or real(*a, ahead=ahead))
+    pretrain(tiny_text_file, tmp_path / "a", 1)
+    pretrain(tiny_text_file, tmp_path / "b", 1, "--prefetch")
+    assert made == [False, True]

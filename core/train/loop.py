@@ -52,7 +52,7 @@ class TrainConfig:
     compile_mode: str = "default"   # torch.compile's mode; reduce-overhead: CUDA graphs (CUDA, static shapes)
     threads: int = 0                # CPU threads (0: torch's default)
     log_every: int = 0              # read loss and grad norm from the device every N steps (0: 1 on CPU, 10 else)
-    prefetch: bool = True           # build the next step's batches in a background thread (stages that allow it)
+    prefetch: bool | None = None    # build the next step's batches in a background thread (None: not on the CPU)
     extra: dict = field(default_factory=dict)
 
 
@@ -325,8 +325,10 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
 
     if step == 0 and cfg.sample_every and dist.main:
         _sample(stage, module, step, emit)
-    batches = Prefetcher(lambda s: stage.micro_batches(s, cfg, dist), device, cfg.max_steps,
-                         ahead=cfg.prefetch and stage.prefetch)
+    # On the CPU cutting a batch takes microseconds, and a third thread waking every step on a machine whose
+    # cores all run the step's math costs more than it saves (measured, 2 cores): there it is off unless asked.
+    ahead = stage.prefetch and (cfg.prefetch if cfg.prefetch is not None else device.type != "cpu")
+    batches = Prefetcher(lambda s: stage.micro_batches(s, cfg, dist), device, cfg.max_steps, ahead=ahead)
     stopped = False
     try:
         with _Stop() as stop:

@@ -32,8 +32,9 @@ def add_common(p, defaults: dict | None = None) -> None:
     p.add_argument("--log-every", type=int, default=0, metavar="N",
                    help="read loss and gradient norm from the device every N steps (a read waits for the GPU); "
                         "every step still gets its event. 0: 1 on the CPU, 10 on a GPU")
-    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
-                   help="build the next step's batches in a background thread while this one trains")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="build the next step's batches in a background thread while this one trains "
+                        "(default: on a GPU, not on the CPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for training (default: torch's choice)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--events", default=None, metavar="PATH|-", help="JSON lines to a file, or - for stdout")
@@ -56,4 +57,4 @@ def train_config(args) -> TrainConfig:
                        device=args.device, compile=args.compile,
                        compile_mode=getattr(args, "compile_mode", "default"),
                        threads=getattr(args, "threads", 0), log_every=getattr(args, "log_every", 0),
-                       prefetch=getattr(args, "prefetch", True))
+                       prefetch=getattr(args, "prefetch", None))
