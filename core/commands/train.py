@@ -48,6 +48,8 @@ def _with_events(args, body):
 
     from ..errors import SolError
     from ..train.events import make_emitter
+    from ..train.loop import mark_command_start
+    mark_command_start()   # the start event's startup_s counts from this process's start
     emit = make_emitter(getattr(args, "events", None), int(os.environ.get("RANK", "0")))
     try:
         body(emit)

@@ -7,11 +7,16 @@ start of the next, exactly as GPT-2 and GPT-3 were trained. The first 90 %
 of each file is for training, the rest for validation. Ids are stored as
 uint16 when the vocabulary fits, uint32 otherwise, in plain .bin files that
 numpy memory-maps: a corpus larger than memory still trains.
+
+Tokenizing is the slow part of starting a run, so the ids are also kept in Sol's cache folder
+(data folder / cache / corpus), keyed by the files' hashes, the tokenizer and the split; a second
+run on the same data hard-links them into its own data/ folder instead.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,7 @@ from ..errors import SolError
 from ..tokenizer import EOT, Tokenizer, train_bpe, train_char
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ""}
+CACHE_FORMAT = 1   # of the cached vocabularies and token ids: bump when what an entry holds changes
 
 
 def sha256(path: Path) -> str:
@@ -56,10 +62,13 @@ def corpus_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def make_tokenizer(spec: str, files: list[Path]) -> Tokenizer:
-    """`char`, `bpe:N`, or the path of a tokenizer.json (or of a model directory holding one)."""
+def make_tokenizer(spec: str, files: list[Path], cache: Path | None = None,
+                   described: list[dict] | None = None) -> Tokenizer:
+    """`char`, `bpe:N`, or the path of a tokenizer.json (or of a model directory holding one).
+    With `cache` (a folder), a vocabulary trained on these files' contents is kept there and reused
+    (`described`: describe_files(files), when the caller has it already)."""
     if spec == "char":
-        return train_char(files)
+        return _trained(spec, files, cache, described, lambda: train_char(files))
     if spec.startswith("bpe:"):
         try:
             n = int(spec[4:])
@@ -67,7 +76,7 @@ def make_tokenizer(spec: str, files: list[Path]) -> Tokenizer:
             raise SolError(f"--tokenizer {spec}: write bpe:N with N the vocabulary size, e.g. bpe:4096") from None
         if n < 300:
             raise SolError(f"--tokenizer {spec}: a byte-level BPE needs at least 300 tokens (256 bytes + specials)")
-        return train_bpe(files, n)
+        return _trained(spec, files, cache, described, lambda: train_bpe(files, n))
     p = Path(spec).expanduser()
     if p.is_dir():
         p = p / "tokenizer.json"
@@ -76,6 +85,26 @@ def make_tokenizer(spec: str, files: list[Path]) -> Tokenizer:
     tok = Tokenizer.from_file(p)
     if tok.token_to_id(EOT) is None and tok.eos_id is None:
         raise SolError(f"{p}: the tokenizer has no end-of-text token to separate documents")
+    return tok
+
+
+def _trained(spec: str, files: list[Path], cache: Path | None, described: list[dict] | None, train) -> Tokenizer:
+    """A vocabulary trained on `files` by `spec`, from the cache when these contents were seen before."""
+    if cache is None:
+        return train()
+    what = {"format": CACHE_FORMAT, "spec": spec,
+            "files": [f["sha256"] for f in (described or describe_files(files))]}
+    path = cache / (hashlib.sha256(json.dumps(what).encode("utf-8")).hexdigest()[:32] + ".json")
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(path)
+        except SolError:   # a damaged entry: train again and replace it
+            pass
+    tok = train()
+    try:
+        tok.save(path)
+    except OSError:        # a cache that cannot be written only costs the next run the training
+        pass
     return tok
 
 
@@ -114,29 +143,123 @@ def write_memmap(path: Path, arr: np.ndarray) -> None:
     replace(tmp, path)
 
 
-def build(files: list[Path], tok: Tokenizer, out: Path, context: int, val_fraction: float = 0.1) -> dict:
+def build(files: list[Path], tok: Tokenizer, out: Path, context: int, val_fraction: float = 0.1,
+          cache: Path | None = None, described: list[dict] | None = None) -> dict:
     """Tokenize the corpus into out/train.bin and out/val.bin; returns the meta also written to meta.json.
     Each file's first part trains and its last `val_fraction` validates, so every kind of text in a
-    mixed corpus is measured."""
+    mixed corpus is measured. With `cache` (a folder), the ids are kept there too, keyed by the files'
+    contents, the tokenizer and the split: the next run on the same data links them instead of
+    tokenizing again (out/ still holds its own train.bin, val.bin and meta.json)."""
+    described = described or describe_files(files)
+    key = cache_key(described, tok, val_fraction)
+    hit = _cached(cache / key) if cache is not None else None
+    if hit is not None:
+        _check_size(files, hit["train_tokens"], hit["val_tokens"], context, val_fraction)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("train.bin", "val.bin"):
+            link_or_copy(cache / key / name, out / name)
+        meta = {**hit, "files": described}
+    else:
+        train, val = tokenize(files, tok, val_fraction)
+        _check_size(files, len(train), len(val), context, val_fraction)
+        out.mkdir(parents=True, exist_ok=True)
+        write_memmap(out / "train.bin", train)
+        write_memmap(out / "val.bin", val)
+        meta = {"dtype": str(train.dtype), "train_tokens": int(len(train)), "val_tokens": int(len(val)),
+                "vocab_size": tok.vocab_size, "files": described}
+    write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    if cache is not None and hit is None:
+        _store(out, cache, key)
+    return meta
+
+
+def tokenize(files: list[Path], tok: Tokenizer, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     trains, vals = [], []
     for f in files:
         ids = encode_file(tok, f)
         n_val = int(len(ids) * val_fraction)
         trains.append(ids[:len(ids) - n_val])
         vals.append(ids[len(ids) - n_val:])
-    train, val = np.concatenate(trains), np.concatenate(vals)
+    return np.concatenate(trains), np.concatenate(vals)
+
+
+def _check_size(files: list[Path], n_train: int, n_val: int, context: int, val_fraction: float) -> None:
     need = context + 1
-    if len(train) < need or (val_fraction > 0 and len(val) < need):
-        raise SolError(f"--corpus {files[0]}: the corpus is {len(train) + len(val)} tokens; with a {int(val_fraction * 100)} % "
+    if n_train < need or (val_fraction > 0 and n_val < need):
+        raise SolError(f"--corpus {files[0]}: the corpus is {n_train + n_val} tokens; with a {int(val_fraction * 100)} % "
                        f"validation split each part needs at least {need} tokens (one context window plus one). "
                        f"Give more text or a smaller --context")
-    out.mkdir(parents=True, exist_ok=True)
-    write_memmap(out / "train.bin", train)
-    write_memmap(out / "val.bin", val)
-    meta = {"dtype": str(train.dtype), "train_tokens": int(len(train)), "val_tokens": int(len(val)),
-            "vocab_size": tok.vocab_size, "files": describe_files(files)}
-    write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
-    return meta
+
+
+# ---- the cache of tokenized corpora -------------------------------------------
+
+
+def cache_dir() -> Path:
+    from ..registry import data_dir
+    return data_dir() / "cache" / "corpus"
+
+
+def tokenizer_cache_dir() -> Path:
+    from ..registry import data_dir
+    return data_dir() / "cache" / "tokenizers"
+
+
+def cache_key(described: list[dict], tok: Tokenizer, val_fraction: float) -> str:
+    """The files' contents in order (not their names: a copy hits), the tokenizer (its whole JSON, so a
+    retrained vocabulary misses) and the split."""
+    tok_hash = hashlib.sha256(tok.hf.to_str(pretty=False).encode("utf-8")).hexdigest()
+    what = {"format": CACHE_FORMAT, "files": [f["sha256"] for f in described], "tokenizer": tok_hash,
+            "val_fraction": val_fraction}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+
+
+def _cached(entry: Path) -> dict | None:
+    """An entry's meta when the entry is whole (its .bin files as long as the meta says), else None."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+        size = np.dtype(meta["dtype"]).itemsize
+        if ((entry / "train.bin").stat().st_size != meta["train_tokens"] * size
+                or (entry / "val.bin").stat().st_size != meta["val_tokens"] * size):
+            return None
+        return {k: meta[k] for k in ("dtype", "train_tokens", "val_tokens", "vocab_size")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store(out: Path, cache: Path, key: str) -> None:
+    """Put out/'s files in the cache as one entry: assembled in a temporary folder, then renamed into
+    place, so a reader sees a whole entry or none. A cache that cannot be written is only slower."""
+    import shutil
+    import tempfile
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache))
+    except OSError:
+        return
+    try:
+        for name in ("train.bin", "val.bin", "meta.json"):
+            link_or_copy(out / name, tmp / name)
+        entry = cache / key
+        if entry.exists():   # an entry that failed _cached (cut short): this one replaces it
+            shutil.rmtree(entry, ignore_errors=True)
+        os.rename(tmp, entry)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst becomes src's contents, atomically: a hard link where the file system allows (no copy, and the
+    files are never written in place, only replaced), else a copy."""
+    import shutil
+    tmp = temp_path_for(dst)
+    tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    replace(tmp, dst)
 
 
 def load(out: Path) -> tuple[np.memmap, np.memmap, dict]:

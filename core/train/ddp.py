@@ -45,7 +45,15 @@ def device_for(d: Dist, device: torch.device) -> torch.device:
     return device
 
 
-def all_sum(x: float, d: Dist, device) -> float:
+def all_sum(x, d: Dist, device):
+    """The sum over ranks of a number (returned as a float: the host waits) or of a tensor (returned as a
+    tensor on its device: nothing waits until it is read)."""
+    if torch.is_tensor(x):
+        if not d.enabled:
+            return x
+        t = x.clone()
+        dist.all_reduce(t)
+        return t
     if not d.enabled:
         return float(x)
     t = torch.tensor([float(x)], dtype=torch.float64, device=device)

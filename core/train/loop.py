@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,8 @@ import torch.nn as nn
 
 from ..devices import describe, pick_device
 from ..errors import SolError
-from . import checkpointing, ddp
+from . import checkpointing, compiled, ddp
+from .prefetch import Prefetcher
 from .schedule import lr_at
 
 
@@ -47,7 +49,10 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"   # torch.compile's mode; reduce-overhead: CUDA graphs (CUDA, static shapes)
     threads: int = 0                # CPU threads (0: torch's default)
+    log_every: int = 0              # read loss and grad norm from the device every N steps (0: 1 on CPU, 10 else)
+    prefetch: bool | None = None    # build the next step's batches in a background thread (None: not on the CPU)
     extra: dict = field(default_factory=dict)
 
 
@@ -57,6 +62,11 @@ class Stage:
     kind = "base"         # sol.json "stage": base | sft | rm | rl
     module: nn.Module     # what is trained (a Transformer, or a Transformer with a reward head)
     tokenizer = None
+    # micro_batches reads only the data, never the module or anything training changes, so the loop may
+    # build step s+1's batches in a background thread while step s trains (RL samples from the model: no).
+    prefetch = False
+    # Every step's batches have the same shapes, so a captured CUDA graph can replay them (reduce-overhead).
+    static_shapes = False
 
     def prepare(self, cfg: TrainConfig, device: torch.device, dist: ddp.Dist) -> None:
         """Read and check all data (errors before any training), build self.module."""
@@ -65,7 +75,8 @@ class Stage:
     def micro_batches(self, step: int, cfg: TrainConfig, dist: ddp.Dist) -> list[dict]:
         """This rank's micro-batches for optimizer step `step`. Each dict has "count" (what the loss sums
         over) and "tokens" (for tokens/s). Must be a function of the step alone, so a resumed run sees
-        exactly the batches the interrupted one would have."""
+        exactly the batches the interrupted one would have. Tensors may be on the CPU: the loop moves
+        them to the device (asynchronously from pinned memory on a GPU)."""
         raise NotImplementedError
 
     def loss(self, module: nn.Module, batch: dict) -> torch.Tensor:
@@ -185,24 +196,52 @@ def check_writable(out: Path) -> None:
                        "write to") from None
 
 
+# Where the start event's startup_s counts from. `sol train` sets it (mark_command_start) to its process's
+# start as the OS recorded it, so interpreter start-up and imports count; train() called in-process (tests,
+# the benchmarks, a recipe's later stages) counts from its own entry.
+_command_started: float | None = None
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux's /proc), else None."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))   # field 22: start time in ticks
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def mark_command_start() -> None:
+    global _command_started
+    _command_started = time.perf_counter() - (process_age() or 0.0)
+
+
 def train(stage: Stage, cfg: TrainConfig, emit) -> dict:
     """Run the stage to cfg.max_steps (or until stopped). Returns the `done` event."""
+    global _command_started
+    started, _command_started = _command_started or time.perf_counter(), None
     out = Path(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     dist = ddp.setup(device)
     device = ddp.device_for(dist, device)
+    if device.type == "cuda":   # float32 matmuls (outside autocast) on tensor cores, as TF32
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
     try:
-        return _train(stage, cfg, emit, out, device, dist)
+        return _train(stage, cfg, emit, out, device, dist, started)
     finally:
         ddp.teardown(dist)
 
 
-def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Dist) -> dict:
+def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Dist, started: float) -> dict:
     if cfg.batch_size % (cfg.grad_accum * dist.world):
         raise SolError(f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} "
                        f"times the number of processes {dist.world}")
+    if cfg.log_every < 0:
+        raise SolError(f"--log-every {cfg.log_every}: must be 0 (automatic) or more")
     ckpt = check_out_dir(out, cfg.resume, stage.kind) if dist.main else None
     ddp.barrier(dist)
     if not dist.main:
@@ -219,19 +258,25 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
         optimizer.load_state_dict(state["optimizer"])
         checkpointing.set_rng_state(state["rng"])
         step, elapsed, metrics = state["step"], state.get("elapsed", 0.0), state.get("metrics", {})
-    train_module = module
+    train_module, loss_of, compile_mode = module, stage.loss, None
     if cfg.compile:
-        train_module = torch.compile(train_module)
+        train_module, loss_of, compile_mode = compiled.compile_for_training(module, cfg.compile_mode, stage,
+                                                                            device, dist, cfg.grad_accum)
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_module = DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    # Reading a number from a GPU waits for every step queued before it: read every log_every steps (and,
+    # when that is automatic, at least every second, so slow steps still show; not under DDP, whose
+    # ranks must read at the same steps).
+    log_every = cfg.log_every or (1 if device.type == "cpu" else 10)
     n_params = sum(p.numel() for p in module.parameters())
     emit({"type": "start", "stage": stage.name, "config": {**_public(cfg), **stage.config_summary()},
           "parameters": n_params, "device": describe(device), "world_size": dist.world,
-          "max_steps": cfg.max_steps, "step": step, "resumed_from": str(ckpt) if ckpt else None})
+          "max_steps": cfg.max_steps, "step": step, "resumed_from": str(ckpt) if ckpt else None,
+          "compile": compile_mode, "startup_s": time.perf_counter() - started})
 
     def trainer_state():
         return {"step": step, "optimizer": optimizer.state_dict(), "rng": checkpointing.rng_state(),
@@ -244,63 +289,115 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
             emit({"type": "checkpoint", "step": step, "path": str(path)})
         ddp.barrier(dist)
 
+    # Steps trained whose loss and gradient norm are still device tensors, and when the first began.
+    pending: list[dict] = []
+    since = time.perf_counter()
+    step_time = None
+
+    def read_pending():
+        """One wait for the device, then one `step` event per pending step. tokens/s and the step time
+        behind eta_s are over the whole interval, which is what the steps took together."""
+        nonlocal elapsed, step_time, since
+        if not pending:
+            return
+        n = len(pending)
+        parts = [ddp.all_sum(torch.stack([p["loss_sum"].float() for p in pending]), dist, device),
+                 torch.stack([p["grad_norm"].float() for p in pending])]
+        if dist.enabled:   # the global counts were summed on the device too
+            parts.append(torch.stack([p["count"] for p in pending]).float())
+        values = torch.cat(parts).tolist()
+        counts = values[2 * n:] if dist.enabled else [p["count"] for p in pending]
+        tokens = ddp.all_sum(sum(p["tokens"] for p in pending), dist, device)
+        now = time.perf_counter()
+        dt = now - since
+        elapsed += dt
+        for i, p in enumerate(pending):
+            if counts[i] <= 0:
+                raise SolError(f"{stage.name}: step {p['step'] - 1} has nothing to learn from (no target tokens); "
+                               "check the data")
+            step_time = dt / n if step_time is None else 0.9 * step_time + 0.1 * dt / n
+            loss_mean = values[i] / counts[i]
+            emit({"type": "step", "step": p["step"], "loss": loss_mean, "lr": p["lr"], "grad_norm": values[n + i],
+                  "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+                  "eta_s": step_time * (cfg.max_steps - p["step"]), **p["extra"]})
+            metrics["loss"] = loss_mean
+        pending.clear()
+
     if step == 0 and cfg.sample_every and dist.main:
         _sample(stage, module, step, emit)
+    # On the CPU cutting a batch takes microseconds, and a third thread waking every step on a machine whose
+    # cores all run the step's math costs more than it saves (measured, 2 cores): there it is off unless asked.
+    ahead = stage.prefetch and (cfg.prefetch if cfg.prefetch is not None else device.type != "cpu")
+    batches = Prefetcher(lambda s: stage.micro_batches(s, cfg, dist), device, cfg.max_steps, ahead=ahead)
     stopped = False
-    step_time = None
-    with _Stop() as stop:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps, min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            module.train()
-            micro = stage.micro_batches(step, cfg, dist)
-            count = ddp.all_sum(sum(b["count"] for b in micro), dist, device)
-            if count <= 0:
-                raise SolError(f"{stage.name}: step {step} has nothing to learn from (no target tokens); "
-                               "check the data")
-            loss_sum = 0.0
-            for i, b in enumerate(micro):
-                sync = i == len(micro) - 1
-                no_sync = train_module.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
-                with no_sync:
-                    with autocast:
-                        loss = stage.loss(train_module, b)
-                    (loss * (dist.world / count)).backward()
-                loss_sum += float(loss.detach())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip or float("inf")))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_mean = ddp.all_sum(loss_sum, dist, device) / count
-            tokens = ddp.all_sum(sum(b["tokens"] for b in micro), dist, device)
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
-            emit({"type": "step", "step": step, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens / dt if dt > 0 else 0.0,
-                  "eta_s": step_time * (cfg.max_steps - step), **stage_step_extra(stage)})
-            metrics["loss"] = loss_mean
-            last = step == cfg.max_steps
-            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-                if dist.main:
-                    module.eval()
-                    with torch.no_grad(), autocast:
-                        ev = stage.evaluate()
-                    if ev:
-                        metrics.update(ev)
-                        emit({"type": "eval", "step": step, **ev})
-                ddp.barrier(dist)
-            if cfg.sample_every and (step % cfg.sample_every == 0 or last) and dist.main:
-                _sample(stage, module, step, emit)
-            stop_now = ddp.all_sum(1.0 if stop.requested else 0.0, dist, device) > 0
-            if stop_now and not last:
-                save_checkpoint()
-                stopped = True
-                break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
-                save_checkpoint()
+    try:
+        with _Stop() as stop:
+            since = time.perf_counter()
+            while step < cfg.max_steps:
+                lr = lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps, min_lr)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                if not module.training:
+                    module.train()
+                micro = batches.get(step)
+                extra = stage_step_extra(stage)
+                count = sum(b["count"] for b in micro)
+                if dist.enabled:   # summed over ranks on the device: no wait here; read_pending checks it
+                    count = ddp.all_sum(torch.tensor(float(count), device=device), dist, device)
+                elif count <= 0:
+                    raise SolError(f"{stage.name}: step {step} has nothing to learn from (no target tokens); "
+                                   "check the data")
+                loss_sum = None
+                compiled.mark_step(compile_mode)
+                for i, b in enumerate(micro):
+                    sync = i == len(micro) - 1
+                    no_sync = train_module.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
+                    with no_sync:
+                        with autocast:
+                            loss = loss_of(train_module, b)
+                        (loss * (dist.world / count)).backward()
+                    # A CUDA graph's output is overwritten by its next replay: keep a copy until it is read.
+                    kept = loss.detach().clone() if compile_mode == "reduce-overhead" else loss.detach()
+                    loss_sum = kept if loss_sum is None else loss_sum + kept
+                grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                pending.append({"step": step, "lr": lr, "loss_sum": loss_sum, "grad_norm": grad_norm,
+                                "count": count, "tokens": sum(b["tokens"] for b in micro), "extra": extra})
+                last = step == cfg.max_steps
+                do_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or last)
+                do_sample = bool(cfg.sample_every) and (step % cfg.sample_every == 0 or last)
+                do_ckpt = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and not last
+                due = last or do_eval or do_sample or do_ckpt or step % log_every == 0
+                if dist.enabled:   # ranks agree on stopping where they all read anyway (no extra wait)
+                    stop_now = due and ddp.all_sum(1.0 if stop.requested else 0.0, dist, device) > 0
+                else:              # alone, a stop is seen at once; automatic reads also come every second
+                    stop_now = stop.requested
+                    due = due or stop_now or (not cfg.log_every and time.perf_counter() - since >= 1.0)
+                if not due:
+                    continue
+                read_pending()
+                if do_eval:
+                    if dist.main:
+                        module.eval()
+                        with torch.no_grad(), autocast:
+                            ev = stage.evaluate()
+                        if ev:
+                            metrics.update(ev)
+                            emit({"type": "eval", "step": step, **ev})
+                    ddp.barrier(dist)
+                if do_sample and dist.main:
+                    _sample(stage, module, step, emit)
+                if stop_now and not last:
+                    save_checkpoint()
+                    stopped = True
+                    break
+                if do_ckpt:
+                    save_checkpoint()
+                since = time.perf_counter()   # evaluation, samples and checkpoints are not training time
+    finally:
+        batches.close()
     if not stopped:
         save_checkpoint()
         if dist.main:

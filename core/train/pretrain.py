@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig, preset
 from ..data import corpus
@@ -19,6 +18,7 @@ from ..errors import SolError
 from ..model import Transformer
 from ..tokenizer import EOT, Tokenizer
 from . import checkpointing, ddp
+from .losses import cross_entropy_sum
 from .loop import Stage, TrainConfig
 from .rollout import complete
 
@@ -42,14 +42,16 @@ def model_config(args, vocab_size: int) -> ModelConfig:
     return ModelConfig(**over)
 
 
-def windows(data: np.ndarray, offsets: np.ndarray, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = np.stack([np.asarray(data[o:o + T + 1], dtype=np.int64) for o in offsets])
-    t = torch.from_numpy(rows)
-    return t[:, :-1], t[:, 1:]
+def rows(data: np.ndarray, offsets: np.ndarray, T: int) -> torch.Tensor:
+    """The (B, T+1) windows of the token stream starting at `offsets`: one gather from the memmap
+    (offsets down, positions across), not a Python loop over rows."""
+    idx = np.asarray(offsets, dtype=np.int64)[:, None] + np.arange(T + 1, dtype=np.int64)
+    return torch.from_numpy(data[idx].astype(np.int64))
 
 
 class Pretrain(Stage):
     name, kind = "pretrain", "base"
+    prefetch = static_shapes = True   # batches are cut from the memmap by step alone, always B x T
 
     def __init__(self, args):
         self.args = args
@@ -59,17 +61,19 @@ class Pretrain(Stage):
         out = Path(cfg.out)
         self.device = device
         self.files = corpus.corpus_files(a.corpus)
+        described = corpus.describe_files(self.files)   # hashed once: the caches' keys and sol.json
         ckpt = checkpointing.latest(out) if cfg.resume else None
         if ckpt is not None:   # the tokenizer the run started with, whatever --tokenizer says now
             self.tokenizer = Tokenizer.from_file(ckpt / "tokenizer.json")
         else:
-            self.tokenizer = corpus.make_tokenizer(a.tokenizer, self.files)
+            self.tokenizer = corpus.make_tokenizer(a.tokenizer, self.files, corpus.tokenizer_cache_dir(), described)
         self.cfg = model_config(a, self.tokenizer.vocab_size)
         if ckpt is not None:
             self.cfg = ModelConfig.from_dict(checkpointing_config(ckpt), source=str(ckpt / "config.json"))
         data_dir = out / "data"
         if dist.main:
-            corpus.build(self.files, self.tokenizer, data_dir, self.cfg.context, a.val_fraction)
+            corpus.build(self.files, self.tokenizer, data_dir, self.cfg.context, a.val_fraction,
+                         cache=corpus.cache_dir(), described=described)
         ddp.barrier(dist)
         self.train_data, self.val_data, self.data_meta = corpus.load(data_dir)
         torch.manual_seed(cfg.seed)   # same initial weights on every rank
@@ -88,23 +92,25 @@ class Pretrain(Stage):
         out = []
         for m in range(cfg.grad_accum):
             offs = self._offsets(self.train_data, per_micro, [self.seed, step, m])[ddp.shard(per_micro, dist)]
-            x, y = windows(self.train_data, offs, T)
-            out.append({"x": x.to(self.device), "y": y.to(self.device), "count": y.numel(), "tokens": y.numel()})
+            # On the CPU: the loop moves the (B, T+1) rows to the device, once, and loss() slices them.
+            r = rows(self.train_data, offs, T)
+            out.append({"rows": r, "count": r.size(0) * T, "tokens": r.size(0) * T})
         return out
 
     def loss(self, module, batch):
-        logits = module(batch["x"])
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["y"].reshape(-1), reduction="sum")
+        r = batch["rows"]
+        return cross_entropy_sum(module(r[:, :-1]), r[:, 1:])
 
     def evaluate(self) -> dict:
         a = self.args
-        total, n = 0.0, 0
+        total, n = None, 0
         for i in range(a.eval_batches):
             offs = self._offsets(self.val_data, a.eval_batch_size, [self.seed, 10**9, i])
-            x, y = windows(self.val_data, offs, self.cfg.context)
-            total += float(self.loss(self.model, {"x": x.to(self.device), "y": y.to(self.device)}))
-            n += y.numel()
-        return {"val_loss": total / n}
+            r = rows(self.val_data, offs, self.cfg.context).to(self.device)
+            loss = self.loss(self.model, {"rows": r})
+            total = loss if total is None else total + loss
+            n += r.size(0) * self.cfg.context
+        return {"val_loss": float(total) / n}   # one read of the device, after every batch
 
     def sample(self) -> str:
         ids = complete(self.model, self.sample_ids, self.args.sample_tokens, temperature=0.8, seed=self.seed,

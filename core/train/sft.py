@@ -6,17 +6,15 @@ answers and tool calls, not to imitate users or invent tool results.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ..data import conversations, jsonl
 from ..data.corpus import describe_files
 from ..errors import SolError
 from .common import chat_sample, example_micro_batches, load_parent, pad, pad_id, parent_info, split_val
 from .loop import Stage
+from .losses import IGNORE, cross_entropy_sum
 
 DEFAULTS = {"lr": 5e-4, "max_steps": 500, "warmup": 20, "batch_size": 16, "eval_every": 100,
             "sample_every": 100, "checkpoint_every": 200}
-IGNORE = -100
 
 
 def encode_examples(tok, convs: list[list[dict]], context: int, source: str,
@@ -56,18 +54,17 @@ class SFT(Stage):
         self.pad = pad_id(self.tokenizer)
 
     def _batch(self, examples):
-        x = pad([e[0] for e in examples], self.pad).to(self.device)
-        y = pad([e[1] for e in examples], IGNORE).to(self.device)
-        n = int((y != IGNORE).sum())
-        return {"x": x, "y": y, "count": n, "tokens": int(sum(len(e[0]) for e in examples))}
+        x = pad([e[0] for e in examples], self.pad)
+        y = pad([e[1] for e in examples], IGNORE)
+        n = int((y != IGNORE).sum())   # counted on the CPU: no wait for the device
+        return {"x": x.to(self.device), "y": y.to(self.device), "count": n,
+                "tokens": int(sum(len(e[0]) for e in examples))}
 
     def micro_batches(self, step, cfg, dist):
         return example_micro_batches(self.train_ex, self._batch, step, cfg, dist, self.seed)
 
     def loss(self, module, batch):
-        logits = module(batch["x"])
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["y"].view(-1),
-                               ignore_index=IGNORE, reduction="sum")
+        return cross_entropy_sum(module(batch["x"]), batch["y"], ignore_index=IGNORE)
 
     def evaluate(self):
         if not self.val_ex:
