@@ -96,7 +96,8 @@ def ratio(a, b):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
-    ap.add_argument("--quick", action="store_true", help="300 iterations for the identical pair (a smoke test)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke test: 300 iterations for the identical pair, 150 steps of Sol's settings")
     ap.add_argument("--threads", default="0", help="CPU threads for both (0: torch's default)")
     ap.add_argument("--only", choices=["throughput", "to-target"], default=None, help="run one of the two")
     a = ap.parse_args()
@@ -113,7 +114,8 @@ def main() -> int:
             "wall_s": None, "error": None}
     nano = run_nanogpt(data, iters, a.threads)
     same = skip if a.only == "to-target" else run_sol("Sol, identical config", data, identical, a.threads)
-    fast = skip if a.only == "throughput" else run_sol("Sol's settings", data, SOL_SETTINGS, a.threads)
+    settings = {**SOL_SETTINGS, "max_steps": 150} if a.quick else SOL_SETTINGS
+    fast = skip if a.only == "throughput" else run_sol("Sol's settings", data, settings, a.threads)
     result = {
         "seconds_to_target": fast["seconds_to_target"], "target_val_loss": TARGET,
         "final_val_loss": fast["final_val_loss"], "tokens_per_s": same["tokens_per_s"],
@@ -126,7 +128,7 @@ def main() -> int:
                        "time_ratio": ratio(fast["seconds_to_target"], nano["seconds_to_target"]),
                        "time_ratio_vs_wall": ratio(fast["seconds_to_target"], nano["wall_s"]),
                        "goals": GOALS},
-        "sol_settings": {**SOL_SETTINGS, "wall_s": fast["wall_s"], "startup_s": fast.get("startup_s"),
+        "sol_settings": {**settings, "wall_s": fast["wall_s"], "startup_s": fast.get("startup_s"),
                          "step_at_target": fast["step_at_target"], "error": fast["error"]},
         "load_average_at_start": load, "load_average_at_end": sbs.load_average(),
     }

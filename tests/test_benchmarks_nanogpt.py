@@ -112,3 +112,25 @@ def test_nanogpt_workdir_copies_the_reference_unchanged():
             assert (work / f).read_bytes() == (ref / f).read_bytes()
     finally:
         shutil.rmtree(work)
+
+
+def test_train_gpu_counts_parameters_as_nanogpt_and_mfu_as_the_issue():
+    import importlib.util
+    import train_gpu
+    spec = importlib.util.spec_from_file_location("nanogpt_model", sbs.reference_dir() / "model.py")
+    nanogpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nanogpt)   # a test's reference only; the product never imports it
+    m = nanogpt.GPT(nanogpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50304, bias=False))
+    assert train_gpu.nanogpt_params(2, 32) == m.get_num_params()
+    assert train_gpu.nanogpt_params(12, 768) == 123_587_328   # GPT-2 124M without biases (nanoGPT: 123.59M)
+    # (6 N + 12 L d T) x tokens/s / 989e12
+    assert train_gpu.mfu(100, 2, 8, 16, 1e9) == pytest.approx((600 + 12 * 2 * 8 * 16) * 1e9 / 989e12)
+    assert train_gpu.mfu(100, 2, 8, 16, None) is None
+
+
+def test_train_gpu_times_sols_steady_steps():
+    import train_gpu
+    steps = [{"step": s, "t": 10.0 + (s - 1) * 0.5} for s in range(1, 11)]
+    steps[0]["t"] = 5.0   # compilation in the first step
+    assert train_gpu.steady_tokens_per_s(steps, 100) == pytest.approx(100 / 0.5)
+    assert train_gpu.steady_tokens_per_s(steps[:2], 100) is None
