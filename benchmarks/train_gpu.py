@@ -204,8 +204,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny sizes, no compilation: the dry run")
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
     ap.add_argument("--only", choices=["char", "gpt2_124m"], default=None)
-    ap.add_argument("--timeout", type=float, default=150, help="seconds each of the four runs may take")
-    ap.add_argument("--steps", type=int, default=60, help="Sol's 124M steps to time (the first 40 %% left out)")
+    ap.add_argument("--timeout", type=float, default=150, help="seconds each char run may take")
+    ap.add_argument("--timeout-gpt2", type=float, default=200, help="seconds each 124M run may take "
+                    "(compiling 124M and training Sol's BPE come first)")
+    ap.add_argument("--steps", type=int, default=100, help="Sol's 124M steps to time (the first 40 %% left out)")
     a = ap.parse_args(argv)
     for f in ("tinyshakespeare.txt", "shakespeare_complete.txt"):
         if not sbs.data_file(f).is_file():
@@ -219,9 +221,9 @@ def main(argv=None) -> int:
         details["char_sol"] = char_sol(a.device, a.tiny, a.timeout)
         report("char Sol", details["char_sol"])
     if a.only != "char":
-        details["gpt2_nanogpt"] = gpt2_nanogpt(a.device, a.tiny, a.timeout)
+        details["gpt2_nanogpt"] = gpt2_nanogpt(a.device, a.tiny, a.timeout_gpt2)
         report("124M nanoGPT", details["gpt2_nanogpt"])
-        details["gpt2_sol"] = gpt2_sol(a.device, a.tiny, a.timeout, steps)
+        details["gpt2_sol"] = gpt2_sol(a.device, a.tiny, a.timeout_gpt2, steps)
         report("124M Sol", details["gpt2_sol"])
     get = lambda run, key: details.get(run, {}).get(key)  # noqa: E731
     n_s, s_s = get("char_nanogpt", "seconds"), get("char_sol", "seconds")
