@@ -189,10 +189,16 @@ def _sol_steps_until(steps: int, events: list):
 
 def steady_tokens_per_s(steps: list[dict], tokens_per_step: int, skip: float = 0.4) -> float | None:
     """Tokens/s between the step events after the first `skip` of them (compilation and warm-up) and
-    the last one, by the times they were printed."""
+    the last one, by the times they were printed. Steps whose numbers are read from the GPU every few
+    steps (--log-every) arrive in bursts: only the last event of a burst marks when its step ended."""
     if len(steps) < 3:
         return None
-    a, b = steps[int(len(steps) * skip)], steps[-1]
+    ends = [e for i, e in enumerate(steps) if i + 1 == len(steps) or steps[i + 1]["t"] - e["t"] > 0.001]
+    first = steps[int(len(steps) * skip)]["step"]
+    ends = [e for e in ends if e["step"] >= first]
+    if len(ends) < 2:
+        return None
+    a, b = ends[0], ends[-1]
     if b["t"] <= a["t"] or b["step"] <= a["step"]:
         return None
     return (b["step"] - a["step"]) * tokens_per_step / (b["t"] - a["t"])

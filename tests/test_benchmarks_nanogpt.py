@@ -134,3 +134,6 @@ def test_train_gpu_times_sols_steady_steps():
     steps[0]["t"] = 5.0   # compilation in the first step
     assert train_gpu.steady_tokens_per_s(steps, 100) == pytest.approx(100 / 0.5)
     assert train_gpu.steady_tokens_per_s(steps[:2], 100) is None
+    # read every 5 steps (--log-every 5): five events at once, the last of them when its step ended
+    bursts = [{"step": s, "t": 2.0 * ((s + 4) // 5) + s * 1e-5} for s in range(1, 41)]
+    assert train_gpu.steady_tokens_per_s(bursts, 100) == pytest.approx(100 / 0.4, rel=1e-3)
