@@ -178,6 +178,21 @@ def nanogpt_tokens_per_s(iters: list[dict], eval_interval: int, tokens_per_iter:
     return tokens_per_iter * len(ms) / (sum(ms) / 1000) if ms and sum(ms) > 0 else None
 
 
+def sol_event(t: float, line: str, events: list) -> dict | None:
+    """A line of Sol's `--events -` output as its JSON event, stamped with "t" and added to `events`;
+    None for anything else the child printed."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        e = json.loads(line)
+    except ValueError:
+        return None
+    e["t"] = t
+    events.append(e)
+    return e
+
+
 def run_sol_pretrain(argv: list[str], timeout: float, target: float | None, stop_at_target: bool = False,
                      env: dict | None = None, label: str | None = None) -> dict:
     """`sol train pretrain ARGV --events -` as a child process; its JSON events, each with "t", the
@@ -186,15 +201,9 @@ def run_sol_pretrain(argv: list[str], timeout: float, target: float | None, stop
     hit = {}
 
     def on_line(t, line):
-        line = line.strip()
-        if not line.startswith("{"):
+        e = sol_event(t, line, events)
+        if e is None:
             return False
-        try:
-            e = json.loads(line)
-        except ValueError:
-            return False
-        e["t"] = t
-        events.append(e)
         if e.get("type") == "eval" and label:
             progress(label, e.get("step"), e.get("val_loss"), t)
         if (e.get("type") == "eval" and target is not None and "t" not in hit

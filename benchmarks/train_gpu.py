@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -174,16 +173,8 @@ def gpt2_sol(device: str, tiny: bool, timeout: float, steps: int) -> dict:
 
 def _sol_steps_until(steps: int, events: list):
     def on_line(t, line):
-        line = line.strip()
-        if not line.startswith("{"):
-            return False
-        try:
-            e = json.loads(line)
-        except ValueError:
-            return False
-        e["t"] = t
-        events.append(e)
-        return e.get("type") == "step" and e.get("step", 0) >= steps
+        e = sbs.sol_event(t, line, events)
+        return e is not None and e.get("type") == "step" and e.get("step", 0) >= steps
     return on_line
 
 
