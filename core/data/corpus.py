@@ -94,7 +94,7 @@ def _trained(spec: str, files: list[Path], cache: Path | None, described: list[d
         return train()
     what = {"format": CACHE_FORMAT, "spec": spec,
             "files": [f["sha256"] for f in (described or describe_files(files))]}
-    path = cache / (hashlib.sha256(json.dumps(what).encode("utf-8")).hexdigest()[:32] + ".json")
+    path = cache / (_digest(what) + ".json")
     if path.is_file():
         try:
             return Tokenizer.from_file(path)
@@ -210,6 +210,11 @@ def cache_key(described: list[dict], tok: Tokenizer, val_fraction: float) -> str
     tok_hash = hashlib.sha256(tok.hf.to_str(pretty=False).encode("utf-8")).hexdigest()
     what = {"format": CACHE_FORMAT, "files": [f["sha256"] for f in described], "tokenizer": tok_hash,
             "val_fraction": val_fraction}
+    return _digest(what)
+
+
+def _digest(what: dict) -> str:
+    """A cache entry's name: the first 32 hex digits of the sha256 of what it depends on."""
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:32]
 
 
