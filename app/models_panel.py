@@ -54,7 +54,7 @@ def create_model(out: Path, preset_name: str, tokenizer_source: str, vocab: int,
     import torch
 
     from sol.core.checkpoint import save_model
-    from sol.core.config import preset
+    from sol.core.config import padded_vocab, preset
     from sol.core.model import Transformer
     from sol.core.tokenizer import Tokenizer, train_bpe, train_char
     src = Path(tokenizer_source)
@@ -65,7 +65,7 @@ def create_model(out: Path, preset_name: str, tokenizer_source: str, vocab: int,
     else:
         tok = train_bpe([src], vocab)
     torch.manual_seed(seed)
-    model = Transformer(preset(preset_name, vocab_size=tok.vocab_size))
+    model = Transformer(preset(preset_name, vocab_size=padded_vocab(tok.id_limit)))
     return save_model(out, model, tok, {"name": out.name, "stage": "base", "preset": preset_name,
                                         "parent": None, "steps": 0})
 

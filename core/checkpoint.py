@@ -518,6 +518,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model = Transformer(cfg)
     model.load_state_dict(sd, strict=False)
     model.eval()
+    model.vocab_limit = tokenizer.id_limit
     place(model, device, dtype, quantize == "int8")
     meta = read_json(d / "sol.json") if fmt == "sol" else {}
     return LoadedModel(model, tokenizer, cfg, d, fmt, meta, extra, sampling)
@@ -537,7 +538,7 @@ def place(model: Transformer, device, dtype, int8: bool) -> None:
 
 def check_vocab(tok: Tokenizer, cfg: ModelConfig, tok_path: Path, cfg_path: Path) -> None:
     """A token id past the embedding table would fail mid-generation (IndexError); say so at load."""
-    top = max(tok.hf.get_vocab(with_added_tokens=True).values(), default=-1)
+    top = tok.id_limit - 1
     if top >= cfg.vocab_size:
         raise SolError(f"{tok_path}: has token id {top}, but {cfg_path} gives vocab_size {cfg.vocab_size}; "
                        "the tokenizer and the model do not belong together")

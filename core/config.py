@@ -174,6 +174,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# A new model's embedding and LM head get a multiple of this many rows (nanoGPT's 50257 -> 50304):
+# matrix kernels, GPU tensor cores above all, run fastest on such widths. The extra ids are padding,
+# never a token: their logits are -inf (Transformer.vocab_limit).
+VOCAB_MULTIPLE = 64
+
+
+def padded_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """n token ids rounded up to a multiple of `multiple` rows (1: no padding)."""
+    if multiple < 1:
+        raise SolError(f"--vocab-multiple must be 1 or more, not {multiple}")
+    return -(-n // multiple) * multiple
+
+
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise SolError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

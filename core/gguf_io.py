@@ -296,6 +296,7 @@ def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, 
     model = Transformer(cfg)
     model.load_state_dict(sd, strict=False)
     model.eval()
+    model.vocab_limit = id_limit(meta, tokenizer)
     quant = quantization(reader)
     # A Q8_0 file stays int8 unless a dtype was asked for: its int8 values re-scaled per row.
     place(model, device, dtype, quantize == "int8" or (quantize == "auto" and quant == "Q8_0"))
@@ -304,6 +305,18 @@ def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, 
 
 
 # ---- the tokenizer from metadata ---------------------------------------------
+def id_limit(meta: dict, tokenizer: Tokenizer) -> int:
+    """One past the last id a token owns. llama.cpp's converters pad a vocabulary to the model's rows with
+    UNUSED entries ([PAD151665], ...), as Sol's exporter does: those rows are no token to sample."""
+    if meta.get(SOL_TOKENIZER_KEY):
+        return tokenizer.id_limit
+    types = meta.get("tokenizer.ggml.token_type") or []
+    n = len(types)
+    while n and types[n - 1] == UNUSED:
+        n -= 1
+    return min(tokenizer.id_limit, n) if types else tokenizer.id_limit
+
+
 def tokenizer_from_gguf(meta: dict, path: Path, prefer_sol: bool = True) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
     if prefer_sol and meta.get(SOL_TOKENIZER_KEY):

@@ -463,6 +463,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Ids from here on are rows no token owns (a vocabulary padded to a round size, Sol's or an
+        # imported model's): logits() gives them -inf, so nothing samples, shows or scores them. Set by
+        # whoever pairs the model with its tokenizer (load_model, a new training run).
+        self.vocab_limit: int | None = None
         # RoPE tables: ("full",) or, for Gemma 3, ("full", "local"); each layer's index into them.
         local = cfg.rope_local_theta is not None
         self._rope_kinds = ("full", "local") if local else ("full",)
@@ -669,6 +673,11 @@ class Transformer(nn.Module):
         cap = self.cfg.logit_softcap
         if cap is not None:   # Gemma's final soft-cap
             logits = torch.tanh(logits / cap) * cap
+        limit = self.vocab_limit
+        if limit is not None and limit < logits.shape[-1]:
+            # In training too: a padded id then takes no probability and gets no gradient, so the loss is
+            # exactly the unpadded model's, and the padded rows never learn anything to sample.
+            logits[..., limit:] = float("-inf")
         return logits
 
     @torch.no_grad()

@@ -117,6 +117,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def id_limit(self) -> int:
+        """One past the highest token id: a model's rows from here on belong to no token."""
+        return max(self.hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
     def encode(self, text: str, add_special_tokens: bool = True) -> Encoding:
         enc = self.hf.encode(text, add_special_tokens=add_special_tokens)
         return Encoding(enc.ids, enc.tokens, [tuple(o) for o in enc.offsets],

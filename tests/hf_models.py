@@ -100,6 +100,18 @@ def byte_tokenizer(folder: Path):
     corpus = folder.parent / f"{folder.name}-corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
     tok = train_bpe([corpus], VOCAB - 20, special_tokens=[])
+    return fill_vocab(tok)
+
+
+def fill_vocab(tok, size: int = VOCAB):
+    """`tok` with `<unusedN>` tokens appended up to `size` ids, as Gemma's and Llama 3's vocabularies have:
+    every row of the model then belongs to a token, so Sol masks none of them (a model wider than its
+    tokenizer gets -inf past its last id; tests/test_vocab_padding.py) and transformers' logits compare
+    column for column."""
+    from tokenizers import AddedToken
+    have = tok.id_limit
+    tok.hf.add_tokens([AddedToken(f"<unused{i}>", special=False, normalized=False) for i in range(size - have)])
+    assert tok.id_limit == size, tok.id_limit
     return tok
 
 

@@ -324,7 +324,7 @@ CHAT_MODELS = {"qwen3": "qwen3-0.6b", "gemma3": "gemma-3-1b-it", "phi3": "phi-3-
 def chat_model(folder: Path, family: str, monkeypatch):
     """A tiny random model of `family` whose tokenizer has the family's special tokens and its real template,
     written with save_pretrained as the Hub's files are. Room for Qwen3's tool prompt: 1024 positions."""
-    from hf_models import CORPUS, FAMILIES, VOCAB, make_hf_model
+    from hf_models import CORPUS, FAMILIES, VOCAB, fill_vocab, make_hf_model
     from sol.core.tokenizer import train_bpe
     base = FAMILIES[family]
 
@@ -339,7 +339,7 @@ def chat_model(folder: Path, family: str, monkeypatch):
     corpus.write_text(CORPUS + "You are terse. hello world, and now? <think> </think> calculator", encoding="utf-8")
     special = FAMILY_TOKENS[name]
     bos, eos = next((v for k, v in BOS_EOS.items() if name.startswith(k)), (None, "<|im_end|>"))
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=train_bpe([corpus], VOCAB - 20, special).hf,
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=fill_vocab(train_bpe([corpus], VOCAB - 20, special)).hf,
                                               bos_token=bos, eos_token=eos)
     hf.chat_template = (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
     hf.save_pretrained(folder)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelConfig, preset
+from ..config import VOCAB_MULTIPLE, ModelConfig, padded_vocab, preset
 from ..data import corpus
 from ..errors import SolError
 from ..model import Transformer
@@ -27,6 +27,8 @@ DEFAULT_PRESET = "shakespeare-cpu"   # trains on a laptop CPU in minutes
 
 
 def model_config(args, vocab_size: int) -> ModelConfig:
+    """The new model's shape; `vocab_size` (the tokenizer's ids) padded to --vocab-multiple rows."""
+    vocab_size = padded_vocab(vocab_size, getattr(args, "vocab_multiple", None) or 1)
     over = {"vocab_size": vocab_size, "dropout": getattr(args, "dropout", 0.0) or 0.0}
     if getattr(args, "bias", None) is not None:
         over["bias"] = args.bias
@@ -67,7 +69,7 @@ class Pretrain(Stage):
             self.tokenizer = Tokenizer.from_file(ckpt / "tokenizer.json")
         else:
             self.tokenizer = corpus.make_tokenizer(a.tokenizer, self.files, corpus.tokenizer_cache_dir(), described)
-        self.cfg = model_config(a, self.tokenizer.vocab_size)
+        self.cfg = model_config(a, self.tokenizer.id_limit)
         if ckpt is not None:
             self.cfg = ModelConfig.from_dict(checkpointing_config(ckpt), source=str(ckpt / "config.json"))
         data_dir = out / "data"
@@ -78,6 +80,7 @@ class Pretrain(Stage):
         self.train_data, self.val_data, self.data_meta = corpus.load(data_dir)
         torch.manual_seed(cfg.seed)   # same initial weights on every rank
         self.module = self.model = Transformer(self.cfg)
+        self.model.vocab_limit = self.tokenizer.id_limit
         self.seed = cfg.seed
         eot = self.tokenizer.token_to_id(EOT)
         self.sample_ids = (self.tokenizer.encode_ids(a.sample_prompt) if a.sample_prompt
@@ -149,6 +152,9 @@ def add_arguments(p) -> None:
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--context", type=int, default=None, help="context window in tokens")
+    p.add_argument("--vocab-multiple", type=int, default=VOCAB_MULTIPLE, metavar="N",
+                   help=f"pad the embedding and LM head to a multiple of N rows, for faster matrix kernels; "
+                        f"padded ids are never produced (default {VOCAB_MULTIPLE}; 1: no padding)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
                    help="biases in linear layers and norms (--no-bias as nanoGPT; default: the preset's)")
