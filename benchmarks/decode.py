@@ -54,7 +54,13 @@ def write_hf_model(out: Path, shape: dict, seed: int = 0):
     hf.save_pretrained(out, safe_serialization=True)
     corpus = out / "corpus.txt"
     corpus.write_text("a small corpus for a byte-level BPE vocabulary, nothing more.\n" * 20)
-    train_bpe([corpus], 300).save(out / "tokenizer.json")
+    tok = train_bpe([corpus], 300)
+    # Every row a token, as in GPT-2's own vocabulary: a model wider than its tokenizer gets -inf logits
+    # past the last id (Transformer.vocab_limit), which transformers would not give.
+    from tokenizers import AddedToken
+    tok.hf.add_tokens([AddedToken(f"<unused{i}>", special=False, normalized=False)
+                       for i in range(shape["vocab_size"] - tok.id_limit)])
+    tok.save(out / "tokenizer.json")
     return hf
 
 

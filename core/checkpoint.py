@@ -534,6 +534,9 @@ def place(model: Transformer, device, dtype, int8: bool) -> None:
     if int8 and str(device) == "cpu":
         from .quant import pack_model
         pack_model(model)
+    elif dtype == torch.float16 and str(device) == "cpu":   # fbgemm's float16 products (core/half.py)
+        from .half import pack_half
+        pack_half(model)
 
 
 def check_vocab(tok: Tokenizer, cfg: ModelConfig, tok_path: Path, cfg_path: Path) -> None:

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .half import HalfLinear
 from .quant import Int8Linear
 
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -403,7 +404,7 @@ def _linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     hooks it (an adapter, a probe) still goes through the module."""
     if type(m) is nn.Linear and _plain(m):
         return F.linear(x, m.weight, m.bias)
-    if type(m) is Int8Linear and _plain(m):   # checked second: the float path pays nothing for it
+    if type(m) in (Int8Linear, HalfLinear) and _plain(m):   # checked second: the float path pays nothing for it
         return m.forward(x)
     return m(x)
 
@@ -503,9 +504,9 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
-        # int8 weights are buffers; a tied head's int8 copy is the embedding, counted already.
+        # int8 and packed float16 weights are buffers; a tied head's own copy is the embedding, counted already.
         return n + sum(m.in_features * m.out_features for name, m in self.named_modules()
-                       if type(m) is Int8Linear and not (name == "lm_head" and self.cfg.tie_embeddings))
+                       if type(m) in (Int8Linear, HalfLinear) and not (name == "lm_head" and self.cfg.tie_embeddings))
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, batch, max_len or self.cfg.context, self.device, cache_dtype(self.device, self.dtype))

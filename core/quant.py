@@ -232,4 +232,6 @@ def memory_bytes(model: nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
-    return total + sum(m.int8_bytes() for m in model.modules() if type(m) is Int8Linear and m._packed is not None)
+    from .half import HalfLinear
+    return total + sum(m.int8_bytes() for m in model.modules() if type(m) is Int8Linear and m._packed is not None) \
+        + sum(m.packed_bytes() for m in model.modules() if type(m) is HalfLinear)
