@@ -85,13 +85,28 @@ class HalfLinear(nn.Module):
 
 def pack_half(model: nn.Module) -> nn.Module:
     """Every float16 nn.Linear of a CPU model (the LM head included, tied or not: a tied head gets its own
-    packed copy, the embedding keeps its rows for lookups) replaced by a packed HalfLinear, in place."""
+    packed copy, the embedding keeps its rows for lookups) replaced by a packed HalfLinear, in place.
+
+    A Transformer then computes in float32 between its linear layers (act_dtype): fbgemm takes and gives
+    float32, so float16 activations would pay two casts a layer, and the CPU's float16 element-wise
+    operations and reductions (norms, sampling over the vocabulary) are slower than float32's. Its norms
+    become float32 (a few vectors); embeddings stay float16, converted a row at a time as they are read."""
     if not available():
         return model
+    packed = False
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.float16 and child.weight.device.type == "cpu":
                 m = HalfLinear(child)
                 m.pack()
                 setattr(parent, name, m)
+                packed = True
+    if packed and hasattr(model, "act_dtype"):
+        for m in model.modules():
+            if isinstance(m, (nn.Embedding, HalfLinear)):
+                continue
+            for key, t in list(m._parameters.items()) + list(m._buffers.items()):
+                if t is not None and t.dtype == torch.float16:
+                    t.data = t.data.float()
+        model.act_dtype = torch.float32
     return model

@@ -468,6 +468,10 @@ class Transformer(nn.Module):
         # imported model's): logits() gives them -inf, so nothing samples, shows or scores them. Set by
         # whoever pairs the model with its tokenizer (load_model, a new training run).
         self.vocab_limit: int | None = None
+        # The activations' dtype where it differs from the weights': float32 for a CPU model whose float16
+        # linear layers run in fbgemm (core/half.py), which takes and gives float32. Any move or cast of
+        # the model (_apply) puts it back to None, the weights' own dtype.
+        self.act_dtype: torch.dtype | None = None
         # RoPE tables: ("full",) or, for Gemma 3, ("full", "local"); each layer's index into them.
         local = cfg.rope_local_theta is not None
         self._rope_kinds = ("full", "local") if local else ("full",)
@@ -563,9 +567,17 @@ class Transformer(nn.Module):
                              "where this model's RoPE factors change: run it again from the start without the cache")
         cache.long_rope = long
 
+    def _apply(self, fn, recurse=True):
+        self.act_dtype = None
+        return super()._apply(fn, recurse)
+
+    def _lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        return x if self.act_dtype is None else x.to(self.act_dtype)
+
     def _embed(self, idx, start):
         T = idx.shape[1]
-        x = self.embed(idx)
+        x = self._lookup(idx)
         if self.cfg.scale_embeddings:   # Gemma: sqrt(d_model), rounded to the weights' dtype as transformers does
             x = x * torch.tensor(self.cfg.d_model ** 0.5).to(x.dtype)
         ropes = None
@@ -622,7 +634,7 @@ class Transformer(nn.Module):
         of it, or less) with no mask to build, and the key and value are written by a plain copy."""
         B = idx.shape[0]
         H, KV, hd = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
-        x = self.embed(idx)
+        x = self._lookup(idx)
         if self.cfg.scale_embeddings:
             x = x * torch.tensor(self.cfg.d_model ** 0.5).to(x.dtype)
         ropes = None

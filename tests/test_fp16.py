@@ -176,3 +176,23 @@ def test_float16_load_packs_every_linear_and_decodes_like_the_plain_float16_mode
         x = torch.tensor([ids[:64]])
         ref = load_model(d).model(x)
         assert (lm.model(x) - ref).abs().max() <= (plain.model(x) - ref).abs().max() + 1e-3
+
+
+@needs_fbgemm
+def test_packed_float16_model_computes_in_float32_until_it_is_moved(trained):
+    d, ids = trained
+    lm = load_model(d, dtype=torch.float16)
+    m = lm.model
+    assert m.act_dtype == torch.float32 and m.dtype == torch.float16   # float16 weights, float32 between them
+    assert m.embed.weight.dtype == torch.float16 and m.norm.weight.dtype == torch.float32
+    x = torch.tensor([ids[:40]])
+    with torch.inference_mode():
+        packed = m(x)
+        assert packed.dtype == torch.float32
+        m.to(torch.float16)   # any cast or move: the plain float16 model again, packed anew on the next call
+        assert m.act_dtype is None and m.norm.weight.dtype == torch.float16
+        again = m(x)
+        assert again.dtype == torch.float16
+        assert (again.argmax(-1) == packed.argmax(-1)).float().mean() >= 0.95
+        m.to(torch.float32)
+        torch.testing.assert_close(m(x), load_model(d).model(x), rtol=1e-2, atol=1e-2)
