@@ -514,11 +514,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     with torch.device("meta"):   # shapes only, no memory: the config is checked before anything is allocated
         _check_shapes(Transformer(cfg), sd, d / source)
     check_finite(sd, d / source)
-    check_vocab(tokenizer, cfg, tok_path, d / "config.json")
+    limit = check_vocab(tokenizer, cfg, tok_path, d / "config.json")
     model = Transformer(cfg)
     model.load_state_dict(sd, strict=False)
     model.eval()
-    model.vocab_limit = tokenizer.id_limit
+    model.vocab_limit = limit
     place(model, device, dtype, quantize == "int8")
     meta = read_json(d / "sol.json") if fmt == "sol" else {}
     return LoadedModel(model, tokenizer, cfg, d, fmt, meta, extra, sampling)
@@ -539,12 +539,14 @@ def place(model: Transformer, device, dtype, int8: bool) -> None:
         pack_half(model)
 
 
-def check_vocab(tok: Tokenizer, cfg: ModelConfig, tok_path: Path, cfg_path: Path) -> None:
-    """A token id past the embedding table would fail mid-generation (IndexError); say so at load."""
-    top = tok.id_limit - 1
-    if top >= cfg.vocab_size:
-        raise SolError(f"{tok_path}: has token id {top}, but {cfg_path} gives vocab_size {cfg.vocab_size}; "
+def check_vocab(tok: Tokenizer, cfg: ModelConfig, tok_path: Path, cfg_path: Path) -> int:
+    """A token id past the embedding table would fail mid-generation (IndexError); say so at load.
+    Returns the tokenizer's id limit (one past its highest id)."""
+    limit = tok.id_limit
+    if limit > cfg.vocab_size:
+        raise SolError(f"{tok_path}: has token id {limit - 1}, but {cfg_path} gives vocab_size {cfg.vocab_size}; "
                        "the tokenizer and the model do not belong together")
+    return limit
 
 
 def check_size(cfg: ModelConfig, sd: dict, cfg_path: Path, source: Path) -> None:

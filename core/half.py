@@ -6,8 +6,8 @@ with torch 2.13 on 2 AVX-512 cores, GPT-2's LM head (50257 x 768):
 - 8 rows (a batch): 15.4 ms against 3.4 ms; 32 rows (a prefill): 61 ms against 13 ms.
 fbgemm keeps the weights as float16 in its own packed layout (the same two bytes a weight, read once a
 token) and takes float32 activations: each output is a float32 sum of exact products, so it is also closer
-to float32 than aten's float16 product. The activations go in as float32 and come back in the model's
-float16, so everything around the linear layers sees what it saw before.
+to float32 than aten's float16 product. A packed Transformer computes in float32 between these layers
+(pack_half); any other model gets its own activations' dtype back.
 
 CPU only: a move to another device unpacks the weights back into a plain float16 buffer (nn.Linear's
 arithmetic then), and the next forward on the CPU packs them again.
@@ -105,7 +105,7 @@ def pack_half(model: nn.Module) -> nn.Module:
         for m in model.modules():
             if isinstance(m, (nn.Embedding, HalfLinear)):
                 continue
-            for key, t in list(m._parameters.items()) + list(m._buffers.items()):
+            for t in list(m._parameters.values()) + list(m._buffers.values()):
                 if t is not None and t.dtype == torch.float16:
                     t.data = t.data.float()
         model.act_dtype = torch.float32

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .half import HalfLinear
+
 # fbgemm stores a packed matrix in blocks of 512 inputs and 32 rows, plus three 4-byte numbers a row
 # (measured with torch 2.13: 768 inputs take 1024 bytes a row, 96 take 512).
 PACK_BLOCK, PACK_ROWS = 512, 32
@@ -232,6 +234,5 @@ def memory_bytes(model: nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
-    from .half import HalfLinear
     return total + sum(m.int8_bytes() for m in model.modules() if type(m) is Int8Linear and m._packed is not None) \
         + sum(m.packed_bytes() for m in model.modules() if type(m) is HalfLinear)

@@ -16,6 +16,9 @@ from sol.core.train.losses import cross_entropy_sum
 def test_padded_vocab_rounds_up_to_the_multiple():
     assert [padded_vocab(n) for n in (1, 64, 65, 50257)] == [64, 64, 128, 50304]
     assert padded_vocab(65, 1) == 65
+    from sol.core.errors import SolError
+    with pytest.raises(SolError, match="--vocab-multiple"):
+        padded_vocab(65, 0)
 
 
 def _pair(real: int = 70, padded: int = 128):

@@ -28,7 +28,8 @@ DEFAULT_PRESET = "shakespeare-cpu"   # trains on a laptop CPU in minutes
 
 def model_config(args, vocab_size: int) -> ModelConfig:
     """The new model's shape; `vocab_size` (the tokenizer's ids) padded to --vocab-multiple rows."""
-    vocab_size = padded_vocab(vocab_size, getattr(args, "vocab_multiple", None) or 1)
+    multiple = getattr(args, "vocab_multiple", None)
+    vocab_size = padded_vocab(vocab_size, 1 if multiple is None else multiple)
     over = {"vocab_size": vocab_size, "dropout": getattr(args, "dropout", 0.0) or 0.0}
     if getattr(args, "bias", None) is not None:
         over["bias"] = args.bias
