@@ -16,7 +16,9 @@ int8_top1_agreement: the share of positions of held-out text (../shared/data's t
 4096 tokens) where int8's next token equals float32's, on the benchmark's RANDOM weights (nearly flat
 logits: near-ties everywhere, so this says little). int8_top1_agreement_trained: the same on the shipped
 TRAINED words model (BPE 4096, 2.6M parameters) with every layer through the fbgemm path the 124M shape
-uses (its narrow layers would otherwise be dequantized exactly).
+uses (its narrow layers would otherwise be dequantized exactly). int8_top1_agreement_trained_decode: the same
+model and text decoded one token at a time from the KV cache, as generation runs (one scale per step's
+activations rather than one for a whole 128-token prompt).
 
 With --device cuda (see gpu_mode below) both sides run every dtype on the GPU.
 """
@@ -104,8 +106,8 @@ def top1_agreement(lm32, lm8, n_tokens: int = 4096, row: int = 512) -> float:
     return round(float((a == b).float().mean()), 4)
 
 
-def trained_top1_agreement(n_tokens: int = 5120) -> float:
-    """top1_agreement on the shipped trained words model, every int8 layer packed for fbgemm."""
+def _trained_pair():
+    """The shipped trained words model in float32 and in int8, every int8 layer packed for fbgemm."""
     from sol.core.checkpoint import load_model
     from sol.core.quant import Int8Linear
     from sol.core.registry import builtin_models_dir
@@ -114,7 +116,32 @@ def trained_top1_agreement(n_tokens: int = 5120) -> float:
     for m in lm8.model.modules():
         if type(m) is Int8Linear:
             m.pack(force=True)
+    return lm32, lm8
+
+
+def trained_top1_agreement(n_tokens: int = 5120) -> float:
+    """top1_agreement on the shipped trained words model, every int8 layer packed for fbgemm."""
+    lm32, lm8 = _trained_pair()
     return top1_agreement(lm32, lm8, n_tokens, lm32.config.context)
+
+
+def trained_top1_agreement_decode(n_tokens: int = 4096) -> float:
+    """The same, the way generation computes it: int8 decodes held-out text one token at a time from its
+    KV cache (each step's activations quantized on their own), against float32's next tokens."""
+    lm32, lm8 = _trained_pair()
+    text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt").read_text()
+    ids = lm32.tokenizer.encode_ids(text[-40000:], add_special_tokens=False)[-n_tokens:]
+    row, m, same = lm32.config.context, lm8.model, 0
+    ids = ids[:len(ids) // row * row]
+    with torch.inference_mode():
+        for r in range(0, len(ids), row):
+            chunk = torch.tensor([ids[r:r + row]])
+            want = lm32.model(chunk).argmax(-1)[0].tolist()
+            cache = m.new_cache(1, row)
+            for p in range(row):
+                h = m.decode(chunk[:, p:p + 1], torch.tensor([p]), cache, p)
+                same += int(m.logits(h)[0, 0].argmax()) == want[p]
+    return round(same / len(ids), 4)
 
 
 def bench_shape(name: str, reps: int, log) -> dict:
@@ -159,6 +186,7 @@ def bench_shape(name: str, reps: int, log) -> dict:
         "int8_vs_fp16": round(tok_s["sol_int8"] / tok_s["sol_fp16"], 2),
         "int8_top1_agreement": top1_agreement(lm32, lm8),
         "int8_top1_agreement_trained": trained_top1_agreement(),
+        "int8_top1_agreement_trained_decode": trained_top1_agreement_decode(),
         "greedy_match": tokens["sol_fp32"] == tokens["hf"],
         "fp16_greedy_same_tokens": f"{same16}/{NEW_TOKENS}",
         "fp16_first_divergence": first_diff16,

@@ -22,8 +22,11 @@ def word_ids(tok, text: str, what: str = "--text") -> list[int]:
 
 
 def matrix(model) -> torch.Tensor:
-    """The input embedding matrix (vocab, d_model) in float32."""
-    return model.embed.weight.detach().float()
+    """The input embedding matrix (vocab, d_model) in float32 (an int8 table dequantized)."""
+    e = model.embed
+    if hasattr(e, "float_weight"):   # int8 rows times their scales (core/quant.py)
+        return e.float_weight()
+    return e.weight.detach().float()
 
 
 def vector(model, ids: list[int]) -> torch.Tensor:

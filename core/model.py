@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .half import HalfLinear
-from .quant import Int8Linear
+from .quant import Int8Embedding, Int8Linear
 
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -504,13 +504,16 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self):
-        return self.embed.weight.dtype
+        """The weights' float dtype (an int8 model's: that of its scales and activations)."""
+        e = self.embed
+        return e.dtype if type(e) is Int8Embedding else e.weight.dtype
 
     def num_parameters(self) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
-        # int8 and packed float16 weights are buffers; a tied head's own copy is the embedding, counted already.
-        return n + sum(m.in_features * m.out_features for name, m in self.named_modules()
-                       if type(m) in (Int8Linear, HalfLinear) and not (name == "lm_head" and self.cfg.tie_embeddings))
+        # int8 and packed float16 weights are buffers; a tied head's own copy is the embedding, counted once.
+        n += sum(m.in_features * m.out_features for name, m in self.named_modules()
+                 if type(m) in (Int8Linear, HalfLinear) and not (name == "lm_head" and self.cfg.tie_embeddings))
+        return n + (self.embed.weight.numel() if type(self.embed) is Int8Embedding else 0)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, batch, max_len or self.cfg.context, self.device, cache_dtype(self.device, self.dtype))

@@ -7,7 +7,10 @@ float32's bytes. The products:
   a layer whose rows would grow by more than a third (fewer than 384 inputs: tiny models) is not packed;
 - elsewhere, and on GPUs, the weights are dequantized on the fly to the activations' dtype (exact);
 - on a CPU without fbgemm, wide layers run in aten._weight_int8pack_mm on bfloat16 activations.
-Embeddings and norms stay float: a lookup reads one row, a norm a vector.
+The token embedding is int8 too, with the same per-row scales (Int8Embedding): a lookup reads one row,
+but the table is often the largest tensor of a small model (GPT-2's is 30 % of it, Qwen2-0.5B's 28 %),
+and kept float32 it would leave an int8 model as large as a float16 one. Norms, biases and learned
+position tables stay float.
 """
 from __future__ import annotations
 
@@ -175,12 +178,51 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+class Int8Embedding(nn.Module):
+    """nn.Embedding's row lookup with the table held as int8 rows and one float scale per row.
+
+    Rows come out in the scales' dtype (float32 on the CPU; a model moved to bfloat16 casts the scales and
+    so its activations), computed in float32. A tied LM head quantizes the same rows the same way, so the
+    embedding and the head see identical int8 values."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        q, scale = quantize_rows(weight)
+        self.register_buffer("weight", q.to(weight.device))
+        self.register_buffer("scales", scale.to(weight.device))
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    @classmethod
+    def from_embedding(cls, m: nn.Embedding) -> "Int8Embedding":
+        return cls(m.weight)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the rows it gives (the model's activations)."""
+        return self.scales.dtype
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(idx, self.weight).float() * F.embedding(idx, self.scales.float()[:, None])
+        return rows.to(self.scales.dtype)
+
+    def float_weight(self) -> torch.Tensor:
+        """The whole table dequantized, float32 (the embeddings panel reads it)."""
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
 def quantize_model(model: nn.Module) -> nn.Module:
-    """Every nn.Linear of the model (the LM head included, tied or not) replaced by an Int8Linear, in place."""
+    """Every nn.Linear of the model (the LM head included, tied or not) replaced by an Int8Linear, and the
+    token embedding by an Int8Embedding, in place. Learned position tables stay float (context x d_model:
+    small, and added to every token)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, Int8Linear.from_linear(child))
+    if type(getattr(model, "embed", None)) is nn.Embedding:
+        model.embed = Int8Embedding.from_embedding(model.embed)
     return model
 
 
@@ -192,24 +234,25 @@ def pack_model(model: nn.Module) -> None:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
 
 
 def weight_bytes(cfg, kind: str) -> int:
-    """Estimated bytes of a model's weights as loaded: "float32", "bfloat16" or "int8" (linear weights one
-    byte, fbgemm's padding included where this CPU packs them, plus a float32 scale per row; embeddings
-    float32, and a tied head its own int8 copy)."""
+    """Estimated bytes of a model's weights as loaded: "float32", "bfloat16" or "int8" (linear weights and
+    the token embedding one byte, fbgemm's padding included where this CPU packs them, plus a float32
+    scale per row; a learned position table float32, and a tied head its own int8 copy)."""
     d, L = cfg.d_model, cfg.n_layer
     linear = L * (d * cfg.head_dim * (cfg.n_head * 2 + cfg.n_kv_head * 2) + d * cfg.d_ff * (3 if cfg.gated else 2))
     rows = L * (cfg.head_dim * (cfg.n_head + 2 * cfg.n_kv_head) + d + cfg.d_ff * (2 if cfg.gated else 1) + d)
-    embed = cfg.vocab_size * d + (cfg.context * d if cfg.positions == "learned" else 0)
+    positions = cfg.context * d if cfg.positions == "learned" else 0
+    embed = cfg.vocab_size * d + positions
     head = cfg.vocab_size * d
     qkv = cfg.head_dim * (cfg.n_head + 2 * cfg.n_kv_head)
     norms = (2 * L + 1) * d * (2 if cfg.norm == "layernorm" else 1)
     biases = L * (qkv + d + (cfg.d_ff * (2 if cfg.gated else 1)) + d) if cfg.bias else \
         L * (qkv * cfg.qkv_bias + d * cfg.proj_bias)
-    if kind == "int8":   # biases and norms stay float32
-        return _int8_linear_bytes(cfg) + 4 * (rows + cfg.vocab_size + embed + norms + biases)
+    if kind == "int8":   # the token table one byte and a scale a row; positions, biases and norms float32
+        return _int8_linear_bytes(cfg) + cfg.vocab_size * d + 4 * (rows + 2 * cfg.vocab_size + positions + norms + biases)
     size = {"float32": 4, "bfloat16": 2}[kind]
     return size * (linear + embed + (0 if cfg.tie_embeddings else head) + norms + biases)
 

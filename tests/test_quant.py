@@ -104,3 +104,43 @@ def test_trained_models_keep_float32s_top1(name, shared_data):
     words)."""
     n, agree = _agreement(name, (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[-40000:])
     assert n >= 5000 and agree >= 0.99, agree
+
+
+def test_int8_embedding_gives_the_dequantized_rows_and_the_models_dtype():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 96)
+    with torch.no_grad():
+        emb.weight[7] *= 40   # a row with a large scale does not coarsen the others
+    q = quant.Int8Embedding.from_embedding(emb)
+    assert q.weight.dtype == torch.int8 and q.scales.shape == (50,)
+    idx = torch.tensor([[7, 0, 49], [3, 3, 1]])
+    want = q.weight.float()[idx] * q.scales[idx][..., None]
+    got = q(idx)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    err = (got - emb(idx)).abs() / emb.weight[idx].abs().amax(-1, keepdim=True)
+    assert err.max().item() <= 0.5 / 127 + 1e-6   # half a step of each row's own scale
+    assert torch.equal(q.float_weight()[idx], want)
+    q.to(torch.bfloat16)   # a model cast to bfloat16: the table stays int8, rows come out bfloat16
+    assert q.weight.dtype == torch.int8 and q(idx).dtype == torch.bfloat16 and q.dtype == torch.bfloat16
+
+
+def test_int8_models_keep_the_token_table_int8(tmp_path):
+    """An int8 model's token embedding is int8 too: kept float32 it made a GPT-2-shaped int8 model as large
+    as its float16 copy. The tied head quantizes the same rows identically; the model still reports float32
+    activations, its parameter count, and the embeddings panel reads dequantized rows."""
+    from conftest import make_tiny_model
+
+    from sol.core import embeddings
+    make_tiny_model(tmp_path / "m", n_layer=2, n_head=4, d_model=384, context=64)
+    lm32 = load_model(tmp_path / "m")
+    lm = load_model(tmp_path / "m", quantize="int8")
+    m = lm.model
+    assert type(m.embed) is quant.Int8Embedding and m.dtype == torch.float32
+    assert m.num_parameters() == lm32.model.num_parameters()
+    assert torch.equal(m.embed.weight, m.lm_head.int8_weight()) and torch.equal(m.embed.scales, m.lm_head.scales)
+    table = embeddings.matrix(m)
+    assert table.dtype == torch.float32 and (table - embeddings.matrix(lm32.model)).abs().max() < 0.01
+    assert quant.memory_bytes(m) < quant.memory_bytes(lm32.model) / 2.5
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert m(ids).dtype == torch.float32
