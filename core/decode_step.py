@@ -8,7 +8,8 @@ because `Transformer.decode`'s shapes depend only on the batch size and the cach
 on the positions. When the cache grows (it does in buckets), the graphs are captured again.
 
 On the CPU there is nothing to capture: the same step runs eagerly on the exact rows asked for, and
-one row reads only the filled part of its cache.
+one row reads only the filled part of its cache, its loop over the layers run by TorchScript's
+interpreter rather than Python where the model allows (core/cpu_step.py).
 """
 from __future__ import annotations
 

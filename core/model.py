@@ -572,6 +572,7 @@ class Transformer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self.act_dtype = None
+        self.__dict__["_plan"] = None   # a move or cast: the scripted step's plan is built again
         return super()._apply(fn, recurse)
 
     def _lookup(self, idx: torch.Tensor) -> torch.Tensor:
@@ -634,7 +635,9 @@ class Transformer(nn.Module):
 
         `at`: one row's position as a Python int, for the CPU's eager step, where nothing is captured
         and no kernel re-plans: attention then reads only the filled part of the cache (on average half
-        of it, or less) with no mask to build, and the key and value are written by a plain copy."""
+        of it, or less) with no mask to build, and the key and value are written by a plain copy. That
+        one-row loop runs in TorchScript (core/cpu_step.py) where the model allows: the same operations,
+        without Python's 2-3 µs a call."""
         B = idx.shape[0]
         H, KV, hd = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
         x = self._lookup(idx)
@@ -645,6 +648,10 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(pos).unsqueeze(1)
         else:
             ropes = self._decode_ropes(pos, cache.capacity)
+        if at is not None and B == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            plan = self._cpu_plan()
+            if plan is not None:   # the same loop, run by TorchScript (core/cpu_step.py)
+                return plan.run(x, at, cache, ropes)
         if at is None:
             masks = decode_masks(self._windows, pos, cache.capacity)
             where = pos.view(B, 1, 1, 1).expand(B, KV, 1, hd)
@@ -674,6 +681,15 @@ class Transformer(nn.Module):
             m = _linear(mlp.proj, mlp.activate(_linear(mlp.fc, _norm(block.ln2, x))))
             x = x + (m if block.post_mlp_norm is None else block.post_mlp_norm(m))
         return _norm(self.norm, x)
+
+    def _cpu_plan(self):
+        """The scripted one-row CPU step's plan for this model (core/cpu_step.py), rebuilt when the model
+        changed under it; None where that step cannot run it."""
+        from . import cpu_step
+        plan = self.__dict__.get("_plan")
+        if plan is None or not plan.valid():
+            plan = self.__dict__["_plan"] = cpu_step.build(self) if cpu_step.scripted() else cpu_step.Refusal()
+        return plan if type(plan) is cpu_step.Plan else None
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab). With a cache, `idx` continues the cached sequence.

@@ -182,18 +182,26 @@ def test_one_row_on_the_cpu_reads_only_the_filled_cache_and_never_reallocates_it
 
     prompt = prompts(lm, 2)[1]
     engine = Engine(lm.model, lm.tokenizer)
-    session = engine.session(prompt)
-    storage = [t.data_ptr() for t in session.cache.k]
+
+    def one_row():
+        session = engine.session(prompt)
+        storage = [t.data_ptr() for t in session.cache.k]
+        ids = [e.id for e in engine.generate(session, params(30)) if isinstance(e, TokenEvent)]
+        assert [t.data_ptr() for t in session.cache.k] == storage
+        return ids
+
+    # The scripted loop (core/cpu_step.py) runs the same slices; the Python loop's are spied on.
+    scripted = one_row()
+    monkeypatch.setattr(model_module.Transformer, "_cpu_plan", lambda self: None)
     monkeypatch.setattr(model_module, "decode_attention", spy)
-    ids = [e.id for e in engine.generate(session, params(30)) if isinstance(e, TokenEvent)]
+    ids = one_row()
     n = lm.config.n_layer
     # Each step reads positions 0..pos: the prompt and one more per token (every chosen token is fed).
     assert lengths == [len(prompt) + 1 + t for t in range(30) for _ in range(n)]
-    assert [t.data_ptr() for t in session.cache.k] == storage
     monkeypatch.setattr(model_module, "decode_attention", real)
     monkeypatch.setattr(engine_module, "DecodeStep", functools.partial(DecodeStep, pad=True))
     static, _ = solo(lm, prompt, params(30))
-    assert ids == static
+    assert ids == static == scripted
 
 
 def test_kv_memory_is_stated_and_matches_what_is_allocated(lm):

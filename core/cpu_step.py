@@ -1,0 +1,318 @@
+"""One new token of one sequence through every layer, on the CPU, run by TorchScript's interpreter.
+
+Decoding one token on the CPU is a few microseconds of arithmetic per tensor operation, and Python pays
+2-3 µs to dispatch each one (argument parsing, the module tree, views). Measured on 2 cores with torch
+2.13: the 6-layer GPT-2 shape in float16 spent 1.50 ms a step in `Transformer.decode`'s Python loop and
+0.86 ms in this one, for the same operations; an int8 layer's two-row wrapper (core/quant.py) costs 55-65
+µs in Python and about 9 µs here. torch.compile cannot do this: fbgemm's packed weights break its graph
+at every linear layer.
+
+`Transformer.decode` runs this loop instead of its own for one row at a Python-int position (the CPU's
+eager step) when `plan(model)` can describe the model: the same operations in the same order, so the
+results are bitwise those of the Python loop (tests check it). A model it cannot describe (attention
+soft-caps, a module it does not know such as an adapter, a hook on a module, int8 weights without
+fbgemm) or a torch without TorchScript keeps the Python loop.
+
+No `from __future__ import annotations` here: TorchScript reads the annotations.
+"""
+import math
+import warnings
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .half import HalfLinear
+from .quant import Int8Linear, _fbgemm
+
+# Kinds of linear layer, norm and MLP, as the scripted loop tells them apart.
+LIN_FLOAT, LIN_HALF, LIN_INT8, LIN_INT8_DEQUANT = 0, 1, 2, 3
+NORM_LAYER, NORM_RMS, NORM_RMS_PLUS_ONE = 0, 1, 2
+MLP_GELU, MLP_SWIGLU, MLP_GEGLU = 0, 1, 2
+# Norm slots per layer in the plan's lists: ln1, ln2, post-attention, post-MLP, q, k.
+NORMS_PER_LAYER = 6
+
+
+# ---- the scripted arithmetic (each function mirrors its Python original, named beside it) ------------
+def _norm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], kind: int, eps: float) -> torch.Tensor:
+    """model._norm / RMSNorm.forward."""
+    if kind == 0:
+        return F.layer_norm(x, [x.size(-1)], w, b, eps)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if kind == 2:
+        return (h * (1.0 + w.float())).to(x.dtype)
+    return w * h.to(x.dtype)
+
+
+def _int8_rows(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase, out: int) -> torch.Tensor:
+    """Int8Linear._fbgemm: the activations as two int8 rows, their value and 128 x the rounding remainder."""
+    x2 = x.reshape(-1, x.size(-1))
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    n = x2.size(0)
+    s = float(x2.abs().max()) / 127.0
+    if s == 0.0:
+        s = 1.0
+    dropped = torch.add(x2, torch.round(x2 / s), alpha=-s)
+    rows = torch.cat([x2, dropped.mul_(128.0)])
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, s, 128, packed)
+    shape = x.size()[:-1] + [out]
+    y = y[:n].add_(y[n:], alpha=1 / 128.0).view(shape)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _linear(x: torch.Tensor, j: int, kind: List[int], w: List[torch.Tensor], b: List[Optional[torch.Tensor]],
+            scales: List[torch.Tensor], slot: List[int],
+            packed: List[torch.classes.quantized.LinearPackedParamsBase], out: List[int]) -> torch.Tensor:
+    """model._linear for linear layer j: nn.Linear, HalfLinear or Int8Linear."""
+    k = kind[j]
+    if k == 0:
+        return F.linear(x, w[j], b[j])
+    if k == 1:
+        y = torch.ops.quantized.linear_dynamic_fp16(x.float(), packed[slot[j]])
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+    if k == 2:
+        return _int8_rows(x, packed[slot[j]], out[j])
+    y = F.linear(x, w[j].to(x.dtype)) * scales[j].to(x.dtype)
+    bias = b[j]
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """model.apply_rope (partial RoPE: the rest of each head passes through)."""
+    d = cos.size(-1)
+    n = x.size(-1)
+    xr = x if d >= n else x[..., :d]
+    half = xr.size(-1) // 2
+    rotated = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+    y = (xr * cos + rotated * sin).to(xr.dtype)
+    return y if d >= n else torch.cat((y, x[..., d:]), dim=-1)
+
+
+def _layers(x: torch.Tensor, at: int, ks: List[torch.Tensor], vs: List[torch.Tensor],
+            cos: List[torch.Tensor], sin: List[torch.Tensor],
+            kind: List[int], w: List[torch.Tensor], b: List[Optional[torch.Tensor]], scales: List[torch.Tensor],
+            slot: List[int], packed: List[torch.classes.quantized.LinearPackedParamsBase], out: List[int],
+            norm_w: List[torch.Tensor], norm_b: List[Optional[torch.Tensor]], norm_kind: int, eps: float,
+            post_norms: bool, qk_norm: bool, windows: List[int], rope_of: List[int],
+            H: int, KV: int, hd: int, scale: float, mlp: int) -> torch.Tensor:
+    """Transformer.decode's loop over the blocks for one row (x: (1, 1, d_model)) at position `at`, and
+    the final norm."""
+    gqa = KV != H
+    for i in range(len(ks)):
+        nw = 6 * i   # NORMS_PER_LAYER (TorchScript reads no global numbers)
+        h = _norm(x, norm_w[nw], norm_b[nw], norm_kind, eps)
+        qkv = _linear(h, 4 * i, kind, w, b, scales, slot, packed, out).view(1, H + 2 * KV, 1, hd)
+        parts = qkv.split([H, KV, KV], dim=1)
+        q, k, v = parts[0], parts[1], parts[2]
+        if qk_norm:
+            q = _norm(q, norm_w[nw + 4], norm_b[nw + 4], norm_kind, eps)
+            k = _norm(k, norm_w[nw + 5], norm_b[nw + 5], norm_kind, eps)
+        r = rope_of[i]
+        if r >= 0:
+            q, k = _rope(q, cos[r], sin[r]), _rope(k, cos[r], sin[r])
+        ks[i][:1, :, at:at + 1].copy_(k)
+        vs[i][:1, :, at:at + 1].copy_(v)
+        start = 0 if windows[i] < 0 else max(0, at + 1 - windows[i])
+        keys, values = ks[i][:1, :, start:at + 1], vs[i][:1, :, start:at + 1]
+        y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=None, scale=scale,
+                                           enable_gqa=gqa).to(x.dtype)
+        a = _linear(y.view(1, 1, H * hd), 4 * i + 1, kind, w, b, scales, slot, packed, out)
+        if post_norms:
+            a = _norm(a, norm_w[nw + 2], norm_b[nw + 2], norm_kind, eps)
+        x = x + a
+        h = _linear(_norm(x, norm_w[nw + 1], norm_b[nw + 1], norm_kind, eps), 4 * i + 2,
+                    kind, w, b, scales, slot, packed, out)
+        if mlp == 0:
+            h = F.gelu(h, approximate="tanh")
+        else:
+            gate_up = h.chunk(2, dim=-1)
+            if mlp == 1:
+                h = F.silu(gate_up[0]) * gate_up[1]
+            else:
+                h = F.gelu(gate_up[0], approximate="tanh") * gate_up[1]
+        m = _linear(h, 4 * i + 3, kind, w, b, scales, slot, packed, out)
+        if post_norms:
+            m = _norm(m, norm_w[nw + 3], norm_b[nw + 3], norm_kind, eps)
+        x = x + m
+    last = 6 * len(ks)
+    return _norm(x, norm_w[last], norm_b[last], norm_kind, eps)
+
+
+_SCRIPTED = None   # the scripted _layers, or False where TorchScript is missing or failed
+
+
+def scripted():
+    """_layers compiled by TorchScript (once per process), or None where it cannot be."""
+    global _SCRIPTED
+    if _SCRIPTED is None:
+        try:
+            with warnings.catch_warnings():   # torch.jit is deprecated in favour of torch.compile (see above)
+                warnings.simplefilter("ignore")
+                _SCRIPTED = torch.jit.script(_layers)
+        except Exception:   # no source (a frozen install), or a torch whose TorchScript is gone
+            _SCRIPTED = False
+    return _SCRIPTED or None
+
+
+# ---- the plan: the model's tensors and switches, in the lists _layers reads -----------------------------
+class Plan:
+    """A model's layers as _layers' arguments, and what must still hold for them to be the model's."""
+
+    def __init__(self, args: dict, children: list, held: list):
+        self.args = args
+        self.children = children   # (parent, name, module): still the parent's child, with no hooks
+        self.held = held           # (a module's dict, key, value): what the plan took from the module
+
+    def valid(self) -> bool:
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        for parent, name, child in self.children:
+            if parent._modules.get(name) is not child:
+                return False
+            if child is not None and (child._forward_hooks or child._forward_pre_hooks):
+                return False
+        for where, key, value in self.held:
+            if where.get(key) is not value:
+                return False
+        return True
+
+    def run(self, x: torch.Tensor, at: int, cache, ropes) -> torch.Tensor:
+        cos = [c for c, _ in ropes] if ropes else []
+        sin = [s for _, s in ropes] if ropes else []
+        return scripted()(x, at, cache.k, cache.v, cos, sin, **self.args)
+
+
+class _Global:
+    """Stands for torch's global module hooks in a Refusal."""
+    @property
+    def _forward_hooks(self):
+        return nn.modules.module._global_forward_hooks
+
+    @property
+    def _forward_pre_hooks(self):
+        return nn.modules.module._global_forward_pre_hooks
+
+
+_GLOBAL = _Global()
+
+
+class Refusal:
+    """Why a model keeps the Python loop. A hooked module's refusal lasts while the hook does; any other
+    lasts until the model is moved or cast (which drops it)."""
+
+    def __init__(self, hooked=None):
+        self.hooked = hooked
+
+    def valid(self) -> bool:
+        m = self.hooked
+        return m is None or bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+class _Unsupported(Exception):
+    def __init__(self, hooked=None):
+        super().__init__()
+        self.hooked = hooked
+
+
+def build(model):
+    """The Plan of `model` (a Transformer on the CPU), or a Refusal where the scripted loop cannot run it."""
+    try:
+        return _build(model)
+    except _Unsupported as e:
+        return Refusal(e.hooked)
+
+
+def _build(model) -> Plan:
+    from .model import MLP, Attention, Block, RMSNorm, _SDPA_HAS_GQA
+    cfg = model.cfg
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        raise _Unsupported(hooked=_GLOBAL)
+    if cfg.attn_softcap is not None or (cfg.n_kv_head != cfg.n_head and not _SDPA_HAS_GQA):
+        raise _Unsupported
+    kind, w, b, scales, slot, packed, out, norm_w, norm_b = [], [], [], [], [], [], [], [], []
+    children, held = [], []
+    empty = torch.empty(0)
+
+    def child(parent, name, types):
+        m = parent._modules.get(name)
+        if type(m) not in types:
+            raise _Unsupported
+        if m._forward_hooks or m._forward_pre_hooks:
+            raise _Unsupported(hooked=m)
+        children.append((parent, name, m))
+        return m
+
+    def add_linear(parent, name):
+        m = child(parent, name, (nn.Linear, HalfLinear, Int8Linear))
+        if type(m) is nn.Linear:
+            entry = (LIN_FLOAT, m.weight, m.bias, empty, None)
+        elif type(m) is HalfLinear:
+            if m._packed is None:
+                raise _Unsupported
+            entry = (LIN_HALF, empty, None, empty, m._packed)
+        else:
+            if not _fbgemm():
+                raise _Unsupported   # aten._weight_int8pack_mm's path: the Python loop
+            if m._packed is None and not m._declined:
+                m.pack()   # as its first CPU forward would
+            entry = (LIN_INT8, empty, None, empty, m._packed) if m._packed is not None else \
+                (LIN_INT8_DEQUANT, m.weight, m.bias, m.scales, None)
+            held.append((m._buffers, "scales", m.scales))
+        if type(m) is not nn.Linear:
+            held.append((m.__dict__, "_packed", m._packed))
+        for name in ("weight", "bias"):
+            held.append((m._buffers if name in m._buffers else m._parameters, name, getattr(m, name)))
+        k, weight, bias, scale, pack = entry
+        kind.append(k)
+        w.append(weight)
+        b.append(bias)
+        scales.append(scale)
+        slot.append(-1 if pack is None else len(packed))
+        if pack is not None:
+            packed.append(pack)
+        out.append(m.out_features)
+
+    def add_norm(parent, name):
+        if parent._modules.get(name) is None:
+            children.append((parent, name, None))
+            norm_w.append(empty)
+            norm_b.append(None)
+            return
+        m = child(parent, name, (nn.LayerNorm, RMSNorm))
+        if type(m) is nn.LayerNorm:
+            if m.weight is None or m.eps != cfg.norm_eps or cfg.norm != "layernorm" or len(m.normalized_shape) != 1:
+                raise _Unsupported
+        elif m.eps != cfg.norm_eps or m.plus_one != cfg.norm_plus_one or cfg.norm != "rmsnorm":
+            raise _Unsupported
+        norm_w.append(m.weight)
+        norm_b.append(getattr(m, "bias", None))
+        for name in ("weight", "bias"):
+            held.append((m._buffers if name in m._buffers else m._parameters, name, getattr(m, name, None)))
+
+    for i in range(cfg.n_layer):
+        block = child(model.blocks, str(i), (Block,))
+        attn = child(block, "attn", (Attention,))
+        mlp = child(block, "mlp", (MLP,))
+        if attn.softcap is not None:
+            raise _Unsupported
+        for parent, name in ((attn, "qkv"), (attn, "proj"), (mlp, "fc"), (mlp, "proj")):
+            add_linear(parent, name)
+        for parent, name in ((block, "ln1"), (block, "ln2"), (block, "post_attn_norm"), (block, "post_mlp_norm"),
+                             (attn, "q_norm"), (attn, "k_norm")):
+            add_norm(parent, name)
+    add_norm(model, "norm")
+    first = model.blocks[0].mlp
+    ropes = model.pos_embed is None
+    args = dict(kind=kind, w=w, b=b, scales=scales, slot=slot, packed=packed, out=out,
+                norm_w=norm_w, norm_b=norm_b,
+                norm_kind=NORM_LAYER if cfg.norm != "rmsnorm" else NORM_RMS_PLUS_ONE if cfg.norm_plus_one else NORM_RMS,
+                eps=float(cfg.norm_eps), post_norms=cfg.post_norms, qk_norm=cfg.qk_norm,
+                windows=[-1 if cfg.window(i) is None else cfg.window(i) for i in range(cfg.n_layer)],
+                rope_of=[model._rope_of[i] if ropes else -1 for i in range(cfg.n_layer)],
+                H=cfg.n_head, KV=cfg.n_kv_head, hd=cfg.head_dim,
+                scale=float(cfg.attn_scale) if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.head_dim),
+                mlp=MLP_SWIGLU if first.swiglu else MLP_GEGLU if first.geglu else MLP_GELU)
+    return Plan(args, children, held)

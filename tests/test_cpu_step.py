@@ -1,0 +1,105 @@
+"""The scripted one-row CPU decode step (core/cpu_step.py): bitwise the Python loop's results for every
+kind of model it takes, the Python loop for what it does not, and a plan that follows the model."""
+import pytest
+import torch
+
+from sol.core import cpu_step
+from sol.core.config import ModelConfig
+from sol.core.half import pack_half
+from sol.core.model import Transformer
+from sol.core.quant import pack_model, quantize_model
+
+pytestmark = pytest.mark.skipif(cpu_step.scripted() is None, reason="TorchScript is not available")
+
+BASE = dict(vocab_size=96, n_layer=2, n_head=4, d_model=64, context=64)
+CONFIGS = {
+    "gpt2": dict(),
+    "llama_gqa": dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, n_kv_head=2),
+    "qwen2_window": dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, qkv_bias=True,
+                         n_kv_head=2, sliding_window=5),
+    "qwen3": dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, qk_norm=True, head_dim=32),
+    "gemma3": dict(norm="rmsnorm", positions="rope", mlp="geglu", bias=False, norm_plus_one=True, post_norms=True,
+                   scale_embeddings=True, qk_norm=True, n_kv_head=1, sliding_window=4, rope_local_theta=10.0,
+                   layer_types=["sliding_attention", "full_attention"], attn_scale=0.2),
+    "phi_partial_rope": dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, rope_dim=8),
+}
+
+
+def _model(name, seed=0):
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig(**BASE, **CONFIGS[name])).eval()
+    with torch.no_grad():
+        for p in m.parameters():   # norms away from 1 and 0, so a wrong norm shows
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def _decode(m, scripted: bool, monkeypatch, steps=12):
+    """Logits of a prompt then `steps` tokens decoded one at a time (the CPU's eager one-row step)."""
+    with monkeypatch.context() as mp:
+        if not scripted:
+            mp.setattr(Transformer, "_cpu_plan", lambda self: None)
+        cache = m.new_cache(1, 32)
+        out = []
+        with torch.inference_mode():
+            m(torch.tensor([[3, 1, 4, 1, 5]]), cache)
+            for j in range(steps):
+                p = 5 + j
+                out.append(m.logits(m.decode(torch.tensor([[(7 * j) % 90]]), torch.tensor([p]), cache, p)))
+        return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("weights", ["float32", "float16", "int8"])
+def test_the_scripted_step_is_bitwise_the_python_loop(name, weights, monkeypatch):
+    m = _model(name)
+    if weights == "float16":
+        pack_half(m.half())      # fbgemm's packed float16 product (core/half.py)
+    elif weights == "int8":
+        quantize_model(m)
+        for mod in m.modules():  # 64 inputs: fbgemm would pad them, so force the packed path
+            if hasattr(mod, "pack") and hasattr(mod, "scales"):
+                mod.pack(force=True)
+    want = _decode(m, False, monkeypatch)
+    got = _decode(m, True, monkeypatch)
+    assert m._cpu_plan() is not None
+    assert torch.equal(got, want)
+
+
+def test_narrow_int8_layers_dequantize_in_the_scripted_step_too(monkeypatch):
+    m = quantize_model(_model("gpt2"))
+    pack_model(m)   # 64 and 256 inputs: left unpacked, dequantized on the fly
+    assert torch.equal(_decode(m, True, monkeypatch), _decode(m, False, monkeypatch))
+    assert m._cpu_plan() is not None
+
+
+def test_what_the_scripted_step_does_not_take_keeps_the_python_loop(monkeypatch):
+    capped = Transformer(ModelConfig(**BASE, **CONFIGS["llama_gqa"], attn_softcap=30.0)).eval()
+    assert type(cpu_step.build(capped)) is cpu_step.Refusal and capped._cpu_plan() is None
+    m = _model("gpt2")
+    calls = []
+    handle = m.blocks[1].mlp.fc.register_forward_hook(lambda mod, inp, out: calls.append(out.shape))
+    _decode(m, True, monkeypatch, steps=3)
+    assert len(calls) == 3 + 1   # the prompt, then every decoded token went through the module
+    handle.remove()
+    calls.clear()
+    _decode(m, True, monkeypatch, steps=3)
+    assert len(calls) == 0 and m._cpu_plan() is not None   # without the hook: scripted again
+
+
+def test_the_plan_follows_the_model(monkeypatch):
+    m = _model("llama_gqa")
+    builds = []
+    real = cpu_step.build
+    monkeypatch.setattr(cpu_step, "build", lambda model: builds.append(1) or real(model))
+    before = _decode(m, True, monkeypatch)
+    assert len(builds) == 1   # built once, then only checked
+    with torch.no_grad():
+        m.blocks[0].attn.proj.weight = torch.nn.Parameter(m.blocks[0].attn.proj.weight * 2)
+    after = _decode(m, True, monkeypatch)
+    assert len(builds) == 2 and not torch.equal(before, after)
+    assert torch.equal(after, _decode(m, False, monkeypatch))
+    m.blocks[1].mlp.fc = torch.nn.Linear(64, m.blocks[1].mlp.fc.out_features, bias=False)
+    assert torch.equal(_decode(m, True, monkeypatch), _decode(m, False, monkeypatch)) and len(builds) == 3
+    m.to(torch.float64)   # any move or cast drops the plan
+    assert m.__dict__["_plan"] is None
