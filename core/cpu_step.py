@@ -162,9 +162,13 @@ class Plan:
     """A model's layers as _layers' arguments, and what must still hold for them to be the model's."""
 
     def __init__(self, args: dict, children: list, held: list):
+        self.mark = None           # core/changes.mark() when last checked
         self.args = args
         self.children = children   # (parent, name, module): still the parent's child, with no hooks
         self.held = held           # (a module's dict, key, value): what the plan took from the module
+
+    def needs_check(self, mark) -> bool:
+        return mark != self.mark
 
     def valid(self) -> bool:
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
@@ -204,7 +208,11 @@ class Refusal:
     lasts until the model is moved or cast (which drops it)."""
 
     def __init__(self, hooked=None):
+        self.mark = None
         self.hooked = hooked
+
+    def needs_check(self, mark) -> bool:
+        return mark != self.mark or self.hooked is not None   # a hook's removal moves no counter
 
     def valid(self) -> bool:
         m = self.hooked

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .changes import changed
+
 
 def available() -> bool:
     """Whether this build of torch has fbgemm's float16 kernels (x86 builds do; ARM's do not)."""
@@ -52,6 +54,7 @@ class HalfLinear(nn.Module):
             # Exact: the weights are float16 values already; fbgemm stores them as float16 again.
             self.__dict__["_packed"] = torch.ops.quantized.linear_prepack_fp16(self.weight.float(), bias)
             self._buffers["weight"] = torch.empty(0, dtype=torch.float16)
+            changed()
         return self._packed
 
     def unpack(self) -> None:
@@ -59,6 +62,7 @@ class HalfLinear(nn.Module):
             w, _ = torch.ops.quantized.linear_unpack_fp16(self._packed)
             self._buffers["weight"] = w.to(torch.float16)
             self.__dict__["_packed"] = None
+            changed()
 
     def half_weight(self) -> torch.Tensor:
         """The float16 weights, whichever form holds them."""

@@ -684,11 +684,15 @@ class Transformer(nn.Module):
 
     def _cpu_plan(self):
         """The scripted one-row CPU step's plan for this model (core/cpu_step.py), rebuilt when the model
-        changed under it; None where that step cannot run it."""
-        from . import cpu_step
+        changed under it; None where that step cannot run it. Checked in full only after a change to some
+        module's structure or hooks (core/changes.py): a full check reads every layer's modules, and done
+        every token it cost 9-15 % of a 124M model's decoding (cold caches after the weights stream by)."""
+        from . import changes, cpu_step
         plan = self.__dict__.get("_plan")
-        if plan is None or not plan.valid():
+        mark = changes.mark()
+        if plan is None or (plan.needs_check(mark) and not plan.valid()):
             plan = self.__dict__["_plan"] = cpu_step.build(self) if cpu_step.scripted() else cpu_step.Refusal()
+        plan.mark = mark   # until some module somewhere changes, nothing needs checking again
         return plan if type(plan) is cpu_step.Plan else None
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .changes import changed
 from .half import HalfLinear
 
 # fbgemm stores a packed matrix in blocks of 512 inputs and 32 rows, plus three 4-byte numbers a row
@@ -102,6 +103,7 @@ class Int8Linear(nn.Module):
             packed = torch.ops.quantized.linear_prepack(w, bias)
         self.__dict__["_packed"] = packed
         self._buffers["weight"] = torch.empty(0, dtype=torch.int8)
+        changed()
         return packed
 
     def unpack(self) -> None:
@@ -111,6 +113,7 @@ class Int8Linear(nn.Module):
             w, _ = torch.ops.quantized.linear_unpack(packed)
             self._buffers["weight"] = w.int_repr()
             self.__dict__["_packed"] = None
+            changed()
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 rows, whichever form holds them."""
