@@ -91,20 +91,36 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return y if d >= n else torch.cat((y, x[..., d:]), dim=-1)
 
 
-def _layers(x: torch.Tensor, at: int, ks: List[torch.Tensor], vs: List[torch.Tensor],
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor],
+            H: int, KV: int, hd: int, scale: float) -> torch.Tensor:
+    """model.decode_attention on the CPU (no soft-cap): one row in PyTorch's fused attention, several in
+    two products and a softmax under the rows' masks."""
+    B = q.size(0)
+    if B == 1:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=KV != H)
+    scores = torch.matmul(q.view(B, KV, H // KV, hd), keys.transpose(-2, -1)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), values).view(B, H, 1, hd)
+
+
+def _layers(x: torch.Tensor, at: int, pos: torch.Tensor, masks: List[torch.Tensor], mask_of: List[int],
+            ks: List[torch.Tensor], vs: List[torch.Tensor],
             cos: List[torch.Tensor], sin: List[torch.Tensor],
             kind: List[int], w: List[torch.Tensor], b: List[Optional[torch.Tensor]], scales: List[torch.Tensor],
             slot: List[int], packed: List[torch.classes.quantized.LinearPackedParamsBase], out: List[int],
             norm_w: List[torch.Tensor], norm_b: List[Optional[torch.Tensor]], norm_kind: int, eps: float,
             post_norms: bool, qk_norm: bool, windows: List[int], rope_of: List[int],
             H: int, KV: int, hd: int, scale: float, mlp: int) -> torch.Tensor:
-    """Transformer.decode's loop over the blocks for one row (x: (1, 1, d_model)) at position `at`, and
-    the final norm."""
-    gqa = KV != H
+    """Transformer.decode's loop over the blocks, and the final norm: x (B, 1, d_model), one new token
+    per row. `at` >= 0: one row at that position, attending to the filled part of its cache only; `at`
+    < 0: row b at pos[b], attending to the whole cache under masks[mask_of[layer]]."""
+    B = x.size(0)
+    where = pos.view(B, 1, 1, 1).expand(B, KV, 1, hd)
     for i in range(len(ks)):
         nw = 6 * i   # NORMS_PER_LAYER (TorchScript reads no global numbers)
         h = _norm(x, norm_w[nw], norm_b[nw], norm_kind, eps)
-        qkv = _linear(h, 4 * i, kind, w, b, scales, slot, packed, out).view(1, H + 2 * KV, 1, hd)
+        qkv = _linear(h, 4 * i, kind, w, b, scales, slot, packed, out).view(B, H + 2 * KV, 1, hd)
         parts = qkv.split([H, KV, KV], dim=1)
         q, k, v = parts[0], parts[1], parts[2]
         if qk_norm:
@@ -113,13 +129,19 @@ def _layers(x: torch.Tensor, at: int, ks: List[torch.Tensor], vs: List[torch.Ten
         r = rope_of[i]
         if r >= 0:
             q, k = _rope(q, cos[r], sin[r]), _rope(k, cos[r], sin[r])
-        ks[i][:1, :, at:at + 1].copy_(k)
-        vs[i][:1, :, at:at + 1].copy_(v)
-        start = 0 if windows[i] < 0 else max(0, at + 1 - windows[i])
-        keys, values = ks[i][:1, :, start:at + 1], vs[i][:1, :, start:at + 1]
-        y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=None, scale=scale,
-                                           enable_gqa=gqa).to(x.dtype)
-        a = _linear(y.view(1, 1, H * hd), 4 * i + 1, kind, w, b, scales, slot, packed, out)
+        mask: Optional[torch.Tensor] = None
+        if at >= 0:
+            ks[i][:1, :, at:at + 1].copy_(k)
+            vs[i][:1, :, at:at + 1].copy_(v)
+            start = 0 if windows[i] < 0 else max(0, at + 1 - windows[i])
+            keys, values = ks[i][:1, :, start:at + 1], vs[i][:1, :, start:at + 1]
+        else:
+            keys, values = ks[i][:B], vs[i][:B]
+            keys.scatter_(2, where, k.to(keys.dtype))
+            values.scatter_(2, where, v.to(values.dtype))
+            mask = masks[mask_of[i]]
+        y = _attend(q.to(keys.dtype), keys, values, mask, H, KV, hd, scale).to(x.dtype)
+        a = _linear(y.view(B, 1, H * hd), 4 * i + 1, kind, w, b, scales, slot, packed, out)
         if post_norms:
             a = _norm(a, norm_w[nw + 2], norm_b[nw + 2], norm_kind, eps)
         x = x + a
@@ -161,9 +183,11 @@ def scripted():
 class Plan:
     """A model's layers as _layers' arguments, and what must still hold for them to be the model's."""
 
-    def __init__(self, args: dict, children: list, held: list):
+    def __init__(self, args: dict, children: list, held: list, windows: list):
         self.mark = None           # core/changes.mark() when last checked
         self.args = args
+        self.windows = sorted(set(windows), key=lambda wnd: -1 if wnd is None else wnd)   # distinct, in order
+        self.mask_of = [self.windows.index(wnd) for wnd in windows]   # each layer's mask
         self.children = children   # (parent, name, module): still the parent's child, with no hooks
         self.held = held           # (a module's dict, key, value): what the plan took from the module
 
@@ -183,10 +207,15 @@ class Plan:
                 return False
         return True
 
-    def run(self, x: torch.Tensor, at: int, cache, ropes) -> torch.Tensor:
+    def run(self, x: torch.Tensor, pos: torch.Tensor, at, cache, ropes, masks=None) -> torch.Tensor:
+        """at: one row's position (an int), or None for rows at `pos` under `masks` ({window: mask})."""
         cos = [c for c, _ in ropes] if ropes else []
         sin = [s for _, s in ropes] if ropes else []
-        return scripted()(x, at, cache.k, cache.v, cos, sin, **self.args)
+        if at is None:
+            order = self.windows
+            mask_list = [masks[wnd] for wnd in order]
+            return scripted()(x, -1, pos, mask_list, self.mask_of, cache.k, cache.v, cos, sin, **self.args)
+        return scripted()(x, at, pos, [], self.mask_of, cache.k, cache.v, cos, sin, **self.args)
 
 
 class _Global:
@@ -323,4 +352,4 @@ def _build(model) -> Plan:
                 H=cfg.n_head, KV=cfg.n_kv_head, hd=cfg.head_dim,
                 scale=float(cfg.attn_scale) if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.head_dim),
                 mlp=MLP_SWIGLU if first.swiglu else MLP_GEGLU if first.geglu else MLP_GELU)
-    return Plan(args, children, held)
+    return Plan(args, children, held, [cfg.window(i) for i in range(cfg.n_layer)])

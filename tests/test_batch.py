@@ -158,6 +158,8 @@ def test_the_decode_step_sees_the_same_shapes_token_after_token(lm, monkeypatch)
         return real(q, k, v, mask, *rest)
 
     monkeypatch.setattr(model_module, "decode_attention", spy)
+    # The Python loop's attention is spied on; the scripted one (core/cpu_step.py) is bitwise the same.
+    monkeypatch.setattr(model_module.Transformer, "_cpu_plan", lambda self: None)
     # One sequence through the static step (the one CUDA captures): 60 tokens, one shape.
     monkeypatch.setattr(engine_module, "DecodeStep", functools.partial(DecodeStep, pad=True))
     ids, _ = solo(lm, prompts(lm, 1)[0], params(60))

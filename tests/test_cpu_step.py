@@ -107,3 +107,33 @@ def test_the_plan_follows_the_model(monkeypatch):
     assert torch.equal(_decode(m, True, monkeypatch), _decode(m, False, monkeypatch)) and len(builds) == 3
     m.to(torch.float64)   # any move or cast drops the plan
     assert m.__dict__["_plan"] is None
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen2_window", "gemma3"])
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_several_rows_at_their_own_positions_too(name, weights, monkeypatch):
+    """The batched step (rows at different positions, the whole cache under each row's mask) is also
+    bitwise the Python loop's, one row included (the static step a GPU captures, run on the CPU)."""
+    m = _model(name)
+    if weights == "int8":
+        quantize_model(m)
+        pack_model(m)
+    results = []
+    for scripted in (False, True):
+        with monkeypatch.context() as mp:
+            if not scripted:
+                mp.setattr(Transformer, "_cpu_plan", lambda self: None)
+            cache = m.new_cache(3, 32)
+            cache.reserve(32)
+            out = []
+            with torch.inference_mode():
+                for b, n in enumerate((5, 9, 2)):   # three prompts of different lengths, each in its row
+                    m(torch.arange(1, n + 1).view(1, n), cache.rows(b, b + 1))
+                pos = torch.tensor([5, 9, 2])
+                for j in range(8):
+                    idx = torch.tensor([[(3 * j + b) % 90] for b in range(3)])
+                    out.append(m.logits(m.decode(idx, pos + j, cache)))
+                    out.append(m.logits(m.decode(idx[:1], pos[:1] + j + 15, cache)))   # one row, no `at`
+            results.append(torch.cat([o.flatten() for o in out]))
+    assert m._cpu_plan() is not None
+    assert torch.equal(results[0], results[1])
