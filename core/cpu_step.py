@@ -1,4 +1,4 @@
-"""One new token of one sequence through every layer, on the CPU, run by TorchScript's interpreter.
+"""One new token per sequence through every layer, on the CPU, run by TorchScript's interpreter.
 
 Decoding one token on the CPU is a few microseconds of arithmetic per tensor operation, and Python pays
 2-3 µs to dispatch each one (argument parsing, the module tree, views). Measured on 2 cores with torch
@@ -7,9 +7,10 @@ Decoding one token on the CPU is a few microseconds of arithmetic per tensor ope
 µs in Python and about 9 µs here. torch.compile cannot do this: fbgemm's packed weights break its graph
 at every linear layer.
 
-`Transformer.decode` runs this loop instead of its own for one row at a Python-int position (the CPU's
-eager step) when `plan(model)` can describe the model: the same operations in the same order, so the
-results are bitwise those of the Python loop (tests check it). A model it cannot describe (attention
+`Transformer.decode` runs this loop instead of its own on the CPU (one row at a Python-int position, the
+eager step, or several rows at their own positions, the batched engine's step) when `build(model)` can
+describe the model: the same operations in the same order, so the results are bitwise those of the
+Python loop (tests check it). A model it cannot describe (attention
 soft-caps, a module it does not know such as an adapter, a hook on a module, int8 weights without
 fbgemm) or a torch without TorchScript keeps the Python loop.
 
@@ -234,7 +235,8 @@ _GLOBAL = _Global()
 
 class Refusal:
     """Why a model keeps the Python loop. A hooked module's refusal lasts while the hook does; any other
-    lasts until the model is moved or cast (which drops it)."""
+    until some module changes (a float16 layer packed at its first forward, say), when the model is
+    looked at again."""
 
     def __init__(self, hooked=None):
         self.mark = None
@@ -245,7 +247,7 @@ class Refusal:
 
     def valid(self) -> bool:
         m = self.hooked
-        return m is None or bool(m._forward_hooks or m._forward_pre_hooks)
+        return m is not None and bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 class _Unsupported(Exception):

@@ -137,3 +137,16 @@ def test_several_rows_at_their_own_positions_too(name, weights, monkeypatch):
             results.append(torch.cat([o.flatten() for o in out]))
     assert m._cpu_plan() is not None
     assert torch.equal(results[0], results[1])
+
+
+def test_a_refusal_is_looked_at_again_after_a_change(monkeypatch):
+    """A cast unpacks float16 layers (the plan is dropped and refused: nothing packed to hand over); the
+    Python loop's first forward packs them again, and from the next token on the scripted step runs."""
+    m = _model("gpt2")
+    pack_half(m.half())
+    m.to(torch.float16)   # HalfLinear unpacks on any move or cast
+    assert m.blocks[0].attn.qkv._packed is None and m._cpu_plan() is None   # refused: nothing packed
+    assert type(m.__dict__["_plan"]) is cpu_step.Refusal
+    got = _decode(m, True, monkeypatch)
+    assert m.blocks[0].attn.qkv._packed is not None and m._cpu_plan() is not None
+    assert torch.equal(got, _decode(m, False, monkeypatch))
