@@ -96,11 +96,17 @@ def max_logit_diff(hf, sol_model, prompt: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+def held_out_ids(tokenizer, n_tokens: int, row: int) -> list[int]:
+    """The last n_tokens of tinyshakespeare (../shared/data), cut to whole rows of `row` tokens."""
+    text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt").read_text()
+    ids = tokenizer.encode_ids(text[-40000:], add_special_tokens=False)[-n_tokens:]
+    return ids[:len(ids) // row * row]
+
+
 def top1_agreement(lm32, lm8, n_tokens: int = 4096, row: int = 512) -> float:
     """Share of held-out text's positions where the int8 model's top-1 next token is float32's."""
-    text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt").read_text()
-    ids = lm32.tokenizer.encode_ids(text[-40000:], add_special_tokens=False)[-n_tokens:]
-    rows = torch.tensor(ids[:len(ids) // row * row]).view(-1, row)
+    ids = held_out_ids(lm32.tokenizer, n_tokens, row)
+    rows = torch.tensor(ids).view(-1, row)
     with torch.inference_mode():
         a, b = lm32.model(rows).argmax(-1), lm8.model(rows).argmax(-1)
     return round(float((a == b).float().mean()), 4)
@@ -129,10 +135,8 @@ def trained_top1_agreement_decode(n_tokens: int = 4096) -> float:
     """The same, the way generation computes it: int8 decodes held-out text one token at a time from its
     KV cache (each step's activations quantized on their own), against float32's next tokens."""
     lm32, lm8 = _trained_pair()
-    text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt").read_text()
-    ids = lm32.tokenizer.encode_ids(text[-40000:], add_special_tokens=False)[-n_tokens:]
     row, m, same = lm32.config.context, lm8.model, 0
-    ids = ids[:len(ids) // row * row]
+    ids = held_out_ids(lm32.tokenizer, n_tokens, row)
     with torch.inference_mode():
         for r in range(0, len(ids), row):
             chunk = torch.tensor([ids[r:r + row]])

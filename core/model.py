@@ -648,13 +648,13 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(pos).unsqueeze(1)
         else:
             ropes = self._decode_ropes(pos, cache.capacity)
-        if at is None:
-            masks = decode_masks(self._windows, pos, cache.capacity)
-            where = pos.view(B, 1, 1, 1).expand(B, KV, 1, hd)
+        masks = decode_masks(self._windows, pos, cache.capacity) if at is None else None
         if (at is None or B == 1) and x.device.type == "cpu" and not torch.is_grad_enabled():
             plan = self._cpu_plan()
             if plan is not None:   # the same loop, run by TorchScript (core/cpu_step.py)
-                return plan.run(x, pos, at, cache, ropes, None if at is not None else masks)
+                return plan.run(x, pos, at, cache, ropes, masks)
+        if at is None:
+            where = pos.view(B, 1, 1, 1).expand(B, KV, 1, hd)
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             # With one position, (B, 1, heads, hd) -> (B, heads, 1, hd) is a plain view.
