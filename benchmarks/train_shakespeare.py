@@ -6,10 +6,17 @@ recipe of its README: config/train_shakespeare_char.py --device=cpu --compile=Fa
 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0 (no biases, lr 1e-3,
 evaluation every 250 iterations). Its data is written as its prepare.py writes it.
 
-Sol runs `sol train pretrain` twice, also as child processes:
+Sol runs `sol train pretrain` three times, also as child processes:
   identical   the same model, batch, schedule and evaluation (20 batches of 12 every 250 steps):
               tokens/s over the training steps (evaluation left out on both sides), goal >= 1.2x
-              nanoGPT's
+              nanoGPT's. Sol's default --precision auto trains in bf16 autocast on a CPU with native
+              bf16 (AVX512-BF16, AMX; weights, optimizer and attention stay float32), and in float32
+              elsewhere; nanoGPT trains in float32 on any CPU (its autocast is for GPUs only).
+  identical, fp32   the same with --precision fp32: both sides in float32, reported beside it
+Then --rounds more rounds (default 2) of the throughput pair alone, 500 iterations each side, the order
+turned round each time (Sol first, then nanoGPT first): this shared host's speed drifts by a quarter
+within minutes, and one pair run a minute apart reads that drift as a ratio. The throughput ratios are
+the median over all the pairs; each pair's figures are in the JSON.
   settings    Sol's choice of model and hyperparameters (SOL_SETTINGS below): wall seconds from
               the command's launch until a validation loss <= 1.886 is printed, evaluation and
               start-up included, goal <= 0.25x nanoGPT's seconds to the same line
@@ -83,11 +90,12 @@ def run_sol(label: str, data: Path, s: dict, threads: str) -> dict:
         shutil.rmtree(out.parent, ignore_errors=True)
     info = sbs.sol_summary(run)
     done = info["done"] or {}
+    start = info["start"] or {}
     train_s = done.get("elapsed_s")
     tokens = info["steps"] * s["batch_size"] * s["context"]   # every window is full
     return {"tokens_per_s": tokens / train_s if train_s else None, "seconds_to_target": run["seconds_to_target"],
             "step_at_target": run["step_at_target"], "final_val_loss": info["final_val_loss"],
-            "wall_s": run["wall_s"], "startup_s": info["startup_s"],
+            "wall_s": run["wall_s"], "startup_s": info["startup_s"], "precision": start.get("precision"),
             "error": info["error"] or sbs.error_of(run, f"sol train pretrain ({label})")}
 
 
@@ -102,6 +110,8 @@ def main() -> int:
                     help="a smoke test: 300 iterations for the identical pair, 150 steps of Sol's settings")
     ap.add_argument("--threads", default="0", help="CPU threads for both (0: torch's default)")
     ap.add_argument("--only", choices=["throughput", "to-target"], default=None, help="run one of the two")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="extra throughput rounds of 500 iterations a side, alternating who goes first (0: none)")
     a = ap.parse_args()
     data = sbs.data_file("tinyshakespeare.txt")
     if not data.is_file():
@@ -116,6 +126,22 @@ def main() -> int:
             "wall_s": None, "error": None}
     nano = run_nanogpt(data, iters, a.threads)
     same = skip if a.only == "to-target" else run_sol("Sol, identical config", data, identical, a.threads)
+    fp32 = (skip if a.only == "to-target" or same.get("precision") == "fp32"
+            else run_sol("Sol, identical config, fp32", data, {**identical, "precision": "fp32"}, a.threads))
+    pairs = [] if a.only == "to-target" else [pair(nano, same, fp32)]
+    round_iters = 150 if a.quick else 500
+    for i in range(a.rounds if a.only != "to-target" else 0):
+        short = {**identical, "max_steps": round_iters}
+        runs = {}
+        order = ["sol", "fp32", "nanogpt"] if i % 2 == 0 else ["nanogpt", "sol", "fp32"]
+        for who in order:
+            if who == "nanogpt":
+                runs[who] = run_nanogpt(data, round_iters, a.threads)
+            elif who == "sol":
+                runs[who] = run_sol(f"Sol, round {i + 1}", data, short, a.threads)
+            elif fp32 is not skip:
+                runs[who] = run_sol(f"Sol, fp32, round {i + 1}", data, {**short, "precision": "fp32"}, a.threads)
+        pairs.append(pair(runs["nanogpt"], runs["sol"], runs.get("fp32", skip)))
     settings = {**SOL_SETTINGS, "max_steps": 150} if a.quick else SOL_SETTINGS
     fast = skip if a.only == "throughput" else run_sol("Sol's settings", data, settings, a.threads)
     result = {
@@ -123,29 +149,55 @@ def main() -> int:
         "final_val_loss": fast["final_val_loss"], "tokens_per_s": same["tokens_per_s"],
         "identical_config": {"final_val_loss": same["final_val_loss"], "wall_s": same["wall_s"],
                              "iterations": iters, "seconds_to_target": same["seconds_to_target"],
-                             "error": same["error"]},
+                             "precision": same.get("precision"), "error": same["error"]},
+        "identical_config_fp32": {"tokens_per_s": fp32["tokens_per_s"], "final_val_loss": fp32["final_val_loss"],
+                                  "wall_s": fp32["wall_s"], "error": fp32["error"]},
         "nanogpt": {k: nano[k] for k in ("tokens_per_s", "seconds_to_target", "step_at_target", "final_val_loss",
                                           "wall_s", "iterations", "error")},
-        "vs_nanogpt": {"throughput_ratio": ratio(same["tokens_per_s"], nano["tokens_per_s"]),
+        "throughput_pairs": pairs,
+        "vs_nanogpt": {"throughput_ratio": median([p["ratio"] for p in pairs]),
+                       "throughput_ratio_fp32": median([p["ratio_fp32"] for p in pairs]),
                        "time_ratio": ratio(fast["seconds_to_target"], nano["seconds_to_target"]),
                        "time_ratio_vs_wall": ratio(fast["seconds_to_target"], nano["wall_s"]),
                        "goals": GOALS},
         "sol_settings": {**settings, "wall_s": fast["wall_s"], "startup_s": fast.get("startup_s"),
+                         "precision": fast.get("precision"),
                          "step_at_target": fast["step_at_target"], "error": fast["error"]},
         "load_average_at_start": load, "load_average_at_end": sbs.load_average(),
     }
     r = result["vs_nanogpt"]
-    print(f"identical config: Sol {fmt(same['tokens_per_s'])} tokens/s, nanoGPT {fmt(nano['tokens_per_s'])} "
-          f"tokens/s: ratio {fmt(r['throughput_ratio'], 2)} (goal >= {GOALS['throughput_ratio']})")
+    for i, p in enumerate(pairs):
+        print(f"identical config, pair {i + 1} ({p['iterations']} iterations): Sol {fmt(p['sol_tok_s'])}, "
+              f"Sol fp32 {fmt(p['sol_fp32_tok_s'])}, nanoGPT {fmt(p['nanogpt_tok_s'])} tokens/s: "
+              f"ratios {fmt(p['ratio'], 2)}, fp32 {fmt(p['ratio_fp32'], 2)}")
+    print(f"identical config, median of {len(pairs)} pairs: ratio {fmt(r['throughput_ratio'], 2)} "
+          f"(goal >= {GOALS['throughput_ratio']}; Sol in {same.get('precision') or 'n/a'}), both float32 "
+          f"{fmt(r['throughput_ratio_fp32'], 2)}")
     print(f"val {TARGET}: Sol's settings {fmt(fast['seconds_to_target'], 1)} s, nanoGPT {fmt(nano['seconds_to_target'], 1)} s "
           f"(whole run {fmt(nano['wall_s'], 1)} s): ratio {fmt(r['time_ratio'], 3)} (goal <= {GOALS['time_ratio']})")
     print(f"load average {load} at the start, {result['load_average_at_end']} at the end")
-    for e in (nano["error"], same["error"], fast["error"]):
+    for e in (nano["error"], same["error"], fp32["error"], fast["error"]):
         if e:
             print(f"error: {e}")
     if a.json:
         print(json.dumps(clean(result)))
     return 0
+
+
+def pair(nano: dict, sol: dict, fp32: dict) -> dict:
+    """One side-by-side throughput pair: each side's tokens/s and Sol's ratios to nanoGPT."""
+    return {"iterations": nano["iterations"], "nanogpt_tok_s": nano["tokens_per_s"],
+            "sol_tok_s": sol["tokens_per_s"], "sol_fp32_tok_s": fp32["tokens_per_s"],
+            "ratio": ratio(sol["tokens_per_s"], nano["tokens_per_s"]),
+            "ratio_fp32": ratio(fp32["tokens_per_s"], nano["tokens_per_s"])}
+
+
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def fmt(v, digits=0):

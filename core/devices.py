@@ -39,6 +39,34 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there bf16 matrix products run
+    at twice float32's rate; elsewhere they are emulated and slower than float32."""
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, name, None)   # torch 2.3+; older: no
+        try:
+            if check is not None and check():
+                return True
+        except Exception:   # a private helper: never let it stop training
+            pass
+    return False
+
+
+def training_precision(name: str, device: torch.device) -> str:
+    """What `--precision` means on this device: `auto` is bf16 autocast on CUDA GPUs and on CPUs with native
+    bf16, float32 elsewhere (MPS, older CPUs). Weights, optimizer state and reductions stay float32."""
+    if name not in PRECISIONS:
+        raise SolError(f"--precision {name}: choose auto, fp32 or bf16")
+    if name != "auto":
+        return name
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+        return "bf16"
+    return "fp32"
+
+
 def describe(device: torch.device) -> dict:
     """What a status bar or a `start` event shows: kind, name, and whether a GPU sits idle."""
     info = {"type": device.type, "name": platform.processor() or platform.machine() or "CPU",

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..devices import describe, pick_device
+from ..devices import describe, pick_device, training_precision
 from ..errors import SolError
 from . import checkpointing, compiled, ddp
 from .prefetch import Prefetcher
@@ -53,6 +53,7 @@ class TrainConfig:
     threads: int = 0                # CPU threads (0: torch's default)
     log_every: int = 0              # read loss and grad norm from the device every N steps (0: 1 on CPU, 10 else)
     prefetch: bool | None = None    # build the next step's batches in a background thread (None: not on the CPU)
+    precision: str = "auto"         # auto | fp32 | bf16 (autocast); auto: bf16 on CUDA and on CPUs with native bf16
     extra: dict = field(default_factory=dict)
 
 
@@ -270,7 +271,8 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_module = DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+    precision = training_precision(cfg.precision, device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
     # Reading a number from a GPU waits for every step queued before it: read every log_every steps (and,
@@ -281,7 +283,7 @@ def _train(stage: Stage, cfg: TrainConfig, emit, out: Path, device, dist: ddp.Di
     emit({"type": "start", "stage": stage.name, "config": {**_public(cfg), **stage.config_summary()},
           "parameters": n_params, "device": describe(device), "world_size": dist.world,
           "max_steps": cfg.max_steps, "step": step, "resumed_from": str(ckpt) if ckpt else None,
-          "compile": compile_mode, "startup_s": time.perf_counter() - started})
+          "compile": compile_mode, "precision": precision, "startup_s": time.perf_counter() - started})
 
     def trainer_state():
         return {"step": step, "optimizer": optimizer.state_dict(), "rng": checkpointing.rng_state(),

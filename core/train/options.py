@@ -36,6 +36,9 @@ def add_common(p, defaults: dict | None = None) -> None:
                    help="build the next step's batches in a background thread while this one trains "
                         "(default: on a GPU, not on the CPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for training (default: torch's choice)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="the matrix products' precision: bf16 autocast (weights and optimizer stay float32) or "
+                        "fp32. auto: bf16 on CUDA GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--events", default=None, metavar="PATH|-", help="JSON lines to a file, or - for stdout")
 
@@ -57,4 +60,4 @@ def train_config(args) -> TrainConfig:
                        device=args.device, compile=args.compile,
                        compile_mode=getattr(args, "compile_mode", "default"),
                        threads=getattr(args, "threads", 0), log_every=getattr(args, "log_every", 0),
-                       prefetch=getattr(args, "prefetch", None))
+                       prefetch=getattr(args, "prefetch", None), precision=getattr(args, "precision", "auto"))

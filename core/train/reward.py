@@ -8,6 +8,8 @@ so the chosen answer scores higher. The head is saved beside the weights as
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,6 +22,10 @@ from .loop import Stage
 
 DEFAULTS = {"lr": 3e-4, "max_steps": 200, "warmup": 10, "batch_size": 16, "eval_every": 50,
             "sample_every": 0, "checkpoint_every": 100}
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
 
 
 class RewardModel(nn.Module):
@@ -37,7 +43,12 @@ class RewardModel(nn.Module):
         """Scores (B,) read at each row's last real token."""
         h = self.model.hidden(idx)
         h = h[torch.arange(idx.size(0), device=idx.device), last]
-        return self.head(h.float() if self.head.weight.dtype == torch.float32 else h).squeeze(-1)
+        if self.head.weight.dtype != torch.float32:
+            return self.head(h).squeeze(-1)
+        # The score in float32 even under bf16 autocast: bf16's 8 bits would tie close answers, and the
+        # pairs' loss and accuracy live on those small differences. One d_model x 1 product: free.
+        with _no_autocast(h.device):
+            return self.head(h.float()).squeeze(-1)
 
     def head_tensors(self) -> dict:
         return {"reward_head.weight": self.head.weight, "reward_head.bias": self.head.bias}

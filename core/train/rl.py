@@ -188,14 +188,16 @@ class RL(Stage):
             keep = torch.tensor([not f for f in o.forced], dtype=torch.bool)
             mask[i, p - 1:p - 1 + len(o.ids)] = keep
         mask = mask.to(self.device)
-        with torch.no_grad():
-            ref = token_logprobs(self.ref, x)
-        return {"x": x, "mask": mask, "ref": ref, "adv": adv.to(self.device)[:, None],
+        return {"x": x, "mask": mask, "adv": adv.to(self.device)[:, None],
                 "count": int(mask.sum()), "tokens": int(sum(len(r) for r in rows))}
 
     def loss(self, module, batch):
+        # The reference's log-probs here, in the loop's precision (bf16 autocast on GPUs and bf16 CPUs)
+        # as the policy's: computed in another precision, their rounding alone would read as KL.
+        with torch.no_grad():
+            ref = token_logprobs(self.ref, batch["x"])
         logp = token_logprobs(module, batch["x"])
-        per_token = -batch["adv"] * logp + self.args.beta * k3_kl(logp, batch["ref"])
+        per_token = -batch["adv"] * logp + self.args.beta * k3_kl(logp, ref)
         return (per_token * batch["mask"]).sum()
 
     def evaluate(self):
