@@ -13,7 +13,7 @@ Sol runs `sol train pretrain` three times, also as child processes:
               bf16 (AVX512-BF16, AMX; weights, optimizer and attention stay float32), and in float32
               elsewhere; nanoGPT trains in float32 on any CPU (its autocast is for GPUs only).
   identical, fp32   the same with --precision fp32: both sides in float32, reported beside it
-Then --rounds more rounds (default 2) of the throughput pair alone, 500 iterations each side, the order
+Then --rounds more rounds (default 4) of the throughput pair alone, 300 iterations each side, the order
 turned round each time (Sol first, then nanoGPT first): this shared host's speed drifts by a quarter
 within minutes, and one pair run a minute apart reads that drift as a ratio. The throughput ratios are
 the median over all the pairs; each pair's figures are in the JSON.
@@ -110,8 +110,8 @@ def main() -> int:
                     help="a smoke test: 300 iterations for the identical pair, 150 steps of Sol's settings")
     ap.add_argument("--threads", default="0", help="CPU threads for both (0: torch's default)")
     ap.add_argument("--only", choices=["throughput", "to-target"], default=None, help="run one of the two")
-    ap.add_argument("--rounds", type=int, default=2,
-                    help="extra throughput rounds of 500 iterations a side, alternating who goes first (0: none)")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="extra throughput rounds of 300 iterations a side, alternating who goes first (0: none)")
     a = ap.parse_args()
     data = sbs.data_file("tinyshakespeare.txt")
     if not data.is_file():
@@ -129,7 +129,7 @@ def main() -> int:
     fp32 = (skip if a.only == "to-target" or same.get("precision") == "fp32"
             else run_sol("Sol, identical config, fp32", data, {**identical, "precision": "fp32"}, a.threads))
     pairs = [] if a.only == "to-target" else [pair(nano, same, fp32)]
-    round_iters = 150 if a.quick else 500
+    round_iters = 150 if a.quick else 300
     for i in range(a.rounds if a.only != "to-target" else 0):
         short = {**identical, "max_steps": round_iters}
         runs = {}
