@@ -357,3 +357,27 @@ def test_bf16_training_on_the_cpu_follows_float32(tmp_path, tiny_text_file):
     assert lb[-1] < lb[0]
     from sol.core.checkpoint import load_model
     assert all(p.dtype == torch.float32 for p in load_model(tmp_path / "bf16").model.parameters())
+
+
+def test_rl_reference_logprobs_take_the_loops_precision():
+    """Under bf16 autocast a policy equal to its reference has no KL: the reference's log-probs are computed
+    in the loss, under the same autocast, not beside the batch in float32 (whose rounding would read as KL)."""
+    import copy
+    from types import SimpleNamespace
+
+    from sol.core.config import ModelConfig
+    from sol.core.model import Transformer
+    from sol.core.train.rl import RL
+    torch.manual_seed(0)
+    policy = Transformer(ModelConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, context=16))
+    stage = RL.__new__(RL)
+    stage.ref, stage.args = copy.deepcopy(policy).eval(), SimpleNamespace(beta=1.0)
+    x = torch.randint(0, 40, (3, 12))
+    batch = {"x": x, "mask": torch.ones(3, 11, dtype=torch.bool), "adv": torch.zeros(3, 1)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kl = stage.loss(policy.eval(), batch)
+    assert float(kl.detach()) == 0.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # and the penalty does see a policy that moved
+        with torch.no_grad():
+            policy.blocks[0].mlp.fc.weight.mul_(1.5)
+        assert float(stage.loss(policy, batch).detach()) > 0.0
