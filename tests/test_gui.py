@@ -171,6 +171,11 @@ def test_training_panel_runs_20_steps_and_plots(window, qtbot, tmp_path):
     xs, ys = panel.curves["loss"].getData()
     assert xs is not None and len(xs) >= 1 and xs[-1] == 20
     assert panel.progress.value() == 20
+    import torch
+
+    from sol.core.devices import training_precision
+    expected = training_precision("auto", torch.device("cpu"))   # bf16 on a CPU with native bf16
+    assert f"parameters, {expected} matrix products" in panel.log.toPlainText()
     # the run's events stay beside it: a new panel shows the same curves
     from sol.plugins.training_runner.panel import TrainingPanel
     again = TrainingPanel(ctx)

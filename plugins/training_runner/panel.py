@@ -499,8 +499,9 @@ class TrainingPanel(QWidget):
             self.max_steps = int(ev.get("max_steps") or self.steps.value())
             self.progress.setMaximum(self.max_steps)
             dev = ev.get("device") or {}
+            precision = f", {ev['precision']} matrix products" if ev.get("precision") else ""
             self.log.appendPlainText(f"start: {ev.get('stage', '')} on {dev.get('type', '?')} "
-                                     f"({dev.get('name', '')}), {ev.get('parameters', 0):,} parameters")
+                                     f"({dev.get('name', '')}), {ev.get('parameters', 0):,} parameters{precision}")
         elif t == "step":
             s = ev.get("step", 0)
             for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
