@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -193,11 +194,9 @@ def pair(nano: dict, sol: dict, fp32: dict) -> dict:
 
 
 def median(values):
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    """The median of the values that were measured (None: a side that failed)."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def fmt(v, digits=0):
