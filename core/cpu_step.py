@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .half import HalfLinear
-from .quant import Int8Linear, _fbgemm
+from .quant import FULL_CODES, Int8Linear, _fbgemm, fbgemm_codes
 
 # Kinds of linear layer, norm and MLP, as the scripted loop tells them apart.
 LIN_FLOAT, LIN_HALF, LIN_INT8, LIN_INT8_DEQUANT = 0, 1, 2, 3
@@ -47,26 +47,37 @@ def _norm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], kind: int
     return w * h.to(x.dtype)
 
 
-def _int8_rows(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase, out: int) -> torch.Tensor:
-    """Int8Linear._fbgemm: the activations as two int8 rows, their value and 128 x the rounding remainder."""
+def _int8_rows(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase, out: int,
+               codes: List[float]) -> torch.Tensor:
+    """Int8Linear._fbgemm: the activations as int8 rows, their value and lo x each rounding remainder;
+    codes = [top, zero, lo, rows] (quant.fbgemm_codes())."""
     x2 = x.reshape(-1, x.size(-1))
     if x2.dtype != torch.float32:
         x2 = x2.float()
     n = x2.size(0)
-    s = float(x2.abs().max()) / 127.0
+    s = float(x2.abs().max()) / codes[0]
     if s == 0.0:
         s = 1.0
-    dropped = torch.add(x2, torch.round(x2 / s), alpha=-s)
-    rows = torch.cat([x2, dropped.mul_(128.0)])
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, s, 128, packed)
+    lo = codes[2]
+    count = int(codes[3])
+    rows = [x2]
+    dropped = x2
+    for _ in range(count - 1):
+        dropped = torch.add(dropped, torch.round(dropped / s), alpha=-s).mul_(lo)
+        rows.append(dropped)
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.cat(rows), s, int(codes[1]), packed)
+    acc = y[:n]
+    for i in range(1, count):
+        acc = acc.add_(y[i * n:(i + 1) * n], alpha=lo ** -i)
     shape = x.size()[:-1] + [out]
-    y = y[:n].add_(y[n:], alpha=1 / 128.0).view(shape)
+    y = acc.view(shape)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def _linear(x: torch.Tensor, j: int, kind: List[int], w: List[torch.Tensor], b: List[Optional[torch.Tensor]],
             scales: List[torch.Tensor], slot: List[int],
-            packed: List[torch.classes.quantized.LinearPackedParamsBase], out: List[int]) -> torch.Tensor:
+            packed: List[torch.classes.quantized.LinearPackedParamsBase], out: List[int],
+            codes: List[float]) -> torch.Tensor:
     """model._linear for linear layer j: nn.Linear, HalfLinear or Int8Linear."""
     k = kind[j]
     if k == 0:
@@ -75,7 +86,7 @@ def _linear(x: torch.Tensor, j: int, kind: List[int], w: List[torch.Tensor], b: 
         y = torch.ops.quantized.linear_dynamic_fp16(x.float(), packed[slot[j]])
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     if k == 2:
-        return _int8_rows(x, packed[slot[j]], out[j])
+        return _int8_rows(x, packed[slot[j]], out[j], codes)
     y = F.linear(x, w[j].to(x.dtype)) * scales[j].to(x.dtype)
     bias = b[j]
     return y if bias is None else y + bias.to(x.dtype)
@@ -110,6 +121,7 @@ def _layers(x: torch.Tensor, at: int, pos: torch.Tensor, masks: List[torch.Tenso
             cos: List[torch.Tensor], sin: List[torch.Tensor],
             kind: List[int], w: List[torch.Tensor], b: List[Optional[torch.Tensor]], scales: List[torch.Tensor],
             slot: List[int], packed: List[torch.classes.quantized.LinearPackedParamsBase], out: List[int],
+            codes: List[float],
             norm_w: List[torch.Tensor], norm_b: List[Optional[torch.Tensor]], norm_kind: int, eps: float,
             post_norms: bool, qk_norm: bool, windows: List[int], rope_of: List[int],
             H: int, KV: int, hd: int, scale: float, mlp: int) -> torch.Tensor:
@@ -121,7 +133,7 @@ def _layers(x: torch.Tensor, at: int, pos: torch.Tensor, masks: List[torch.Tenso
     for i in range(len(ks)):
         nw = 6 * i   # NORMS_PER_LAYER (TorchScript reads no global numbers)
         h = _norm(x, norm_w[nw], norm_b[nw], norm_kind, eps)
-        qkv = _linear(h, 4 * i, kind, w, b, scales, slot, packed, out).view(B, H + 2 * KV, 1, hd)
+        qkv = _linear(h, 4 * i, kind, w, b, scales, slot, packed, out, codes).view(B, H + 2 * KV, 1, hd)
         parts = qkv.split([H, KV, KV], dim=1)
         q, k, v = parts[0], parts[1], parts[2]
         if qk_norm:
@@ -142,12 +154,12 @@ def _layers(x: torch.Tensor, at: int, pos: torch.Tensor, masks: List[torch.Tenso
             values.scatter_(2, where, v.to(values.dtype))
             mask = masks[mask_of[i]]
         y = _attend(q.to(keys.dtype), keys, values, mask, H, KV, hd, scale).to(x.dtype)
-        a = _linear(y.view(B, 1, H * hd), 4 * i + 1, kind, w, b, scales, slot, packed, out)
+        a = _linear(y.view(B, 1, H * hd), 4 * i + 1, kind, w, b, scales, slot, packed, out, codes)
         if post_norms:
             a = _norm(a, norm_w[nw + 2], norm_b[nw + 2], norm_kind, eps)
         x = x + a
         h = _linear(_norm(x, norm_w[nw + 1], norm_b[nw + 1], norm_kind, eps), 4 * i + 2,
-                    kind, w, b, scales, slot, packed, out)
+                    kind, w, b, scales, slot, packed, out, codes)
         if mlp == 0:
             h = F.gelu(h, approximate="tanh")
         else:
@@ -156,7 +168,7 @@ def _layers(x: torch.Tensor, at: int, pos: torch.Tensor, masks: List[torch.Tenso
                 h = F.silu(gate_up[0]) * gate_up[1]
             else:
                 h = F.gelu(gate_up[0], approximate="tanh") * gate_up[1]
-        m = _linear(h, 4 * i + 3, kind, w, b, scales, slot, packed, out)
+        m = _linear(h, 4 * i + 3, kind, w, b, scales, slot, packed, out, codes)
         if post_norms:
             m = _norm(m, norm_w[nw + 3], norm_b[nw + 3], norm_kind, eps)
         x = x + m
@@ -345,7 +357,9 @@ def _build(model) -> Plan:
     add_norm(model, "norm")
     first = model.blocks[0].mlp
     ropes = model.pos_embed is None
+    codes = fbgemm_codes() if LIN_INT8 in kind else FULL_CODES
     args = dict(kind=kind, w=w, b=b, scales=scales, slot=slot, packed=packed, out=out,
+                codes=[float(c) for c in codes],
                 norm_w=norm_w, norm_b=norm_b,
                 norm_kind=NORM_LAYER if cfg.norm != "rmsnorm" else NORM_RMS_PLUS_ONE if cfg.norm_plus_one else NORM_RMS,
                 eps=float(cfg.norm_eps), post_norms=cfg.post_norms, qk_norm=cfg.qk_norm,

@@ -15,6 +15,7 @@ position tables stay float.
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,48 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _fbgemm() -> bool:
     return torch.backends.quantized.engine in ("x86", "fbgemm")
+
+
+class Codes(NamedTuple):
+    """How activations go into fbgemm on this CPU: `rows` int8 rows, the first round(x / s) with
+    |round(x / s)| <= top, each next one lo times what the one before it dropped, all as uint8 codes
+    (value + zero). See Int8Linear._fbgemm."""
+    top: int
+    zero: int
+    lo: float
+    rows: int
+
+    def bias_share(self) -> float:
+        """The part of the bias each row adds, so that the rows' weighted sum adds it once."""
+        return 1.0 / sum(self.lo ** -i for i in range(self.rows))
+
+
+FULL_CODES = Codes(127, 128, 128.0, 2)    # int32 sums (AVX-512 VNNI): every uint8 code
+# int16 pair sums: codes below 128, as torch's observers' reduce_range; 7 bits a row, so a third row
+# brings the sum back to the precision two full rows have.
+REDUCED_CODES = Codes(63, 64, 126.0, 3)
+_CODES: Codes | None = None
+
+
+def fbgemm_codes() -> Codes:
+    """The activation codes fbgemm multiplies exactly on this CPU, found once per process by asking it.
+
+    With AVX-512 VNNI fbgemm sums uint8 x int8 products in int32. Without it (AVX2, and AVX-512 CPUs before
+    VNNI) it sums pairs of them in int16, which saturates at 32767: codes up to 255 against weights up to 127
+    come out silently wrong (on a 2-core AVX2 EPYC: errors of a third of the output's range, top-1 agreement
+    with float32 down to 97.5 %). Codes below 128 cannot saturate (2 x 127 x 127 < 32767)."""
+    global _CODES
+    if _CODES is None:
+        q = torch.full((8, 64), 127, dtype=torch.int8)   # pairs of 255 x 127: far past int16 where it saturates
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w = torch._make_per_channel_quantized_tensor(q, torch.ones(8, dtype=torch.double),
+                                                         torch.zeros(8, dtype=torch.long), 0)
+            packed = torch.ops.quantized.linear_prepack(w, None)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            torch.full((1, 64), 127.0), 1.0, 128, packed)
+        _CODES = FULL_CODES if float(y[0, 0]) == 127.0 * 127 * 64 else REDUCED_CODES
+    return _CODES
 
 
 class Int8Linear(nn.Module):
@@ -95,11 +138,12 @@ class Int8Linear(nn.Module):
         if self.weight.device.type != "cpu" or not _fbgemm() or not (force or packable(self.in_features)):
             self.__dict__["_declined"] = True
             return None
+        share = fbgemm_codes().bias_share()
         with warnings.catch_warnings():   # quantized tensors are deprecated as a user type; fbgemm still takes them
             warnings.simplefilter("ignore")
             zeros = torch.zeros(self.out_features, dtype=torch.long)
             w = torch._make_per_channel_quantized_tensor(self.weight, self.scales.double(), zeros, 0)
-            bias = None if self.bias is None else self.bias.detach().float() * (128.0 / 129.0)   # see _fbgemm
+            bias = None if self.bias is None else self.bias.detach().float() * share   # see _fbgemm
             packed = torch.ops.quantized.linear_prepack(w, bias)
         self.__dict__["_packed"] = packed
         self._buffers["weight"] = torch.empty(0, dtype=torch.int8)
@@ -127,17 +171,24 @@ class Int8Linear(nn.Module):
         # agreement with float32 equals that of the weights' own rounding (one int8 row: 97.8 % on the
         # words model, 99.3 % with the second). A second row costs little next to reading the weights once;
         # a few tensor calls fewer matter more (this runs ~50 times a token), hence one scale per call.
+        # That is on a CPU with VNNI; elsewhere codes have 7 bits and a third row goes in (fbgemm_codes()).
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
         n = x2.shape[0]
-        s = float(x2.abs().max()) / 127.0 or 1.0
-        dropped = torch.add(x2, torch.round(x2 / s), alpha=-s)   # x - s * round(x / s)
-        rows = torch.cat([x2, dropped.mul_(128.0)])
-        # Inputs quantized as round(x / s) + 128 (uint8); weights per row: y = s * x_int · W_int * w_scale + b,
-        # the bias packed as b * 128/129 since both rows add it.
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, s, 128, packed)
-        y = y[:n].add_(y[n:], alpha=1 / 128.0).view(*x.shape[:-1], self.out_features)
+        top, zero, lo, count = fbgemm_codes()
+        s = float(x2.abs().max()) / top or 1.0
+        rows, dropped = [x2], x2
+        for _ in range(count - 1):
+            dropped = torch.add(dropped, torch.round(dropped / s), alpha=-s).mul_(lo)   # lo (r - s round(r / s))
+            rows.append(dropped)
+        # Inputs quantized as round(x / s) + zero (uint8); weights per row: y = s * x_int · W_int * w_scale + b,
+        # the bias packed as b * bias_share() since every row adds it.
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.cat(rows), s, zero, packed)
+        out = y[:n]
+        for i in range(1, count):
+            out = out.add_(y[i * n:(i + 1) * n], alpha=lo ** -i)
+        y = out.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _woq(self, x: torch.Tensor) -> torch.Tensor:

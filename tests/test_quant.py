@@ -20,7 +20,16 @@ def _dequantized(q, x):
     return torch.nn.functional.linear(x, q.int8_weight().float() * q.scales[:, None], q.bias)
 
 
-def test_fbgemm_path_equals_the_dequantized_product():
+@pytest.fixture(params=["this CPU's", "reduced"])
+def codes(request, monkeypatch):
+    """fbgemm's activation codes as this CPU needs them, and the 7-bit three-row form that every CPU can run
+    (a VNNI CPU would otherwise never test it)."""
+    if request.param == "reduced":
+        monkeypatch.setattr(quant, "_CODES", quant.REDUCED_CODES)
+    return quant.fbgemm_codes()
+
+
+def test_fbgemm_path_equals_the_dequantized_product(codes):
     lin, q = _pair(300, 768)
     x = torch.randn(3, 5, 768)
     x[..., 7] *= 30    # an outlier activation: one int8 row alone would lose the small ones
@@ -32,6 +41,24 @@ def test_fbgemm_path_equals_the_dequantized_product():
         assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
         one = q(x[:1, :1])   # a decode step's single row
         assert (one - want[:1, :1]).abs().max().item() < 1e-3 * want.abs().max().item()
+
+
+def test_fbgemm_codes_multiply_exactly_at_their_extremes():
+    """The codes fbgemm_codes() picks for this CPU give exact products even where every pair of inputs sits at
+    the extreme code against weights of +-127 (on a CPU that sums int16 pairs, full 8-bit codes saturate and
+    come out wrong by orders of magnitude)."""
+    import warnings
+    codes = quant.fbgemm_codes()
+    w = torch.full((32, 512), 127, dtype=torch.int8)
+    w[16:] = -127
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        packed = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
+            w, torch.ones(32, dtype=torch.double), torch.zeros(32, dtype=torch.long), 0), None)
+    for value in (codes.top, -codes.top, codes.top - codes.zero + 1):   # the largest, smallest and code 1
+        x = torch.full((2, 512), float(value))
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, 1.0, codes.zero, packed)
+        assert torch.equal(y, x @ w.float().t()), (codes, value)
 
 
 def test_packed_weights_come_back_unchanged():
@@ -98,7 +125,7 @@ def _agreement(name, text, positions=5120):
 
 
 @pytest.mark.parametrize("name", ["starter", "words"])
-def test_trained_models_keep_float32s_top1(name, shared_data):
+def test_trained_models_keep_float32s_top1(name, shared_data, codes):
     """Held-out text (tinyshakespeare's end) through the shipped trained models: fbgemm's int8 path picks
     float32's next token at >= 99 % of positions (one int8 row of activations instead of two: 97.8 % on
     words)."""
