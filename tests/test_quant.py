@@ -56,7 +56,7 @@ def test_fbgemm_codes_multiply_exactly_at_their_extremes():
         packed = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
             w, torch.ones(32, dtype=torch.double), torch.zeros(32, dtype=torch.long), 0), None)
     for value in (codes.top, -codes.top, codes.top - codes.zero + 1):   # the largest, smallest and code 1
-        x = torch.full((2, 512), float(value))
+        x = torch.full((33, 512), float(value))
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, 1.0, codes.zero, packed)
         assert torch.equal(y, x @ w.float().t()), (codes, value)
 
