@@ -48,9 +48,9 @@ def _norm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], kind: int
 
 
 def _int8_rows(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase, out: int,
-               codes: List[float]) -> torch.Tensor:
-    """Int8Linear._fbgemm: the activations as int8 rows, their value and lo x each rounding remainder;
-    codes = [top, zero, lo, rows] (quant.fbgemm_codes())."""
+               bias: Optional[torch.Tensor], weights: torch.Tensor, codes: List[float]) -> torch.Tensor:
+    """Int8Linear._fbgemm: the activations in steps of s as int8 rows, their value and lo x each rounding
+    remainder, weighed by `weights` (1, rows); codes = [top, zero, lo, rows] (quant.fbgemm_codes())."""
     x2 = x.reshape(-1, x.size(-1))
     if x2.dtype != torch.float32:
         x2 = x2.float()
@@ -58,19 +58,20 @@ def _int8_rows(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedPara
     s = float(x2.abs().max()) / codes[0]
     if s == 0.0:
         s = 1.0
-    lo = codes[2]
     count = int(codes[3])
-    rows = [x2]
-    dropped = x2
+    t = x2 * (1.0 / s)
+    rows = [t]
     for _ in range(count - 1):
-        dropped = torch.add(dropped, torch.round(dropped / s), alpha=-s).mul_(lo)
-        rows.append(dropped)
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.cat(rows), s, int(codes[1]), packed)
-    acc = y[:n]
-    for i in range(1, count):
-        acc = acc.add_(y[i * n:(i + 1) * n], alpha=lo ** -i)
+        t = torch.sub(t, t.round()).mul_(codes[2])
+        rows.append(t)
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.cat(rows), 1.0, int(codes[1]), packed)
+    if n == 1 and bias is not None:
+        y = torch.addmm(bias.view(1, -1), weights, y, alpha=s)
+    else:
+        y = torch.mm(weights, y.view(count, -1)).view(n, -1)
+        y = y.mul_(s) if bias is None else torch.add(bias, y, alpha=s)
     shape = x.size()[:-1] + [out]
-    y = acc.view(shape)
+    y = y.view(shape)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -86,7 +87,7 @@ def _linear(x: torch.Tensor, j: int, kind: List[int], w: List[torch.Tensor], b: 
         y = torch.ops.quantized.linear_dynamic_fp16(x.float(), packed[slot[j]])
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     if k == 2:
-        return _int8_rows(x, packed[slot[j]], out[j], codes)
+        return _int8_rows(x, packed[slot[j]], out[j], b[j], scales[j], codes)
     y = F.linear(x, w[j].to(x.dtype)) * scales[j].to(x.dtype)
     bias = b[j]
     return y if bias is None else y + bias.to(x.dtype)
@@ -309,8 +310,10 @@ def _build(model) -> Plan:
                 raise _Unsupported   # aten._weight_int8pack_mm's path: the Python loop
             if m._packed is None and not m._declined:
                 m.pack()   # as its first CPU forward would
-            entry = (LIN_INT8, empty, None, empty, m._packed) if m._packed is not None else \
-                (LIN_INT8_DEQUANT, m.weight, m.bias, m.scales, None)
+            if m._packed is not None and m.bias is not None and m.bias.dtype != torch.float32:
+                raise _Unsupported   # _int8_rows adds a float32 bias
+            entry = (LIN_INT8, empty, m.bias, fbgemm_codes().row_weights(), m._packed) if m._packed is not None \
+                else (LIN_INT8_DEQUANT, m.weight, m.bias, m.scales, None)
             held.append((m._buffers, "scales", m.scales))
         if type(m) is not nn.Linear:
             held.append((m.__dict__, "_packed", m._packed))

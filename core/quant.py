@@ -64,9 +64,15 @@ class Codes(NamedTuple):
     lo: float
     rows: int
 
-    def bias_share(self) -> float:
-        """The part of the bias each row adds, so that the rows' weighted sum adds it once."""
-        return 1.0 / sum(self.lo ** -i for i in range(self.rows))
+    def row_weights(self) -> torch.Tensor:
+        """(1, rows) float32: what each row's product counts for in the sum, 1, 1/lo, 1/lo^2..."""
+        w = _ROW_WEIGHTS.get(self)
+        if w is None:
+            w = _ROW_WEIGHTS[self] = torch.tensor([[self.lo ** -i for i in range(self.rows)]])
+        return w
+
+
+_ROW_WEIGHTS: dict = {}
 
 
 FULL_CODES = Codes(127, 128, 128.0, 2)    # int32 sums (AVX-512 VNNI): every uint8 code
@@ -139,13 +145,12 @@ class Int8Linear(nn.Module):
         if self.weight.device.type != "cpu" or not _fbgemm() or not (force or packable(self.in_features)):
             self.__dict__["_declined"] = True
             return None
-        share = fbgemm_codes().bias_share()
+        fbgemm_codes()   # asked now, not inside the first product
         with warnings.catch_warnings():   # quantized tensors are deprecated as a user type; fbgemm still takes them
             warnings.simplefilter("ignore")
             zeros = torch.zeros(self.out_features, dtype=torch.long)
             w = torch._make_per_channel_quantized_tensor(self.weight, self.scales.double(), zeros, 0)
-            bias = None if self.bias is None else self.bias.detach().float() * share   # see _fbgemm
-            packed = torch.ops.quantized.linear_prepack(w, bias)
+            packed = torch.ops.quantized.linear_prepack(w, None)   # the bias is added with the rows' sum (_fbgemm)
         self.__dict__["_packed"] = packed
         self._buffers["weight"] = torch.empty(0, dtype=torch.int8)
         changed()
@@ -167,29 +172,33 @@ class Int8Linear(nn.Module):
         return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
 
     def _fbgemm(self, x: torch.Tensor, packed) -> torch.Tensor:
-        # The activations go in twice: their values, which fbgemm rounds to int8 steps of s (the largest
-        # |x| / 127), and 128 times what that rounding dropped. Their sum carries ~15 bits, so top-1
-        # agreement with float32 equals that of the weights' own rounding (one int8 row: 97.8 % on the
-        # words model, 99.3 % with the second). A second row costs little next to reading the weights once;
-        # a few tensor calls fewer matter more (this runs ~50 times a token), hence one scale per call.
-        # That is on a CPU with VNNI; elsewhere codes have 7 bits and a third row goes in (fbgemm_codes()).
+        # The activations go in twice, in units of s = the largest |x| / 127: t = x / s, which fbgemm rounds
+        # to int8, and 128 times what that rounding dropped. Their sum carries ~15 bits, so top-1 agreement
+        # with float32 equals that of the weights' own rounding (one int8 row: 97.8 % on the words model,
+        # 99.3 % with the second). That is on a CPU with VNNI; elsewhere codes have 7 bits and a third row
+        # goes in (fbgemm_codes()). A row costs little next to reading the weights once; a tensor call more
+        # costs 1-3 µs, ~50 times a token, hence one scale per call, fbgemm's scale 1 (the rows are already
+        # in steps, and fbgemm rounds exactly what the remainders were taken from) and one product that
+        # weighs the rows, scales them by s and adds the bias.
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
         n = x2.shape[0]
-        top, zero, lo, count = fbgemm_codes()
-        s = float(x2.abs().max()) / top or 1.0
-        rows, dropped = [x2], x2
-        for _ in range(count - 1):
-            dropped = torch.add(dropped, torch.round(dropped / s), alpha=-s).mul_(lo)   # lo (r - s round(r / s))
-            rows.append(dropped)
-        # Inputs quantized as round(x / s) + zero (uint8); weights per row: y = s * x_int · W_int * w_scale + b,
-        # the bias packed as b * bias_share() since every row adds it.
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.cat(rows), s, zero, packed)
-        out = y[:n]
-        for i in range(1, count):
-            out = out.add_(y[i * n:(i + 1) * n], alpha=lo ** -i)
-        y = out.view(*x.shape[:-1], self.out_features)
+        codes = fbgemm_codes()
+        s = float(x2.abs().max()) / codes.top or 1.0
+        t = x2 * (1.0 / s)
+        rows = [t]
+        for _ in range(codes.rows - 1):
+            t = torch.sub(t, t.round()).mul_(codes.lo)
+            rows.append(t)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.cat(rows), 1.0, codes.zero, packed)
+        weights, bias = codes.row_weights(), None if self.bias is None else self.bias.float()
+        if n == 1 and bias is not None:
+            y = torch.addmm(bias.view(1, -1), weights, y, alpha=s)
+        else:
+            y = torch.mm(weights, y.view(codes.rows, -1)).view(n, -1)
+            y = y.mul_(s) if bias is None else torch.add(bias, y, alpha=s)
+        y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _woq(self, x: torch.Tensor) -> torch.Tensor:
