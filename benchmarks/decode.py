@@ -11,7 +11,7 @@ busy machine slows both alike; we report the median.
 
 The last line with --json is
 {"small": {"hf_tok_s", "sol_fp32_tok_s", "sol_fp16_tok_s", "sol_int8_tok_s", "fp32_ratio", "fp16_ratio",
- "int8_ratio", "int8_vs_fp16", "int8_top1_agreement", "int8_top1_agreement_trained", ...}, "gpt2_124m": {...}}
+ "int8_ratio", "int8_vs_fp16", "int8_top1_agreement", "int8_top1_agreement_trained", "int8_codes", ...}, "gpt2_124m": {...}}
 int8_top1_agreement: the share of positions of held-out text (../shared/data's tinyshakespeare, its last
 4096 tokens) where int8's next token equals float32's, on the benchmark's RANDOM weights (nearly flat
 logits: near-ties everywhere, so this says little). int8_top1_agreement_trained: the same on the shipped
@@ -148,6 +148,15 @@ def trained_top1_agreement_decode(n_tokens: int = 4096) -> float:
     return round(same / len(ids), 4)
 
 
+def int8_codes() -> str:
+    """Which activation codes fbgemm's int8 products used on this CPU (core/quant.py fbgemm_codes)."""
+    from sol.core.quant import _fbgemm, fbgemm_codes
+    if not _fbgemm():
+        return "no fbgemm (aten._weight_int8pack_mm)"
+    c = fbgemm_codes()
+    return f"{'8' if c.top == 127 else '7'}-bit codes, {c.rows} rows"
+
+
 def bench_shape(name: str, reps: int, log) -> dict:
     from sol.core.checkpoint import load_model
     from sol.core.engine import Engine
@@ -191,6 +200,7 @@ def bench_shape(name: str, reps: int, log) -> dict:
         "int8_top1_agreement": top1_agreement(lm32, lm8),
         "int8_top1_agreement_trained": trained_top1_agreement(),
         "int8_top1_agreement_trained_decode": trained_top1_agreement_decode(),
+        "int8_codes": int8_codes(),
         "greedy_match": tokens["sol_fp32"] == tokens["hf"],
         "fp16_greedy_same_tokens": f"{same16}/{NEW_TOKENS}",
         "fp16_first_divergence": first_diff16,
