@@ -2,8 +2,9 @@
 
 Decoding one token reads every weight once, so it is bound by memory: int8 weights read a quarter of
 float32's bytes. The products:
-- on the CPU, in fbgemm (torch's x86 quantized engine: AVX-512 VNNI int8 products, int32 sums), the weights
-  packed once into its layout, which then is the only copy. fbgemm pads each row to blocks of 512 inputs, so
+- on the CPU, in fbgemm (torch's x86 quantized engine: int8 products in int32 sums with AVX-512 VNNI, in
+  int16 pair sums without it, hence fbgemm_codes()), the weights packed once into its layout, which then is
+  the only copy. fbgemm pads each row to blocks of 512 inputs, so
   a layer whose rows would grow by more than a third (fewer than 384 inputs: tiny models) is not packed;
 - elsewhere, and on GPUs, the weights are dequantized on the fly to the activations' dtype (exact);
 - on a CPU without fbgemm, wide layers run in aten._weight_int8pack_mm on bfloat16 activations.
