@@ -83,6 +83,15 @@ REDUCED_CODES = Codes(63, 64, 126.0, 3)
 _CODES: Codes | None = None
 
 
+def prepack(q: torch.Tensor, scales: torch.Tensor):
+    """fbgemm's packed copy of int8 rows `q` with one float scale a row (no bias: Int8Linear adds it)."""
+    with warnings.catch_warnings():   # quantized tensors are deprecated as a user type; fbgemm still takes them
+        warnings.simplefilter("ignore")
+        zeros = torch.zeros(q.shape[0], dtype=torch.long)
+        w = torch._make_per_channel_quantized_tensor(q, scales.double(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(w, None)
+
+
 def fbgemm_codes() -> Codes:
     """The activation codes fbgemm multiplies exactly on this CPU, found once per process by asking it.
 
@@ -92,12 +101,8 @@ def fbgemm_codes() -> Codes:
     with float32 down to 97.5 %). Codes below 128 cannot saturate (2 x 127 x 127 < 32767)."""
     global _CODES
     if _CODES is None:
-        q = torch.full((8, 64), 127, dtype=torch.int8)   # pairs of 255 x 127: far past int16 where it saturates
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            w = torch._make_per_channel_quantized_tensor(q, torch.ones(8, dtype=torch.double),
-                                                         torch.zeros(8, dtype=torch.long), 0)
-            packed = torch.ops.quantized.linear_prepack(w, None)
+        # pairs of 255 x 127: far past int16 where it saturates
+        packed = prepack(torch.full((8, 64), 127, dtype=torch.int8), torch.ones(8))
         # One row as in decoding and many as in a prompt: fbgemm blocks rows differently, not its arithmetic.
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             torch.full((33, 64), 127.0), 1.0, 128, packed)
@@ -147,11 +152,7 @@ class Int8Linear(nn.Module):
             self.__dict__["_declined"] = True
             return None
         fbgemm_codes()   # asked now, not inside the first product
-        with warnings.catch_warnings():   # quantized tensors are deprecated as a user type; fbgemm still takes them
-            warnings.simplefilter("ignore")
-            zeros = torch.zeros(self.out_features, dtype=torch.long)
-            w = torch._make_per_channel_quantized_tensor(self.weight, self.scales.double(), zeros, 0)
-            packed = torch.ops.quantized.linear_prepack(w, None)   # the bias is added with the rows' sum (_fbgemm)
+        packed = prepack(self.weight, self.scales)   # the bias is added with the rows' sum (_fbgemm)
         self.__dict__["_packed"] = packed
         self._buffers["weight"] = torch.empty(0, dtype=torch.int8)
         changed()

@@ -47,14 +47,10 @@ def test_fbgemm_codes_multiply_exactly_at_their_extremes():
     """The codes fbgemm_codes() picks for this CPU give exact products even where every pair of inputs sits at
     the extreme code against weights of +-127 (on a CPU that sums int16 pairs, full 8-bit codes saturate and
     come out wrong by orders of magnitude)."""
-    import warnings
     codes = quant.fbgemm_codes()
     w = torch.full((32, 512), 127, dtype=torch.int8)
     w[16:] = -127
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        packed = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
-            w, torch.ones(32, dtype=torch.double), torch.zeros(32, dtype=torch.long), 0), None)
+    packed = quant.prepack(w, torch.ones(32))
     for value in (codes.top, -codes.top, codes.top - codes.zero + 1):   # the largest, smallest and code 1
         x = torch.full((33, 512), float(value))
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, 1.0, codes.zero, packed)
