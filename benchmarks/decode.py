@@ -3,7 +3,9 @@
 Batch 1, greedy, a 32-token prompt, 128 new tokens, the same random weights
 on both sides (a GPT-2 model written with `save_pretrained` and loaded by
 Sol from that directory). transformers runs in float32, its default; Sol runs
-in float32, with float16 weights, and with int8 weights (`--quantize int8`: fbgemm int8 kernels, see core/quant.py). Tokens per second count the whole call,
+in float32, with float16 weights, and with int8 weights (`--quantize int8`: Sol's own AVX2 kernel where this
+machine can build it, core/int8_kernel.py, else fbgemm, core/quant.py; where the kernel runs, fbgemm's int8
+is timed beside it as sol_int8_fbgemm). Tokens per second count the whole call,
 prefill included, on both sides. The runs alternate within one process so a
 busy machine slows both alike; we report the median.
 
@@ -11,12 +13,15 @@ busy machine slows both alike; we report the median.
 
 The last line with --json is
 {"small": {"hf_tok_s", "sol_fp32_tok_s", "sol_fp16_tok_s", "sol_int8_tok_s", "fp32_ratio", "fp16_ratio",
- "int8_ratio", "int8_vs_fp16", "int8_top1_agreement", "int8_top1_agreement_trained", "int8_codes", ...}, "gpt2_124m": {...}}
+ "int8_ratio", "int8_vs_fp16", "int8_top1_agreement", "int8_top1_agreement_trained", "int8_path",
+ "sol_int8_fbgemm_tok_s", "int8_fbgemm_vs_fp16", "int8_codes", ...}, "gpt2_124m": {...}}
+int8_path: what ran the int8 column's layers ("sol kernel (AVX2)" or fbgemm); int8_codes: fbgemm's activation
+codes on this CPU (8-bit in 2 rows with VNNI, 7-bit in 3 without).
 int8_top1_agreement: the share of positions of held-out text (../shared/data's tinyshakespeare, its last
 4096 tokens) where int8's next token equals float32's, on the benchmark's RANDOM weights (nearly flat
 logits: near-ties everywhere, so this says little). int8_top1_agreement_trained: the same on the shipped
-TRAINED words model (BPE 4096, 2.6M parameters) with every layer through the fbgemm path the 124M shape
-uses (its narrow layers would otherwise be dequantized exactly). int8_top1_agreement_trained_decode: the same
+TRAINED words model (BPE 4096, 2.6M parameters) with every layer through the packed path the 124M shape
+uses (fbgemm's narrow layers would otherwise be dequantized exactly). int8_top1_agreement_trained_decode: the same
 model and text decoded one token at a time from the KV cache, as generation runs (one scale per step's
 activations rather than one for a whole 128-token prompt).
 
@@ -113,7 +118,8 @@ def top1_agreement(lm32, lm8, n_tokens: int = 4096, row: int = 512) -> float:
 
 
 def _trained_pair():
-    """The shipped trained words model in float32 and in int8, every int8 layer packed for fbgemm."""
+    """The shipped trained words model in float32 and in int8, every int8 layer packed (the int8 column's
+    path)."""
     from sol.core.checkpoint import load_model
     from sol.core.quant import Int8Linear
     from sol.core.registry import builtin_models_dir
@@ -126,7 +132,7 @@ def _trained_pair():
 
 
 def trained_top1_agreement(n_tokens: int = 5120) -> float:
-    """top1_agreement on the shipped trained words model, every int8 layer packed for fbgemm."""
+    """top1_agreement on the shipped trained words model, every int8 layer packed."""
     lm32, lm8 = _trained_pair()
     return top1_agreement(lm32, lm8, n_tokens, lm32.config.context)
 
@@ -148,6 +154,12 @@ def trained_top1_agreement_decode(n_tokens: int = 4096) -> float:
     return round(same / len(ids), 4)
 
 
+def int8_path() -> str:
+    """What runs the int8 column's layers on this machine."""
+    from sol.core import int8_kernel
+    return "sol kernel (AVX2)" if int8_kernel.available() else f"fbgemm ({int8_kernel.why_not()})"
+
+
 def int8_codes() -> str:
     """Which activation codes fbgemm's int8 products used on this CPU (core/quant.py fbgemm_codes)."""
     from sol.core.quant import _fbgemm, fbgemm_codes
@@ -158,6 +170,7 @@ def int8_codes() -> str:
 
 
 def bench_shape(name: str, reps: int, log) -> dict:
+    from sol.core import int8_kernel
     from sol.core.checkpoint import load_model
     from sol.core.engine import Engine
     shape = SHAPES[name]
@@ -167,6 +180,11 @@ def bench_shape(name: str, reps: int, log) -> dict:
         lm32 = load_model(d, dtype=torch.float32)
         lm16 = load_model(d, dtype=torch.float16)
         lm8 = load_model(d, quantize="int8")
+        lm8f = None
+        if int8_kernel.available():   # fbgemm's int8 beside the kernel's, in the same run
+            int8_kernel.set_enabled(False)
+            lm8f = load_model(d, quantize="int8")
+            int8_kernel.set_enabled(True)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, shape["vocab_size"], (1, PROMPT_LEN), generator=g)
     ids = prompt[0].tolist()
@@ -176,6 +194,8 @@ def bench_shape(name: str, reps: int, log) -> dict:
         "sol_fp16": lambda: sol_generate(Engine(lm16.model, lm16.tokenizer), ids),
         "sol_int8": lambda: sol_generate(Engine(lm8.model, lm8.tokenizer), ids),
     }
+    if lm8f is not None:
+        runs["sol_int8_fbgemm"] = lambda: sol_generate(Engine(lm8f.model, lm8f.tokenizer), ids)
     tokens = {k: f() for k, f in runs.items()}   # warm-up, and the tokens to compare
     for k, f in runs.items():
         f()
@@ -200,6 +220,7 @@ def bench_shape(name: str, reps: int, log) -> dict:
         "int8_top1_agreement": top1_agreement(lm32, lm8),
         "int8_top1_agreement_trained": trained_top1_agreement(),
         "int8_top1_agreement_trained_decode": trained_top1_agreement_decode(),
+        "int8_path": int8_path(),
         "int8_codes": int8_codes(),
         "greedy_match": tokens["sol_fp32"] == tokens["hf"],
         "fp16_greedy_same_tokens": f"{same16}/{NEW_TOKENS}",
@@ -207,6 +228,9 @@ def bench_shape(name: str, reps: int, log) -> dict:
         "max_logit_diff_fp32": float(f"{max_logit_diff(hf, lm32.model, prompt):.2e}"),
         "reps": reps,
     }
+    if lm8f is not None:
+        res["sol_int8_fbgemm_tok_s"] = round(tok_s["sol_int8_fbgemm"], 1)
+        res["int8_fbgemm_vs_fp16"] = round(tok_s["sol_int8_fbgemm"] / tok_s["sol_fp16"], 2)
     log(f"{name}: " + ", ".join(f"{k}={v}" for k, v in res.items()))
     log(f"  seconds per run: " + ", ".join(f"{k}=" + "/".join(f"{t:.2f}" for t in v) for k, v in times.items()))
     return res

@@ -12,7 +12,7 @@ eager step, or several rows at their own positions, the batched engine's step) w
 describe the model: the same operations in the same order, so the results are bitwise those of the
 Python loop (tests check it). A model it cannot describe (attention
 soft-caps, a module it does not know such as an adapter, a hook on a module, int8 weights without
-fbgemm) or a torch without TorchScript keeps the Python loop.
+fbgemm or Sol's kernel) or a torch without TorchScript keeps the Python loop.
 
 No `from __future__ import annotations` here: TorchScript reads the annotations.
 """
@@ -28,7 +28,7 @@ from .half import HalfLinear
 from .quant import FULL_CODES, Int8Linear, _fbgemm, fbgemm_codes
 
 # Kinds of linear layer, norm and MLP, as the scripted loop tells them apart.
-LIN_FLOAT, LIN_HALF, LIN_INT8, LIN_INT8_DEQUANT = 0, 1, 2, 3
+LIN_FLOAT, LIN_HALF, LIN_INT8, LIN_INT8_DEQUANT, LIN_INT8_KERNEL = 0, 1, 2, 3, 4
 NORM_LAYER, NORM_RMS, NORM_RMS_PLUS_ONE = 0, 1, 2
 MLP_GELU, MLP_SWIGLU, MLP_GEGLU = 0, 1, 2
 # Norm slots per layer in the plan's lists: ln1, ln2, post-attention, post-MLP, q, k.
@@ -75,6 +75,18 @@ def _int8_rows(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedPara
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def _int8_kernel(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                 out: int) -> torch.Tensor:
+    """Int8Linear._kernel (int8_kernel.linear): Sol's int8 kernel on blocked weights."""
+    x2 = x.reshape(-1, x.size(-1))
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    y = torch.ops.sol_int8.linear(x2.contiguous(), w, scales, bias, out)
+    shape = x.size()[:-1] + [out]
+    y = y.view(shape)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def _linear(x: torch.Tensor, j: int, kind: List[int], w: List[torch.Tensor], b: List[Optional[torch.Tensor]],
             scales: List[torch.Tensor], slot: List[int],
             packed: List[torch.classes.quantized.LinearPackedParamsBase], out: List[int],
@@ -88,6 +100,8 @@ def _linear(x: torch.Tensor, j: int, kind: List[int], w: List[torch.Tensor], b: 
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     if k == 2:
         return _int8_rows(x, packed[slot[j]], out[j], b[j], scales[j], codes)
+    if k == 4:
+        return _int8_kernel(x, w[j], scales[j], b[j], out[j])
     y = F.linear(x, w[j].to(x.dtype)) * scales[j].to(x.dtype)
     bias = b[j]
     return y if bias is None else y + bias.to(x.dtype)
@@ -306,15 +320,23 @@ def _build(model) -> Plan:
                 raise _Unsupported
             entry = (LIN_HALF, empty, None, empty, m._packed)
         else:
-            if not _fbgemm():
-                raise _Unsupported   # aten._weight_int8pack_mm's path: the Python loop
-            if m._packed is None and not m._declined:
+            if m._packed is None and m._blocked is None and not m._declined:
                 m.pack()   # as its first CPU forward would
-            if m._packed is not None and m.bias is not None and m.bias.dtype != torch.float32:
-                raise _Unsupported   # _int8_rows adds a float32 bias
-            entry = (LIN_INT8, empty, m.bias, fbgemm_codes().row_weights(), m._packed) if m._packed is not None \
-                else (LIN_INT8_DEQUANT, m.weight, m.bias, m.scales, None)
+            packed_form = m._packed is not None or m._blocked is not None
+            if packed_form and m.bias is not None and m.bias.dtype != torch.float32:
+                raise _Unsupported   # both products add a float32 bias
+            if m._blocked is not None:
+                if m.scales.dtype != torch.float32:
+                    raise _Unsupported   # the kernel takes float32 scales
+                entry = (LIN_INT8_KERNEL, m._blocked, m.bias, m.scales, None)
+            elif not _fbgemm():
+                raise _Unsupported   # aten._weight_int8pack_mm's path: the Python loop
+            elif m._packed is not None:
+                entry = (LIN_INT8, empty, m.bias, fbgemm_codes().row_weights(), m._packed)
+            else:
+                entry = (LIN_INT8_DEQUANT, m.weight, m.bias, m.scales, None)
             held.append((m._buffers, "scales", m.scales))
+            held.append((m.__dict__, "_blocked", m._blocked))
         if type(m) is not nn.Linear:
             held.append((m.__dict__, "_packed", m._packed))
         for name in ("weight", "bias"):

@@ -2,7 +2,9 @@
 
 Decoding one token reads every weight once, so it is bound by memory: int8 weights read a quarter of
 float32's bytes. The products:
-- on the CPU, in fbgemm (torch's x86 quantized engine: int8 products in int32 sums with AVX-512 VNNI, in
+- on an x86 CPU with AVX2 and a C++ compiler, in Sol's own kernel (core/int8_kernel.py), the weights
+  rearranged once into its blocked layout, which then is the only copy;
+- on other CPUs, in fbgemm (torch's x86 quantized engine: int8 products in int32 sums with AVX-512 VNNI, in
   int16 pair sums without it, hence fbgemm_codes()), the weights packed once into its layout, which then is
   the only copy. fbgemm pads each row to blocks of 512 inputs, so
   a layer whose rows would grow by more than a third (fewer than 384 inputs: tiny models) is not packed;
@@ -22,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import int8_kernel
 from .changes import changed
 from .half import HalfLinear
 
@@ -121,6 +124,7 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.__dict__["_packed"] = None   # fbgemm's packed weights (not a buffer: torch cannot move them)
+        self.__dict__["_blocked"] = None  # or the kernel's blocked copy (int8_kernel.block)
         self.__dict__["_declined"] = False   # pack() said no: not on every call again
 
     @classmethod
@@ -128,13 +132,12 @@ class Int8Linear(nn.Module):
         return cls(m.weight, m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed
-        if packed is not None:   # packed weights live on the CPU
-            return self._fbgemm(x, packed)
-        if x.device.type == "cpu" and not self._declined:
-            packed = self.pack()
-            if packed is not None:
-                return self._fbgemm(x, packed)
+        if self._blocked is None and self._packed is None and x.device.type == "cpu" and not self._declined:
+            self.pack()
+        if self._blocked is not None:   # packed weights of either kind live on the CPU
+            return self._kernel(x)
+        if self._packed is not None:
+            return self._fbgemm(x, self._packed)
         if x.device.type == "cpu" and self.in_features >= WOQ_MIN_IN and not _fbgemm():
             y = self._woq(x)
         else:
@@ -143,11 +146,19 @@ class Int8Linear(nn.Module):
 
     # ---- the CPU paths -------------------------------------------------------------------------------
     def pack(self, force: bool = False):
-        """fbgemm's packed copy of the weights, which then replaces the int8 buffer (the unpacked rows come
-        back from it when asked for: int8_weight(), state_dict(), .to()). None where fbgemm is missing or
-        its padding would grow the rows by more than a third (unless `force`)."""
+        """The weights in the CPU product's own layout, which then replaces the int8 buffer (the plain rows
+        come back from it when asked for: int8_weight(), state_dict(), .to()): Sol's kernel's blocked copy
+        where int8_kernel.available(), else fbgemm's packed one. None where neither can be had: no fbgemm,
+        or fbgemm's padding would grow the rows by more than a third (unless `force`)."""
+        if self._blocked is not None:
+            return self._blocked
         if self._packed is not None:
             return self._packed
+        if self.weight.device.type == "cpu" and int8_kernel.available():
+            self.__dict__["_blocked"] = int8_kernel.block(self.weight)
+            self._buffers["weight"] = torch.empty(0, dtype=torch.int8)
+            changed()
+            return self._blocked
         if self.weight.device.type != "cpu" or not _fbgemm() or not (force or packable(self.in_features)):
             self.__dict__["_declined"] = True
             return None
@@ -160,6 +171,10 @@ class Int8Linear(nn.Module):
 
     def unpack(self) -> None:
         """Back to the plain int8 buffer (before a move, or to save)."""
+        if self._blocked is not None:
+            self._buffers["weight"] = int8_kernel.unblock(self._blocked, self.out_features, self.in_features)
+            self.__dict__["_blocked"] = None
+            changed()
         packed = self._packed
         if packed is not None:
             w, _ = torch.ops.quantized.linear_unpack(packed)
@@ -169,9 +184,21 @@ class Int8Linear(nn.Module):
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 rows, whichever form holds them."""
+        if self._blocked is not None:
+            return int8_kernel.unblock(self._blocked, self.out_features, self.in_features)
         if self._packed is None:
             return self.weight
         return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 (the kernel's arithmetic); a float32 model's scales and bias already are.
+        scales = self.scales if self.scales.dtype == torch.float32 else self.scales.float()
+        bias = self.bias
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
+        y = int8_kernel.linear(x if x.dtype == torch.float32 else x.float(), self._blocked, scales, bias,
+                               self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _fbgemm(self, x: torch.Tensor, packed) -> torch.Tensor:
         # The activations go in twice, in units of s = the largest |x| / 127: t = x / s, which fbgemm rounds
@@ -231,11 +258,13 @@ class Int8Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._packed is not None:
+        if self._packed is not None or self._blocked is not None:
             destination[prefix + "weight"] = self.int8_weight()
 
     def int8_bytes(self) -> int:
-        """Bytes the int8 weights take as held now (fbgemm's packed blocks included)."""
+        """Bytes the int8 weights take as held now (the kernel's or fbgemm's padding included)."""
+        if self._blocked is not None:
+            return self._blocked.numel()
         if self._packed is None:
             return self.weight.numel()
         return packed_bytes(self.out_features, self.in_features)
@@ -293,7 +322,8 @@ def quantize_model(model: nn.Module) -> nn.Module:
 
 
 def pack_model(model: nn.Module) -> None:
-    """Pack every Int8Linear on the CPU for fbgemm now, at load, rather than in the first token's time."""
+    """Pack every Int8Linear on the CPU now (for Sol's kernel or fbgemm), at load, rather than in the first
+    token's time."""
     for m in model.modules():
         if type(m) is Int8Linear:
             m.pack()
@@ -324,13 +354,15 @@ def weight_bytes(cfg, kind: str) -> int:
 
 
 def _int8_linear_bytes(cfg) -> int:
-    """The linear layers' and head's int8 weights as this machine's CPU holds them (fbgemm's packed copy
-    where it packs)."""
+    """The linear layers' and head's int8 weights as this machine's CPU holds them (the kernel's blocked
+    copy, or fbgemm's packed one where it packs)."""
     d, qkv = cfg.d_model, cfg.head_dim * (cfg.n_head + 2 * cfg.n_kv_head)
     shapes = [(qkv, d), (d, cfg.n_head * cfg.head_dim), (cfg.d_ff * (2 if cfg.gated else 1), d), (d, cfg.d_ff)]
-    pack = _fbgemm()
+    kernel, pack = int8_kernel.likely(), _fbgemm()
 
     def size(out, inp):
+        if kernel:
+            return int8_kernel.blocked_bytes(out, inp)
         return packed_bytes(out, inp) if pack and packable(inp) else out * inp
     return cfg.n_layer * sum(size(o, i) for o, i in shapes) + size(cfg.vocab_size, d)
 
@@ -343,5 +375,6 @@ def memory_bytes(model: nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
-    return total + sum(m.int8_bytes() for m in model.modules() if type(m) is Int8Linear and m._packed is not None) \
+    return total + sum(m.int8_bytes() for m in model.modules()
+                       if type(m) is Int8Linear and (m._packed is not None or m._blocked is not None)) \
         + sum(m.packed_bytes() for m in model.modules() if type(m) is HalfLinear)

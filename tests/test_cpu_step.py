@@ -3,7 +3,7 @@ kind of model it takes, the Python loop for what it does not, and a plan that fo
 import pytest
 import torch
 
-from sol.core import cpu_step
+from sol.core import cpu_step, int8_kernel
 from sol.core.config import ModelConfig
 from sol.core.half import pack_half
 from sol.core.model import Transformer
@@ -34,6 +34,21 @@ def _model(name, seed=0):
     return m
 
 
+def _int8_path(weights, monkeypatch):
+    """"int8": Sol's kernel (skipped where this machine cannot build it); "int8-fbgemm", "int8-reduced":
+    fbgemm, the second in its 7-bit three-row codes (CPUs without VNNI), on every CPU."""
+    if weights == "int8":
+        if int8_kernel._unsupported():
+            pytest.skip(f"Sol's int8 kernel cannot run here: {int8_kernel._unsupported()}")
+        assert int8_kernel.available(), int8_kernel.why_not()
+        return cpu_step.LIN_INT8_KERNEL
+    monkeypatch.setattr(int8_kernel, "_ENABLED", False)
+    if weights == "int8-reduced":
+        from sol.core import quant
+        monkeypatch.setattr(quant, "_CODES", quant.REDUCED_CODES)
+    return cpu_step.LIN_INT8
+
+
 def _decode(m, scripted: bool, monkeypatch, steps=12):
     """Logits of a prompt then `steps` tokens decoded one at a time (the CPU's eager one-row step)."""
     with monkeypatch.context() as mp:
@@ -50,12 +65,10 @@ def _decode(m, scripted: bool, monkeypatch, steps=12):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("weights", ["float32", "float16", "int8", "int8-reduced"])
+@pytest.mark.parametrize("weights", ["float32", "float16", "int8", "int8-fbgemm", "int8-reduced"])
 def test_the_scripted_step_is_bitwise_the_python_loop(name, weights, monkeypatch):
     m = _model(name)
-    if weights == "int8-reduced":   # fbgemm's 7-bit three-row codes (CPUs without VNNI), on every CPU
-        from sol.core import quant
-        monkeypatch.setattr(quant, "_CODES", quant.REDUCED_CODES)
+    kind = _int8_path(weights, monkeypatch) if weights.startswith("int8") else None
     if weights == "float16":
         pack_half(m.half())      # fbgemm's packed float16 product (core/half.py)
     elif weights.startswith("int8"):
@@ -67,9 +80,12 @@ def test_the_scripted_step_is_bitwise_the_python_loop(name, weights, monkeypatch
     got = _decode(m, True, monkeypatch)
     assert m._cpu_plan() is not None
     assert torch.equal(got, want)
+    if kind is not None:
+        assert set(m._cpu_plan().args["kind"]) == {kind}
 
 
 def test_narrow_int8_layers_dequantize_in_the_scripted_step_too(monkeypatch):
+    monkeypatch.setattr(int8_kernel, "_ENABLED", False)   # the kernel takes every width; fbgemm does not
     m = quantize_model(_model("gpt2"))
     pack_model(m)   # 64 and 256 inputs: left unpacked, dequantized on the fly
     assert torch.equal(_decode(m, True, monkeypatch), _decode(m, False, monkeypatch))
@@ -113,12 +129,13 @@ def test_the_plan_follows_the_model(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen2_window", "gemma3"])
-@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "int8", "int8-fbgemm"])
 def test_several_rows_at_their_own_positions_too(name, weights, monkeypatch):
     """The batched step (rows at different positions, the whole cache under each row's mask) is also
     bitwise the Python loop's, one row included (the static step a GPU captures, run on the CPU)."""
     m = _model(name)
-    if weights == "int8":
+    if weights.startswith("int8"):
+        _int8_path(weights, monkeypatch)
         quantize_model(m)
         pack_model(m)
     results = []

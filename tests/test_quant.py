@@ -1,9 +1,10 @@
-"""int8 weights (core/quant.py): each CPU path computes the dequantized float product; fbgemm's packed copy
-replaces the int8 buffer and comes back unchanged; trained models keep float32's top-1 next token."""
+"""int8 weights (core/quant.py): each CPU path (Sol's kernel, fbgemm) computes the dequantized float product;
+the packed copy replaces the int8 buffer and comes back unchanged; trained models keep float32's top-1 next
+token."""
 import pytest
 import torch
 
-from sol.core import quant
+from sol.core import int8_kernel, quant
 from sol.core.checkpoint import load_model
 from sol.core.quant import Int8Linear
 
@@ -20,13 +21,39 @@ def _dequantized(q, x):
     return torch.nn.functional.linear(x, q.int8_weight().float() * q.scales[:, None], q.bias)
 
 
+@pytest.fixture
+def fbgemm_only():
+    """Layers packed in the test go to fbgemm, as on a machine without Sol's kernel."""
+    int8_kernel.set_enabled(False)
+    yield
+    int8_kernel.set_enabled(True)
+
+
 @pytest.fixture(params=["this CPU's", "reduced"])
-def codes(request, monkeypatch):
+def codes(request, monkeypatch, fbgemm_only):
     """fbgemm's activation codes as this CPU needs them, and the 7-bit three-row form that every CPU can run
     (a VNNI CPU would otherwise never test it)."""
     if request.param == "reduced":
         monkeypatch.setattr(quant, "_CODES", quant.REDUCED_CODES)
     return quant.fbgemm_codes()
+
+
+@pytest.fixture(params=["kernel", "fbgemm"])
+def cpu_path(request):
+    """Each packed CPU form: Sol's kernel (where this machine can build it) and fbgemm."""
+    if request.param == "kernel":
+        if int8_kernel._unsupported():
+            pytest.skip(f"Sol's int8 kernel cannot run here: {int8_kernel._unsupported()}")
+        assert int8_kernel.available(), int8_kernel.why_not()   # supported, so it must build
+        yield "kernel"
+    else:
+        int8_kernel.set_enabled(False)
+        yield "fbgemm"
+        int8_kernel.set_enabled(True)
+
+
+def _form(q):
+    return "kernel" if q._blocked is not None else "fbgemm" if q._packed is not None else None
 
 
 def test_fbgemm_path_equals_the_dequantized_product(codes):
@@ -57,10 +84,11 @@ def test_fbgemm_codes_multiply_exactly_at_their_extremes():
         assert torch.equal(y, x @ w.float().t()), (codes, value)
 
 
-def test_packed_weights_come_back_unchanged():
-    lin, q = _pair(64, 512)
+def test_packed_weights_come_back_unchanged(cpu_path):
+    lin, q = _pair(66, 512)
     plain = q.weight.clone()
     q.pack()
+    assert _form(q) == cpu_path and q.weight.numel() == 0   # the packed copy is the only one
     assert torch.equal(q.int8_weight(), plain)
     sd = q.state_dict()
     assert torch.equal(sd["weight"], plain) and torch.equal(sd["scales"], q.scales)
@@ -68,13 +96,14 @@ def test_packed_weights_come_back_unchanged():
     with torch.no_grad():
         packed_out = q(x)
         q.to(torch.float64)     # any move unpacks first: the int8 rows are a buffer again
-        assert q._packed is None and torch.equal(q.weight, plain)
+        assert _form(q) is None and torch.equal(q.weight, plain)
         assert torch.equal(q(x), packed_out)   # the next CPU call packs again
-    assert q._packed is not None
-    assert quant.memory_bytes(q) >= quant.packed_bytes(64, 512)
+    assert _form(q) == cpu_path
+    padded = quant.packed_bytes(66, 512) if cpu_path == "fbgemm" else int8_kernel.blocked_bytes(66, 512)
+    assert quant.memory_bytes(q) >= padded and q.int8_bytes() == padded
 
 
-def test_narrow_layers_dequantize_exactly_and_stay_unpacked():
+def test_narrow_layers_dequantize_exactly_and_stay_unpacked(fbgemm_only):
     lin, q = _pair(70, 96)
     x = torch.randn(4, 96)
     with torch.no_grad():
@@ -83,7 +112,7 @@ def test_narrow_layers_dequantize_exactly_and_stay_unpacked():
     assert torch.allclose(got, _dequantized(q, x), rtol=1e-5, atol=1e-5)
 
 
-def test_without_fbgemm_the_bfloat16_kernel_runs(monkeypatch):
+def test_without_fbgemm_the_bfloat16_kernel_runs(monkeypatch, fbgemm_only):
     monkeypatch.setattr(quant, "_fbgemm", lambda: False)
     lin, q = _pair(300, 768)
     x = torch.randn(2, 768)
@@ -94,12 +123,12 @@ def test_without_fbgemm_the_bfloat16_kernel_runs(monkeypatch):
     assert (got - want).abs().max().item() < 0.01 * want.abs().max().item()
 
 
-def test_load_packs_wide_layers_and_reports_their_memory(tmp_path):
+def test_load_packs_wide_layers_and_reports_their_memory(tmp_path, cpu_path):
     from conftest import make_tiny_model
     make_tiny_model(tmp_path / "m", n_layer=2, n_head=4, d_model=384, context=64)
     lm = load_model(tmp_path / "m", quantize="int8")
     mods = [m for m in lm.model.modules() if type(m) is Int8Linear]
-    assert mods and all(m._packed is not None for m in mods)   # 384 and 1536 inputs: packed at load
+    assert mods and all(_form(m) == cpu_path for m in mods)   # 384 and 1536 inputs: packed at load
     assert abs(quant.memory_bytes(lm.model) - quant.weight_bytes(lm.config, "int8")) < 0.02 * quant.memory_bytes(lm.model)
     assert lm.model.num_parameters() == load_model(tmp_path / "m").model.num_parameters()
 
@@ -110,7 +139,8 @@ def _agreement(name, text, positions=5120):
     q8 = load_model(builtin_models_dir() / name, quantize="int8")
     for m in q8.model.modules():
         if type(m) is Int8Linear:
-            m.pack(force=True)   # every layer through fbgemm, however narrow
+            m.pack(force=True)   # every layer through the packed product, however narrow
+            assert m._packed is not None or m._blocked is not None
     ids = ref.tokenizer.encode_ids(text, add_special_tokens=False)
     ctx = ref.config.context
     rows = torch.tensor([ids[i:i + ctx] for i in range(0, len(ids) - ctx, ctx)][:positions // ctx])
@@ -125,6 +155,15 @@ def test_trained_models_keep_float32s_top1(name, shared_data, codes):
     """Held-out text (tinyshakespeare's end) through the shipped trained models: fbgemm's int8 path picks
     float32's next token at >= 99 % of positions (one int8 row of activations instead of two: 97.8 % on
     words)."""
+    n, agree = _agreement(name, (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[-40000:])
+    assert n >= 5000 and agree >= 0.99, agree
+
+
+@pytest.mark.parametrize("name", ["starter", "words"])
+def test_trained_models_keep_float32s_top1_in_the_kernel(name, shared_data, kernel):
+    """The same through Sol's kernel (15-bit activations): 99.2 % on both models on a 2-core AVX2 EPYC."""
+    n, agree = _agreement(name, (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[-40000:])
+    assert n >= 5000 and agree >= 0.99, agree
     n, agree = _agreement(name, (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[-40000:])
     assert n >= 5000 and agree >= 0.99, agree
 
@@ -167,3 +206,93 @@ def test_int8_models_keep_the_token_table_int8(tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert m(ids).dtype == torch.float32
+
+
+# ---- Sol's int8 kernel (core/int8_linear.cpp) ------------------------------------------------------------
+@pytest.fixture
+def kernel():
+    if int8_kernel._unsupported():
+        pytest.skip(f"Sol's int8 kernel cannot run here: {int8_kernel._unsupported()}")
+    assert int8_kernel.available(), int8_kernel.why_not()   # this machine can build it, so it must
+    return int8_kernel
+
+
+@pytest.mark.parametrize("out_f,in_f", [(300, 768), (7, 100), (66, 3088), (1, 16)])
+def test_kernel_equals_the_dequantized_product(kernel, out_f, in_f):
+    """Rows in tiles of 4 and inputs in steps of 16 (both padded where the shape is not a multiple), one row
+    or many, an outlier activation 30 times the others: each output within what rounding the activations to
+    15 bits of their row's largest can move it (half a step times the row's sum of |weights|), and within
+    1e-3 of the output's range as fbgemm's test asks (measured: 2-5e-4 with that outlier)."""
+    lin, q = _pair(out_f, in_f)
+    q.pack()
+    assert _form(q) == "kernel" and torch.equal(q.int8_weight(), Int8Linear.from_linear(lin).weight)
+    w = q.int8_weight().double() * q.scales.double()[:, None]
+    for rows in (1, 2, 3, 17):
+        x = torch.randn(rows, in_f)
+        x[..., min(7, in_f - 1)] *= 30
+        with torch.no_grad():
+            got = q(x)
+        want = torch.nn.functional.linear(x.double(), w, q.bias.double())
+        assert got.shape == want.shape and got.dtype == torch.float32
+        step = x.double().abs().amax(-1, keepdim=True) / 32767
+        bound = 0.5 * step * w.abs().sum(-1) + 1e-6 * (1 + want.abs())
+        assert ((got - want).abs() <= bound).all(), (rows, ((got - want).abs() / bound).max())
+        if out_f > 1:
+            assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item(), (rows, out_f, in_f)
+
+
+def test_kernel_rows_do_not_depend_on_each_other(kernel):
+    """Each activation row has its own step, so a row's result is bitwise the same alone or among others
+    (a batched step gives each sequence what it would get alone), and a row of NaN or inf spoils only its
+    own outputs."""
+    lin, q = _pair(300, 768)
+    x = torch.randn(5, 768)
+    x[2] *= 1000
+    with torch.no_grad():
+        together = q(x)
+        for i in range(5):
+            assert torch.equal(q(x[i:i + 1]), together[i:i + 1])
+        x[1, 10], x[3, 0] = float("nan"), float("inf")
+        spoiled = q(x)
+    assert spoiled[[1, 3]].isnan().all() and torch.equal(spoiled[[0, 2, 4]], together[[0, 2, 4]])
+
+
+def test_kernel_sums_do_not_overflow(kernel):
+    """Every input at the largest code against weights of +-127, over more inputs than one int32 chunk
+    (2048) holds: exact, where int32 sums of the whole row would wrap around."""
+    in_f = 5000
+    q = Int8Linear(torch.ones(8, in_f), None)
+    q.weight[4:] = -127
+    q.weight[:4] = 127
+    q.scales.fill_(1.0)
+    x = torch.full((2, in_f), 3.0)
+    with torch.no_grad():
+        got = q(x)
+    want = torch.tensor([127.0 * 3 * in_f] * 4 + [-127.0 * 3 * in_f] * 4).expand(2, 8)
+    assert torch.allclose(got, want, rtol=1e-6), got
+
+
+def test_blocked_layout_round_trips():
+    torch.manual_seed(0)
+    for out_f, in_f in [(5, 17), (4, 16), (9, 40), (50257 % 64, 768)]:
+        q = torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8)
+        b = int8_kernel.block(q)
+        assert b.shape == (-(-out_f // 4), -(-in_f // 16), 4, 16) and b.numel() == int8_kernel.blocked_bytes(out_f, in_f)
+        assert torch.equal(int8_kernel.unblock(b, out_f, in_f), q)
+        assert torch.equal(b[0, 0, 1, :min(16, in_f)], q[1, :16]) if out_f > 1 else True
+
+
+def test_without_the_kernel_int8_falls_back_to_fbgemm(monkeypatch, capsys):
+    """A machine that cannot build the kernel (no compiler, say): said once, and fbgemm runs the layers."""
+    def fail():
+        raise RuntimeError("Error building extension 'sol_int8': c++: not found")
+    monkeypatch.setattr(int8_kernel, "_STATE", None)
+    monkeypatch.setattr(int8_kernel, "_unsupported", lambda: "")
+    monkeypatch.setattr(int8_kernel, "_load", fail)
+    assert not int8_kernel.available() and not int8_kernel.available()
+    assert "c++: not found" in int8_kernel.why_not()
+    assert capsys.readouterr().err.count("int8 kernel is not used") == 1
+    lin, q = _pair(64, 512)
+    with torch.no_grad():
+        got = q(torch.randn(2, 512))
+    assert _form(q) == "fbgemm" and got.shape == (2, 64)
