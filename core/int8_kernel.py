@@ -143,6 +143,44 @@ def block(q: torch.Tensor) -> torch.Tensor:
     return padded.view(op // ROWS, ROWS, kp // STEP, STEP).transpose(1, 2).contiguous()
 
 
+HUGE_PAGE = 2 << 20
+
+
+def block_all(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """block() of each (out, in) int8 tensor, all in one memory region the OS is asked to back with 2 MB
+    pages (transparent huge pages, madvise).
+
+    A token streams every weight once, and with 4 KB pages that is a TLB miss and a page walk every 64
+    lines: on a 2-core AVX2 EPYC, GPT-2 124M's 49 products took 4.2-5.8 ms in huge pages against 5.0-6.4
+    ms in 4 KB ones (same run, alternating). One region, not one per layer: a huge page must lie whole in
+    its mapping, and most layers are under 2 MB."""
+    sizes = [blocked_bytes(*w.shape) for w in weights]
+    region = _huge_region(sum(sizes))
+    out, at = [], 0
+    for w, n in zip(weights, sizes):
+        b = block(w)
+        view = region[at:at + n].view(b.shape)
+        view.copy_(b)
+        out.append(view)
+        at += n
+    return out
+
+
+def _huge_region(n: int) -> torch.Tensor:
+    """n bytes (int8) of fresh anonymous memory starting on a 2 MB boundary, advised for huge pages; the
+    tensor keeps the mapping alive. Plain memory where the OS takes no such advice."""
+    import mmap
+    try:
+        # Private: a shared anonymous mapping is shmem, which takes huge pages only where shmem does.
+        m = mmap.mmap(-1, n + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m.madvise(mmap.MADV_HUGEPAGE)   # before the first touch: pages are chosen when first written
+    except (AttributeError, OSError, ValueError):
+        return torch.empty(n, dtype=torch.int8)
+    whole = torch.frombuffer(m, dtype=torch.int8)
+    start = -whole.data_ptr() % HUGE_PAGE
+    return whole[start:start + n]
+
+
 def unblock(w: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """block()'s inverse: the (out, in) int8 rows."""
     tiles, steps = w.shape[0], w.shape[1]

@@ -145,17 +145,18 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     # ---- the CPU paths -------------------------------------------------------------------------------
-    def pack(self, force: bool = False):
+    def pack(self, force: bool = False, blocked: torch.Tensor | None = None):
         """The weights in the CPU product's own layout, which then replaces the int8 buffer (the plain rows
         come back from it when asked for: int8_weight(), state_dict(), .to()): Sol's kernel's blocked copy
         where int8_kernel.available(), else fbgemm's packed one. None where neither can be had: no fbgemm,
-        or fbgemm's padding would grow the rows by more than a third (unless `force`)."""
+        or fbgemm's padding would grow the rows by more than a third (unless `force`). `blocked`: the
+        kernel's copy made already (pack_model makes them all in one region: int8_kernel.block_all)."""
         if self._blocked is not None:
             return self._blocked
         if self._packed is not None:
             return self._packed
         if self.weight.device.type == "cpu" and int8_kernel.available():
-            self.__dict__["_blocked"] = int8_kernel.block(self.weight)
+            self.__dict__["_blocked"] = int8_kernel.block(self.weight) if blocked is None else blocked
             self._buffers["weight"] = torch.empty(0, dtype=torch.int8)
             changed()
             return self._blocked
@@ -323,10 +324,14 @@ def quantize_model(model: nn.Module) -> nn.Module:
 
 def pack_model(model: nn.Module) -> None:
     """Pack every Int8Linear on the CPU now (for Sol's kernel or fbgemm), at load, rather than in the first
-    token's time."""
-    for m in model.modules():
-        if type(m) is Int8Linear:
-            m.pack()
+    token's time; the kernel's copies all in one region of huge pages (int8_kernel.block_all)."""
+    mods = [m for m in model.modules() if type(m) is Int8Linear]
+    plain = [m for m in mods if m._blocked is None and m._packed is None and m.weight.device.type == "cpu"]
+    if plain and int8_kernel.available():
+        for m, blocked in zip(plain, int8_kernel.block_all([m.weight for m in plain])):
+            m.pack(blocked=blocked)
+    for m in mods:
+        m.pack()
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -296,3 +296,24 @@ def test_without_the_kernel_int8_falls_back_to_fbgemm(monkeypatch, capsys):
     with torch.no_grad():
         got = q(torch.randn(2, 512))
     assert _form(q) == "fbgemm" and got.shape == (2, 64)
+
+
+def test_a_models_blocked_weights_share_one_region(kernel, tmp_path):
+    """pack_model puts every layer's blocked copy in one region (advised for 2 MB pages), equal to each
+    layer's own block(); the model computes what it computed before."""
+    from conftest import make_tiny_model
+    make_tiny_model(tmp_path / "m", n_layer=2, n_head=4, d_model=96, context=64)
+    lm = load_model(tmp_path / "m", quantize="int8")   # load_model packs with pack_model
+    mods = [m for m in lm.model.modules() if type(m) is Int8Linear]
+    assert mods and all(_form(m) == "kernel" for m in mods)
+    assert len({m._blocked.untyped_storage().data_ptr() for m in mods}) == 1
+    for m in mods:
+        assert torch.equal(m._blocked, int8_kernel.block(m.int8_weight()))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        together = lm.model(ids)
+        for m in mods:
+            m.unpack()
+            m.pack()   # each in its own memory now
+        assert len({m._blocked.untyped_storage().data_ptr() for m in mods}) == len(mods)
+        assert torch.equal(lm.model(ids), together)
