@@ -125,6 +125,12 @@ def _load() -> None:
             return
         except OSError:   # half-written by another process, or damaged: build it (under torch's lock)
             pass
+    if shutil.which("ninja") is None:   # pip's ninja package, in a virtual environment not on the PATH
+        try:
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except (ImportError, AttributeError):
+            pass   # torch's builder will say that ninja is missing
     print("note: compiling Sol's int8 kernel for this CPU (once, about 10 s)", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
