@@ -6,7 +6,8 @@ speed. torch's int8 x float products on the CPU do not:
   without AVX-512 VNNI its int16 pair sums saturate, so activations go in as three 7-bit rows;
 - aten._weight_int8pack_mm is vectorised for AVX-512 BF16 only; torch._int_mm on the CPU is scalar code.
 Measured on a 2-core AVX2 EPYC (torch 2.13), GPT-2 124M's 48 layer products and its head, one token: 4.4-4.8
-ms here against 6.7-7.1 ms in fbgemm, and the activations keep 15 bits instead of 3 x 7.
+ms here against 6.7-7.1 ms in fbgemm; the activations go in once, as 15-bit codes (fbgemm's: three rows of
+7 bits), and top-1 agreement with float32 is the same (99.2 % on the trained starter and words models).
 
 It is compiled with torch's own extension builder (a C++ compiler and ninja; about 10 s on 2 cores, once:
 the library is kept in Sol's cache folder and reloaded by later runs). Where that cannot happen (no compiler,
