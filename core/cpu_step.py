@@ -77,11 +77,12 @@ def _int8_rows(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedPara
 
 def _int8_kernel(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
                  out: int) -> torch.Tensor:
-    """Int8Linear._kernel (int8_kernel.linear): Sol's int8 kernel on blocked weights."""
+    """Int8Linear._kernel (int8_kernel.linear): Sol's int8 kernel on blocked weights. The input size is x's:
+    the plan's layers take their inputs from the model's own previous step."""
     x2 = x.reshape(-1, x.size(-1))
     if x2.dtype != torch.float32:
         x2 = x2.float()
-    y = torch.ops.sol_int8.linear(x2.contiguous(), w, scales, bias, out)
+    y = torch.ops.sol_int8.linear(x2.contiguous(), w, scales, bias, x2.size(1), out)
     shape = x.size()[:-1] + [out]
     y = y.view(shape)
     return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -31,7 +31,7 @@ ROWS, STEP = 4, 16          # the blocked layout's tile: 4 rows x 16 inputs, one
 _STATE: bool | None = None  # None: not tried yet in this process
 _WHY = ""                   # why it is not available
 _ENABLED = True             # set_enabled(False): layers packed from now on use fbgemm (tests, benchmarks)
-SCHEMA = "linear(Tensor x, Tensor w, Tensor scales, Tensor? bias, int out_features) -> Tensor"
+SCHEMA = "linear(Tensor x, Tensor w, Tensor scales, Tensor? bias, int in_features, int out_features) -> Tensor"
 
 
 def _declare():
@@ -199,8 +199,9 @@ def blocked_bytes(out_features: int, in_features: int) -> int:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-           out_features: int) -> torch.Tensor:
-    """y = x W^T * scales + bias for blocked int8 W; x (..., in) float32, y (..., out) float32."""
+           in_features: int, out_features: int) -> torch.Tensor:
+    """y = x W^T * scales + bias for blocked int8 W; x (..., in) float32, y (..., out) float32. The sizes are
+    the layer's: the blocked weights are padded, so they cannot tell a wrong input size from padding."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = torch.ops.sol_int8.linear(x2.contiguous(), w, scales, bias, out_features)
+    y = torch.ops.sol_int8.linear(x2.contiguous(), w, scales, bias, in_features, out_features)
     return y.view(*x.shape[:-1], out_features)

@@ -109,14 +109,15 @@ float quantize(const float* x, int64_t K, int64_t Kp, int16_t* q) {
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                  const c10::optional<at::Tensor>& bias, int64_t out_features) {
+                  const c10::optional<at::Tensor>& bias, int64_t in_features, int64_t out_features) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "sol_int8::linear: x must be a contiguous float32 (rows, inputs) CPU tensor");
   TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(2) == ROWS &&
               w.size(3) == STEP, "sol_int8::linear: w must be blocked int8 (out/4, in/16, 4, 16)");
   const int64_t M = x.size(0), K = x.size(1), O = out_features, Kp = w.size(1) * STEP, tiles = w.size(0);
+  TORCH_CHECK(K == in_features, "sol_int8::linear: the layer takes ", in_features, " inputs, x has ", K);
   TORCH_CHECK(K <= Kp && Kp < K + STEP && O <= tiles * ROWS && O > (tiles - 1) * ROWS,
-              "sol_int8::linear: x has ", K, " inputs and ", O, " outputs; the blocked weights hold ",
+              "sol_int8::linear: ", K, " inputs and ", O, " outputs; the blocked weights hold ",
               Kp, " and ", tiles * ROWS);
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == O,
               "sol_int8::linear: scales must be ", O, " contiguous float32 numbers");
@@ -126,6 +127,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc
                 "sol_int8::linear: bias must be ", O, " contiguous float32 numbers");
     b = bias->data_ptr<float>();
   }
+  if (M == 0 || O == 0) return at::empty({M, O}, x.options());
   std::vector<int16_t> codes(M * Kp);
   std::vector<float> steps(M);
   const float* xp = x.data_ptr<float>();
@@ -138,7 +140,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc
   const float* sp = scales.data_ptr<float>();
   const int16_t* cp = codes.data();
   // Enough tiles a task that a thread's share outweighs waking it (~5 us).
-  const int64_t grain = std::max<int64_t>(1, 8192 / (Kp * std::min<int64_t>(M, 8)));
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, Kp * std::min<int64_t>(M, 8)));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int8_t* wt = wp + t * ROWS * Kp;

@@ -198,7 +198,7 @@ class Int8Linear(nn.Module):
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
         y = int8_kernel.linear(x if x.dtype == torch.float32 else x.float(), self._blocked, scales, bias,
-                               self.out_features)
+                               self.in_features, self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _fbgemm(self, x: torch.Tensor, packed) -> torch.Tensor:

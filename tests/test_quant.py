@@ -317,3 +317,15 @@ def test_a_models_blocked_weights_share_one_region(kernel, tmp_path):
             m.pack()   # each in its own memory now
         assert len({m._blocked.untyped_storage().data_ptr() for m in mods}) == len(mods)
         assert torch.equal(lm.model(ids), together)
+
+
+def test_kernel_takes_empty_inputs_and_refuses_a_wrong_size(kernel):
+    """No rows in, no rows out (it once divided by zero there: SIGFPE); an input 41 wide for a 40-input layer
+    is refused, as nn.Linear refuses it, though the blocked weights are padded to 48."""
+    q = Int8Linear(torch.randn(10, 40), torch.randn(10))
+    with torch.no_grad():
+        assert q(torch.randn(0, 40)).shape == (0, 10) and q(torch.randn(2, 0, 40)).shape == (2, 0, 10)
+        assert _form(q) == "kernel"
+        with pytest.raises(RuntimeError, match="takes 40 inputs, x has 41"):
+            q(torch.randn(3, 41))
+        assert q(torch.randn(2, 40, dtype=torch.bfloat16)).dtype == torch.bfloat16
