@@ -75,8 +75,9 @@ void tile(const int8_t* w, const int16_t* x0, const int16_t* x1, int64_t K, doub
 
 // One activation row as int16 codes, zero-padded to Kp, and its step s; s is NaN where the row holds a NaN
 // or an inf (its outputs are then NaN; a float product's would be NaN or inf). Vectorised: a scalar loop
-// cost 5 us for 3072 inputs, 48 times a token.
-float quantize(const float* x, int64_t K, int64_t Kp, int16_t* q) {
+// cost 5 us for 3072 inputs, 48 times a token. A row of tiny values (largest under 1e-30: 32767 / top would
+// overflow float) is scaled up by 2^100 first, exactly, and the step scaled back in double.
+double quantize(const float* x, int64_t K, int64_t Kp, int16_t* q) {
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 top8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
   int64_t k = 0;
@@ -94,18 +95,20 @@ float quantize(const float* x, int64_t K, int64_t Kp, int16_t* q) {
     top = std::max(top, std::fabs(x[k]));
   }
   std::fill(q, q + Kp, 0);
-  if (bad || std::isinf(top)) return std::numeric_limits<float>::quiet_NaN();
-  const float s = top > 0.f ? top / 32767.f : 1.f, inv = 1.f / s;
-  const __m256 scale = _mm256_set1_ps(inv);
+  if (bad || std::isinf(top)) return std::numeric_limits<double>::quiet_NaN();
+  if (top == 0.f) return 1.0;   // all codes 0
+  const float up = top < 1e-30f ? 0x1p100f : 1.f;
+  const float s = top * up / 32767.f, inv = 1.f / s;
+  const __m256 vup = _mm256_set1_ps(up), scale = _mm256_set1_ps(inv);
   for (k = 0; k + 16 <= K; k += 16) {
     // cvtps rounds to nearest even, as nearbyint does; packs keeps 128-bit lanes, the permute orders them.
-    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), scale));
-    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), scale));
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), vup), scale));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vup), scale));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k),
                         _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8));
   }
-  for (; k < K; ++k) q[k] = static_cast<int16_t>(std::nearbyint(x[k] * inv));
-  return s;
+  for (; k < K; ++k) q[k] = static_cast<int16_t>(std::nearbyint(x[k] * up * inv));
+  return static_cast<double>(s) / up;
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
@@ -129,7 +132,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc
   }
   if (M == 0 || O == 0) return at::empty({M, O}, x.options());
   std::vector<int16_t> codes(M * Kp);
-  std::vector<float> steps(M);
+  std::vector<double> steps(M);
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) steps[m] = quantize(xp + m * K, K, Kp, codes.data() + m * Kp);
@@ -149,10 +152,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc
         const bool pair = m + 1 < M;
         double r0[ROWS] = {0, 0, 0, 0}, r1[ROWS] = {0, 0, 0, 0};
         tile(wt, cp + m * Kp, pair ? cp + (m + 1) * Kp : nullptr, Kp, r0, r1);
-        for (int64_t j = 0; j < n; ++j) {
-          float add = b ? b[o + j] : 0.f;
-          yp[m * O + o + j] = static_cast<float>(r0[j]) * steps[m] * sp[o + j] + add;
-          if (pair) yp[(m + 1) * O + o + j] = static_cast<float>(r1[j]) * steps[m + 1] * sp[o + j] + add;
+        for (int64_t j = 0; j < n; ++j) {   // in double: the steps and sums span float's whole range
+          const double add = b ? b[o + j] : 0.0;
+          yp[m * O + o + j] = static_cast<float>(r0[j] * steps[m] * sp[o + j] + add);
+          if (pair) yp[(m + 1) * O + o + j] = static_cast<float>(r1[j] * steps[m + 1] * sp[o + j] + add);
         }
       }
     }

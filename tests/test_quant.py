@@ -329,3 +329,19 @@ def test_kernel_takes_empty_inputs_and_refuses_a_wrong_size(kernel):
         with pytest.raises(RuntimeError, match="takes 40 inputs, x has 41"):
             q(torch.randn(3, 41))
         assert q(torch.randn(2, 40, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("size", [1e-44, 1e-39, 1e-20, 1.0, 1e37])
+def test_kernel_keeps_its_precision_across_floats_range(kernel, size):
+    """Rows of tiny values (32767 / their largest overflows float: once finite garbage three times the
+    answer) and of huge ones (once inf from float products of the step and the sum) give the dequantized
+    product to the kernel's precision, or float's own where the answer is subnormal."""
+    torch.manual_seed(0)
+    q = Int8Linear(torch.randn(8, 32), None)
+    x = torch.randn(2, 32) * size
+    with torch.no_grad():
+        got = q(x).double()
+    want = x.double() @ (q.int8_weight().double() * q.scales.double()[:, None]).t()
+    assert got.isfinite().all()
+    tiny = torch.finfo(torch.float32).smallest_normal
+    assert ((got - want).abs() <= 1e-4 * want.abs().max() + 2 * tiny * torch.finfo(torch.float32).eps).all()
