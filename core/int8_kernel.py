@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("int8_linear.cpp")
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]   # OpenMP: at::parallel_for's threads, torch's own libgomp
 ROWS, STEP = 4, 16          # the blocked layout's tile: 4 rows x 16 inputs, one 64-byte line
 _STATE: bool | None = None  # None: not tried yet in this process
 _WHY = ""                   # why it is not available
@@ -114,8 +115,8 @@ def set_enabled(flag: bool) -> None:
 def _load() -> None:
     from torch.utils import cpp_extension
     source = SOURCE.read_bytes()
-    # A name per source and torch version: a library built against another torch must not be loaded.
-    tag = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
+    # A name per source, flags and torch version: a library built against another torch must not be loaded.
+    tag = hashlib.sha256(source + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
     name = f"sol_int8_{tag}"
     build = _cache_dir() / name
     build.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,7 @@ def _load() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build),
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
 
 
