@@ -25,6 +25,17 @@ def isolated_home(tmp_path_factory, monkeypatch):
     return home
 
 
+def require_int8_kernel():
+    """Skip where this machine cannot build Sol's int8 kernel (no compiler, no AVX2, not x86-64 Linux);
+    where it can, the kernel must build and load, or the test fails."""
+    from sol.core import int8_kernel
+    why = int8_kernel._unsupported()
+    if why:
+        pytest.skip(f"Sol's int8 kernel cannot run here: {why}")
+    assert int8_kernel.available(), int8_kernel.why_not()
+    return int8_kernel
+
+
 @pytest.fixture
 def tiny_text_file(tmp_path) -> Path:
     p = tmp_path / "tiny.txt"

@@ -2,6 +2,7 @@
 kind of model it takes, the Python loop for what it does not, and a plan that follows the model."""
 import pytest
 import torch
+from conftest import require_int8_kernel
 
 from sol.core import cpu_step, int8_kernel
 from sol.core.config import ModelConfig
@@ -38,9 +39,7 @@ def _int8_path(weights, monkeypatch):
     """"int8": Sol's kernel (skipped where this machine cannot build it); "int8-fbgemm", "int8-reduced":
     fbgemm, the second in its 7-bit three-row codes (CPUs without VNNI), on every CPU."""
     if weights == "int8":
-        if int8_kernel._unsupported():
-            pytest.skip(f"Sol's int8 kernel cannot run here: {int8_kernel._unsupported()}")
-        assert int8_kernel.available(), int8_kernel.why_not()
+        require_int8_kernel()
         return cpu_step.LIN_INT8_KERNEL
     monkeypatch.setattr(int8_kernel, "_ENABLED", False)
     if weights == "int8-reduced":

@@ -4,6 +4,8 @@ token."""
 import pytest
 import torch
 
+from conftest import require_int8_kernel
+
 from sol.core import int8_kernel, quant
 from sol.core.checkpoint import load_model
 from sol.core.quant import Int8Linear
@@ -42,9 +44,7 @@ def codes(request, monkeypatch, fbgemm_only):
 def cpu_path(request):
     """Each packed CPU form: Sol's kernel (where this machine can build it) and fbgemm."""
     if request.param == "kernel":
-        if int8_kernel._unsupported():
-            pytest.skip(f"Sol's int8 kernel cannot run here: {int8_kernel._unsupported()}")
-        assert int8_kernel.available(), int8_kernel.why_not()   # supported, so it must build
+        require_int8_kernel()
         yield "kernel"
     else:
         int8_kernel.set_enabled(False)
@@ -211,10 +211,7 @@ def test_int8_models_keep_the_token_table_int8(tmp_path):
 # ---- Sol's int8 kernel (core/int8_linear.cpp) ------------------------------------------------------------
 @pytest.fixture
 def kernel():
-    if int8_kernel._unsupported():
-        pytest.skip(f"Sol's int8 kernel cannot run here: {int8_kernel._unsupported()}")
-    assert int8_kernel.available(), int8_kernel.why_not()   # this machine can build it, so it must
-    return int8_kernel
+    return require_int8_kernel()
 
 
 @pytest.mark.parametrize("out_f,in_f", [(300, 768), (7, 100), (66, 3088), (1, 16)])
@@ -274,12 +271,13 @@ def test_kernel_sums_do_not_overflow(kernel):
 
 def test_blocked_layout_round_trips():
     torch.manual_seed(0)
-    for out_f, in_f in [(5, 17), (4, 16), (9, 40), (50257 % 64, 768)]:
+    for out_f, in_f in [(5, 17), (8, 32), (9, 40), (50257 % 64, 768)]:  # padded and exact multiples of the tile
         q = torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8)
         b = int8_kernel.block(q)
         assert b.shape == (-(-out_f // 4), -(-in_f // 16), 4, 16) and b.numel() == int8_kernel.blocked_bytes(out_f, in_f)
         assert torch.equal(int8_kernel.unblock(b, out_f, in_f), q)
-        assert torch.equal(b[0, 0, 1, :min(16, in_f)], q[1, :16]) if out_f > 1 else True
+        assert torch.equal(b[0, 0, 1, :min(16, in_f)], q[1, :16])   # tile 0, row 1, inputs 0-15
+        assert torch.equal(b[1, 1, 0, :min(16, in_f - 16)], q[4, 16:32])   # tile 1, row 4, inputs 16-31
 
 
 def test_without_the_kernel_int8_falls_back_to_fbgemm(monkeypatch, capsys):
