@@ -183,8 +183,10 @@ def bench_shape(name: str, reps: int, log) -> dict:
         lm8f = None
         if int8_kernel.available():   # fbgemm's int8 beside the kernel's, in the same run
             int8_kernel.set_enabled(False)
-            lm8f = load_model(d, quantize="int8")
-            int8_kernel.set_enabled(True)
+            try:
+                lm8f = load_model(d, quantize="int8")
+            finally:
+                int8_kernel.set_enabled(True)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, shape["vocab_size"], (1, PROMPT_LEN), generator=g)
     ids = prompt[0].tolist()
