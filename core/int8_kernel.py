@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("int8_linear.cpp")
+SOURCES = [SOURCE, SOURCE.with_name("int8_step.cpp")]   # the product, and the decode step that uses it
+HEADER = SOURCE.with_name("int8_linear.h")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]   # OpenMP: at::parallel_for's threads, torch's own libgomp
 ROWS, STEP = 4, 16          # the blocked layout's tile: 4 rows x 16 inputs, one 64-byte line
 _STATE: bool | None = None  # None: not tried yet in this process
@@ -114,7 +116,7 @@ def set_enabled(flag: bool) -> None:
 
 def _load() -> None:
     from torch.utils import cpp_extension
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in [*SOURCES, HEADER])
     # A name per source, flags and torch version: a library built against another torch must not be loaded.
     tag = hashlib.sha256(source + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
     name = f"sol_int8_{tag}"
@@ -136,7 +138,7 @@ def _load() -> None:
     print("note: compiling Sol's int8 kernel for this CPU (once, about 10 s)", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build),
+        cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(build),
                            extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
 

@@ -24,9 +24,13 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "int8_linear.h"
+
 namespace {
 
-constexpr int64_t ROWS = 4, STEP = 16, CHUNK = 2048;
+using sol_int8::ROWS;
+using sol_int8::STEP;
+constexpr int64_t CHUNK = 2048;
 constexpr int64_t PREFETCH = 1024;   // bytes ahead of the tile's stream (measured: 1 KiB beat 0 and 4 KiB)
 
 // The 8 int32 lanes' sum, in double: each lane holds up to ~1.07e9, their sum would overflow int32.
@@ -111,36 +115,19 @@ double quantize(const float* x, int64_t K, int64_t Kp, int16_t* q) {
   return static_cast<double>(s) / up;
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                  const c10::optional<at::Tensor>& bias, int64_t in_features, int64_t out_features) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "sol_int8::linear: x must be a contiguous float32 (rows, inputs) CPU tensor");
-  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(2) == ROWS &&
-              w.size(3) == STEP, "sol_int8::linear: w must be blocked int8 (out/4, in/16, 4, 16)");
-  const int64_t M = x.size(0), K = x.size(1), O = out_features, Kp = w.size(1) * STEP, tiles = w.size(0);
-  TORCH_CHECK(K == in_features, "sol_int8::linear: the layer takes ", in_features, " inputs, x has ", K);
-  TORCH_CHECK(K <= Kp && Kp < K + STEP && O <= tiles * ROWS && O > (tiles - 1) * ROWS,
-              "sol_int8::linear: ", K, " inputs and ", O, " outputs; the blocked weights hold ",
-              Kp, " and ", tiles * ROWS);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == O,
-              "sol_int8::linear: scales must be ", O, " contiguous float32 numbers");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == O,
-                "sol_int8::linear: bias must be ", O, " contiguous float32 numbers");
-    b = bias->data_ptr<float>();
-  }
-  if (M == 0 || O == 0) return at::empty({M, O}, x.options());
+}  // namespace
+
+namespace sol_int8 {
+
+// y (M, O) = x (M, K) W^T * scales + bias, for blocked W (tiles, Kp/16, 4, 16); the op and the decode step.
+void product(const float* xp, int64_t M, int64_t K, const int8_t* wp, int64_t tiles, int64_t Kp, int64_t O,
+             const float* sp, const float* b, float* yp) {
+  if (M == 0 || O == 0) return;
   std::vector<int16_t> codes(M * Kp);
   std::vector<double> steps(M);
-  const float* xp = x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) steps[m] = quantize(xp + m * K, K, Kp, codes.data() + m * Kp);
   });
-  at::Tensor y = at::empty({M, O}, x.options());
-  float* yp = y.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
   const int16_t* cp = codes.data();
   // Enough tiles a task that a thread's share outweighs waking it (~5 us).
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, Kp * std::min<int64_t>(M, 8)));
@@ -160,6 +147,38 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc
       }
     }
   });
+}
+
+// The checks every caller's layer must pass: blocked int8 weights of the layer's sizes, float32 scales and bias.
+const float* check_layer(const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                         int64_t K, int64_t O) {
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(2) == ROWS &&
+              w.size(3) == STEP, "sol_int8: w must be blocked int8 (out/4, in/16, 4, 16)");
+  const int64_t Kp = w.size(1) * STEP, tiles = w.size(0);
+  TORCH_CHECK(K <= Kp && Kp < K + STEP && O <= tiles * ROWS && O > (tiles - 1) * ROWS,
+              "sol_int8: ", K, " inputs and ", O, " outputs; the blocked weights hold ", Kp, " and ", tiles * ROWS);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == O,
+              "sol_int8: scales must be ", O, " contiguous float32 numbers");
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == O,
+              "sol_int8: bias must be ", O, " contiguous float32 numbers");
+  return bias->data_ptr<float>();
+}
+
+}  // namespace sol_int8
+
+namespace {
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                  const c10::optional<at::Tensor>& bias, int64_t in_features, int64_t out_features) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "sol_int8::linear: x must be a contiguous float32 (rows, inputs) CPU tensor");
+  const int64_t M = x.size(0), K = x.size(1), O = out_features;
+  TORCH_CHECK(K == in_features, "sol_int8::linear: the layer takes ", in_features, " inputs, x has ", K);
+  const float* b = sol_int8::check_layer(w, scales, bias, K, O);
+  at::Tensor y = at::empty({M, O}, x.options());
+  sol_int8::product(x.data_ptr<float>(), M, K, w.data_ptr<int8_t>(), w.size(0), w.size(1) * STEP, O,
+          scales.data_ptr<float>(), b, y.data_ptr<float>());
   return y;
 }
 

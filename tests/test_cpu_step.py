@@ -40,6 +40,7 @@ def _int8_path(weights, monkeypatch):
     fbgemm, the second in its 7-bit three-row codes (CPUs without VNNI), on every CPU."""
     if weights == "int8":
         require_int8_kernel()
+        monkeypatch.setattr(cpu_step, "_NATIVE", False)   # the scripted loop; the native step is tested below
         return cpu_step.LIN_INT8_KERNEL
     monkeypatch.setattr(int8_kernel, "_ENABLED", False)
     if weights == "int8-reduced":
@@ -169,3 +170,83 @@ def test_a_refusal_is_looked_at_again_after_a_change(monkeypatch):
     got = _decode(m, True, monkeypatch)
     assert m.blocks[0].attn.qkv._packed is not None and m._cpu_plan() is not None
     assert torch.equal(got, _decode(m, False, monkeypatch))
+
+
+# ---- the native one-row step (int8_step.cpp): every linear layer in Sol's int8 kernel ----------------------
+class _Counted:
+    """Stands for a plan's native step and counts its runs."""
+
+    def __init__(self, step):
+        self.step, self.runs = step, 0
+
+    def run(self, *args):
+        self.runs += 1
+        return self.step.run(*args)
+
+
+def _int8_model(name):
+    require_int8_kernel()
+    m = quantize_model(_model(name))
+    pack_model(m)
+    return m
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_native_step_gives_the_scripted_loops_logits(name, monkeypatch):
+    """Every kind of model the plan takes: norms (layer, RMS, RMS + 1, q/k, post), GQA, sliding windows,
+    partial RoPE, GELU, SwiGLU and GeGLU. Its float32 arithmetic rounds differently from torch's operations,
+    and the kernel's activation codes can then round one step apart: agreement to 1e-3 of the logits' range,
+    not bitwise; a wrong sign, norm or position would be off by the logits' own size."""
+    m = _int8_model(name)
+    plan = m._cpu_plan()
+    assert plan.native is not None
+    counted = plan.native = _Counted(plan.native)
+    got = _decode(m, True, monkeypatch)
+    assert counted.runs == 12
+    monkeypatch.setattr(cpu_step, "_NATIVE", False)
+    want = _decode(m, True, monkeypatch)
+    assert counted.runs == 12   # the scripted loop this time
+    assert torch.allclose(got, want, rtol=0, atol=1e-3 * float(want.abs().max()))
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_the_native_step_writes_the_cache_as_the_scripted_loop_does(monkeypatch):
+    m = _int8_model("qwen2_window")
+    caches = []
+    for native in (True, False):
+        monkeypatch.setattr(cpu_step, "_NATIVE", native)
+        cache = m.new_cache(1, 32)
+        with torch.inference_mode():
+            m(torch.tensor([[3, 1, 4, 1, 5]]), cache)
+            for p in range(5, 9):
+                m.decode(torch.tensor([[p + 10]]), torch.tensor([p]), cache, p)
+        caches.append(cache)
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        assert torch.allclose(a, b, rtol=0, atol=1e-3 * float(b.abs().max()))
+        assert a[:, :, 9:].abs().max() == 0   # nothing written past the last position
+
+
+def test_only_models_wholly_in_the_kernel_get_the_native_step(monkeypatch):
+    assert _model("gpt2")._cpu_plan().native is None   # float32
+    m = quantize_model(_model("gpt2"))
+    m.blocks[1].mlp.fc = torch.nn.Linear(64, m.blocks[1].mlp.fc.out_features)   # one float layer
+    pack_model(m)
+    assert m._cpu_plan() is not None and m._cpu_plan().native is None
+    monkeypatch.setattr(int8_kernel, "_ENABLED", False)
+    m = quantize_model(_model("gpt2"))
+    pack_model(m)   # fbgemm
+    assert m._cpu_plan() is not None and m._cpu_plan().native is None
+
+
+def test_the_native_step_refuses_what_it_cannot_hold_and_spreads_nan():
+    m = _int8_model("gpt2")
+    step = m._cpu_plan().native
+    cache = m.new_cache(1, 8)
+    x = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="cache does not hold position 8"):
+            step.run(x, 8, cache.k, cache.v, [], [])
+        with pytest.raises(RuntimeError, match="64 contiguous float32"):
+            step.run(torch.randn(1, 1, 65), 0, cache.k, cache.v, [], [])
+        x[0, 0, 5] = float("nan")
+        assert step.run(x, 0, cache.k, cache.v, [], []).isnan().all()
