@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import pick
 from .errors import SolError
 from .decode_step import DecodeStep
 from .model import Transformer
@@ -217,7 +218,7 @@ class Engine:
     def event(self, logits: torch.Tensor, token: int, text: str, explanation, explain: bool,
               top_n: int = TOP_N) -> TokenEvent:
         if not explain:  # only the chosen token's log-probability: one reduction, no full log-softmax
-            return TokenEvent(token, text, float(logits[token] - logits.logsumexp(-1)), [], explanation)
+            return TokenEvent(token, text, float(logits[token]) - pick.logsumexp(logits), [], explanation)
         logp = torch.log_softmax(logits, dim=-1)
         vals, idx = logp.topk(min(top_n, logp.numel()))
         top = [{"id": int(i), "text": self.token_text(int(i)), "prob": float(v.exp())}

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("int8_linear.cpp")
-SOURCES = [SOURCE, SOURCE.with_name("int8_step.cpp")]   # the product, and the decode step that uses it
+# The product; the decode step that uses it; the greedy token and log-sum-exp of logits (core/pick.py).
+SOURCES = [SOURCE, SOURCE.with_name("int8_step.cpp"), SOURCE.with_name("pick.cpp")]
 HEADER = SOURCE.with_name("int8_linear.h")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]   # OpenMP: at::parallel_for's threads, torch's own libgomp
 ROWS, STEP = 4, 16          # the blocked layout's tile: 4 rows x 16 inputs, one 64-byte line
@@ -101,6 +102,11 @@ def _ready() -> bool:
         if _WHY and "SOL_INT8_KERNEL" not in _WHY:
             print(f"note: Sol's int8 kernel is not used ({_WHY}); int8 layers run in fbgemm", file=sys.stderr)
     return _STATE
+
+
+def loaded() -> bool:
+    """Whether the compiled library is in this process already (an int8 model loaded it); compiles nothing."""
+    return _STATE is True
 
 
 def why_not() -> str:

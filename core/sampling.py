@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import pick
+
 SHOWN = 20  # candidates listed in an explanation (more if the draw lands further down)
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
 
@@ -107,7 +109,7 @@ def choose(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     params = {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
               "repetition_penalty": p.repetition_penalty}
     if p.greedy:
-        token = int(logits.argmax())
+        token = pick.argmax(logits)
         if not explain:
             return token, None
         # Greedy is "temperature → 0": all probability on the best token.
