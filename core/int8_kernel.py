@@ -29,7 +29,7 @@ import torch
 SOURCE = Path(__file__).with_name("int8_linear.cpp")
 # The product; the decode step that uses it; the greedy token and log-sum-exp of logits (core/pick.py).
 SOURCES = [SOURCE, SOURCE.with_name("int8_step.cpp"), SOURCE.with_name("pick.cpp")]
-HEADER = SOURCE.with_name("int8_linear.h")
+HEADERS = [SOURCE.with_name("int8_linear.h"), SOURCE.with_name("exp8.h")]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]   # OpenMP: at::parallel_for's threads, torch's own libgomp
 ROWS, STEP = 4, 16          # the blocked layout's tile: 4 rows x 16 inputs, one 64-byte line
 _STATE: bool | None = None  # None: not tried yet in this process
@@ -122,7 +122,7 @@ def set_enabled(flag: bool) -> None:
 
 def _load() -> None:
     from torch.utils import cpp_extension
-    source = b"".join(p.read_bytes() for p in [*SOURCES, HEADER])
+    source = b"".join(p.read_bytes() for p in [*SOURCES, *HEADERS])
     # A name per source, flags and torch version: a library built against another torch must not be loaded.
     tag = hashlib.sha256(source + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
     name = f"sol_int8_{tag}"

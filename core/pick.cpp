@@ -13,26 +13,11 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "exp8.h"
+
 namespace {
 
-// e^x for 8 floats, x <= 0 here (x - max): Cephes' range reduction and polynomial, relative error ~2e-7;
-// below -87.3 it gives ~1e-38 where the answer underflows, nothing next to the largest term's 1.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.3365447504f), x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
+using sol_int8::exp8;
 
 const float* row(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() &&
@@ -90,6 +75,7 @@ double logsumexp(const at::Tensor& t) {
   int64_t nan_at;
   const float m = top(x, n, &nan_at);
   if (nan_at >= 0 || std::isinf(m)) return m;   // NaN, +inf, or all -inf
+  // exp8 floors at e^-87.3 (~1e-38) where a term underflows (a padded -inf logit): nothing beside the top's 1.
   const __m256 m8 = _mm256_set1_ps(m);
   __m256d s0 = _mm256_setzero_pd(), s1 = s0;   // in double: 50,000 terms
   int64_t i = 0;
