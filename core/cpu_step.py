@@ -407,13 +407,7 @@ def _build(model) -> Plan:
 
 
 # ---- the native step: one call a token where every linear layer runs in Sol's int8 kernel -----------------
-_NATIVE = True   # use_native(False): the scripted loop for every plan (tests compare the two)
-
-
-def use_native(flag: bool) -> None:
-    """Run one-row steps natively where a plan has the native step (True, the default) or in TorchScript."""
-    global _NATIVE
-    _NATIVE = flag
+_NATIVE = True   # False: the scripted loop for every plan (the tests compare the two)
 
 
 def _native(args: dict, ins: list, d_model: int):
