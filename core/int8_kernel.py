@@ -9,7 +9,7 @@ Measured on a 2-core AVX2 EPYC (torch 2.13), GPT-2 124M's 48 layer products and 
 ms here against 6.7-7.1 ms in fbgemm; the activations go in once, as 15-bit codes (fbgemm's: three rows of
 7 bits), and top-1 agreement with float32 is the same (99.2 % on the trained starter and words models).
 
-It is compiled with torch's own extension builder (a C++ compiler and ninja; about 10 s on 2 cores, once:
+It is compiled with torch's own extension builder (a C++ compiler and ninja; about 25 s on 2 cores, once:
 the library is kept in Sol's cache folder and reloaded by later runs). Where that cannot happen (no compiler,
 no AVX2, another OS or CPU, SOL_INT8_KERNEL=0), available() says no, says why once, and Int8Linear uses
 fbgemm as before: the kernel makes int8 faster, never required.
@@ -85,7 +85,7 @@ def likely() -> bool:
 
 def available() -> bool:
     """Whether the kernel runs in this process: compiled (or found in the cache) and loaded. The first call
-    may take ~10 s; a failure is said once on stderr and never retried in this process."""
+    may take ~25 s; a failure is said once on stderr and never retried in this process."""
     return _ENABLED and _ready()
 
 
@@ -141,7 +141,7 @@ def _load() -> None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except (ImportError, AttributeError):
             pass   # torch's builder will say that ninja is missing
-    print("note: compiling Sol's int8 kernel for this CPU (once, about 10 s)", file=sys.stderr)
+    print("note: compiling Sol's int8 kernel for this CPU (once, about 25 s)", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(build),
