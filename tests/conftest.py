@@ -22,12 +22,16 @@ def isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("OLLAMA_MODELS", str(home / "ollama"))   # never the developer's own Ollama store
     monkeypatch.delenv("SOL_SAFE_MODE", raising=False)
+    # A developer's SOL_INT8_KERNEL=0 would turn the int8 kernel's tests into skips (require_int8_kernel);
+    # tests that want it off set it themselves.
+    monkeypatch.delenv("SOL_INT8_KERNEL", raising=False)
     return home
 
 
 def require_int8_kernel():
-    """Skip where this machine cannot build Sol's int8 kernel (no compiler, no AVX2, not x86-64 Linux);
-    where it can, the kernel must build and load, or the test fails."""
+    """Skip where this machine cannot build Sol's int8 kernel (no compiler, no AVX2, not x86-64 Linux: the
+    environment's SOL_INT8_KERNEL is cleared by isolated_home); where it can, the kernel must build and load,
+    or the test fails."""
     from sol.core import int8_kernel
     why = int8_kernel._unsupported()
     if why:
