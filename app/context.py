@@ -60,7 +60,7 @@ class PanelContext(QObject):
 
     def load_model(self, path: str, on_done: Callable | None = None) -> Task:
         """Load a model directory off the GUI thread; `model_changed` fires when it is ready."""
-        from sol.core.checkpoint import load_model
+        from sol.core.formats.checkpoint import load_model
         self.model_loading.emit(str(path))
 
         def done(loaded):

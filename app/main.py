@@ -15,7 +15,7 @@ SCREENSHOT_TIMEOUT_S = 60
 
 def settings() -> QSettings:
     # Beside Sol's data (SOL_HOME in tests), not in the user's global Qt settings.
-    from sol.core.registry import data_dir
+    from sol.core.formats.registry import data_dir
     d = data_dir()
     d.mkdir(parents=True, exist_ok=True)
     return QSettings(str(d / "gui.ini"), QSettings.IniFormat)
@@ -57,7 +57,7 @@ def application() -> QApplication:
 
 
 def starter_model() -> Path | None:
-    from sol.core.registry import builtin_models_dir
+    from sol.core.formats.registry import builtin_models_dir
     d = builtin_models_dir() / "starter"
     return d if (d / "config.json").is_file() else None
 
@@ -96,7 +96,7 @@ def freeze_heap() -> None:
 
 def choose_model(args, win) -> str | None:
     if getattr(args, "model", None):
-        from sol.core.registry import resolve
+        from sol.core.formats.registry import resolve
         return str(resolve(args.model))
     last = win.settings.value("model/last")
     if last and Path(last).is_dir():

@@ -17,7 +17,8 @@ COLUMNS = ["Name", "Format", "Architecture", "Parameters", "Stage", "Path"]
 
 def model_details(path: str) -> dict:
     """The fields `sol models info` prints, plus lineage from sol.json."""
-    from sol.core.checkpoint import load_config, read_json
+    from sol.core.formats.checkpoint import load_config
+    from sol.core.formats.loaded import read_json
     d = Path(path)
     cfg, fmt = load_config(d)
     info = {"format": fmt, "architecture": cfg.architecture, "layers": cfg.n_layer, "d_model": cfg.d_model,
@@ -53,10 +54,10 @@ def create_model(out: Path, preset_name: str, tokenizer_source: str, vocab: int,
     """An untrained model from a preset; the tokenizer is copied from a model or trained on a text file."""
     import torch
 
-    from sol.core.checkpoint import save_model
-    from sol.core.config import padded_vocab, preset
-    from sol.core.model import Transformer
-    from sol.core.tokenizer import Tokenizer, train_bpe, train_char
+    from sol.core.formats.checkpoint import save_model
+    from sol.core.formats.tokenizer import Tokenizer, train_bpe, train_char
+    from sol.core.model.config import padded_vocab, preset
+    from sol.core.model.transformer import Transformer
     src = Path(tokenizer_source)
     if src.is_dir():
         tok = Tokenizer.from_file(src / "tokenizer.json")
@@ -71,9 +72,9 @@ def create_model(out: Path, preset_name: str, tokenizer_source: str, vocab: int,
 
 
 def import_folder(src: Path) -> Path:
-    from sol.core.checkpoint import inspect
     from sol.core.errors import SolError
-    from sol.core.registry import models_dir
+    from sol.core.formats.checkpoint import inspect
+    from sol.core.formats.registry import models_dir
     if inspect(src) is None:
         raise SolError(f"{src}: not a model directory (needs config.json, *.safetensors and tokenizer.json)")
     dest = models_dir() / src.name
@@ -87,7 +88,7 @@ def import_folder(src: Path) -> Path:
 class NewModelDialog(QDialog):
     def __init__(self, models: list[dict], parent=None):
         super().__init__(parent)
-        from sol.core.config import PRESETS
+        from sol.core.model.config import PRESETS
         self.setWindowTitle("New untrained model")
         form = QFormLayout(self)
         self.name = QLineEdit("my-model")
@@ -175,12 +176,13 @@ class ModelsPanel(QWidget):
 
     # ---- listing -----------------------------------------------------------
     def refresh(self):
-        from sol.core.registry import list_models
+        from sol.core.formats.registry import list_models
         # Broken folders too, each with its reason: one of them must not hide the others.
         self.ctx.run(list_models, True, on_done=self._fill, on_error=lambda e: self.ctx.status_message.emit(str(e)))
 
     def _fill(self, models: list[dict]):
-        from sol.core.checkpoint import inspect, read_json
+        from sol.core.formats.checkpoint import inspect
+        from sol.core.formats.loaded import read_json
         loaded = self.ctx.loaded
         if loaded is not None and not any(Path(m["path"]) == Path(loaded.path) for m in models):
             info = inspect(Path(loaded.path))   # loaded from elsewhere (--model PATH): list it too
@@ -268,7 +270,7 @@ class ModelsPanel(QWidget):
         name, preset_name, src, vocab = dlg.values()
         if not name or not src:
             return
-        from sol.core.registry import models_dir
+        from sol.core.formats.registry import models_dir
         out = models_dir() / name
         if out.exists():
             self._error(f"{out} already exists; choose another name")

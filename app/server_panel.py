@@ -88,7 +88,7 @@ class ServerPanel(QWidget):
 
     # ---- models --------------------------------------------------------------------------
     def refresh_models(self) -> None:
-        from sol.core.registry import list_models
+        from sol.core.formats.registry import list_models
         current = self.model_box.currentData()
         self.model_box.clear()
         models = list_models()

@@ -14,7 +14,7 @@ def make_store():
     """(store, problem): a damaged sol.db is left untouched and new chats go to a fresh database beside
     it; `problem` says so (the window shows it). (None, problem) only when no database can be opened."""
     try:
-        from sol.core.store import open_or_fresh
+        from sol.core.chat.store import open_or_fresh
     except ImportError:
         return None, None
     try:
@@ -59,7 +59,7 @@ class BuiltinPanels:
 
 def make_plugin_manager(safe_mode: bool | None = None):
     try:
-        from sol.core.plugins import PluginManager
+        from sol.core.plugins.manager import PluginManager
     except ImportError:
         return BuiltinPanels()
     pm = PluginManager(safe_mode=safe_mode)

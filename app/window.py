@@ -14,7 +14,7 @@ from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import (QLabel, QListWidget, QListWidgetItem, QMainWindow, QPlainTextEdit, QSplitter,
                                QStackedWidget, QVBoxLayout, QWidget)
 
-from sol.core.hooks import PanelSpec
+from sol.core.plugins.hooks import PanelSpec
 
 from .context import PanelContext
 from .resources import icon_path
@@ -214,7 +214,7 @@ class MainWindow(QMainWindow):
             self.model_label.setText("no model loaded")
             self.settings.remove("model/last")
             return
-        from sol.core.quant import is_quantized, memory_bytes
+        from sol.core.model.quant import is_quantized, memory_bytes
         n = loaded.model.num_parameters()
         kind = "int8" if is_quantized(loaded.model) else str(loaded.model.dtype).replace("torch.", "")
         self.model_label.setText(f"model: {loaded.name} · {n / 1e6:.2f}M params · "

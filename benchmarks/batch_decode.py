@@ -31,9 +31,9 @@ PROMPT_LEN = 32
 
 
 def run_batch(lm, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    from sol.core.batch import BatchEngine
-    from sol.core.engine import GenerationParams
-    from sol.core.sampling import SamplingParams
+    from sol.core.generation.batch import BatchEngine
+    from sol.core.generation.engine import GenerationParams
+    from sol.core.generation.sampling import SamplingParams
     engine = BatchEngine(lm.model, lm.tokenizer, max_batch=len(prompts), max_len=PROMPT_LEN + new_tokens + 1)
     params = GenerationParams(max_tokens=new_tokens, sampling=SamplingParams(temperature=0), explain=False)
     sync = torch.cuda.synchronize if lm.model.device.type == "cuda" else (lambda: None)
@@ -48,7 +48,7 @@ def run_batch(lm, prompts: list[list[int]], new_tokens: int) -> tuple[float, lis
 
 
 def bench_shape(name: str, device: str, dtype: torch.dtype, new_tokens: int, streams: list[int], log) -> dict:
-    from sol.core.checkpoint import load_model
+    from sol.core.formats.checkpoint import load_model
     shape = SHAPES[name]
     with tempfile.TemporaryDirectory() as tmp:
         write_hf_model(Path(tmp), shape)

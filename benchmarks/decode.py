@@ -4,7 +4,7 @@ Batch 1, greedy, a 32-token prompt, 128 new tokens, the same random weights
 on both sides (a GPT-2 model written with `save_pretrained` and loaded by
 Sol from that directory). transformers runs in float32, its default; Sol runs
 in float32, with float16 weights, and with int8 weights (`--quantize int8`: Sol's own AVX2 kernel where this
-machine can build it, core/int8_kernel.py, else fbgemm, core/quant.py; where the kernel runs, fbgemm's int8
+machine can build it, core/kernels/int8_kernel.py, else fbgemm, core/model/quant.py; where the kernel runs, fbgemm's int8
 is timed beside it as sol_int8_fbgemm). Tokens per second count the whole call,
 prefill included, on both sides. The runs alternate within one process so a
 busy machine slows both alike; we report the median.
@@ -53,7 +53,7 @@ def write_hf_model(out: Path, shape: dict, seed: int = 0):
     """A random GPT-2 in Hugging Face's layout, with a small byte-level BPE tokenizer.json beside it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sol.core.tokenizer import train_bpe
+    from sol.core.formats.tokenizer import train_bpe
     torch.manual_seed(seed)
     # No eos: both sides must produce exactly NEW_TOKENS tokens.
     cfg = GPT2Config(**shape, bos_token_id=None, eos_token_id=None)
@@ -78,8 +78,8 @@ def hf_generate(hf, prompt: torch.Tensor, n: int = NEW_TOKENS) -> list[int]:
 
 
 def sol_generate(engine, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
-    from sol.core.engine import DoneEvent, GenerationParams
-    from sol.core.sampling import SamplingParams
+    from sol.core.generation.engine import DoneEvent, GenerationParams
+    from sol.core.generation.sampling import SamplingParams
     params = GenerationParams(max_tokens=n, sampling=SamplingParams(temperature=0), explain=False)
     session = engine.session(prompt)   # prefill, counted in the time like HF's
     for ev in engine.generate(session, params):
@@ -120,9 +120,9 @@ def top1_agreement(lm32, lm8, n_tokens: int = 4096, row: int = 512) -> float:
 def _trained_pair():
     """The shipped trained words model in float32 and in int8, every int8 layer packed (the int8 column's
     path)."""
-    from sol.core.checkpoint import load_model
-    from sol.core.quant import Int8Linear
-    from sol.core.registry import builtin_models_dir
+    from sol.core.formats.checkpoint import load_model
+    from sol.core.formats.registry import builtin_models_dir
+    from sol.core.model.quant import Int8Linear
     lm32 = load_model(builtin_models_dir() / "words")
     lm8 = load_model(builtin_models_dir() / "words", quantize="int8")
     for m in lm8.model.modules():
@@ -156,13 +156,13 @@ def trained_top1_agreement_decode(n_tokens: int = 4096) -> float:
 
 def int8_path() -> str:
     """What runs the int8 column's layers on this machine."""
-    from sol.core import int8_kernel
+    from sol.core.kernels import int8_kernel
     return "sol kernel (AVX2)" if int8_kernel.available() else f"fbgemm ({int8_kernel.why_not()})"
 
 
 def int8_codes() -> str:
-    """Which activation codes fbgemm's int8 products used on this CPU (core/quant.py fbgemm_codes)."""
-    from sol.core.quant import _fbgemm, fbgemm_codes
+    """Which activation codes fbgemm's int8 products used on this CPU (core/model/quant.py fbgemm_codes)."""
+    from sol.core.model.quant import _fbgemm, fbgemm_codes
     if not _fbgemm():
         return "no fbgemm (aten._weight_int8pack_mm)"
     c = fbgemm_codes()
@@ -170,9 +170,9 @@ def int8_codes() -> str:
 
 
 def bench_shape(name: str, reps: int, log) -> dict:
-    from sol.core import int8_kernel
-    from sol.core.checkpoint import load_model
-    from sol.core.engine import Engine
+    from sol.core.formats.checkpoint import load_model
+    from sol.core.generation.engine import Engine
+    from sol.core.kernels import int8_kernel
     shape = SHAPES[name]
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -258,8 +258,8 @@ def sync_timed(fn, device) -> tuple[float, list[int]]:
 
 
 def bench_shape_gpu(name: str, reps: int, device: str, new_tokens: int, log) -> dict:
-    from sol.core.checkpoint import load_model
-    from sol.core.engine import Engine
+    from sol.core.formats.checkpoint import load_model
+    from sol.core.generation.engine import Engine
     shape = GPU_SHAPES[name]
     res = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,10 +27,10 @@ STARTER = ROOT / "resources" / "models" / "starter"
 
 def train_char_model(out: Path, text: str, steps: int, log) -> None:
     """nanoGPT's shakespeare_char, smaller: enough for confident, text-like predictions."""
-    from sol.core.checkpoint import save_model
-    from sol.core.config import ModelConfig
-    from sol.core.model import Transformer
-    from sol.core.tokenizer import train_char
+    from sol.core.formats.checkpoint import save_model
+    from sol.core.formats.tokenizer import train_char
+    from sol.core.model.config import ModelConfig
+    from sol.core.model.transformer import Transformer
     corpus = out.parent / "train.txt"
     corpus.write_text(text, encoding="utf-8")
     tok = train_char([corpus])
@@ -64,7 +64,7 @@ def decode_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def agreement(d: Path, held_out: str, positions: int, log) -> dict:
-    from sol.core.checkpoint import load_model
+    from sol.core.formats.checkpoint import load_model
     lm32 = load_model(d, dtype=torch.float32)
     lm16 = load_model(d, dtype=torch.float16)
     ids = lm32.tokenizer.encode_ids(held_out, add_special_tokens=False)

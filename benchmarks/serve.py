@@ -121,7 +121,7 @@ def bench_model(model: str, name: str, clients: list[int], log) -> dict:
 def fill_vocabulary(folder: Path, size: int) -> None:
     """decode.py's tokenizer has ~300 tokens for the model's 8192: ids past it decode to nothing, and
     a stream of empty pieces would hide when the first token came. Name the rest `<tN>`."""
-    from sol.core.tokenizer import Tokenizer
+    from sol.core.formats.tokenizer import Tokenizer
     tok = Tokenizer.from_file(folder / "tokenizer.json")
     tok.hf.add_tokens([f"<t{i}>" for i in range(tok.vocab_size, size)])
     tok.save(folder / "tokenizer.json")
@@ -132,7 +132,7 @@ def hf_loop(folder: Path, n: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sol.core.tokenizer import Tokenizer
+    from sol.core.formats.tokenizer import Tokenizer
     torch.set_num_threads(2)
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = Tokenizer.from_file(folder / "tokenizer.json")

@@ -30,10 +30,10 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
 def random_model(out: Path) -> Path:
     import torch
 
-    from sol.core.checkpoint import save_model
-    from sol.core.config import ModelConfig
-    from sol.core.model import Transformer
-    from sol.core.tokenizer import train_bpe
+    from sol.core.formats.checkpoint import save_model
+    from sol.core.formats.tokenizer import train_bpe
+    from sol.core.model.config import ModelConfig
+    from sol.core.model.transformer import Transformer
     corpus = out.parent / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")
     tok = train_bpe([corpus], 512)
@@ -93,7 +93,7 @@ def main() -> int:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
     from sol.app.main import build_window, starter_model
-    from sol.core.checkpoint import load_model
+    from sol.core.formats.checkpoint import load_model
     from sol.plugins.training_runner.runs import command
     win, ctx = build_window()
     win.show()

@@ -15,7 +15,6 @@ import sys
 from .errors import SolError
 
 
-
 def command_modules() -> list[str]:
     import pkgutil
 
@@ -32,15 +31,19 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser(command: str | None = None) -> Parser:
-    """The whole parser, or, when `command` is one of Sol's own, only that subcommand's:
-    registering `train` imports torch, which `sol plugins list` should not wait for."""
+    """The whole parser, or, when `command` is one of Sol's own, only that subcommand's. The whole one
+    never imports torch (`sol --help` answers in a fraction of a second; tests/test_layers.py checks)."""
     parser = Parser(prog="sol", description="Sol: a desktop lab for small language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = command_modules()
     chosen = [m for m in modules if m.rsplit(".", 1)[-1] == command]
     for name in chosen or modules:
-        importlib.import_module(name).register(sub)
+        module = importlib.import_module(name)
+        # A command whose full flags are heavy to build (train: each stage's module, and torch) offers a
+        # brief registration, its help line only, for the parser that just lists commands.
+        register = module.register if chosen else getattr(module, "register_brief", module.register)
+        register(sub)
     if not chosen:
         _plugin_commands(sub)
     return parser
@@ -48,7 +51,7 @@ def build_parser(command: str | None = None) -> Parser:
 
 def _plugin_commands(sub) -> None:
     try:
-        from . import plugins
+        from .plugins import manager as plugins
     except ImportError:
         return
     add = getattr(plugins, "add_cli_commands", None)

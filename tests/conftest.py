@@ -32,7 +32,7 @@ def require_int8_kernel():
     """Skip where this machine cannot build Sol's int8 kernel (no compiler, no AVX2, not x86-64 Linux: the
     environment's SOL_INT8_KERNEL is cleared by isolated_home); where it can, the kernel must build and load,
     or the test fails."""
-    from sol.core import int8_kernel
+    from sol.core.kernels import int8_kernel
     why = int8_kernel._unsupported()
     if why:
         pytest.skip(f"Sol's int8 kernel cannot run here: {why}")
@@ -51,10 +51,10 @@ def make_tiny_model(out: Path, tokenizer: str = "bpe", seed: int = 0, **cfg):
     """A random Sol model directory: byte-level BPE (or char) tokenizer trained on TINY_TEXT."""
     import torch
 
-    from sol.core.checkpoint import save_model
-    from sol.core.config import ModelConfig
-    from sol.core.model import Transformer
-    from sol.core.tokenizer import train_bpe, train_char
+    from sol.core.formats.checkpoint import save_model
+    from sol.core.formats.tokenizer import train_bpe, train_char
+    from sol.core.model.config import ModelConfig
+    from sol.core.model.transformer import Transformer
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = out.parent / f"{out.name}-corpus.txt"

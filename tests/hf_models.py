@@ -96,7 +96,7 @@ CORPUS = ("It is the east, and Juliet is the sun. Olá, café! 世界 🌍 naïv
 
 def byte_tokenizer(folder: Path):
     """A byte-level BPE tokenizer with no special tokens, so nothing ends generation early."""
-    from sol.core.tokenizer import train_bpe
+    from sol.core.formats.tokenizer import train_bpe
     corpus = folder.parent / f"{folder.name}-corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
     tok = train_bpe([corpus], VOCAB - 20, special_tokens=[])

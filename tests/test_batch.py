@@ -4,18 +4,17 @@ import threading
 
 import pytest
 import torch
-
-import sol.core.engine as engine_module
-import sol.core.model as model_module
-from sol.core.batch import BatchEngine, QueueFull
-from sol.core.checkpoint import load_model
-from sol.core.decode_step import DecodeStep, buckets
-from sol.core.engine import DoneEvent, Engine, GenerationParams, TokenEvent
-from sol.core.errors import SolError
-from sol.core.sampling import SamplingParams
-
 from conftest import make_tiny_model
 from test_generation import sharpen
+
+import sol.core.generation.engine as engine_module
+import sol.core.model.transformer as model_module
+from sol.core.errors import SolError
+from sol.core.formats.checkpoint import load_model
+from sol.core.generation.batch import BatchEngine, QueueFull
+from sol.core.generation.decode_step import DecodeStep, buckets
+from sol.core.generation.engine import DoneEvent, Engine, GenerationParams, TokenEvent
+from sol.core.generation.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module", params=["gpt2", "rope_gqa"])
@@ -158,7 +157,7 @@ def test_the_decode_step_sees_the_same_shapes_token_after_token(lm, monkeypatch)
         return real(q, k, v, mask, *rest)
 
     monkeypatch.setattr(model_module, "decode_attention", spy)
-    # The Python loop's attention is spied on; the scripted one (core/cpu_step.py) is bitwise the same.
+    # The Python loop's attention is spied on; the scripted one (core/model/cpu_step.py) is bitwise the same.
     monkeypatch.setattr(model_module.Transformer, "_cpu_plan", lambda self: None)
     # One sequence through the static step (the one CUDA captures): 60 tokens, one shape.
     monkeypatch.setattr(engine_module, "DecodeStep", functools.partial(DecodeStep, pad=True))
@@ -192,7 +191,7 @@ def test_one_row_on_the_cpu_reads_only_the_filled_cache_and_never_reallocates_it
         assert [t.data_ptr() for t in session.cache.k] == storage
         return ids
 
-    # The scripted loop (core/cpu_step.py) runs the same slices; the Python loop's are spied on.
+    # The scripted loop (core/model/cpu_step.py) runs the same slices; the Python loop's are spied on.
     scripted = one_row()
     monkeypatch.setattr(model_module.Transformer, "_cpu_plan", lambda self: None)
     monkeypatch.setattr(model_module, "decode_attention", spy)
@@ -223,7 +222,7 @@ def test_decode_step_buckets():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_captured_step_equals_the_eager_one(lm):
-    from sol.core.checkpoint import load_model as load
+    from sol.core.formats.checkpoint import load_model as load
     gpu = load(lm.path, device="cuda", dtype=torch.float32)
     cache = gpu.model.new_cache(4, 64)
     eager = DecodeStep(gpu.model, cache, capture=False)
@@ -263,8 +262,8 @@ def test_rows_padded_to_a_bucket_as_the_captured_step_pads_them_change_nothing(l
 def test_cpu_decode_layout_changes_strides_not_values(lm, tmp_path):
     """Widening float32 weights are stored column-major for the CPU's matrix-vector product; values,
     shapes, outputs and what is saved stay the same."""
-    from sol.core.checkpoint import save_model
-    from sol.core.decode_step import cpu_decode_layout
+    from sol.core.formats.checkpoint import save_model
+    from sol.core.generation.decode_step import cpu_decode_layout
     model = load_model(lm.path).model   # a copy of its own: the fixture's model stays as it is
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randint(0, lm.config.vocab_size, (1, 9))

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import make_tiny_model  # noqa: E402
 
 
@@ -23,7 +22,7 @@ def window(qtbot):
 
 @pytest.fixture
 def with_model(window, tmp_path):
-    from sol.core.checkpoint import load_model
+    from sol.core.formats.checkpoint import load_model
     win, ctx = window
     ctx.set_model(load_model(make_tiny_model(tmp_path / "m")))
     return win, ctx
@@ -35,7 +34,7 @@ def test_the_three_panels_are_listed(window):
 
 
 def test_embeddings_panel_every_tab(with_model, qtbot):
-    from sol.core import embeddings as E
+    from sol.core.introspect import embeddings as E
     win, ctx = with_model
     panel = win.panel("embeddings")
     every = {"neighbours", "analogy", "map", "map_pick", "context", "positions"}
@@ -68,7 +67,7 @@ def test_embeddings_panel_every_tab(with_model, qtbot):
 
 
 def test_embeddings_positions_tab_shows_rope_frequencies(window, qtbot, tmp_path):
-    from sol.core.checkpoint import load_model
+    from sol.core.formats.checkpoint import load_model
     win, ctx = window
     ctx.set_model(load_model(make_tiny_model(tmp_path / "r", positions="rope")))
     panel = win.panel("embeddings")
@@ -78,7 +77,7 @@ def test_embeddings_positions_tab_shows_rope_frequencies(window, qtbot, tmp_path
 
 
 def test_score_panel_colors_tokens_and_compares_two_sentences(with_model, qtbot):
-    from sol.core.score import score
+    from sol.core.introspect.score import score
     win, ctx = with_model
     panel = win.panel("score")
     panel.a.input.setText("Speak, speak.")

@@ -7,14 +7,14 @@ import threading
 import pytest
 from conftest import make_tiny_model
 
-import sol.core.engine as engine_mod
-from sol.core.chat import MAX_TOOL_ROUNDS, ChatSession, parse_json_call, parse_sol_call
-from sol.core.checkpoint import load_model
+import sol.core.generation.engine as engine_mod
+from sol.core.chat.session import MAX_TOOL_ROUNDS, ChatSession, parse_json_call, parse_sol_call
+from sol.core.chat.store import Store
 from sol.core.cli import main
-from sol.core.engine import GenerationParams
-from sol.core.plugins import PluginManager
-from sol.core.sampling import SamplingParams
-from sol.core.store import Store
+from sol.core.formats.checkpoint import load_model
+from sol.core.generation.engine import GenerationParams
+from sol.core.generation.sampling import SamplingParams
+from sol.core.plugins.manager import PluginManager
 
 EVENT_KEYS = {
     "token": {"type", "text", "id", "logprob", "top", "explanation", "forced"},
@@ -152,8 +152,8 @@ def test_at_most_five_tool_rounds_per_turn(lm, monkeypatch):
 
 WORKING_AND_BROKEN = {
     "chat_bad_import": "raise ImportError('missing dependency: numpy2')\n",
-    "chat_bad_hook": "from sol.core.hooks import hookimpl\n@hookimpl\ndef sol_tools():\n    raise RuntimeError('x')\n",
-    "chat_bad_observer": "from sol.core.hooks import hookimpl\n@hookimpl\ndef sol_chat_event(event):\n    1/0\n",
+    "chat_bad_hook": "from sol.core.plugins.hooks import hookimpl\n@hookimpl\ndef sol_tools():\n    raise RuntimeError('x')\n",
+    "chat_bad_observer": "from sol.core.plugins.hooks import hookimpl\n@hookimpl\ndef sol_chat_event(event):\n    1/0\n",
 }
 
 
@@ -266,7 +266,7 @@ def test_sol_chat_json_cli(tiny_model, capsys, isolated_home):
 
 
 def test_an_answer_keeps_how_each_token_was_chosen(lm):
-    from sol.core.chat import KEEP
+    from sol.core.chat.session import KEEP
     store = Store(":memory:")
     chat = ChatSession(lm, None, store=store)
     p = GenerationParams(max_tokens=12, sampling=SamplingParams(temperature=0.8, top_k=50, seed=5))

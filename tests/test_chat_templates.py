@@ -10,12 +10,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from sol.core.chat import ChatSession, tool_call_id
-from sol.core.errors import SolError
-from sol.core.tokenizer import SOL_CHAT_TEMPLATE, Tokenizer
-
 import transformers  # noqa: E402
+
+from sol.core.chat.session import ChatSession, tool_call_id
+from sol.core.errors import SolError
+from sol.core.formats.tokenizer import SOL_CHAT_TEMPLATE, Tokenizer
 
 TEMPLATES = Path(__file__).parent / "templates"
 FAMILY_TOKENS = {
@@ -288,7 +287,8 @@ def test_a_chat_with_a_tool_call_through_a_real_template_then_a_next_turn(tmp_pa
     renders the whole history (the call with its id, the result with its tool_call_id) without an error."""
     from conftest import make_tiny_model
     from test_chat import CountingPlugins, params, script
-    from sol.core.checkpoint import load_model
+
+    from sol.core.formats.checkpoint import load_model
     model = make_tiny_model(tmp_path / "m", context=2048)
     (model / "chat_template.jinja").write_text((TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8"),
                                                encoding="utf-8")
@@ -325,7 +325,8 @@ def chat_model(folder: Path, family: str, monkeypatch):
     """A tiny random model of `family` whose tokenizer has the family's special tokens and its real template,
     written with save_pretrained as the Hub's files are. Room for Qwen3's tool prompt: 1024 positions."""
     from hf_models import CORPUS, FAMILIES, VOCAB, fill_vocab, make_hf_model
-    from sol.core.tokenizer import train_bpe
+
+    from sol.core.formats.tokenizer import train_bpe
     base = FAMILIES[family]
 
     def longer(t):
@@ -353,8 +354,8 @@ def test_sol_chat_on_tiny_models_renders_and_answers_like_transformers(tmp_path,
     transformers' generate from those ids up to the end of the turn."""
     import torch
 
-    from sol.core.checkpoint import load_model
     from sol.core.cli import main
+    from sol.core.formats.checkpoint import load_model
     folder = tmp_path / family
     ref, hf = chat_model(folder, family, monkeypatch)
     renders = []
@@ -400,9 +401,11 @@ def test_serve_passes_chat_template_kwargs_to_the_template(tmp_path):
     """`chat_template_kwargs` in a chat request (vLLM's and llama.cpp's name) reaches the template:
     Qwen3's enable_thinking switches its thinking off; the server's own variables cannot be replaced."""
     from conftest import make_tiny_model
-    from sol.core.checkpoint import load_model
-    from sol.core.serve.app import Served, render_chat, template_kwargs
+
+    from sol.core.formats.checkpoint import load_model
+    from sol.core.serve.chat_prompt import render_chat, template_kwargs
     from sol.core.serve.protocol import ApiError
+    from sol.core.serve.served import Served
     folder = make_tiny_model(tmp_path / "q3")
     (folder / "chat_template.jinja").write_text((TEMPLATES / "qwen3-0.6b.jinja").read_text(encoding="utf-8"))
     served = Served("q3", load_model(folder), engine=None)
@@ -418,9 +421,10 @@ def test_serve_passes_chat_template_kwargs_to_the_template(tmp_path):
 def test_sol_chat_template_var_reaches_the_template(tmp_path, capsys):
     """`sol chat --template-var enable_thinking=false` (read as JSON: false) turns Qwen3's thinking off."""
     from conftest import make_tiny_model
-    from sol.core.checkpoint import load_model
+
     from sol.core.cli import main
     from sol.core.commands.chat import template_vars
+    from sol.core.formats.checkpoint import load_model
     folder = make_tiny_model(tmp_path / "q3", context=2048)   # the template lists the calculator tool
     (folder / "chat_template.jinja").write_text((TEMPLATES / "qwen3-0.6b.jinja").read_text(encoding="utf-8"))
     assert template_vars(["enable_thinking=false", "name=Sol", "n=3"]) == {"enable_thinking": False, "name": "Sol",

@@ -1,14 +1,15 @@
-"""The scripted one-row CPU decode step (core/cpu_step.py): bitwise the Python loop's results for every
+"""The scripted one-row CPU decode step (core/model/cpu_step.py): bitwise the Python loop's results for every
 kind of model it takes, the Python loop for what it does not, and a plan that follows the model."""
 import pytest
 import torch
 from conftest import require_int8_kernel
 
-from sol.core import cpu_step, int8_kernel
-from sol.core.config import ModelConfig
-from sol.core.half import pack_half
-from sol.core.model import Transformer
-from sol.core.quant import pack_model, quantize_model
+from sol.core.kernels import int8_kernel
+from sol.core.model import cpu_step
+from sol.core.model.config import ModelConfig
+from sol.core.model.half import pack_half
+from sol.core.model.quant import pack_model, quantize_model
+from sol.core.model.transformer import Transformer
 
 pytestmark = pytest.mark.skipif(cpu_step.scripted() is None, reason="TorchScript is not available")
 
@@ -44,7 +45,7 @@ def _int8_path(weights, monkeypatch):
         return cpu_step.LIN_INT8_KERNEL
     monkeypatch.setattr(int8_kernel, "_ENABLED", False)
     if weights == "int8-reduced":
-        from sol.core import quant
+        from sol.core.model import quant
         monkeypatch.setattr(quant, "_CODES", quant.REDUCED_CODES)
     return cpu_step.LIN_INT8
 
@@ -70,7 +71,7 @@ def test_the_scripted_step_is_bitwise_the_python_loop(name, weights, monkeypatch
     m = _model(name)
     kind = _int8_path(weights, monkeypatch) if weights.startswith("int8") else None
     if weights == "float16":
-        pack_half(m.half())      # fbgemm's packed float16 product (core/half.py)
+        pack_half(m.half())      # fbgemm's packed float16 product (core/model/half.py)
     elif weights.startswith("int8"):
         quantize_model(m)
         for mod in m.modules():  # 64 inputs: fbgemm would pad them, so force the packed path
@@ -115,7 +116,7 @@ def test_the_plan_follows_the_model(monkeypatch):
     real_valid = cpu_step.Plan.valid
     monkeypatch.setattr(cpu_step.Plan, "valid", lambda self: checks.append(1) or real_valid(self))
     before = _decode(m, True, monkeypatch)
-    # Built once; not checked again token after token while no module anywhere changes (core/changes.py).
+    # Built once; not checked again token after token while no module anywhere changes (core/model/changes.py).
     assert len(builds) == 1 and len(checks) <= 1
     with torch.no_grad():
         m.blocks[0].attn.proj.weight = torch.nn.Parameter(m.blocks[0].attn.proj.weight * 2)

@@ -9,7 +9,7 @@ import pytest
 
 from sol.core.data import conversations, jsonl
 from sol.core.errors import SolError
-from sol.core.tokenizer import train_char
+from sol.core.formats.tokenizer import train_char
 
 CHAT = [{"role": "system", "content": "be brief"},
         {"role": "user", "content": "what is 12 times 7?"},
@@ -103,7 +103,7 @@ def test_empty_and_too_short_corpus(tmp_path):
 
 
 def test_a_character_the_char_vocabulary_lacks_is_unk_not_end_of_text(tok):
-    from sol.core.tokenizer import EOT, UNK
+    from sol.core.formats.tokenizer import EOT, UNK
     ids = tok.encode_ids("café", add_special_tokens=False)
     assert len(ids) == 4 and ids[:3] == tok.encode_ids("caf", add_special_tokens=False)
     assert ids[3] == tok.token_to_id(UNK) != tok.token_to_id(EOT)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sol.core.checkpoint import load_model
-from sol.core.engine import Engine, GenerationParams
-from sol.core.model import KVCache, cache_dtype
-from sol.core.sampling import SamplingParams
-
 from conftest import TINY_TEXT, make_tiny_model
+
+from sol.core.formats.checkpoint import load_model
+from sol.core.generation.engine import Engine, GenerationParams
+from sol.core.generation.sampling import SamplingParams
+from sol.core.model.layers import KVCache, cache_dtype
 
 
 def _train_a_little(model, ids, steps=80, seq=64):
@@ -35,7 +34,7 @@ def _train_a_little(model, ids, steps=80, seq=64):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from sol.core.checkpoint import save_model
+    from sol.core.formats.checkpoint import save_model
     d = make_tiny_model(tmp_path_factory.mktemp("fp16") / "tiny", seed=5, n_layer=2, n_head=4, d_model=64,
                         dropout=0.0)
     lm = load_model(d)
@@ -110,14 +109,14 @@ def test_one_token_steps_equal_the_general_path(tmp_path, dtype, family):
     assert cache.pos == 12
 
 
-# ---- float16 weights through fbgemm's packed product (core/half.py) ----------------------------------
-needs_fbgemm = pytest.mark.skipif(not __import__("sol.core.half", fromlist=["x"]).available(),
+# ---- float16 weights through fbgemm's packed product (core/model/half.py) ----------------------------------
+needs_fbgemm = pytest.mark.skipif(not __import__("sol.core.model.half", fromlist=["x"]).available(),
                                   reason="this torch build has no fbgemm (x86 only)")
 
 
 @needs_fbgemm
 def test_packed_half_linear_is_the_float32_product_of_the_float16_weights():
-    from sol.core.half import HalfLinear
+    from sol.core.model.half import HalfLinear
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 200).half()
     m = HalfLinear(lin)
@@ -135,7 +134,7 @@ def test_packed_half_linear_is_the_float32_product_of_the_float16_weights():
 
 @needs_fbgemm
 def test_packed_half_weights_come_back_unchanged():
-    from sol.core.half import HalfLinear
+    from sol.core.model.half import HalfLinear
     lin = torch.nn.Linear(64, 48).half()
     m = HalfLinear(lin)
     m.pack()
@@ -149,9 +148,9 @@ def test_packed_half_weights_come_back_unchanged():
 
 @needs_fbgemm
 def test_float16_load_packs_every_linear_and_decodes_like_the_plain_float16_model(trained, monkeypatch):
-    from sol.core import half
-    from sol.core.half import HalfLinear
-    from sol.core.quant import memory_bytes
+    from sol.core.model import half
+    from sol.core.model.half import HalfLinear
+    from sol.core.model.quant import memory_bytes
     d, ids = trained
     lm = load_model(d, dtype=torch.float16)
     packed = [n for n, m in lm.model.named_modules() if type(m) is HalfLinear]

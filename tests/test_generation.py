@@ -3,13 +3,12 @@ import threading
 
 import pytest
 import torch
-
-from sol.core.checkpoint import load_model
-from sol.core.engine import Engine, GenerationParams
-from sol.core.sampling import SamplingParams, choose, filtered_probs, make_generator
-from sol.core.tokenizer import StreamDecoder
-
 from conftest import make_tiny_model
+
+from sol.core.formats.checkpoint import load_model
+from sol.core.formats.tokenizer import StreamDecoder
+from sol.core.generation.engine import Engine, GenerationParams
+from sol.core.generation.sampling import SamplingParams, choose, filtered_probs, make_generator
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +67,7 @@ def test_forced_tokens_after_a_cached_prefix_match_full_recompute(lm_rope):
 
 @pytest.mark.parametrize("which", ["lm", "lm_rope"])
 def test_the_cache_grows_as_the_text_does_and_keeps_what_it_held(which, request, monkeypatch):
-    from sol.core.model import KVCache
+    from sol.core.model.layers import KVCache
     monkeypatch.setattr(KVCache, "GROW", 16)    # grow several times within the tiny model's context
     model = request.getfixturevalue(which).model
     n = model.cfg.context
@@ -176,7 +175,7 @@ TEXTS = ["Olá, coração! São Paulo, açaí e pão.", "世界你好，今天�
 @pytest.mark.parametrize("text", TEXTS)
 @pytest.mark.parametrize("kind", ["bpe", "char"])
 def test_streamed_text_equals_decode_of_all_ids(text, kind, tmp_path):
-    from sol.core.tokenizer import train_bpe, train_char
+    from sol.core.formats.tokenizer import train_bpe, train_char
     corpus = tmp_path / "c.txt"
     corpus.write_text("plain ascii text only, so non-ascii splits into bytes " * 20 + "\n".join(TEXTS[:1]))
     tok = train_char([corpus]) if kind == "char" else train_bpe([corpus], 300)

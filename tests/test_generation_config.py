@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-
-from hf_models import make_hf_model
-from sol.core.chat import ChatSession
-from sol.core.checkpoint import load_model
-from sol.core.cli import main
-
 import transformers  # noqa: E402
+from hf_models import make_hf_model
+
+from sol.core.chat.session import ChatSession
+from sol.core.cli import main
+from sol.core.formats.checkpoint import load_model
+
 PROMPT = "It is the east, and"
 
 
@@ -102,7 +102,8 @@ def test_serve_takes_the_models_sampling_defaults_for_fields_a_request_leaves_ou
     """As `sol chat` and transformers: the API's defaults (OpenAI's temperature 1, ...) apply only where
     the model says nothing; a bad default is refused at start-up, naming the file."""
     from sol.core.errors import SolError
-    from sol.core.serve.app import Served, request_params
+    from sol.core.serve.generate import request_params
+    from sol.core.serve.served import Served
     folder, ids, _ = hf_model
     write_generation_config(folder, do_sample=True, temperature=0.6, top_p=0.9, top_k=20)
     try:

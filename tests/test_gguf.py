@@ -5,18 +5,16 @@ import io
 import json
 from contextlib import redirect_stdout
 
+import gguf  # noqa: E402  (a dependency of Sol; transformers is in the test extra)
 import numpy as np
 import pytest
 import torch
-
 from hf_models import VOCAB, make_hf_model
-from sol.core.checkpoint import load_model
+
 from sol.core.cli import main
 from sol.core.errors import SolError
-
-import gguf  # noqa: E402  (a dependency of Sol; transformers is in the test extra)
-
-from sol.core import gguf_io  # noqa: E402
+from sol.core.formats import gguf_io  # noqa: E402
+from sol.core.formats.checkpoint import load_model
 
 TEXT = "  Olá, café naïve! 世界 🌍🎉 It is   the east.\n\tJuliet <|endoftext|> is the sun <|end|>."
 
@@ -138,7 +136,7 @@ def test_rope_freqs_are_used_as_llama_cpp_uses_them(gguf_pair, tmp_path):
 # ---- tokenizers from metadata ------------------------------------------------
 def _round_trip(tok, tmp_path, cfg_vocab):
     """The tokenizer written to GGUF metadata and rebuilt from the llama.cpp fields alone."""
-    from sol.core.config import ModelConfig
+    from sol.core.model.config import ModelConfig
     w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
     gguf_io._write_tokenizer(w, tok, ModelConfig(vocab_size=cfg_vocab), tmp_path)
     w.add_tensor("x", np.zeros(4, np.float32))
@@ -160,7 +158,8 @@ def _corpus(tmp_path):
 @pytest.mark.parametrize("pre", ["gpt-2", "qwen2", "llama-bpe"])
 def test_byte_level_bpe_tokenizer_round_trips(tmp_path, pre):
     from tokenizers import Regex, pre_tokenizers
-    from sol.core.tokenizer import train_bpe
+
+    from sol.core.formats.tokenizer import train_bpe
     tok = train_bpe([_corpus(tmp_path)], 400)
     if pre != "gpt-2":   # the Split + ByteLevel form transformers writes for Qwen2 and Llama 3
         tok.hf.pre_tokenizer = pre_tokenizers.Sequence([
@@ -179,8 +178,10 @@ def test_byte_level_bpe_tokenizer_round_trips(tmp_path, pre):
 def _spm_tokenizer(tmp_path):
     """A Llama-2-style tokenizer.json: <unk> <s> </s>, 256 <0xNN> byte tokens, then BPE pieces over ▁-spaced
     text; byte fallback for what the pieces lack; <s> prepended."""
-    from tokenizers import Tokenizer as HF, decoders, models, normalizers, processors, trainers
-    from sol.core.tokenizer import Tokenizer
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, normalizers, processors, trainers
+
+    from sol.core.formats.tokenizer import Tokenizer
     hf = HF(models.BPE(unk_token="<unk>", byte_fallback=True))
     hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     hf.train([str(_corpus(tmp_path))], trainers.BpeTrainer(vocab_size=300, show_progress=False))
@@ -373,10 +374,10 @@ def test_ollama_and_lmstudio_stores_are_listed_and_load_by_name(good_gguf, tmp_p
 
 # ---- export ------------------------------------------------------------------------
 def _ask_12_times_7(lm):
-    from sol.core.chat import ChatSession
-    from sol.core.engine import GenerationParams
-    from sol.core.plugins import PluginManager
-    from sol.core.sampling import SamplingParams
+    from sol.core.chat.session import ChatSession
+    from sol.core.generation.engine import GenerationParams
+    from sol.core.generation.sampling import SamplingParams
+    from sol.core.plugins.manager import PluginManager
     chat = ChatSession(lm, plugins=PluginManager())
     events = list(chat.send("what is 12 times 7?", GenerationParams(max_tokens=64,
                                                                     sampling=SamplingParams(temperature=0))))
@@ -386,7 +387,7 @@ def _ask_12_times_7(lm):
 
 @pytest.mark.parametrize("kind", ["f32", "q8_0"])
 def test_starter_exported_to_gguf_answers_the_same(tmp_path, kind):
-    from sol.core.registry import builtin_models_dir
+    from sol.core.formats.registry import builtin_models_dir
     starter = builtin_models_dir() / "starter"
     assert (starter / "sol.json").is_file(), f"{starter}: the shipped starter model is missing"
     out = tmp_path / f"starter-{kind}.gguf"
@@ -420,8 +421,8 @@ def test_export_refuses_an_architecture_gguf_lacks(tmp_path):
 
 # ---- int8 weights ----------------------------------------------------------------
 def test_int8_linear_matches_float_and_takes_the_decode_fast_path():
-    from sol.core import model as model_mod
-    from sol.core.quant import Int8Linear
+    from sol.core.model import layers as model_mod
+    from sol.core.model.quant import Int8Linear
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 70)
     q = Int8Linear.from_linear(lin)
@@ -437,7 +438,7 @@ def test_int8_linear_matches_float_and_takes_the_decode_fast_path():
 
 
 def _starter():
-    from sol.core.registry import builtin_models_dir
+    from sol.core.formats.registry import builtin_models_dir
     starter = builtin_models_dir() / "starter"
     assert (starter / "sol.json").is_file(), f"{starter}: the shipped starter model is missing"
     return starter
@@ -447,7 +448,8 @@ def test_q8_0_gguf_loads_int8_and_agrees_with_float32(tmp_path):
     """A trained Sol model (the starter) exported as Q8_0 and re-imported: weights int8, a fraction of
     float32's memory, and the same top-1 next token on >= 99% of held-out text's positions."""
     from conftest import SHARED_DATA
-    from sol.core.quant import is_quantized, memory_bytes, weight_bytes
+
+    from sol.core.model.quant import is_quantized, memory_bytes, weight_bytes
     ref = load_model(_starter())
     path = gguf_io.export_gguf(ref, tmp_path / "s.gguf", "q8_0")
     q8 = load_model(path, quantize="auto")
@@ -476,7 +478,7 @@ def test_quantize_int8_flag_for_any_model(gguf_pair):
         assert main(["generate", "--model", str(folder), "--prompt", "It is the east", "--max-tokens", "8",
                      "--temperature", "0", "--device", "cpu", "--quantize", "int8", "--json"]) == 0
     assert len(json.loads(buf.getvalue().splitlines()[-1])["token_ids"]) == 8
-    from sol.core.quant import is_quantized
+    from sol.core.model.quant import is_quantized
     lm = load_model(folder, quantize="int8")
     assert is_quantized(lm.model)
     x = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))

@@ -7,7 +7,6 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import TINY_TEXT, make_tiny_model  # noqa: E402
 
 
@@ -23,7 +22,7 @@ def window(qtbot):
 
 
 def loaded(path):
-    from sol.core.checkpoint import load_model
+    from sol.core.formats.checkpoint import load_model
     return load_model(path)
 
 
@@ -44,7 +43,7 @@ def test_window_lists_every_panel_and_the_device(window):
 
 def test_a_panel_that_raises_shows_its_error_in_place(window):
     from sol.app.window import PanelError
-    from sol.core.hooks import PanelSpec
+    from sol.core.plugins.hooks import PanelSpec
     win, ctx = window
     win.specs.append(PanelSpec("bad", "Bad", lambda c: 1 / 0, None, 999, "sol"))
     win.stack.addWidget(__import__("PySide6.QtWidgets").QtWidgets.QWidget())
@@ -128,7 +127,7 @@ def test_token_viewer_shows_one_span_per_token(window, qtbot, tmp_path):
 
 
 def test_token_viewer_merges_a_character_split_across_tokens(tmp_path):
-    from sol.core.tokenizer import Tokenizer
+    from sol.core.formats.tokenizer import Tokenizer
     from sol.plugins.tokenizer_viewer.spans import counts, segments, token_segments
     tok = Tokenizer.from_file(make_tiny_model(tmp_path / "m") / "tokenizer.json")
     segs = token_segments(segments(tok, "a ẞ<|endoftext|>"))
@@ -209,7 +208,7 @@ def test_batch_preview_has_end_of_text_separators(tmp_path):
 
 
 def test_plugins_panel_lists_builtins_and_a_broken_plugin(window, qtbot, tmp_path, monkeypatch):
-    from sol.core.plugins import PluginManager
+    from sol.core.plugins.manager import PluginManager
     from sol.plugins.plugin_manager.panel import PluginsPanel
     (tmp_path / "broken_sol_plugin.py").write_text(textwrap.dedent("""
         NAME = "broken-test"
@@ -330,6 +329,7 @@ def test_tool_card_shows_arguments_and_result_and_collapses(qtbot):
 def test_the_panel_kit_that_plugins_use(qtbot):
     # docs/plugins.md promises these names to plugin panels
     from PySide6.QtWidgets import QAbstractItemView, QLabel, QWidget
+
     from sol.app.kit import page, table
     w = QWidget()
     qtbot.addWidget(w)
@@ -362,7 +362,7 @@ def test_chat_sampling_takes_the_models_generation_config_unless_the_user_set_it
 
 def test_a_damaged_database_is_shown_in_the_window_and_new_chats_go_to_a_fresh_one(qtbot, isolated_home):
     from sol.app.main import build_window
-    from sol.core.store import Store
+    from sol.core.chat.store import Store
     damaged = isolated_home / "sol.db"
     junk = b"this is not SQLite" * 1000
     damaged.write_bytes(junk)
@@ -379,7 +379,7 @@ def test_a_damaged_database_is_shown_in_the_window_and_new_chats_go_to_a_fresh_o
 
 
 def test_models_panel_lists_a_broken_folder_with_its_reason(window, isolated_home):
-    from sol.core.registry import list_models
+    from sol.core.formats.registry import list_models
     (isolated_home / "models" / "bad").mkdir(parents=True)
     (isolated_home / "models" / "bad" / "config.json").write_text("[1, 2]")
     win, ctx = window

@@ -5,10 +5,10 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-
 from hf_models import FAMILIES, VOCAB, make_hf_model
-from sol.core.checkpoint import load_model
+
 from sol.core.cli import main
+from sol.core.formats.checkpoint import load_model
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -92,7 +92,7 @@ def test_session_recomputes_at_the_longrope_switch():
     import tempfile
     from pathlib import Path
 
-    from sol.core.engine import Session
+    from sol.core.generation.engine import Session
     folder = Path(tempfile.mkdtemp()) / "phi3-longrope"
     ref = make_hf_model("phi3-longrope", folder)
     model = load_model(folder).model
@@ -136,9 +136,9 @@ def test_batched_engine_greedy_matches_transformers(hf_pair):
     """The batched engine (static-shape decode over per-row positions) gives each of three prompts of
     different lengths transformers' greedy tokens: windows, soft-caps, per-layer RoPE and, for
     longrope, the recompute where a row passes the switch (16 tokens) all hold there too."""
-    from sol.core.batch import BatchEngine
-    from sol.core.engine import GenerationParams
-    from sol.core.sampling import SamplingParams
+    from sol.core.generation.batch import BatchEngine
+    from sol.core.generation.engine import GenerationParams
+    from sol.core.generation.sampling import SamplingParams
     family, folder, ref = hf_pair
     lm = load_model(folder)
     g = torch.Generator().manual_seed(6)

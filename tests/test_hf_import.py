@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-
 from hf_models import VOCAB, make_hf_model
-from sol.core.checkpoint import config_from_hf, load_model
+
 from sol.core.errors import SolError
+from sol.core.formats.checkpoint import config_from_hf, load_model
 
 
 def rewrite_weights(folder, change):
@@ -124,7 +124,7 @@ def test_new_families_are_listed_from_the_hf_cache(family, arch, isolated_home, 
 @pytest.mark.parametrize("family", ["gemma3", "phi3-longrope", "qwen2-sliding"])
 def test_an_imported_model_saved_as_a_sol_model_computes_the_same(family, tmp_path):
     """A fine-tune of an imported model is saved in Sol's format: every switch travels in config.json."""
-    from sol.core.checkpoint import save_model
+    from sol.core.formats.checkpoint import save_model
     folder = tmp_path / family
     make_hf_model(family, folder)
     lm = load_model(folder)

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_tiny_model
-from sol.core.config import PRESETS
+
+from sol.core.model.config import PRESETS
 
 TIME_LIMIT_S = 90
 
@@ -163,6 +163,6 @@ def test_hostile_input(case, sol_model, tmp_path):
 def test_every_preset_builds_a_model_config(name):
     """`--preset NAME` must never be a config Sol itself refuses (the starter preset once had 6 heads
     for d_model 256)."""
-    from sol.core.config import preset
+    from sol.core.model.config import preset
     cfg = preset(name, vocab_size=97)
     assert cfg.d_model % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0

@@ -7,10 +7,10 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
-from sol.core.checkpoint import load_model, save_model
+
 from sol.core.cli import main
+from sol.core.formats.checkpoint import load_model, save_model
 
 
 def cli_json(*argv) -> dict:
@@ -115,7 +115,7 @@ def test_neighbours_and_analogy_find_the_planted_rows(planted):
 
 
 def test_map_pca_explained_variance(planted):
-    from sol.core.embeddings import word_map
+    from sol.core.introspect.embeddings import word_map
     folder, w = planted
     loaded = load_model(folder)
     words = [w[k][1] for k in "abcdqn"]
@@ -140,7 +140,7 @@ def test_context_cosine_is_one_at_the_embedding_and_less_after(tmp_path, cfg):
 
 
 def test_positions_learned_and_rope(tmp_path):
-    from sol.core.embeddings import positions
+    from sol.core.introspect.embeddings import positions
     learned = positions(load_model(make_tiny_model(tmp_path / "a")), n=16)
     assert learned["kind"] == "learned" and len(learned["cosine"]) == 16
     assert all(abs(learned["cosine"][i][i] - 1) < 1e-5 for i in range(16))

@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import torch
-
-from sol.core.checkpoint import load_model, save_model
-from sol.core.cli import main
-
 from conftest import make_tiny_model
+
+from sol.core.cli import main
+from sol.core.formats.checkpoint import load_model, save_model
 
 
 def run_cli(args, capsys):

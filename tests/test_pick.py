@@ -1,4 +1,4 @@
-"""core/pick.py: the greedy token and log-sum-exp of a row of logits, natively where Sol's library is loaded,
+"""core/kernels/pick.py: the greedy token and log-sum-exp of a row of logits, natively where Sol's library is loaded,
 with torch's answers (edge cases included) either way."""
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import require_int8_kernel
 
-from sol.core import int8_kernel, pick
+from sol.core.kernels import int8_kernel, pick
 
 
 @pytest.fixture(params=["native", "torch"])

@@ -7,13 +7,13 @@ import pytest
 
 from sol.core.cli import main
 from sol.core.errors import SolError
-from sol.core.plugins import PluginManager
+from sol.core.plugins.manager import PluginManager
 
 KEYS = {"name", "version", "builtin", "enabled", "status", "error", "hooks"}
 
 PLUGINS = {
     "good_plugin": """
-        from sol.core.hooks import hookimpl, ToolSpec, PanelSpec
+        from sol.core.plugins.hooks import hookimpl, ToolSpec, PanelSpec
         NAME = "good"
         VERSION = "2.0"
         SEEN = []
@@ -38,13 +38,13 @@ PLUGINS = {
         raise RuntimeError("boom at import time")
     """,
     "bad_hook": """
-        from sol.core.hooks import hookimpl
+        from sol.core.plugins.hooks import hookimpl
         @hookimpl
         def sol_tools():
             raise ValueError("cannot make my tools")
     """,
     "bad_event": """
-        from sol.core.hooks import hookimpl
+        from sol.core.plugins.hooks import hookimpl
         CALLS = []
         @hookimpl
         def sol_chat_event(event):
@@ -52,27 +52,27 @@ PLUGINS = {
             raise KeyError("observer fell over")
     """,
     "bad_return": """
-        from sol.core.hooks import hookimpl
+        from sol.core.plugins.hooks import hookimpl
         @hookimpl
         def sol_tools():
             return ["not a ToolSpec"]
     """,
     "typo_hook": """
-        from sol.core.hooks import hookimpl
+        from sol.core.plugins.hooks import hookimpl
         @hookimpl
         def sol_tool():
             return []
     """,
     "plain_functions": """
         # no @hookimpl: a function named like a hook is still taken as one
-        from sol.core.hooks import ToolSpec
+        from sol.core.plugins.hooks import ToolSpec
         def sol_tools():
             return [ToolSpec("upper", "Upper-case a text.", {"type": "object", "required": ["text"]},
                              lambda a: a["text"].upper())]
     """,
     "odd_tools": """
         import time
-        from sol.core.hooks import hookimpl, ToolSpec
+        from sol.core.plugins.hooks import hookimpl, ToolSpec
         NAME = "odd"
         def _raise(a):
             raise RuntimeError("tool failed on purpose")
@@ -84,14 +84,14 @@ PLUGINS = {
                     ToolSpec("calculator", "a second calculator", {"type": "object"}, lambda a: 0)]
     """,
     "cli_plugin": """
-        from sol.core.hooks import hookimpl
+        from sol.core.plugins.hooks import hookimpl
         @hookimpl
         def sol_cli_commands(subparsers):
             p = subparsers.add_parser("hello", help="say hello")
             p.set_defaults(func=lambda args: print("hello from a plugin") or 0)
     """,
     "bad_cli_plugin": """
-        from sol.core.hooks import hookimpl
+        from sol.core.plugins.hooks import hookimpl
         @hookimpl
         def sol_cli_commands(subparsers):
             raise RuntimeError("no commands today")
@@ -268,8 +268,9 @@ def test_plugins_cli_enable_disable_and_errors(capsys):
 def test_the_worked_example_in_docs_works(tmp_path, monkeypatch, capsys):
     import argparse
     import re
-    import tomllib
     from pathlib import Path
+
+    import tomllib
     doc = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
     toml = re.search(r"`pyproject.toml`:\n\n```toml\n(.*?)```", doc, re.S).group(1)
     module = re.search(r"`sol_wordcount.py`:\n\n```python\n(.*?)```", doc, re.S).group(1)

@@ -27,7 +27,7 @@ py-modules = ["{module}"]
 """
 
 MODULE = '''
-from sol.core.hooks import hookimpl, ToolSpec
+from sol.core.plugins.hooks import hookimpl, ToolSpec
 
 @hookimpl
 def sol_tools():

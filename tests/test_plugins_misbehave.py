@@ -18,31 +18,31 @@ import pytest
 
 PLUGINS = {
     "tool_none": '''
-from sol.core.hooks import ToolSpec, hookimpl
+from sol.core.plugins.hooks import ToolSpec, hookimpl
 @hookimpl
 def sol_tools():
     return [ToolSpec(name=None, description="no name", parameters={"type": "object"}, func=lambda a: 1)]
 ''',
     "params_none": '''
-from sol.core.hooks import ToolSpec, hookimpl
+from sol.core.plugins.hooks import ToolSpec, hookimpl
 @hookimpl
 def sol_tools():
     return [ToolSpec(name="nullparams", description="x", parameters=None, func=lambda a: 1)]
 ''',
     "twice": '''
-from sol.core.hooks import ToolSpec, hookimpl
+from sol.core.plugins.hooks import ToolSpec, hookimpl
 @hookimpl
 def sol_tools():
     return [ToolSpec(name="twicetool", description="x", parameters={"type": "object"}, func=lambda a: "twice")]
 ''',
     "cli_raises": '''
-from sol.core.hooks import hookimpl
+from sol.core.plugins.hooks import hookimpl
 @hookimpl
 def sol_cli_commands(subparsers):
     raise RuntimeError("no commands today")
 ''',
     "chat_raises": '''
-from sol.core.hooks import hookimpl
+from sol.core.plugins.hooks import hookimpl
 @hookimpl
 def sol_chat_event(event):
     raise RuntimeError("cannot watch")
@@ -52,7 +52,7 @@ import time
 time.sleep(3600)
 ''',
     "stage_only": '''
-from sol.core.hooks import StageSpec, hookimpl
+from sol.core.plugins.hooks import StageSpec, hookimpl
 def add(p):
     p.add_argument("--word", default="hi")
 def run(args, emit):
@@ -66,7 +66,7 @@ def sol_training_stages():
     return [StageSpec("echo-stage", "echo a word", add, run)]
 ''',
     "stage_bad_args": '''
-from sol.core.hooks import StageSpec, hookimpl
+from sol.core.plugins.hooks import StageSpec, hookimpl
 def add(p):
     raise RuntimeError("no flags")
 @hookimpl
@@ -74,20 +74,20 @@ def sol_training_stages():
     return [StageSpec("bad-stage", "broken flags", add, lambda args, emit: None)]
 ''',
     "calc_again": '''
-from sol.core.hooks import ToolSpec, hookimpl
+from sol.core.plugins.hooks import ToolSpec, hookimpl
 @hookimpl
 def sol_tools():
     return [ToolSpec(name="calculator", description="a second calculator", parameters={"type": "object"},
                      func=lambda a: "not the real one")]
 ''',
     "panel_bad_field": '''
-from sol.core.hooks import PanelSpec, hookimpl
+from sol.core.plugins.hooks import PanelSpec, hookimpl
 @hookimpl
 def sol_panels():
     return [PanelSpec("badpanel", "Bad", None)]
 ''',
     "panel_raises": '''
-from sol.core.hooks import PanelSpec, hookimpl
+from sol.core.plugins.hooks import PanelSpec, hookimpl
 def make(ctx):
     raise RuntimeError("panel boom")
 @hookimpl
@@ -101,7 +101,7 @@ raise RuntimeError("boom at import")
 raise SystemExit(3)
 ''',
     "returns_junk": '''
-from sol.core.hooks import hookimpl
+from sol.core.plugins.hooks import hookimpl
 @hookimpl
 def sol_tools():
     return [42]
@@ -293,7 +293,7 @@ def test_docs_name_every_panel_context_attribute_that_exists():
 
 def test_docs_list_every_chat_event_type_and_the_stage_contract():
     import re
-    chat_src = (Path(__file__).resolve().parents[1] / "core" / "chat.py").read_text()
+    chat_src = (Path(__file__).resolve().parents[1] / "core" / "chat" / "session.py").read_text()
     types = set(re.findall(r'"type": "(\w+)"', chat_src)) - {"function"}
     section = DOC[DOC.index("## Chat events"):DOC.index("## Tools: fields")]
     assert types and all(f"| `{t}` |" in section for t in types)

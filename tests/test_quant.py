@@ -1,14 +1,14 @@
-"""int8 weights (core/quant.py): each CPU path (Sol's kernel, fbgemm) computes the dequantized float product;
+"""int8 weights (core/model/quant.py): each CPU path (Sol's kernel, fbgemm) computes the dequantized float product;
 the packed copy replaces the int8 buffer and comes back unchanged; trained models keep float32's top-1 next
 token."""
 import pytest
 import torch
-
 from conftest import require_int8_kernel
 
-from sol.core import int8_kernel, quant
-from sol.core.checkpoint import load_model
-from sol.core.quant import Int8Linear
+from sol.core.formats.checkpoint import load_model
+from sol.core.kernels import int8_kernel
+from sol.core.model import quant
+from sol.core.model.quant import Int8Linear
 
 
 def _pair(out_f, in_f, seed=0):
@@ -134,7 +134,7 @@ def test_load_packs_wide_layers_and_reports_their_memory(tmp_path, cpu_path):
 
 
 def _agreement(name, text, positions=5120):
-    from sol.core.registry import builtin_models_dir
+    from sol.core.formats.registry import builtin_models_dir
     ref = load_model(builtin_models_dir() / name)
     q8 = load_model(builtin_models_dir() / name, quantize="int8")
     for m in q8.model.modules():
@@ -167,10 +167,10 @@ def test_trained_models_keep_float32s_top1_in_the_kernel(name, shared_data, kern
 
 
 def test_decoding_a_token_at_a_time_keeps_float32s_top1(shared_data, kernel):
-    """As generation runs int8: one token a step from the KV cache, in the native step (core/int8_step.cpp),
+    """As generation runs int8: one token a step from the KV cache, in the native step (core/kernels/int8_step.cpp),
     against float32's next tokens over whole rows of held-out text (99.3 % on the words model)."""
-    from sol.core import cpu_step
-    from sol.core.registry import builtin_models_dir
+    from sol.core.formats.registry import builtin_models_dir
+    from sol.core.model import cpu_step
     ref = load_model(builtin_models_dir() / "words")
     q8 = load_model(builtin_models_dir() / "words", quantize="int8")
     assert q8.model._cpu_plan().native is not None
@@ -215,7 +215,7 @@ def test_int8_models_keep_the_token_table_int8(tmp_path):
     activations, its parameter count, and the embeddings panel reads dequantized rows."""
     from conftest import make_tiny_model
 
-    from sol.core import embeddings
+    from sol.core.introspect import embeddings
     make_tiny_model(tmp_path / "m", n_layer=2, n_head=4, d_model=384, context=64)
     lm32 = load_model(tmp_path / "m")
     lm = load_model(tmp_path / "m", quantize="int8")
@@ -231,7 +231,7 @@ def test_int8_models_keep_the_token_table_int8(tmp_path):
         assert m(ids).dtype == torch.float32
 
 
-# ---- Sol's int8 kernel (core/int8_linear.cpp) ------------------------------------------------------------
+# ---- Sol's int8 kernel (core/kernels/int8_linear.cpp) ------------------------------------------------------------
 @pytest.fixture
 def kernel():
     return require_int8_kernel()

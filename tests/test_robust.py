@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_TEXT, make_tiny_model
 
 
@@ -109,7 +108,7 @@ def test_many_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
     import sys
     import time
     code = ("import sys, time\n"
-            "from sol.core.store import Store\n"
+            "from sol.core.chat.store import Store\n"
             "t = float(sys.argv[2])\n"
             "time.sleep(max(0, t - time.time()))\n"
             "s = Store(sys.argv[1]); s.add_message(s.create_conversation('c'), 'user', 'hi')\n")
@@ -124,7 +123,7 @@ def test_many_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
             if p.returncode:
                 failures.append(err.strip().splitlines()[-1])
         if not failures:
-            from sol.core.store import Store
+            from sol.core.chat.store import Store
             assert len(Store(db).list_conversations()) == 6
     assert not failures, failures
 
@@ -331,7 +330,7 @@ def test_chat_stdin_that_is_not_utf8_is_one_error_line(isolated_home):
 
 
 def test_an_sft_conversation_longer_than_the_context_names_its_line(tmp_path, capsys):
-    from sol.core.registry import builtin_models_dir
+    from sol.core.formats.registry import builtin_models_dir
     context = json.loads((builtin_models_dir() / "starter" / "config.json").read_text())["context"]
     data = tmp_path / "chats.jsonl"
     ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -343,7 +342,7 @@ def test_an_sft_conversation_longer_than_the_context_names_its_line(tmp_path, ca
 
 
 def test_an_rl_prompt_longer_than_the_context_names_its_line(tmp_path, capsys):
-    from sol.core.registry import builtin_models_dir
+    from sol.core.formats.registry import builtin_models_dir
     context = json.loads((builtin_models_dir() / "starter" / "config.json").read_text())["context"]
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n" +
@@ -388,7 +387,7 @@ HOSTILE_TEMPLATES = {
 RENDER_ALL = """
 import json, resource, sys, time
 from sol.core.errors import SolError
-from sol.core.tokenizer import render_template
+from sol.core.formats.tokenizer import render_template
 with open("/proc/self/status") as f:
     vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
 resource.setrlimit(resource.RLIMIT_AS, (vm + 512 * 2**20,) * 2)
@@ -417,7 +416,7 @@ def test_hostile_chat_templates_stop_at_a_limit_with_a_clear_error():
 
 
 def test_ordinary_templates_still_render():
-    from sol.core.tokenizer import SOL_CHAT_TEMPLATE, render_template
+    from sol.core.formats.tokenizer import SOL_CHAT_TEMPLATE, render_template
     msgs = [{"role": "user", "content": "x" * 100_000}, {"role": "assistant", "content": "ok"}]
     text = render_template(SOL_CHAT_TEMPLATE, messages=msgs, add_generation_prompt=True)
     assert "x" * 100_000 in text
@@ -425,8 +424,8 @@ def test_ordinary_templates_still_render():
 
 # ---- 12. a conversation database that can be read but not written ---------------------------------
 def test_a_read_only_store_names_the_file_on_write(tmp_path):
+    from sol.core.chat.store import Store
     from sol.core.errors import SolError
-    from sol.core.store import Store
     store = Store(tmp_path / "sol.db")
     cid = store.create_conversation("kept")
     store._db.execute("PRAGMA query_only=ON")   # as a file without write permission reads (root ignores modes)

@@ -13,9 +13,9 @@ import textwrap
 import threading
 import time
 
+import openai  # noqa: E402
 import pytest
 
-import openai  # noqa: E402
 try:   # the openai client's own HTTP library (httpx2 in current releases, httpx before)
     import httpx2 as httpx
 except ImportError:
@@ -173,7 +173,7 @@ def test_json_schema_output_validates(client):
 
 
 def test_imported_template_renders_the_prompt(client, server):
-    from sol.core.tokenizer import Tokenizer
+    from sol.core.formats.tokenizer import Tokenizer
     tok = Tokenizer.from_file(server.tiny / "tokenizer.json")
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     r = client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=2, temperature=0)

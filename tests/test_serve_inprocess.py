@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
-
 import uvicorn  # noqa: E402
+
 try:
     import httpx2 as httpx
 except ImportError:
@@ -22,10 +22,11 @@ STEP = 0.05   # seconds each model call takes here
 
 @pytest.fixture
 def slow_server(tmp_path):
-    from sol.core.checkpoint import load_model
     from sol.core.commands.serve import bind
-    from sol.core.serve.app import Served, create_app
-    from sol.core.batch import BatchEngine
+    from sol.core.formats.checkpoint import load_model
+    from sol.core.generation.batch import BatchEngine
+    from sol.core.serve.app import create_app
+    from sol.core.serve.served import Served
     lm = load_model(make_tiny_model(tmp_path / "slow", context=512))
     calls = []
     engine = BatchEngine(lm.model, lm.tokenizer, max_batch=1, max_queue=1)

@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
+from sol.core.chat.store import MIGRATIONS, Store
 from sol.core.errors import SolError
-from sol.core.store import MIGRATIONS, Store
 
 
 def test_default_file_is_in_the_data_dir_and_uses_wal(isolated_home):
@@ -120,7 +120,7 @@ def test_writes_from_several_threads():
 
 WRITER = """
 import sys, time
-from sol.core.store import Store
+from sol.core.chat.store import Store
 s = Store(sys.argv[1])
 c = s.create_conversation("killed")
 parent = None

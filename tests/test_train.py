@@ -77,7 +77,7 @@ def test_pretrain_loss_falls_and_records_lineage(pipeline):
     assert meta["metrics"]["val_loss"] == evals[-1]["val_loss"]
     # the memmaps: uint16 ids, documents joined by <|endoftext|>
     from sol.core.data import corpus
-    from sol.core.tokenizer import Tokenizer
+    from sol.core.formats.tokenizer import Tokenizer
     train, val, m = corpus.load(pipeline["dir"] / "base" / "data")
     tok = Tokenizer.from_file(pipeline["dir"] / "base" / "tokenizer.json")
     assert train.dtype.name == "uint16" and len(val) > 0
@@ -115,7 +115,7 @@ def test_reward_stage_learns_and_saves_head(pipeline, reward_run):
     assert falls(ls)
     acc = [e["accuracy"] for e in events if e["type"] == "eval"][-1]
     assert acc > 0.6
-    from sol.core.checkpoint import load_model
+    from sol.core.formats.checkpoint import load_model
     lm = load_model(d / "rm")
     assert set(lm.extra_tensors) == {"reward_head.weight", "reward_head.bias"}
     assert json.loads((d / "rm" / "sol.json").read_text())["stage"] == "rm"
@@ -132,7 +132,7 @@ def test_group_advantage_and_k3():
 
 def test_rollout_forces_tool_results_and_marks_them(pipeline):
     """Whatever the model samples, a closed calculator call is followed by the forced, marked result."""
-    from sol.core.checkpoint import load_model
+    from sol.core.formats.checkpoint import load_model
     from sol.core.train.rollout import rollout
     lm = load_model(pipeline["dir"] / "sft")
     tok = lm.tokenizer

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import run_stage
 
 from sol.core.data import corpus
-from sol.core.tokenizer import train_char
-
-from test_train import run_stage
+from sol.core.formats.tokenizer import train_char
 
 MODEL = ["--layers", 2, "--heads", 2, "--d-model", 32, "--context", 32]
 
@@ -71,7 +70,7 @@ def test_prefetch_and_deferred_reads_change_no_step(tmp_path, tiny_text_file, se
     assert all(r > 0 for r in rates)
     etas = [e["eta_s"] for e in fast if e["type"] == "step"]
     assert etas[-1] == 0 and all(a > b for a, b in zip(etas, etas[1:]))
-    from sol.core.checkpoint import load_model
+    from sol.core.formats.checkpoint import load_model
     w_ref, w_fast = load_model(tmp_path / "ref").model.state_dict(), load_model(tmp_path / "fast").model.state_dict()
     assert all(torch.equal(w_ref[k], w_fast[k]) for k in w_ref)
 
@@ -321,9 +320,9 @@ def test_precision_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch
 def test_cpu_attention_under_bf16_autocast_runs_in_float32(monkeypatch):
     """torch's CPU flash attention is slow in bf16: under CPU autocast q, k, v reach SDPA as float32, the
     matrix products stay bf16, and the result is what float32 attention gives on the same q, k, v."""
-    from sol.core import model as model_mod
-    from sol.core.config import ModelConfig
-    from sol.core.model import Transformer
+    from sol.core.model import layers as model_mod
+    from sol.core.model.config import ModelConfig
+    from sol.core.model.transformer import Transformer
     torch.manual_seed(0)
     m = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=2, d_model=32, context=16))
     seen = []
@@ -355,7 +354,7 @@ def test_bf16_training_on_the_cpu_follows_float32(tmp_path, tiny_text_file):
     assert lb != lf                                            # bf16 did change the arithmetic
     assert all(abs(x - y) < 0.02 * y for x, y in zip(lb, lf))  # ...by rounding only
     assert lb[-1] < lb[0]
-    from sol.core.checkpoint import load_model
+    from sol.core.formats.checkpoint import load_model
     assert all(p.dtype == torch.float32 for p in load_model(tmp_path / "bf16").model.parameters())
 
 
@@ -365,8 +364,8 @@ def test_rl_reference_logprobs_take_the_loops_precision():
     import copy
     from types import SimpleNamespace
 
-    from sol.core.config import ModelConfig
-    from sol.core.model import Transformer
+    from sol.core.model.config import ModelConfig
+    from sol.core.model.transformer import Transformer
     from sol.core.train.rl import RL
     torch.manual_seed(0)
     policy = Transformer(ModelConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, context=16))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from sol.core.registry import builtin_models_dir, list_models
+from sol.core.formats.registry import builtin_models_dir, list_models
 
 STARTER = builtin_models_dir() / "starter"
 
@@ -21,11 +21,11 @@ def test_starter_is_listed_small_and_has_its_lineage():
 
 def test_starter_answers_12_times_7_with_the_calculator():
     """Through the chat template and the chat's own tool loop, greedy."""
-    from sol.core.chat import ChatSession
-    from sol.core.checkpoint import load_model
-    from sol.core.engine import GenerationParams
-    from sol.core.plugins import PluginManager
-    from sol.core.sampling import SamplingParams
+    from sol.core.chat.session import ChatSession
+    from sol.core.formats.checkpoint import load_model
+    from sol.core.generation.engine import GenerationParams
+    from sol.core.generation.sampling import SamplingParams
+    from sol.core.plugins.manager import PluginManager
     chat = ChatSession(load_model(STARTER), plugins=PluginManager())
     events = list(chat.send("what is 12 times 7?", GenerationParams(max_tokens=64,
                                                                     sampling=SamplingParams(temperature=0))))

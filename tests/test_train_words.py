@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 
 from conftest import TINY_TEXT
+
 from sol.core.cli import main
-from sol.core.registry import builtin_models_dir
+from sol.core.formats.registry import builtin_models_dir
 
 WORDS = builtin_models_dir() / "words"
 
@@ -29,8 +30,8 @@ def test_words_recipe_pretrains_a_bpe_model_and_records_its_neighbours(tmp_path)
 
 
 def test_shipped_words_model_is_small_and_whole_words_are_tokens():
-    from sol.core.checkpoint import load_model
-    from sol.core.embeddings import neighbours
+    from sol.core.formats.checkpoint import load_model
+    from sol.core.introspect.embeddings import neighbours
     size = sum(f.stat().st_size for f in WORDS.iterdir() if f.is_file())
     assert size <= 12 * 2**20
     meta = json.loads((WORDS / "sol.json").read_text())

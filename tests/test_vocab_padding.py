@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from sol.core.config import ModelConfig, padded_vocab
-from sol.core.model import Transformer
+from sol.core.model.config import ModelConfig, padded_vocab
+from sol.core.model.transformer import Transformer
 from sol.core.train.losses import cross_entropy_sum
 
 
@@ -67,9 +67,9 @@ def _pretrain(tmp_path, corpus, *extra):
 
 
 def test_pretrain_builds_a_padded_model_that_never_produces_a_padded_id(tmp_path, tiny_text_file, capsys):
-    from sol.core.checkpoint import load_model
-    from sol.core.engine import Engine, GenerationParams, TokenEvent
-    from sol.core.sampling import SamplingParams
+    from sol.core.formats.checkpoint import load_model
+    from sol.core.generation.engine import Engine, GenerationParams, TokenEvent
+    from sol.core.generation.sampling import SamplingParams
     out = _pretrain(tmp_path, tiny_text_file)
     config = json.loads((out / "config.json").read_text())
     lm = load_model(out)
@@ -90,7 +90,7 @@ def test_pretrain_builds_a_padded_model_that_never_produces_a_padded_id(tmp_path
 
 
 def test_vocab_multiple_one_keeps_the_tokenizers_size(tmp_path, tiny_text_file):
-    from sol.core.checkpoint import load_model
+    from sol.core.formats.checkpoint import load_model
     lm = load_model(_pretrain(tmp_path, tiny_text_file, "--vocab-multiple", "1"))
     assert lm.config.vocab_size == lm.tokenizer.id_limit
 
@@ -99,11 +99,11 @@ def test_imported_model_wider_than_its_tokenizer_never_samples_unowned_rows(tmp_
     """A Hugging Face model with 20 rows no token owns, set to win every position: transformers' greedy
     picks them; Sol picks what transformers picks when told to suppress those ids."""
     import transformers
-
     from hf_models import VOCAB, byte_tokenizer
-    from sol.core.checkpoint import load_model
-    from sol.core.engine import Engine, GenerationParams, TokenEvent
-    from sol.core.sampling import SamplingParams
+
+    from sol.core.formats.checkpoint import load_model
+    from sol.core.generation.engine import Engine, GenerationParams, TokenEvent
+    from sol.core.generation.sampling import SamplingParams
     folder = tmp_path / "qwen2"
     torch.manual_seed(3)
     cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -145,8 +145,8 @@ def _truncated(tokenizer_json: str, n: int) -> str:
 def test_gguf_export_of_a_padded_model_keeps_the_limit(tmp_path, tiny_text_file, prefer_sol):
     """Sol's export writes padded rows as llama.cpp's converters do ([PADn], type UNUSED); read back through
     Sol's own tokenizer or through the llama.cpp vocabulary alone, they stay unsampled."""
-    from sol.core import gguf_io
-    from sol.core.checkpoint import load_model
+    from sol.core.formats import gguf_io
+    from sol.core.formats.checkpoint import load_model
     lm = load_model(_pretrain(tmp_path, tiny_text_file))
     real = lm.tokenizer.id_limit
     f = gguf_io.export_gguf(lm, tmp_path / "m.gguf")

@@ -193,12 +193,12 @@ class ChatPanel(QWidget):
         self.model_hint.setText(f"model: {loaded.name}" if loaded else "no model loaded — open Models")
         self.params.model_defaults(getattr(loaded, "sampling", None))
         if loaded is not None:
-            import sol.core.chat  # noqa: F401  now, not at the first message: ~20 ms of GUI thread
+            import sol.core.chat.session  # noqa: F401  now, not at the first message: ~20 ms of GUI thread
         self._buttons()
 
     def _session(self):
         if self.session is None:
-            from sol.core.chat import ChatSession
+            from sol.core.chat.session import ChatSession
             self.session = ChatSession(self.ctx.loaded, plugins=self.ctx.plugins, store=self.ctx.store,
                                        conversation_id=self.conversation_id, system=self.system.text() or None)
             self.ctx.set_chat_session(self.session)

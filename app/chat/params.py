@@ -101,8 +101,8 @@ class ParamsView(QFrame):
                 "max_tokens": self.max_tokens.value(), "seed": self.seed.value(), "user_set": sorted(self.user_set)}
 
     def generation_params(self):
-        from sol.core.engine import GenerationParams
-        from sol.core.sampling import SamplingParams
+        from sol.core.generation.engine import GenerationParams
+        from sol.core.generation.sampling import SamplingParams
         v = self.values()
         sp = SamplingParams(temperature=v["temperature"], top_k=v["top_k"], top_p=v["top_p"], min_p=v["min_p"],
                             repetition_penalty=v["repetition_penalty"], seed=None if v["seed"] < 0 else v["seed"])

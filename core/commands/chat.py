@@ -38,12 +38,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..chat import ChatSession
-    from ..engine import GenerationParams
+    from ..chat.session import ChatSession
+    from ..chat.store import Store
     from ..errors import SolError
-    from ..plugins import PluginManager
-    from ..sampling import SamplingParams
-    from ..store import Store
+    from ..generation.engine import GenerationParams
+    from ..generation.sampling import SamplingParams
+    from ..plugins.manager import PluginManager
     if args.max_tokens < 1:
         raise SolError(f"--max-tokens {args.max_tokens}: must be at least 1")
     tvars = template_vars(args.template_var)   # a bad flag fails before loading

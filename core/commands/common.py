@@ -16,9 +16,9 @@ def add_model_args(p, required: bool = True) -> None:
 
 def load(args):
     """Resolve --model, pick device and dtype, load. Returns a LoadedModel."""
-    from ..checkpoint import load_model
     from ..devices import pick_device, pick_dtype
-    from ..registry import resolve
+    from ..formats.checkpoint import load_model
+    from ..formats.registry import resolve
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     return load_model(resolve(args.model), device=device, dtype=dtype, quantize=quantize_arg(args))

@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def compute(args) -> dict:
-    from .. import embeddings as E
+    from ..introspect import embeddings as E
     loaded = load(args)
     cmd = args.embed_command
     if cmd == "neighbours":

@@ -24,9 +24,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..engine import Engine, GenerationParams, stop_ids_for
     from ..errors import SolError
-    from ..sampling import SamplingParams
+    from ..generation.engine import Engine, GenerationParams, stop_ids_for
+    from ..generation.sampling import SamplingParams
     if args.max_tokens < 1:
         raise SolError(f"--max-tokens {args.max_tokens}: must be at least 1")
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)

@@ -16,7 +16,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..lens import lens
+    from ..introspect.lens import lens
     out = lens(load(args), args.text, args.top)
     if args.json:
         print_json(out)

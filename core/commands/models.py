@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 
 def run_list(args) -> int:
-    from ..registry import list_models
+    from ..formats.registry import list_models
     models = list_models(include_broken=True)
     if args.json:
         print_json(models)
@@ -44,9 +44,9 @@ def run_list(args) -> int:
 
 
 def run_info(args) -> int:
-    from ..checkpoint import load_config
-    from ..quant import weight_bytes
-    from ..registry import resolve
+    from ..formats.checkpoint import load_config
+    from ..formats.registry import resolve
+    from ..model.quant import weight_bytes
     d = resolve(args.model)
     cfg, fmt = load_config(d)
     # What concurrent chats cost beside the weights: float32 is the CPU's cache, bfloat16 a GPU's.
@@ -59,7 +59,7 @@ def run_info(args) -> int:
             "weights_mb": {k: round(weight_bytes(cfg, k) / 2**20, 2) for k in ("float32", "bfloat16", "int8")},
             "kv_cache_mb_per_sequence": kv(1), "kv_cache_mb_8_sequences": kv(8)}
     if fmt == "gguf":   # as stored; a Q8_0 file loads as int8 (weights_mb's int8), others as float
-        from ..gguf_io import inspect_gguf
+        from ..formats.gguf_io import inspect_gguf
         info["quantization"] = inspect_gguf(d)["quantization"]
         info["file_mb"] = round(d.stat().st_size / 2**20, 2)
     if args.json:
@@ -72,11 +72,12 @@ def run_info(args) -> int:
 
 def run_export(args) -> int:
     """Sol's own models and imported ones of the gguf-writable families (gpt2, llama, qwen2)."""
-    from ..checkpoint import load_model
-    from ..errors import SolError
-    from ..gguf_io import export_gguf
-    from ..registry import resolve
     from pathlib import Path
+
+    from ..errors import SolError
+    from ..formats.checkpoint import load_model
+    from ..formats.gguf_io import export_gguf
+    from ..formats.registry import resolve
     out = Path(args.out).expanduser()
     if out.suffix.lower() != ".gguf":
         raise SolError(f"--out {args.out}: name the file *.gguf")

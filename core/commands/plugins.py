@@ -11,7 +11,7 @@ def add_safe_mode(p) -> None:
 
 
 def manager(args):
-    from ..plugins import PluginManager
+    from ..plugins.manager import PluginManager
     pm = PluginManager(safe_mode=True if getattr(args, "safe_mode", False) else None)
     pm.load()
     return pm
@@ -66,7 +66,7 @@ def _err(line: str) -> None:
 
 def run_install(args) -> int:
     from ..errors import SolError
-    from ..plugins import dist_of_spec, normalize_dist
+    from ..plugins.manager import dist_of_spec, normalize_dist
     pm = manager(args)
     before = {i.name: (i.version, i.dist) for i in pm.plugins()}
     spec = pip_spec(args.spec)

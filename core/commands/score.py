@@ -15,7 +15,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..score import score
+    from ..introspect.score import score
     out = score(load(args), args.text)
     if args.json:
         print_json(out)

@@ -36,7 +36,7 @@ def register(sub) -> None:
 
 def model_name(path: Path) -> str:
     """The name `sol models list` shows for this directory, else the directory's own name."""
-    from ..registry import list_models
+    from ..formats.registry import list_models
     for m in list_models():
         if Path(m["path"]).resolve() == path.resolve():
             return m["name"]
@@ -44,13 +44,13 @@ def model_name(path: Path) -> str:
 
 
 def load_all(args) -> list:
-    from ..checkpoint import load_model
     from ..devices import pick_device, pick_dtype
     from ..errors import SolError
-    from ..registry import resolve
-    from ..serve.app import Served
+    from ..formats.checkpoint import load_model
+    from ..formats.registry import resolve
+    from ..generation.batch import BatchEngine
+    from ..serve.served import Served
     from .common import quantize_arg
-    from ..batch import BatchEngine
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     served = []
@@ -87,7 +87,8 @@ def run(args) -> int:
     import uvicorn
 
     from ..errors import SolError
-    from ..serve.app import create_app, print_log
+    from ..serve.app import create_app
+    from ..serve.log import print_log
     if args.max_concurrent < 1:
         raise SolError(f"--max-concurrent {args.max_concurrent}: must be at least 1")
     if not 0 <= args.port <= 65535:
@@ -101,7 +102,7 @@ def run(args) -> int:
     host, port = sock.getsockname()[:2]
     plugins = None
     if args.plugin_tools:
-        from ..plugins import PluginManager
+        from ..plugins.manager import PluginManager
         plugins = PluginManager()
         plugins.load()
         for info in plugins.plugins():

@@ -16,25 +16,20 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def encoding_json(enc) -> dict:
-    """The `--json` object; `sol serve`'s /sol/tokenize answers the same."""
-    return {"ids": enc.ids, "tokens": enc.tokens, "offsets": [list(o) for o in enc.offsets]}
-
-
 def run(args) -> int:
-    from ..tokenizer import Tokenizer
+    from ..formats.tokenizer import Tokenizer
     if args.tokenizer:
         tok = Tokenizer.from_file(args.tokenizer)
     else:
         from ..errors import SolError
-        from ..registry import resolve
+        from ..formats.registry import resolve
         d = resolve(args.model)
         if not (d / "tokenizer.json").is_file():
             raise SolError(f"{d / 'tokenizer.json'}: tokenizer missing")
         tok = Tokenizer.from_file(d / "tokenizer.json")
     enc = tok.encode(args.text)
     if args.json:
-        print_json(encoding_json(enc))
+        print_json(enc.to_json())
     else:
         for i, t, (a, b) in zip(enc.ids, enc.tokens, enc.offsets):
             sys.stdout.write(f"{i:>8}  {t!r:<24} {args.text[a:b]!r}\n")

@@ -7,10 +7,19 @@ before the usual `error: ...` line and exit status 1.
 from __future__ import annotations
 
 
+HELP = "train a model: pretrain, sft, reward, rl, or a whole recipe"
+
+
+def register_brief(sub) -> None:
+    """`train` in the list of commands (`sol --help`). Its stages' flags come from each stage's module,
+    which imports torch, so they are built only when the command is `sol train ...` (register)."""
+    sub.add_parser("train", help=HELP)
+
+
 def register(sub) -> None:
     from ..train.recipe import add_arguments as add_recipe_arguments
     from ..train.stages import all_stages
-    p = sub.add_parser("train", help="train a model: pretrain, sft, reward, rl, or a whole recipe")
+    p = sub.add_parser("train", help=HELP)
     stages = p.add_subparsers(dest="stage", metavar="STAGE")
     for spec in all_stages():
         builtin = not spec.plugin or spec.plugin == "sol"

@@ -1,6 +1,6 @@
 """Conversations -> token ids and a target mask.
 
-Sol's chat template (core/tokenizer.py) is rendered piece by piece so we know
+Sol's chat template (core/formats/tokenizer.py) is rendered piece by piece so we know
 which tokens the assistant wrote. The model learns to predict exactly those:
 the assistant's words, its tool calls, and the <|end|> that closes its turn.
 Headers, the user's words and tool results are inputs only -- a tool result
@@ -10,7 +10,7 @@ by one gives the same ids as encoding the whole rendered text.
 """
 from __future__ import annotations
 
-from ..tokenizer import Tokenizer
+from ..formats.tokenizer import Tokenizer
 
 END, ASSISTANT, TOOL_RESULT, TOOL_END = "<|end|>", "<|assistant|>", "<|tool_result|>", "<|tool_end|>"
 

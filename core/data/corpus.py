@@ -23,7 +23,7 @@ import numpy as np
 
 from ..atomic import replace, temp_path_for, write_text
 from ..errors import SolError
-from ..tokenizer import EOT, Tokenizer, train_bpe, train_char
+from ..formats.tokenizer import EOT, Tokenizer, train_bpe, train_char
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ""}
 CACHE_FORMAT = 1   # of the cached vocabularies and token ids: bump when what an entry holds changes
@@ -195,12 +195,12 @@ def _check_size(files: list[Path], n_train: int, n_val: int, context: int, val_f
 
 
 def cache_dir() -> Path:
-    from ..registry import data_dir
+    from ..formats.registry import data_dir
     return data_dir() / "cache" / "corpus"
 
 
 def tokenizer_cache_dir() -> Path:
-    from ..registry import data_dir
+    from ..formats.registry import data_dir
     return data_dir() / "cache" / "tokenizers"
 
 

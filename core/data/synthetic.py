@@ -18,6 +18,7 @@ import random
 from pathlib import Path
 
 from ..atomic import write_text
+from .arithmetic import evaluate, format_result
 
 KINDS = ("sft", "prefs", "rl")
 OPS = {"+": ["plus", "added to"], "-": ["minus"], "*": ["times", "multiplied by"], "/": ["divided by"]}
@@ -31,37 +32,9 @@ ANSWER_TEMPLATES = ["{a} {op} {b} is {r}.", "The answer is {r}.", "{a} {op} {b} 
 
 
 def calculate(expr: str) -> str:
-    """The calculator tool's answer as text (the plugin's evaluator, which refuses anything but arithmetic)."""
-    try:
-        from sol.plugins.calculator.evaluator import evaluate, format_result
-    except ImportError:  # the plugin is not installed: same arithmetic, same safety
-        return format_number(_evaluate(expr))
+    """The calculator tool's answer as text: the same evaluator the calculator plugin runs, so the data
+    teaches exactly the results the tool will give."""
     return format_result(evaluate(expr))
-
-
-def format_number(x) -> str:
-    if isinstance(x, str):
-        return x
-    if isinstance(x, float) and x.is_integer():
-        x = int(x)
-    return str(x)
-
-
-def _evaluate(expr: str):
-    import ast
-    import operator
-    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.USub: operator.neg}
-
-    def ev(n):
-        if isinstance(n, ast.Constant) and type(n.value) in (int, float):
-            return n.value
-        if isinstance(n, ast.BinOp) and type(n.op) in ops:
-            return ops[type(n.op)](ev(n.left), ev(n.right))
-        if isinstance(n, ast.UnaryOp) and type(n.op) in ops:
-            return ops[type(n.op)](ev(n.operand))
-        raise ValueError(f"not arithmetic: {expr!r}")
-    return ev(ast.parse(expr.replace("x", "*"), mode="eval").body)
 
 
 def problem(rng: random.Random) -> dict:

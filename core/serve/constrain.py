@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import SolError
-from ..tokenizer import UNK, Tokenizer
+from ..formats.tokenizer import UNK, Tokenizer
 
 
 class _Vocabulary:

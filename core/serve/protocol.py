@@ -4,11 +4,12 @@ Every bad field becomes an ApiError that names it; the app turns that into
 {"error": {"message", "type", "param", "code"}} with its HTTP status."""
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
 
-from ..sampling import SamplingParams
+from ..generation.sampling import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
 
@@ -26,6 +27,17 @@ class ApiError(Exception):
 
 def bad(param: str, message: str) -> ApiError:
     return ApiError(400, f"{param}: {message}", param, "invalid_value")
+
+
+async def read_body(request) -> dict:
+    """The request's body, which must be one JSON object."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+    return body
 
 
 def _is_number(v) -> bool:

@@ -7,15 +7,15 @@ import numpy as np
 import torch
 
 from ..errors import SolError
-from ..tokenizer import Tokenizer
+from ..formats.tokenizer import Tokenizer
 
 SAMPLE_QUESTION = "what is 12 times 7?"
 
 
 def load_parent(name: str, device, flag: str = "--model"):
     """The model a stage starts from (a directory or a name from `sol models list`)."""
-    from ..checkpoint import load_model
-    from ..registry import resolve
+    from ..formats.checkpoint import load_model
+    from ..formats.registry import resolve
     lm = load_model(resolve(name), device="cpu")
     if not lm.tokenizer.is_sol:
         raise SolError(f"{flag} {name}: its tokenizer lacks Sol's chat tokens (<|user|>, <|assistant|>, <|end|>); "
@@ -77,7 +77,7 @@ def split_val(items: list, fraction: float, minimum: int = 1) -> tuple[list, lis
 def chat_sample(model, tok: Tokenizer, question: str = SAMPLE_QUESTION, max_new: int = 64) -> str:
     """The model's greedy answer to a fixed question, with the calculator running, as the chat shows it."""
     from ..data.conversations import encode
-    from ..engine import end_of_turn_ids
+    from ..generation.engine import end_of_turn_ids
     from .rollout import rollout
     ids, _ = encode(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
     r = rollout(model, tok, [ids], max_new, 0.0, torch.Generator().manual_seed(0), end_of_turn_ids(tok))[0]

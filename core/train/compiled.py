@@ -14,11 +14,8 @@ from pathlib import Path
 
 import torch
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
 def cache_dir() -> Path:
-    from ..registry import data_dir
+    from ..formats.registry import data_dir
     return data_dir() / "cache" / "inductor"
 
 

@@ -1,10 +1,18 @@
-"""Command-line flags every stage shares, and turning them into a TrainConfig."""
+"""Command-line flags every stage shares, and turning them into a TrainConfig.
+
+Nothing here imports torch: `sol --help` and `sol plugins list` build every command's flags, and should not
+wait ~2 s for torch to load. The loop (core/train/loop.py) is imported only when a run is configured.
+"""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from .compiled import MODES
-from .loop import TrainConfig
+if TYPE_CHECKING:
+    from .loop import TrainConfig
+
+# torch.compile's modes (core/train/compiled.py passes the chosen one on).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def add_common(p, defaults: dict | None = None) -> None:
@@ -26,7 +34,7 @@ def add_common(p, defaults: dict | None = None) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
-    p.add_argument("--compile-mode", default="default", choices=MODES,
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="with --compile: torch.compile's mode; reduce-overhead also captures each step in CUDA "
                         "graphs (CUDA, one process, pretraining's fixed shapes; elsewhere it is default)")
     p.add_argument("--log-every", type=int, default=0, metavar="N",
@@ -45,6 +53,7 @@ def add_common(p, defaults: dict | None = None) -> None:
 
 def train_config(args) -> TrainConfig:
     from ..errors import SolError
+    from .loop import TrainConfig
     for name in ("max_steps", "batch_size", "grad_accum"):
         if getattr(args, name) < 1:
             raise SolError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")

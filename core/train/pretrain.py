@@ -12,16 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import VOCAB_MULTIPLE, ModelConfig, padded_vocab, preset
 from ..data import corpus
 from ..errors import SolError
-from ..model import Transformer
-from ..tokenizer import EOT, Tokenizer
+from ..formats.tokenizer import EOT, Tokenizer
+from ..model.config import VOCAB_MULTIPLE, ModelConfig, padded_vocab, preset
+from ..model.transformer import Transformer
 from . import checkpointing, ddp
-from .losses import cross_entropy_sum
 from .loop import Stage, TrainConfig
+from .losses import cross_entropy_sum
 from .rollout import complete
-
 
 DEFAULT_PRESET = "shakespeare-cpu"   # trains on a laptop CPU in minutes
 
@@ -122,11 +121,11 @@ class Pretrain(Stage):
         return self.tokenizer.decode(self.sample_ids + ids)
 
     def export(self, out, meta) -> None:
-        from ..checkpoint import save_model
+        from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta)
 
     def restore(self, ckpt) -> None:
-        from ..checkpoint import load_model
+        from ..formats.checkpoint import load_model
         self.model.load_state_dict(load_model(ckpt).model.state_dict())
 
     def lineage(self) -> dict:
@@ -138,7 +137,7 @@ class Pretrain(Stage):
 
 
 def checkpointing_config(ckpt: Path) -> dict:
-    from ..checkpoint import read_json_object
+    from ..formats.loaded import read_json_object
     try:
         return read_json_object(ckpt / "config.json")
     except SolError as e:   # a checkpoint cut short: say which, and how to go on

@@ -93,7 +93,7 @@ def _scaled(argv: list[str], scale: float) -> list[str]:
 
 
 def _render_chats(records: list[dict]) -> str:
-    from ..tokenizer import EOT, SOL_CHAT_TEMPLATE, render_template
+    from ..formats.tokenizer import EOT, SOL_CHAT_TEMPLATE, render_template
     return EOT.join(render_template(SOL_CHAT_TEMPLATE, messages=r["messages"], add_generation_prompt=False)
                     for r in records)
 
@@ -141,7 +141,7 @@ def _threads(asked: int) -> int:
 
 def _folders(args) -> tuple[Path, Path, Path]:
     """(corpus, work, out), checked before anything is written."""
-    from ..registry import data_dir
+    from ..formats.registry import data_dir
     corpus = Path(args.corpus)
     if not corpus.is_file():
         raise SolError(f"--corpus {corpus}: no such file")
@@ -190,8 +190,8 @@ def run(args, emit) -> dict:
         results[name] = done["metrics"]
     # The same 200 held-out prompts, greedy, calculator running: SFT before RL, and RL after (its last
     # step; rl/best, the step best on RL's validation prompts, is there to compare by hand).
-    from ..checkpoint import load_model
     from ..data import jsonl
+    from ..formats.checkpoint import load_model
     held = jsonl.read_prompts(paths["eval"], need_answer=True)
     sft = load_model(work / "sft")
     scorer = Scorer("calculator", None, "cpu", sft.tokenizer)
@@ -231,7 +231,7 @@ def run_words(args, emit) -> dict:
                                                **({"final": False} if e["type"] == "done" else {})}))
         if done.get("stopped"):
             return done
-    from ..checkpoint import load_model
+    from ..formats.checkpoint import load_model
     meta = json.loads((base / "sol.json").read_text())
     meta.update({"name": out.name, "recipe": "words", "recipe_seconds": round(time.time() - t0, 1),
                  "embeddings": probe(load_model(base))})
@@ -244,7 +244,7 @@ def run_words(args, emit) -> dict:
 
 def probe(loaded) -> dict:
     """Neighbours of a few words and king - man + woman, each word after a space (a whole BPE token)."""
-    from ..embeddings import analogy, neighbours
+    from ..introspect.embeddings import analogy, neighbours
     near = {w: [n["text"] for n in neighbours(loaded, " " + w, 8)["neighbours"]] for w in PROBE_WORDS}
     a, b, c = (" " + w for w in PROBE_ANALOGY)
     return {"neighbours": near, "analogy": {"query": " - ".join(PROBE_ANALOGY[:2]) + " + " + PROBE_ANALOGY[2],

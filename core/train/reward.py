@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..data import conversations, jsonl
 from ..data.corpus import describe_files
-from ..model import Transformer
+from ..model.transformer import Transformer
 from .common import example_micro_batches, load_parent, pad, pad_id, parent_info, split_val
 from .loop import Stage
 
@@ -126,11 +126,11 @@ class Reward(Stage):
         return {"accuracy": correct / len(self.val_pairs), "val_loss": loss / len(self.val_pairs)}
 
     def export(self, out, meta):
-        from ..checkpoint import save_model
+        from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta, extra_tensors=self.rm.head_tensors())
 
     def restore(self, ckpt):
-        from ..checkpoint import load_model
+        from ..formats.checkpoint import load_model
         lm = load_model(ckpt)
         self.model.load_state_dict(lm.model.state_dict())
         self.rm.head.weight.data.copy_(lm.extra_tensors["reward_head.weight"])

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from ..data import conversations, jsonl
 from ..data.corpus import describe_files
-from ..engine import end_of_turn_ids
 from ..errors import SolError
+from ..generation.engine import end_of_turn_ids
 from .common import chat_sample, epoch_indices, load_parent, pad, pad_id, parent_info, split_val
 from .loop import Stage
 from .rewards import REWARDS
@@ -205,7 +205,7 @@ class RL(Stage):
             return {}
         result = accuracy(self.model, self.tokenizer, self.eval_records, self.scorer, self.args.max_new_tokens)
         if result["accuracy"] > self.best:
-            from ..checkpoint import save_model
+            from ..formats.checkpoint import save_model
             self.best = result["accuracy"]
             save_model(self.out / "best", self.model, self.tokenizer,
                        {"name": "best", "stage": "rl", "step": self.step, "metrics": result,
@@ -217,11 +217,11 @@ class RL(Stage):
         return chat_sample(self.model, self.tokenizer)
 
     def export(self, out, meta):
-        from ..checkpoint import save_model
+        from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta)
 
     def restore(self, ckpt):
-        from ..checkpoint import load_model
+        from ..formats.checkpoint import load_model
         self.model.load_state_dict(load_model(ckpt).model.state_dict())
 
     def lineage(self):

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model import Transformer
-from ..tokenizer import Tokenizer
+from ..formats.tokenizer import Tokenizer
+from ..model.transformer import Transformer
 
 CALL, RESULT, TOOL_END, END = "<|tool_call|>", "<|tool_result|>", "<|tool_end|>", "<|end|>"
 MAX_TOOL_CALLS = 3

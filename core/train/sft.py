@@ -80,11 +80,11 @@ class SFT(Stage):
         return chat_sample(self.model, self.tokenizer)
 
     def export(self, out, meta):
-        from ..checkpoint import save_model
+        from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta)
 
     def restore(self, ckpt):
-        from ..checkpoint import load_model
+        from ..formats.checkpoint import load_model
         self.model.load_state_dict(load_model(ckpt).model.state_dict())
 
     def lineage(self):

@@ -1,7 +1,7 @@
 """The built-in training stages as StageSpecs, the way plugins add theirs (hook `sol_training_stages`)."""
 from __future__ import annotations
 
-from ..hooks import StageSpec
+from ..plugins.hooks import StageSpec
 
 
 def _runner(module_name: str, cls_name: str):
@@ -18,6 +18,7 @@ def _runner(module_name: str, cls_name: str):
 def _adder(module_name: str):
     def add(p):
         import importlib
+
         from .options import add_common
         mod = importlib.import_module(f"{__package__}.{module_name}")
         add_common(p, getattr(mod, "DEFAULTS", None))
@@ -43,7 +44,7 @@ def all_stages() -> list[StageSpec]:
     stages = builtin_stages()
     names = {s.name for s in stages}
     try:
-        from ..plugins import PluginManager
+        from ..plugins.manager import PluginManager
         extra = PluginManager().training_stages()
     except Exception:   # no plugin manager yet, or a broken plugin: the built-ins still work
         extra = []

@@ -11,7 +11,7 @@ import time
 from PySide6.QtWidgets import QApplication
 
 from sol.app.main import build_window
-from sol.core.checkpoint import load_model
+from sol.core.formats.checkpoint import load_model
 
 win, ctx = build_window()
 win.resize(1400, 860)

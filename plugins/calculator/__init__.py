@@ -5,9 +5,8 @@ and the chat loop forces: <|tool_result|>84<|tool_end|>
 """
 from __future__ import annotations
 
-from sol.core.hooks import ToolSpec, hookimpl
-
-from .evaluator import CalculatorError, evaluate, format_result
+from sol.core.data.arithmetic import CalculatorError, evaluate, format_result
+from sol.core.plugins.hooks import ToolSpec, hookimpl
 
 NAME = "calculator"
 DESCRIPTION = ("Evaluate an arithmetic expression exactly: numbers, + - * / // % **, parentheses, "

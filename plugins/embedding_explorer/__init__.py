@@ -1,7 +1,7 @@
 """Embedding explorer: neighbours, analogies, a map, the same word in two contexts and the position
-embeddings (the book's §2.6 and Box 7). The math is sol.core.embeddings (also `sol embed`); the Qt
+embeddings (the book's §2.6 and Box 7). The math is sol.core.introspect.embeddings (also `sol embed`); the Qt
 panel in `panel.py` is imported only by the GUI."""
-from sol.core.hooks import PanelSpec, hookimpl
+from sol.core.plugins.hooks import PanelSpec, hookimpl
 
 NAME = "embedding-explorer"
 VERSION = "0.1.0"

@@ -9,7 +9,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QHBoxLayout, Q
                                QSpinBox, QSplitter, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from sol.app.kit import page, table
-from sol.core import embeddings as E
+from sol.core.introspect import embeddings as E
 
 MAP_WORDS = "king, queen, prince, man, woman, lord, lady, love, hate, sword, war, peace, day, night, sun, moon"
 BANCO = ("Fui ao banco levantar dinheiro.", "Sentei-me num banco do jardim.")

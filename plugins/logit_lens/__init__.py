@@ -1,6 +1,6 @@
 """Logit lens: what each layer would predict, a grid of layers × positions. The math is
-sol.core.lens (also `sol lens`); the Qt panel in `panel.py` is imported only by the GUI."""
-from sol.core.hooks import PanelSpec, hookimpl
+sol.core.introspect.lens (also `sol lens`); the Qt panel in `panel.py` is imported only by the GUI."""
+from sol.core.plugins.hooks import PanelSpec, hookimpl
 
 NAME = "logit-lens"
 VERSION = "0.1.0"

@@ -8,7 +8,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLab
                                QTableWidget, QTableWidgetItem, QWidget)
 
 from sol.app.kit import page
-from sol.core.lens import lens
+from sol.core.introspect.lens import lens
 
 SAMPLE = "To be, or not to be, that is the question"
 MAX_POSITIONS = 64

@@ -1,6 +1,6 @@
 """Plugin manager panel: see every plugin, its hooks and errors; enable, disable, install.
 The Qt panel in `panel.py` is imported only by the GUI."""
-from sol.core.hooks import PanelSpec, hookimpl
+from sol.core.plugins.hooks import PanelSpec, hookimpl
 
 NAME = "plugin-manager"
 VERSION = "0.1.0"

@@ -1,6 +1,6 @@
 """Sentence score: the chain rule of the book's §2.9 on two sentences side by side. The math is
-sol.core.score (also `sol score`); the Qt panel in `panel.py` is imported only by the GUI."""
-from sol.core.hooks import PanelSpec, hookimpl
+sol.core.introspect.score (also `sol score`); the Qt panel in `panel.py` is imported only by the GUI."""
+from sol.core.plugins.hooks import PanelSpec, hookimpl
 
 NAME = "sentence-score"
 VERSION = "0.1.0"

@@ -9,7 +9,7 @@ from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QLineEdit, QPushButton, QTableWidgetItem, QVBoxLayout, QWidget
 
 from sol.app.kit import page, table
-from sol.core.score import score
+from sol.core.introspect.score import score
 
 SAMPLES = ("The king is dead, long live the king.", "The king is bread, long live the sing.")
 

@@ -3,7 +3,7 @@
 Headless part: `spans.py` (token spans, counts). The Qt panel in `panel.py` is
 imported only when the GUI builds the panel.
 """
-from sol.core.hooks import PanelSpec, hookimpl
+from sol.core.plugins.hooks import PanelSpec, hookimpl
 
 NAME = "tokenizer-viewer"
 VERSION = "0.1.0"

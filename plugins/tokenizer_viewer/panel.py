@@ -6,9 +6,8 @@ from pathlib import Path
 
 from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QFont, QTextCharFormat, QTextCursor
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QLineEdit,
-                               QListWidget, QPlainTextEdit, QPushButton, QSpinBox, QSplitter, QTextEdit,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QLineEdit, QListWidget,
+                               QPlainTextEdit, QPushButton, QSpinBox, QSplitter, QTextEdit, QVBoxLayout, QWidget)
 
 from sol.app.kit import page
 
@@ -278,7 +277,7 @@ class TokenizerPanel(QWidget):
         return self._ready
 
     def refresh_sources(self):
-        from sol.core.registry import list_models
+        from sol.core.formats.registry import list_models
         self.ctx.run(list_models, on_done=self._fill_sources, on_error=lambda e: self._fill_sources([]))
 
     def _fill_sources(self, models):
@@ -309,7 +308,7 @@ class TokenizerPanel(QWidget):
             col.set_tokenizer(None)
             return
         if key not in self.sources:
-            from sol.core.tokenizer import Tokenizer
+            from sol.core.formats.tokenizer import Tokenizer
             p = Path(key)
             try:
                 self.sources[key] = Tokenizer.from_file(p / "tokenizer.json" if p.is_dir() else p)
@@ -338,7 +337,7 @@ class TokenizerPanel(QWidget):
             self.train_from(path)
 
     def train_from(self, path: str):
-        from sol.core.tokenizer import train_bpe, train_char
+        from sol.core.formats.tokenizer import train_bpe, train_char
         bpe = self.kind.currentIndex() == 0
         n = self.vocab.value()
         label = f"trained:{Path(path).name} ({'bpe ' + str(n) if bpe else 'chars'})"

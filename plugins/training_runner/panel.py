@@ -11,9 +11,8 @@ import pyqtgraph as pg
 from PySide6.QtCore import QProcess, Qt, QTimer
 from PySide6.QtGui import QColor, QFont, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel,
-                               QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSpinBox,
-                               QSplitter, QTabWidget, QTextEdit, QTreeWidget, QTreeWidgetItem, QVBoxLayout,
-                               QWidget)
+                               QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSpinBox, QSplitter,
+                               QTabWidget, QTextEdit, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
 
 from .runs import STAGES, batch_preview, command, fmt_eta, lineage, parse_line, preview_records
 
@@ -96,8 +95,8 @@ class TrainingPanel(QWidget):
 
     # ---- layout ------------------------------------------------------------
     def _setup_column(self) -> QWidget:
-        from sol.core.config import PRESETS
-        from sol.core.registry import models_dir
+        from sol.core.formats.registry import models_dir
+        from sol.core.model.config import PRESETS
         w = QWidget()
         col = QVBoxLayout(w)
         col.setContentsMargins(0, 0, 12, 0)
@@ -271,7 +270,7 @@ class TrainingPanel(QWidget):
             self.preview()
 
     def refresh_models(self):
-        from sol.core.registry import list_models
+        from sol.core.formats.registry import list_models
         self.ctx.run(list_models, on_done=self._fill_models, on_error=lambda e: None)
 
     def _fill_models(self, models):

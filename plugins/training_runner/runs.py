@@ -80,7 +80,7 @@ def batch_preview(corpus: str, tokenizer: str = "char", batch: int = 4, context:
     """One (B, T) batch as training cuts it: documents joined with <|endoftext|>, windows at offsets
     chosen so the first rows straddle a document boundary (the book's Fig. 75)."""
     from sol.core.data.corpus import corpus_files
-    from sol.core.tokenizer import EOT, Tokenizer
+    from sol.core.formats.tokenizer import EOT, Tokenizer
     files = corpus_files([corpus])[:16]
     texts = [Path(f).open(encoding="utf-8", errors="replace").read(PREVIEW_CHARS) for f in files]
     if tokenizer.startswith(("char", "bpe")):
@@ -126,7 +126,7 @@ class Node:
 
 def lineage(models: list[dict]) -> list[Node]:
     """Trees of models linked by sol.json's `parent` (a path or a name): base → SFT → RM → RL."""
-    from sol.core.checkpoint import read_json
+    from sol.core.formats.loaded import read_json
     nodes = []
     for m in models:
         meta = {}

@@ -1,0 +1,683 @@
+"""GGUF files (llama.cpp, Ollama, LM Studio): read them into Sol, write Sol models out as GGUF.
+
+Read with the `gguf` package (llama.cpp's own reader/writer). Three architectures map onto Sol's one
+Transformer: `llama` (Llama, Mistral and what llama.cpp converts as llama), `qwen2` and `gpt2`.
+llama.cpp's conventions, undone on reading and followed on writing:
+- a llama-arch model's Q and K rows are stored permuted (llama.cpp rotates adjacent pairs, transformers
+  rotates the two halves of each head); Qwen2 is stored as is (llama.cpp rotates it NEOX-style);
+- GGUF shapes list the fastest dimension first: a torch (out, in) weight is ggml [in, out];
+- GPT-2's fused qkv, fc and proj weights are stored as nn.Linear's (out, in), not Conv1D's (in, out).
+The tokenizer is rebuilt from the metadata as a Hugging Face `tokenizers` object: `gpt2` (byte-level BPE,
+with the pre-tokenizer `tokenizer.ggml.pre` names) or `llama` (SentencePiece: merges ranked by score,
+byte fallback). Sol's own exports also carry the exact tokenizer.json under `sol.tokenizer.json`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import replace, temp_path_for
+from ..errors import SolError
+from ..model.config import ModelConfig
+from ..model.layers import rope_frequencies
+from ..model.transformer import Transformer
+from .loaded import LoadedModel, check_finite, check_regular, check_shapes, check_size, check_vocab, place
+from .tokenizer import Tokenizer
+
+ARCHITECTURES = ("llama", "qwen2", "gpt2")
+SOL_TOKENIZER_KEY = "sol.tokenizer.json"
+# Tensor types Sol reads (dequantized to float, or kept int8 for Q8_0 where asked).
+READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+WRITE_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
+# llama.cpp's token types.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Pre-tokenizer regexes llama.cpp knows by tokenizer.ggml.pre (llama-vocab.cpp); gpt-2's is ByteLevel's own.
+_LLAMA3_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_SPLITS = {"gpt-2": None, "default": None, "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT,
+              "qwen2": _QWEN2_SPLIT}
+
+
+# ---- reading -----------------------------------------------------------------
+def open_gguf(path: Path):
+    """A GGUFReader over the file, or one error line naming the file and what is wrong with it."""
+    import gguf
+    path = Path(path)
+    check_regular(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise SolError(f"{path}: file not found") from None
+    if magic != b"GGUF":
+        raise SolError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); re-download it")
+    try:
+        reader = gguf.GGUFReader(path)
+    except ValueError as e:
+        msg = str(e)
+        if "is not a valid GGMLQuantizationType" in msg:
+            raise SolError(f"{path}: unknown tensor type ({msg}); this file needs a newer llama.cpp, "
+                           f"Sol reads {', '.join(READ_TYPES)}") from None
+        raise SolError(f"{path}: the GGUF file is truncated or corrupt ({msg}); re-download it") from None
+    except (IndexError, KeyError, OverflowError, MemoryError, OSError) as e:
+        raise SolError(f"{path}: the GGUF file is truncated or corrupt ({type(e).__name__}: {e}); "
+                       "re-download it") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise SolError(f"{path}: tensor {t.name!r} lies past the end of the file: the GGUF file is truncated; "
+                           "re-download it")
+    return reader
+
+
+def metadata(reader) -> dict:
+    """Every key/value of the header as plain Python values (tensor infos left out)."""
+    out = {}
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        out[name] = f.contents()
+    return out
+
+
+def _arch(meta: dict, path: Path) -> str:
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise SolError(f"{path}: architecture {arch!r} is not supported; Sol reads GGUF models of the "
+                       f"{', '.join(ARCHITECTURES)} architectures")
+    return arch
+
+
+def config_from_gguf(meta: dict, tensors: dict, path: Path, rope_freqs: list | None = None) -> ModelConfig:
+    """ModelConfig from the metadata (`tensors`: name -> torch shape, for the vocabulary and tied head;
+    `rope_freqs`: the values of rope_freqs.weight, if the file has it)."""
+    arch = _arch(meta, path)
+
+    def get(key, default=KeyError):
+        v = meta.get(f"{arch}.{key}", default)
+        if v is KeyError:
+            raise SolError(f"{path}: metadata {arch}.{key} is missing; the file is incomplete")
+        return v
+    if "token_embd.weight" not in tensors:
+        raise SolError(f"{path}: tensor 'token_embd.weight' is missing")
+    vocab, d = tensors["token_embd.weight"]
+    tie = "output.weight" not in tensors
+    common = dict(vocab_size=vocab, n_layer=int(get("block_count")), n_head=int(get("attention.head_count")),
+                  d_model=int(get("embedding_length")), d_ff=int(get("feed_forward_length")),
+                  context=int(get("context_length")), tie_embeddings=tie, architecture=arch)
+    if common["d_model"] != d:
+        raise SolError(f"{path}: token_embd.weight is {d} wide, but {arch}.embedding_length says {common['d_model']}")
+    if arch == "gpt2":
+        return ModelConfig(**common, norm="layernorm", norm_eps=float(get("attention.layer_norm_epsilon", 1e-5)),
+                           positions="learned", mlp="gelu", bias=True, extra=_token_ids(meta))
+    head_dim = int(get("attention.key_length", common["d_model"] // common["n_head"]))
+    rope_dim = int(get("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise SolError(f"{path}: {arch}.rope.dimension_count {rope_dim} differs from the head size {head_dim}; "
+                       "partial RoPE is not supported for GGUF models")
+    cfg = dict(common, n_kv_head=int(get("attention.head_count_kv", common["n_head"])), head_dim=head_dim,
+               norm="rmsnorm", norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), positions="rope",
+               mlp="swiglu", bias=False, qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensors,
+               proj_bias="blk.0.attn_output.bias" in tensors, rope_theta=float(get("rope.freq_base", 10000.0)))
+    kind = get("rope.scaling.type", "none")
+    if kind == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif kind not in ("none", None):
+        raise SolError(f"{path}: {arch}.rope.scaling.type {kind!r} is not supported for GGUF models")
+    if rope_freqs is not None:
+        cfg["rope_scaling"] = _freq_factors(rope_freqs, kind, head_dim, path)
+    return ModelConfig(**cfg, extra=_token_ids(meta))
+
+
+def _freq_factors(factors: list, kind, head_dim: int, path: Path) -> dict:
+    """rope_freqs.weight: what convert_hf_to_gguf.py writes for Llama 3.1+'s "llama3" RoPE scaling, one
+    divisor per frequency (llama.cpp divides each rotation angle by it). Sol uses the divisors as they are,
+    as llama.cpp does: the metadata does not keep the low/high frequency factors they came from."""
+    if kind not in ("none", None):
+        raise SolError(f"{path}: rope_freqs.weight together with rope.scaling.type {kind!r} is not supported")
+    if len(factors) != head_dim // 2:
+        raise SolError(f"{path}: rope_freqs.weight holds {len(factors)} numbers; this model's heads need "
+                       f"{head_dim // 2} (half the head size {head_dim}); the file is corrupt")
+    if not all(np.isfinite(factors)) or min(factors) <= 0:
+        raise SolError(f"{path}: rope_freqs.weight holds a value that is not a positive number; the file is corrupt")
+    return {"rope_type": "freq_factors", "freq_factors": [float(f) for f in factors]}
+
+
+def _token_ids(meta: dict) -> dict:
+    """The special ids the engine stops on: eos and end-of-turn (eot, eom)."""
+    out = {}
+    if meta.get("tokenizer.ggml.bos_token_id") is not None:
+        out["bos_token_id"] = int(meta["tokenizer.ggml.bos_token_id"])
+    stops = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                    "tokenizer.ggml.eom_token_id") if meta.get(k) is not None]
+    if stops:
+        out["eos_token_id"] = sorted(set(stops))
+    return out
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf.py's permute: per head, rows (pairs, 2) back to (2, halves)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's permute: per head, rows (2, halves) to (pairs, 2), for llama.cpp's RoPE."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def tensor_to_torch(t, path: Path) -> torch.Tensor:
+    """One GGUF tensor as float32, in torch's dimension order."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+    shape = tuple(int(s) for s in reversed(t.shape))
+    name = t.tensor_type.name
+    if name not in READ_TYPES:
+        raise SolError(f"{path}: tensor {t.name!r} has type {name}, which Sol does not read "
+                       f"(it reads {', '.join(READ_TYPES)})")
+    try:
+        if t.tensor_type == Q.F32:
+            a = np.asarray(t.data, dtype=np.float32)
+        elif t.tensor_type == Q.F16:
+            a = np.asarray(t.data).view(np.float16).astype(np.float32)
+        else:
+            a = dequantize(np.asarray(t.data), t.tensor_type)
+        return torch.from_numpy(np.ascontiguousarray(a).reshape(shape).copy())
+    except (ValueError, TypeError) as e:
+        raise SolError(f"{path}: tensor {t.name!r} ({name}, shape {shape}) cannot be read ({e}); "
+                       "the file is corrupt") from None
+
+
+def weights_from_gguf(reader, cfg: ModelConfig, path: Path) -> dict:
+    """The tensors renamed into Sol's layout (float32); every tensor in the file used or refused by name."""
+    raw = {t.name: t for t in reader.tensors}
+    raw.pop("rope_freqs.weight", None)   # read into cfg.rope_scaling already
+    out = {}
+
+    def take(name):
+        if name not in raw:
+            raise SolError(f"{path}: tensor {name!r} is missing for a {cfg.architecture} model")
+        return tensor_to_torch(raw.pop(name), path)
+    out["embed.weight"] = take("token_embd.weight")
+    if cfg.positions == "learned":
+        out["pos_embed.weight"] = take("position_embd.weight")
+    out["norm.weight"] = take("output_norm.weight")
+    if cfg.norm == "layernorm":
+        out["norm.bias"] = take("output_norm.bias")
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = take("output.weight")
+    for i in range(cfg.n_layer):
+        g, b = f"blk.{i}.", f"blocks.{i}."
+        out[b + "ln1.weight"] = take(g + "attn_norm.weight")
+        out[b + "ln2.weight"] = take(g + "ffn_norm.weight")
+        if cfg.architecture == "gpt2":
+            for src, dst in (("attn_norm", "ln1"), ("ffn_norm", "ln2")):
+                out[b + dst + ".bias"] = take(g + src + ".bias")
+            for src, dst in (("attn_qkv", "attn.qkv"), ("attn_output", "attn.proj"), ("ffn_up", "mlp.fc"),
+                             ("ffn_down", "mlp.proj")):
+                out[b + dst + ".weight"] = take(g + src + ".weight")
+                out[b + dst + ".bias"] = take(g + src + ".bias")
+            continue
+        q, k, v = take(g + "attn_q.weight"), take(g + "attn_k.weight"), take(g + "attn_v.weight")
+        if cfg.architecture == "llama":
+            q, k = _unpermute(q, cfg.n_head), _unpermute(k, cfg.n_kv_head)
+        out[b + "attn.qkv.weight"] = torch.cat([q, k, v])
+        if cfg.qkv_bias:
+            qb, kb, vb = take(g + "attn_q.bias"), take(g + "attn_k.bias"), take(g + "attn_v.bias")
+            if cfg.architecture == "llama":
+                qb, kb = _unpermute(qb, cfg.n_head), _unpermute(kb, cfg.n_kv_head)
+            out[b + "attn.qkv.bias"] = torch.cat([qb, kb, vb])
+        out[b + "attn.proj.weight"] = take(g + "attn_output.weight")
+        if cfg.proj_bias:
+            out[b + "attn.proj.bias"] = take(g + "attn_output.bias")
+        out[b + "mlp.fc.weight"] = torch.cat([take(g + "ffn_gate.weight"), take(g + "ffn_up.weight")])
+        out[b + "mlp.proj.weight"] = take(g + "ffn_down.weight")
+    if raw:
+        names = sorted(raw)
+        raise SolError(f"{path}: tensor {names[0]!r} ({len(names)} in all) has no place in a {cfg.architecture} "
+                       "model as the metadata describes it; Sol refuses it rather than run a different network")
+    return out
+
+
+def quantization(reader) -> str:
+    """The file's quantization as people name it: the type most of its 2-D weights have (Q4_K, Q8_0, F16)."""
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        if len(t.shape) == 2:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return max(counts, key=counts.get) if counts else "F32"
+
+
+def inspect_gguf(path: Path) -> dict:
+    """{"format", "architecture", "parameters", "quantization"} from the header alone (tensor data untouched)."""
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    arch = _arch(meta, path)
+    return {"format": "gguf", "architecture": arch, "parameters": sum(int(t.n_elements) for t in reader.tensors),
+            "quantization": quantization(reader)}
+
+
+def gguf_config(path: Path) -> ModelConfig:
+    """The ModelConfig a GGUF file describes, from its header alone."""
+    reader = open_gguf(path)
+    return _config(reader, metadata(reader), Path(path))
+
+
+def _config(reader, meta: dict, path: Path) -> ModelConfig:
+    shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    try:
+        return config_from_gguf(meta, shapes, path,
+                                None if freqs is None else tensor_to_torch(freqs, path).flatten().tolist())
+    except SolError as e:
+        msg = str(e)
+        raise SolError(f"{path}: {msg[len('config: '):]}" if msg.startswith("config: ") else msg) from None
+    except (TypeError, ValueError) as e:
+        raise SolError(f"{path}: metadata of the wrong kind ({e})") from None
+
+
+def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None):
+    """A LoadedModel from a .gguf file, with the same checks as a model directory."""
+    path = Path(path).expanduser().resolve()
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    cfg = _config(reader, meta, path)
+    tokenizer = tokenizer_from_gguf(meta, path)
+    check_size(cfg, {"x": torch.empty(sum(int(t.n_elements) for t in reader.tensors), device="meta")}, path, path)
+    sd = weights_from_gguf(reader, cfg, path)
+    with torch.device("meta"):
+        check_shapes(Transformer(cfg), sd, path)
+    check_finite(sd, path)
+    check_vocab(tokenizer, cfg, path, path)
+    model = Transformer(cfg)
+    model.load_state_dict(sd, strict=False)
+    model.eval()
+    model.vocab_limit = id_limit(meta, tokenizer)
+    quant = quantization(reader)
+    # A Q8_0 file stays int8 unless a dtype was asked for: its int8 values re-scaled per row.
+    place(model, device, dtype, quantize == "int8" or (quantize == "auto" and quant == "Q8_0"))
+    info = {"name": path.name, "quantization": quant}
+    return LoadedModel(model, tokenizer, cfg, path, "gguf", info)
+
+
+# ---- the tokenizer from metadata ---------------------------------------------
+def id_limit(meta: dict, tokenizer: Tokenizer) -> int:
+    """One past the last id a token owns. llama.cpp's converters pad a vocabulary to the model's rows with
+    UNUSED entries ([PAD151665], ...), as Sol's exporter does: those rows are no token to sample."""
+    if meta.get(SOL_TOKENIZER_KEY):
+        return tokenizer.id_limit
+    types = meta.get("tokenizer.ggml.token_type") or []
+    n = len(types)
+    while n and types[n - 1] == UNUSED:
+        n -= 1
+    return min(tokenizer.id_limit, n) if types else tokenizer.id_limit
+
+
+def tokenizer_from_gguf(meta: dict, path: Path, prefer_sol: bool = True) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+    if prefer_sol and meta.get(SOL_TOKENIZER_KEY):
+        hf = HFTokenizer.from_str(meta[SOL_TOKENIZER_KEY])
+    else:
+        kind = meta.get("tokenizer.ggml.model")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise SolError(f"{path}: no tokenizer in the metadata (tokenizer.ggml.tokens is missing)")
+        types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+        if kind not in ("gpt2", "llama"):
+            raise SolError(f"{path}: tokenizer.ggml.model {kind!r} is not supported; Sol reads 'gpt2' (byte-level "
+                           "BPE) and 'llama' (SentencePiece) vocabularies")
+        if len(types) != len(tokens):
+            raise SolError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+        try:
+            hf = (_bpe_tokenizer if kind == "gpt2" else _spm_tokenizer)(meta, tokens, types, path)
+            _add_special(hf, tokens, types)
+            _post_process(hf, meta, tokens)
+        except SolError:
+            raise
+        except Exception as e:   # tokenizers raises plain Exceptions (a merge of unknown tokens, ...)
+            raise SolError(f"{path}: the tokenizer in the metadata cannot be built ({str(e).splitlines()[0][:160]})") \
+                from None
+    config = {}
+    for key, name in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id")):
+        i = meta.get(f"tokenizer.ggml.{name}")
+        if i is not None and hf.id_to_token(int(i)) is not None:
+            config[key] = hf.id_to_token(int(i))
+    template = meta.get("tokenizer.chat_template")
+    return Tokenizer(hf, config, None, {"default": template} if template else {})
+
+
+def _bpe_tokenizer(meta: dict, tokens: list, types: list, path: Path):
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_SPLITS:
+        raise SolError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported; Sol knows "
+                       f"{', '.join(PRE_SPLITS)}")
+    vocab = _vocab(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    # A merge of two tokens into a string that is no token changes nothing in llama.cpp (the pieces stay
+    # as they were); Sol's own exports of a character vocabulary carry one, since GGUF lists cannot be empty.
+    merges = [m for m in merges if len(m) < 2 or m[0] + m[1] in vocab or m[0] not in vocab or m[1] not in vocab]
+    # llama.cpp takes a whole word that is a token as is (ignore_merges) for Llama 3's vocabulary.
+    hf = HFTokenizer(models.BPE(vocab, merges, ignore_merges=pre in ("llama-bpe", "llama3")))
+    split = PRE_SPLITS[pre]
+    if split is None:
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def _vocab(tokens: list) -> dict:
+    """token -> id; special tokens too (their added-token entries then keep these ids); a repeated string
+    keeps its first id."""
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    return vocab
+
+
+def _spm_tokenizer(meta: dict, tokens: list, types: list, path: Path):
+    """SentencePiece as transformers' LlamaConverter builds it: BPE whose merges are ranked by the merged
+    piece's score, unknown characters as <0xNN> byte tokens, spaces as ▁."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    vocab = _vocab(tokens)
+    merges = []
+    for piece, i in vocab.items():
+        if types[i] != NORMAL:   # no merge ever makes a control or byte token
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((-scores[i], vocab[left], vocab[right], left, right))
+    merges.sort()
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None else None
+    hf = HFTokenizer(models.BPE(vocab, [(m[3], m[4]) for m in merges], unk_token=unk, fuse_unk=True,
+                                byte_fallback=True))
+    steps = [normalizers.Prepend("▁")] if meta.get("tokenizer.ggml.add_space_prefix", True) else []
+    hf.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] +
+                                   ([decoders.Strip(" ", 1, 0)] if steps else []))
+    return hf
+
+
+def _add_special(hf, tokens: list, types: list) -> None:
+    """Control tokens as special added tokens; user-defined ones as plain added tokens; ids as in the file."""
+    from tokenizers import AddedToken
+    added = [(i, AddedToken(t, special=types[i] == CONTROL, normalized=False))
+             for i, t in enumerate(tokens) if types[i] in (CONTROL, USER_DEFINED)]
+    for i, tok in added:
+        hf.add_tokens([tok]) if not tok.special else hf.add_special_tokens([tok])
+        if hf.token_to_id(tok.content) != i:
+            raise ValueError(f"added token {tok.content!r} would get id {hf.token_to_id(tok.content)}, "
+                           f"not {i}")
+
+
+def _post_process(hf, meta: dict, tokens: list) -> None:
+    from tokenizers import processors
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
+    add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
+    first = [tokens[int(bos)]] if add_bos and bos is not None else []
+    last = [tokens[int(eos)]] if add_eos and eos is not None else []
+    if first or last:
+        single = " ".join(first + ["$A"] + last)
+        pair = " ".join(first + ["$A"] + last + first + ["$B:1"] + last)
+        hf.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(first + last)])
+
+
+# ---- writing -----------------------------------------------------------------
+def gguf_architecture(cfg: ModelConfig, source) -> str:
+    """Which llama.cpp architecture computes exactly what this config describes, or an error saying why none."""
+    unsupported = [name for name in ("sliding_window", "qk_norm", "norm_plus_one", "post_norms", "scale_embeddings",
+                                     "attn_scale", "attn_softcap", "logit_softcap", "rope_dim", "rope_local_theta")
+                   if getattr(cfg, name)]
+    rope = _rope_kind(cfg)
+    if rope not in ("default", "linear", "llama3", "freq_factors"):
+        unsupported.append(f"rope_scaling {rope}")
+    if not unsupported:
+        if (cfg.positions, cfg.norm, cfg.mlp, cfg.bias) == ("learned", "layernorm", "gelu", True) \
+                and cfg.n_kv_head == cfg.n_head and cfg.head_dim * cfg.n_head == cfg.d_model:
+            return "gpt2"
+        if (cfg.positions, cfg.norm, cfg.mlp, cfg.bias) == ("rope", "rmsnorm", "swiglu", False):
+            # llama.cpp reads rope_freqs.weight for the llama architecture (which takes q/k/v biases too)
+            per_freq = rope in ("llama3", "freq_factors")
+            return "qwen2" if cfg.qkv_bias and not cfg.proj_bias and not per_freq else "llama"
+    why = ", ".join(unsupported) or f"{cfg.positions} positions, {cfg.norm}, {cfg.mlp}, bias={cfg.bias}"
+    raise SolError(f"{source}: this model ({why}) has no GGUF architecture Sol writes (gpt2, llama, qwen2)")
+
+
+def _rope_kind(cfg: ModelConfig) -> str:
+    scaling = cfg.rope_scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def rope_freq_factors(cfg: ModelConfig) -> np.ndarray | None:
+    """rope_freqs.weight for a model whose RoPE frequencies are scaled one by one (Llama 3.1's "llama3"
+    scaling, or factors read from a GGUF): each plain frequency over the scaled one, which llama.cpp divides
+    every rotation angle by. None for any other model."""
+    from dataclasses import replace
+
+    kind = _rope_kind(cfg)
+    if kind == "freq_factors":
+        return np.asarray(cfg.rope_scaling["freq_factors"], dtype=np.float32)
+    if kind != "llama3":
+        return None
+    plain, _ = rope_frequencies(replace(cfg, rope_scaling=None))
+    scaled, _ = rope_frequencies(cfg)
+    return (plain / scaled).numpy().astype(np.float32)
+
+
+def _gguf_tensors(sd: dict, cfg: ModelConfig, arch: str) -> list[tuple[str, np.ndarray]]:
+    """Sol's tensors as llama.cpp names and lays them out (float32 numpy, torch dimension order)."""
+    def f(t):
+        return t.detach().to("cpu", torch.float32).contiguous().numpy()
+    factors = rope_freq_factors(cfg)
+    out = [] if factors is None else [("rope_freqs.weight", factors)]
+    out.append(("token_embd.weight", f(sd["embed.weight"])))
+    if cfg.positions == "learned":
+        out.append(("position_embd.weight", f(sd["pos_embed.weight"])))
+    out.append(("output_norm.weight", f(sd["norm.weight"])))
+    if "norm.bias" in sd:
+        out.append(("output_norm.bias", f(sd["norm.bias"])))
+    if not cfg.tie_embeddings:
+        out.append(("output.weight", f(sd["lm_head.weight"])))
+    H, KV, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    for i in range(cfg.n_layer):
+        g, b = f"blk.{i}.", f"blocks.{i}."
+        if arch == "gpt2":
+            for dst, src in (("attn_norm", "ln1"), ("ffn_norm", "ln2"), ("attn_qkv", "attn.qkv"),
+                             ("attn_output", "attn.proj"), ("ffn_up", "mlp.fc"), ("ffn_down", "mlp.proj")):
+                out += [(g + dst + ".weight", f(sd[b + src + ".weight"])), (g + dst + ".bias", f(sd[b + src + ".bias"]))]
+            continue
+        out.append((g + "attn_norm.weight", f(sd[b + "ln1.weight"])))
+        q, k, v = sd[b + "attn.qkv.weight"].split([H * hd, KV * hd, KV * hd])
+        if arch == "llama":
+            q, k = _permute(q, H), _permute(k, KV)
+        out += [(g + "attn_q.weight", f(q)), (g + "attn_k.weight", f(k)), (g + "attn_v.weight", f(v))]
+        if cfg.qkv_bias:
+            qb, kb, vb = sd[b + "attn.qkv.bias"].split([H * hd, KV * hd, KV * hd])
+            if arch == "llama":
+                qb, kb = _permute(qb, H), _permute(kb, KV)
+            out += [(g + "attn_q.bias", f(qb)), (g + "attn_k.bias", f(kb)), (g + "attn_v.bias", f(vb))]
+        out.append((g + "attn_output.weight", f(sd[b + "attn.proj.weight"])))
+        if cfg.proj_bias:
+            out.append((g + "attn_output.bias", f(sd[b + "attn.proj.bias"])))
+        gate, up = sd[b + "mlp.fc.weight"].chunk(2)
+        out += [(g + "ffn_norm.weight", f(sd[b + "ln2.weight"])), (g + "ffn_gate.weight", f(gate)),
+                (g + "ffn_up.weight", f(up)), (g + "ffn_down.weight", f(sd[b + "mlp.proj.weight"]))]
+    return out
+
+
+def _write_metadata(w, cfg: ModelConfig, arch: str) -> None:
+    w.add_uint32(f"{arch}.context_length", cfg.context)
+    w.add_uint32(f"{arch}.embedding_length", cfg.d_model)
+    w.add_uint32(f"{arch}.feed_forward_length", cfg.d_ff)
+    w.add_uint32(f"{arch}.block_count", cfg.n_layer)
+    w.add_uint32(f"{arch}.attention.head_count", cfg.n_head)
+    w.add_uint32(f"{arch}.vocab_size", cfg.vocab_size)
+    if arch == "gpt2":
+        w.add_float32(f"{arch}.attention.layer_norm_epsilon", cfg.norm_eps)
+        return
+    w.add_uint32(f"{arch}.attention.head_count_kv", cfg.n_kv_head)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.norm_eps)
+    w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
+    w.add_uint32(f"{arch}.rope.dimension_count", cfg.head_dim)
+    w.add_uint32(f"{arch}.attention.key_length", cfg.head_dim)
+    w.add_uint32(f"{arch}.attention.value_length", cfg.head_dim)
+    if _rope_kind(cfg) == "linear":   # llama3 / freq_factors scaling travels as rope_freqs.weight instead
+        w.add_string(f"{arch}.rope.scaling.type", "linear")
+        w.add_float32(f"{arch}.rope.scaling.factor", float(cfg.rope_scaling["factor"]))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what ByteLevel writes tokens in)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+def _pre_name(pre: dict | None) -> str | None:
+    """tokenizer.ggml.pre for a byte-level pre-tokenizer, or None if it is not byte-level."""
+    if not pre:
+        return None
+    if pre["type"] == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return "gpt-2"
+    if pre["type"] == "Sequence":
+        steps = pre["pretokenizers"]
+        if len(steps) == 2 and steps[0]["type"] == "Split" and steps[1]["type"] == "ByteLevel" \
+                and not steps[1].get("use_regex", True):
+            regex = steps[0]["pattern"].get("Regex")
+            for name in ("qwen2", "llama-bpe"):
+                if regex == PRE_SPLITS[name]:
+                    return name
+    return None
+
+
+def _write_tokenizer(w, tok: Tokenizer, cfg: ModelConfig, source) -> None:
+    """The vocabulary as llama.cpp reads it, plus Sol's exact tokenizer.json for Sol."""
+    spec = json.loads(tok.hf.to_str())
+    model = spec["model"]
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    vocab = tok.hf.get_vocab(with_added_tokens=True)
+    by_id = {i: t for t, i in vocab.items()}
+    n = max(cfg.vocab_size, len(by_id))
+    pre = _pre_name(spec.get("pre_tokenizer"))
+    if model["type"] == "BPE" and model.get("byte_fallback"):
+        kind, convert = "llama", (lambda t: t)
+    elif model["type"] == "BPE" and pre:
+        kind, convert = "gpt2", (lambda t: t)
+    else:   # a character-level vocabulary: its characters as byte-level tokens, no merges
+        table = _bytes_to_unicode()
+        kind, pre, convert = "gpt2", "gpt-2", (lambda t: "".join(table[b] for b in t.encode("utf-8")))
+    tokens, types, scores = [], [], []
+    for i in range(n):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        elif i in added:
+            tokens.append(t)
+            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
+        else:
+            tokens.append(convert(t))
+            is_byte = kind == "llama" and len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+            types.append(BYTE if is_byte else UNKNOWN if t == model.get("unk_token") else NORMAL)
+        scores.append(-float(i) if types[-1] == NORMAL else 0.0)
+    w.add_string("tokenizer.ggml.model", kind)
+    if kind == "gpt2":
+        w.add_string("tokenizer.ggml.pre", pre)
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+        # llama.cpp refuses a gpt2 vocabulary without tokenizer.ggml.merges, and GGUF has no empty list:
+        # a character vocabulary gets one merge whose result is no token, which changes nothing.
+        w.add_array("tokenizer.ggml.merges", merges or [_placeholder_merge(tokens, types)])
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type", types)
+    if kind == "llama":
+        w.add_array("tokenizer.ggml.scores", scores)
+        norm = json.dumps(spec.get("normalizer"))
+        w.add_bool("tokenizer.ggml.add_space_prefix", '"Prepend"' in norm)
+    ids = {"bos_token_id": tok.bos_id if tok.bos_id is not None else cfg.extra.get("bos_token_id"),
+           "eos_token_id": tok.eos_id, "eot_token_id": tok.token_to_id("<|end|>") if tok.is_sol else None,
+           "unknown_token_id": tok.token_to_id(model["unk_token"]) if model.get("unk_token") else None,
+           "padding_token_id": tok.token_to_id("<|pad|>")}
+    for key, i in ids.items():
+        if isinstance(i, int):
+            w.add_uint32(f"tokenizer.ggml.{key}", i)
+    probe = tok.encode_ids("a", add_special_tokens=True)
+    w.add_bool("tokenizer.ggml.add_bos_token", ids["bos_token_id"] is not None and probe[:1] == [ids["bos_token_id"]])
+    w.add_bool("tokenizer.ggml.add_eos_token", False)
+    template = tok.chat_template
+    if template:
+        w.add_string("tokenizer.chat_template", template)
+    w.add_string(SOL_TOKENIZER_KEY, tok.hf.to_str())
+
+
+def _placeholder_merge(tokens: list, types: list) -> str:
+    """Two ordinary tokens whose joined string is no token."""
+    normal = [t for t, k in zip(tokens, types) if k == NORMAL]
+    have = set(tokens)
+    return next(f"{a} {b}" for a in normal for b in normal if a + b not in have)
+
+
+def export_gguf(lm, out: str | Path, kind: str = "f32") -> Path:
+    """Write a loaded model (Sol's own or an imported one) as a GGUF file; atomic."""
+    if kind not in WRITE_TYPES:
+        raise SolError(f"--type {kind}: choose one of {', '.join(WRITE_TYPES)}")
+    out = Path(out)
+    cfg = lm.config
+    arch = gguf_architecture(cfg, lm.path)
+    tmp = temp_path_for(out)
+    try:
+        _write(tmp, lm, cfg, arch, kind)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    replace(tmp, out)
+    return out
+
+
+def _write(tmp: Path, lm, cfg: ModelConfig, arch: str, kind: str) -> None:
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    sd = lm.model.state_dict()
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_name(lm.name)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
+    if kind == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_metadata(w, cfg, arch)
+    _write_tokenizer(w, lm.tokenizer, cfg, lm.path)
+    for name, a in _gguf_tensors(sd, cfg, arch):
+        if a.ndim == 2 and kind == "q8_0" and a.shape[-1] % 32 == 0:
+            w.add_tensor(name, gguf.quants.quantize(a, Q.Q8_0), raw_dtype=Q.Q8_0)
+        elif a.ndim == 2 and kind in ("f16", "q8_0"):
+            w.add_tensor(name, a.astype(np.float16))
+        else:   # norms and biases stay float32, as llama.cpp keeps them
+            w.add_tensor(name, a)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()

@@ -1,0 +1,151 @@
+"""A loaded model, and the checks every reader runs before it trusts a file.
+
+Both readers (Sol and Hugging Face folders in core/formats/checkpoint.py, GGUF files in
+core/formats/gguf_io.py) return a LoadedModel and refuse a damaged file the same way: the file named,
+what is wrong in it, and what to do. They share these from here, so neither imports the other's module.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import SolError
+from ..model.config import ModelConfig
+from ..model.transformer import Transformer
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+    format: str                 # "sol" | "hf" | "gguf"
+    meta: dict = field(default_factory=dict)  # sol.json, or {} for imported models
+    extra_tensors: dict = field(default_factory=dict)  # e.g. a reward model's "reward_head.*"
+    sampling: dict = field(default_factory=dict)  # generation_config.json's sampling defaults, for the chat
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name") or self.path.name
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    check_regular(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=no_json_constant)
+    except FileNotFoundError:
+        raise SolError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise SolError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise SolError(f"{path}: not a UTF-8 text file") from None
+    except ValueError as e:   # NaN or Infinity: not JSON, and not a number a model can use
+        raise SolError(f"{path}: {e}; write a finite number") from None
+    except RecursionError:
+        raise SolError(f"{path}: JSON nested too deeply to be a model file") from None
+
+
+def read_json_object(path: Path) -> dict:
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise SolError(f"{path}: expected a JSON object {{...}}, found a {type(d).__name__}")
+    return d
+
+
+def no_json_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def check_regular(path: Path) -> None:
+    """Only regular files are read: a FIFO or device named model.safetensors would block or never end."""
+    import stat
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        return   # the reader says "not found" in its own words
+    except OSError as e:
+        raise SolError(f"{path}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise SolError(f"{path}: not a regular file (a folder, FIFO or device); Sol reads model files only "
+                       "from regular files")
+
+
+def place(model: Transformer, device, dtype, int8: bool) -> None:
+    """Quantize (from the float32 weights) then move: int8 weights stay int8 whatever the dtype."""
+    if int8:
+        from ..model.quant import quantize_model
+        quantize_model(model)
+    if dtype is not None or str(device) != "cpu":
+        model.to(device=device, dtype=dtype)
+    if int8 and str(device) == "cpu":
+        from ..model.quant import pack_model
+        pack_model(model)
+    elif dtype == torch.float16 and str(device) == "cpu":   # fbgemm's float16 products (core/model/half.py)
+        from ..model.half import pack_half
+        pack_half(model)
+
+
+def check_vocab(tok: Tokenizer, cfg: ModelConfig, tok_path: Path, cfg_path: Path) -> int:
+    """A token id past the embedding table would fail mid-generation (IndexError); say so at load.
+    Returns the tokenizer's id limit (one past its highest id)."""
+    limit = tok.id_limit
+    if limit > cfg.vocab_size:
+        raise SolError(f"{tok_path}: has token id {limit - 1}, but {cfg_path} gives vocab_size {cfg.vocab_size}; "
+                       "the tokenizer and the model do not belong together")
+    return limit
+
+
+def check_size(cfg: ModelConfig, sd: dict, cfg_path: Path, source: Path) -> None:
+    """Compare the config's size with the weights' (and with free memory) before building the model:
+    n_layer 10^9 or d_model 2^20 would allocate gigabytes first and fail after."""
+    want = cfg.n_params_estimate
+    have = sum(t.numel() for t in sd.values())
+    if want > 2 * have + 1_000_000:
+        raise SolError(f"{cfg_path}: describes a model of about {want:,} parameters (n_layer {cfg.n_layer}, "
+                       f"d_model {cfg.d_model}, vocab_size {cfg.vocab_size}) but {source} holds {have:,}; "
+                       "the config and the weights do not belong together")
+    free = available_memory()
+    if free is not None and want * 4 > free:
+        raise SolError(f"{cfg_path}: a model of about {want:,} parameters needs ~{want * 4 / 2**30:.1f} GiB, "
+                       f"more than the {free / 2**30:.1f} GiB of memory free")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_finite(sd: dict, source: Path) -> None:
+    for name, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SolError(f"{source}: tensor {name!r} holds NaN or infinite values; the weights are damaged "
+                           "(a diverged training run?): use an earlier checkpoint")
+
+
+def check_shapes(model: Transformer, sd: dict, source: Path) -> None:
+    expected = model.state_dict()
+    for name, t in expected.items():
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue
+        if name not in sd:
+            raise SolError(f"{source}: tensor {name!r} is missing; config.json describes a bigger model than "
+                           "these weights (or the file is incomplete)")
+        if tuple(sd[name].shape) != tuple(t.shape):
+            raise SolError(f"{source}: tensor {name!r} has shape {tuple(sd[name].shape)} but config.json "
+                           f"implies {tuple(t.shape)}; the weights and config.json do not belong together")
+    unknown = sorted(set(sd) - set(expected))
+    if unknown:
+        raise SolError(f"{source}: unexpected tensor {unknown[0]!r} ({len(unknown)} in all) for this config")
