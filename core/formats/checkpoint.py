@@ -29,8 +29,9 @@ from ..errors import SolError
 from ..model.config import ModelConfig
 from ..model.transformer import Transformer
 from .gguf_io import gguf_config, inspect_gguf, load_gguf
-from .loaded import (LoadedModel, check_finite, check_regular, check_shapes, check_size, check_vocab,
+from .loaded import (LoadedModel, build_model, check_finite, check_regular, check_size, check_vocab,
                      no_json_constant, place, read_json, read_json_object)
+from .mapped import map_safetensors, release
 from .tokenizer import Tokenizer
 
 HF_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
@@ -281,6 +282,15 @@ def convert_gpt2(sd: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+def fuse(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Sol's fused layers (q/k/v, gate/up) from a checkpoint's separate ones; the parts' mapped pages are
+    given back, so a fused weight is in memory once."""
+    out = torch.cat(parts)
+    for p in parts:
+        release(p)
+    return out
+
+
 def convert_llama(sd: dict, cfg: ModelConfig) -> dict:
     """Llama and its relatives (Mistral, Qwen2/3, Gemma 3, Phi-3): separate or fused q/k/v and gate/up."""
     w = _Weights(sd, "model.")
@@ -299,9 +309,9 @@ def convert_llama(sd: dict, cfg: ModelConfig) -> dict:
         if w.has(a + "qkv_proj.weight"):    # Phi-3: already fused as [q; k; v]
             out[b + "attn.qkv.weight"] = w.take(a + "qkv_proj.weight")
         else:
-            out[b + "attn.qkv.weight"] = torch.cat([w.take(a + f"{p}_proj.weight") for p in "qkv"])
+            out[b + "attn.qkv.weight"] = fuse([w.take(a + f"{p}_proj.weight") for p in "qkv"])
         if cfg.qkv_bias:
-            out[b + "attn.qkv.bias"] = torch.cat([w.take(a + f"{p}_proj.bias") for p in "qkv"])
+            out[b + "attn.qkv.bias"] = fuse([w.take(a + f"{p}_proj.bias") for p in "qkv"])
         out[b + "attn.proj.weight"] = w.take(a + "o_proj.weight")
         if cfg.proj_bias:
             out[b + "attn.proj.bias"] = w.take(a + "o_proj.bias")
@@ -312,7 +322,7 @@ def convert_llama(sd: dict, cfg: ModelConfig) -> dict:
         if w.has(m + "gate_up_proj.weight"):   # Phi-3: already fused as [gate; up]
             out[b + "mlp.fc.weight"] = w.take(m + "gate_up_proj.weight")
         else:
-            out[b + "mlp.fc.weight"] = torch.cat([w.take(m + "gate_proj.weight"), w.take(m + "up_proj.weight")])
+            out[b + "mlp.fc.weight"] = fuse([w.take(m + "gate_proj.weight"), w.take(m + "up_proj.weight")])
         out[b + "mlp.proj.weight"] = w.take(m + "down_proj.weight")
     w.done()
     return out
@@ -335,9 +345,12 @@ def _safetensors_files(d: Path) -> list[Path]:
 
 
 def _load_safetensors(f: Path) -> dict:
+    header = read_safetensors_header(f)   # names what is wrong, and never hands a reader a header it chokes on
+    mapped = map_safetensors(f, header)
+    if mapped is not None:
+        return mapped
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    read_safetensors_header(f)   # names what is wrong, and never hands the library a header it chokes on
     try:
         return load_file(str(f))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -455,13 +468,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                            "(check config.json, or this variant is not supported)") from None
     extra = {k: sd.pop(k) for k in [k for k in sd if k.startswith(EXTRA_PREFIXES)]}
     check_size(cfg, sd, d / "config.json", d / source)
-    with torch.device("meta"):   # shapes only, no memory: the config is checked before anything is allocated
-        check_shapes(Transformer(cfg), sd, d / source)
     check_finite(sd, d / source)
     limit = check_vocab(tokenizer, cfg, tok_path, d / "config.json")
-    model = Transformer(cfg)
-    model.load_state_dict(sd, strict=False)
-    model.eval()
+    # int8 is quantized from float32 weights; otherwise each tensor goes straight to the dtype asked for.
+    model = build_model(cfg, sd, d / source, torch.float32 if dtype is None or quantize == "int8" else dtype)
     model.vocab_limit = limit
     place(model, device, dtype, quantize == "int8")
     meta = read_json(d / "sol.json") if fmt == "sol" else {}
@@ -476,10 +486,10 @@ def save_model(out_dir: str | Path, model: Transformer, tokenizer: Tokenizer, me
     from safetensors.torch import save_file
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    sd = {k: _own_storage(v) for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)   # safetensors refuses shared storage; it is the embedding
-    sd.update({k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()})
+    sd.update({k: _own_storage(v) for k, v in (extra_tensors or {}).items()})
     tmp = temp_path_for(d / "model.safetensors")
     save_file(sd, str(tmp), metadata={"format": "pt"})
     replace(tmp, d / "model.safetensors")
@@ -491,6 +501,13 @@ def save_model(out_dir: str | Path, model: Transformer, tokenizer: Tokenizer, me
     meta["parameters"] = model.num_parameters()
     write_text(d / "sol.json", json.dumps(meta, indent=2) + "\n")
     return d
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor that alone holds its storage: safetensors refuses tensors that share one, and a
+    model loaded from a mapped file holds views of the file's single mapping."""
+    t = t.detach().to("cpu").contiguous()
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
 
 
 # ---- cheap inspection (no weights loaded) ------------------------------------

@@ -23,8 +23,7 @@ from ..atomic import replace, temp_path_for
 from ..errors import SolError
 from ..model.config import ModelConfig
 from ..model.layers import rope_frequencies
-from ..model.transformer import Transformer
-from .loaded import LoadedModel, check_finite, check_regular, check_shapes, check_size, check_vocab, place
+from .loaded import LoadedModel, build_model, check_finite, check_regular, check_size, check_vocab, place
 from .tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
@@ -290,17 +289,14 @@ def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, 
     tokenizer = tokenizer_from_gguf(meta, path)
     check_size(cfg, {"x": torch.empty(sum(int(t.n_elements) for t in reader.tensors), device="meta")}, path, path)
     sd = weights_from_gguf(reader, cfg, path)
-    with torch.device("meta"):
-        check_shapes(Transformer(cfg), sd, path)
     check_finite(sd, path)
     check_vocab(tokenizer, cfg, path, path)
-    model = Transformer(cfg)
-    model.load_state_dict(sd, strict=False)
-    model.eval()
-    model.vocab_limit = id_limit(meta, tokenizer)
     quant = quantization(reader)
     # A Q8_0 file stays int8 unless a dtype was asked for: its int8 values re-scaled per row.
-    place(model, device, dtype, quantize == "int8" or (quantize == "auto" and quant == "Q8_0"))
+    int8 = quantize == "int8" or (quantize == "auto" and quant == "Q8_0")
+    model = build_model(cfg, sd, path, torch.float32 if dtype is None or int8 else dtype)
+    model.vocab_limit = id_limit(meta, tokenizer)
+    place(model, device, dtype, int8)
     info = {"name": path.name, "quantization": quant}
     return LoadedModel(model, tokenizer, cfg, path, "gguf", info)
 

@@ -373,13 +373,14 @@ def _int8_linear_bytes(cfg) -> int:
 
 
 def memory_bytes(model: nn.Module) -> int:
-    """Bytes the model's parameters and buffers take, each storage counted once (tied weights)."""
+    """Bytes the model's parameters and buffers take, each tensor counted once (tied weights). Counted by
+    tensor, not by storage: a model loaded from a mapped file holds views of the file's one mapping."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.device, t.untyped_storage().data_ptr())
+        key = (t.device, t.data_ptr(), t.nbytes)
         if key not in seen:
             seen.add(key)
-            total += t.untyped_storage().nbytes()
+            total += t.nbytes
     return total + sum(m.int8_bytes() for m in model.modules()
                        if type(m) is Int8Linear and (m._packed is not None or m._blocked is not None)) \
         + sum(m.packed_bytes() for m in model.modules() if type(m) is HalfLinear)

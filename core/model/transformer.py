@@ -20,6 +20,7 @@ shows step by step.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,16 @@ from .half import HalfLinear
 from .layers import (Block, KVCache, _linear, _norm, apply_rope, cache_dtype, decode_attention, decode_masks,
                      make_norm, rope_frequencies)
 from .quant import Int8Embedding, Int8Linear
+
+
+# torch.nn.init's functions that layers call while they are built; Transformer.empty skips them.
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+_EMPTY_LOCK = threading.Lock()   # the functions are swapped process-wide: one empty build at a time
+
+
+def _leave(tensor, *args, **kwargs):
+    return tensor
 
 
 class Transformer(nn.Module):
@@ -67,6 +78,21 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig) -> "Transformer":
+        """A Transformer with the right shapes and no weights yet (on the meta device), for a loader to
+        assign the loaded tensors to. Nothing is initialised: on the meta device torch's init functions
+        run through its Python reference kernels, and the first call imports torch._dynamo (2.5 s)."""
+        with _EMPTY_LOCK, torch.device("meta"):
+            saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+            try:
+                for name in _INIT_FUNCTIONS:
+                    setattr(nn.init, name, _leave)
+                return cls(cfg)
+            finally:
+                for name, fn in saved.items():
+                    setattr(nn.init, name, fn)
 
     @staticmethod
     def _init_weights(m):
