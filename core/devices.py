@@ -27,13 +27,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on GPUs that have it, float16 on other GPUs and MPS, float32 on the CPU."""
+    """`auto`: bfloat16 on GPUs that have it, float16 on other GPUs and MPS; on the CPU None, which the
+    loader reads as the weights' own dtype (formats/loaded.stored_dtype)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.float16
-        return torch.float32
+        return None
     if name not in DTYPES:
         raise SolError(f"--dtype {name}: choose auto, float32, float16 or bfloat16")
     return DTYPES[name]

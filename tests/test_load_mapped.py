@@ -109,3 +109,23 @@ def test_release_gives_back_only_the_tensors_own_pages(tmp_path):
     keep = plain.clone()
     release(plain)                        # not a mapping of ours: left alone
     assert torch.equal(plain, keep)
+
+
+
+def test_auto_keeps_bfloat16_weights_where_they_lie_on_the_cpu(tmp_path, sol_model):
+    """dtype None (`--dtype auto`): float32 weights stay float32, bfloat16 ones stay bfloat16 as views of the
+    file; float32 is still there when asked for, and both give the same greedy tokens here."""
+    from sol.core.devices import pick_dtype
+    d, original = sol_model
+    assert pick_dtype("auto", torch.device("cpu")) is None
+    assert load_model(d).model.dtype == torch.float32
+    save_model(tmp_path / "bf16", original.to(torch.bfloat16), load_model(d).tokenizer)
+    lm = load_model(tmp_path / "bf16")
+    assert lm.model.dtype == torch.bfloat16
+    assert len({p.untyped_storage().data_ptr() for p in lm.model.parameters()}) == 1   # not copied
+    exact = load_model(tmp_path / "bf16", dtype=torch.float32)
+    assert exact.model.dtype == torch.float32
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        a, b = lm.model(ids).float(), exact.model(ids)
+    assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()

@@ -30,7 +30,7 @@ from ..model.config import ModelConfig
 from ..model.transformer import Transformer
 from .gguf_io import gguf_config, inspect_gguf, load_gguf
 from .loaded import (LoadedModel, build_model, check_finite, check_regular, check_size, check_vocab,
-                     no_json_constant, place, read_json, read_json_object)
+                     no_json_constant, place, read_json, read_json_object, stored_dtype)
 from .mapped import map_safetensors, release
 from .tokenizer import Tokenizer
 
@@ -470,10 +470,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     check_size(cfg, sd, d / "config.json", d / source)
     check_finite(sd, d / source)
     limit = check_vocab(tokenizer, cfg, tok_path, d / "config.json")
-    # int8 is quantized from float32 weights; otherwise each tensor goes straight to the dtype asked for.
-    model = build_model(cfg, sd, d / source, torch.float32 if dtype is None or quantize == "int8" else dtype)
+    # int8 is quantized from float32 weights; otherwise each tensor goes straight to the dtype it runs in.
+    run = stored_dtype(sd, device) if dtype is None else dtype
+    int8 = quantize == "int8"
+    model = build_model(cfg, sd, d / source, torch.float32 if int8 else run)
     model.vocab_limit = limit
-    place(model, device, dtype, quantize == "int8")
+    place(model, device, dtype if int8 else run, int8)
     meta = read_json(d / "sol.json") if fmt == "sol" else {}
     return LoadedModel(model, tokenizer, cfg, d, fmt, meta, extra, sampling)
 
