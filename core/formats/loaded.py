@@ -18,7 +18,7 @@ from ..model.transformer import Transformer
 from .mapped import release
 from .tokenizer import Tokenizer
 
-FINITE_SLICE = 1 << 22   # numbers checked at a time: a 4 MB mask, whatever the tensor's size
+FINITE_SLICE = 1 << 22   # numbers checked at a time: at most 16 MB of float32 or mask, whatever the tensor
 
 
 @dataclass
@@ -132,15 +132,17 @@ def available_memory() -> int | None:
 
 
 def check_finite(sd: dict, source: Path) -> None:
-    """NaN or infinity anywhere in the weights is refused, named. One summing pass reads each tensor
-    without copying it (a NaN or infinity makes the sum non-finite); only a sum that is not finite is
-    looked at number by number, since finite numbers can also add up past float32's range."""
+    """NaN or infinity anywhere in the weights is refused, named. Each slice of a tensor is summed once in
+    float32 (a NaN or infinity makes the sum non-finite), so a mapped tensor is read, never copied whole;
+    only a slice whose sum is not finite is looked at number by number, since finite numbers can also
+    add up past float32's range."""
     for name, t in sd.items():
-        if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        if not t.is_floating_point():
             continue
         flat = t.reshape(-1)
-        for i in range(0, flat.numel(), FINITE_SLICE):   # a whole tensor's mask would be a copy of its size
-            if not bool(torch.isfinite(flat[i:i + FINITE_SLICE]).all()):
+        for i in range(0, flat.numel(), FINITE_SLICE):
+            part = flat[i:i + FINITE_SLICE]
+            if not bool(torch.isfinite(part.sum(dtype=torch.float32))) and not bool(torch.isfinite(part).all()):
                 raise SolError(f"{source}: tensor {name!r} holds NaN or infinite values; the weights are damaged "
                                "(a diverged training run?): use an earlier checkpoint")
 
