@@ -503,3 +503,45 @@ def test_a_tokenizer_the_metadata_cannot_build_is_one_error(tmp_path):
         gguf_io.tokenizer_from_gguf({**meta, "tokenizer.ggml.token_type": [1]}, tmp_path / "m.gguf")
     with pytest.raises(SolError, match="tokenizer.ggml.pre 'deepseek-llm' is not supported"):
         gguf_io.tokenizer_from_gguf({**meta, "tokenizer.ggml.pre": "deepseek-llm"}, tmp_path / "m.gguf")
+
+
+def test_tokenize_reads_a_gguf_files_tokenizer(good_gguf, capsys):
+    """`sol tokenize --model X.gguf --json` is the `tokenizers` encoding of the tokenizer the file carries."""
+    import json
+
+    from sol.core.cli import main
+    text = "Hear me speak, o Sol!"
+    assert main(["tokenize", "--model", str(good_gguf), "--text", text, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = gguf_io.tokenizer_of_gguf(good_gguf).hf.encode(text)
+    assert got == {"ids": want.ids, "tokens": want.tokens, "offsets": [list(o) for o in want.offsets]}
+
+
+@pytest.mark.parametrize("argv", [
+    ["tokenize", "--model", "M", "--text", "hi there"],
+    ["generate", "--model", "M", "--prompt", "hi", "--max-tokens", "2", "--temperature", "0"],
+    ["score", "--model", "M", "--text", "hi there"],
+    ["lens", "--model", "M", "--text", "hi there"],
+    ["embed", "neighbours", "--model", "M", "--text", "hi", "--k", "3"],
+    ["embed", "positions", "--model", "M"],
+    ["models", "info", "M"],
+])
+def test_every_command_that_takes_a_model_takes_a_gguf_file(good_gguf, argv, capsys):
+    from sol.core.cli import main
+    rc = main([str(good_gguf) if a == "M" else a for a in argv])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.strip()
+
+
+def test_chat_takes_a_gguf_file(tmp_path, capsys, isolated_home):
+    """`sol chat --model X.gguf` (the starter exported, so the file carries a chat template)."""
+    from sol.core.cli import main
+    out = tmp_path / "starter.gguf"
+    assert main(["models", "export", "starter", "--format", "gguf", "--out", str(out)]) == 0
+    capsys.readouterr()
+    rc = main(["chat", "--model", str(out), "--message", "what is 12 times 7?", "--max-tokens", "32",
+               "--temperature", "0"])
+    text, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "84" in text   # the starter calls its calculator, from the GGUF file as from its folder

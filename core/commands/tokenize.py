@@ -9,7 +9,7 @@ from .common import print_json
 def register(sub) -> None:
     p = sub.add_parser("tokenize", help="show how a tokenizer splits a text")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model directory or name (uses its tokenizer.json)")
+    src.add_argument("--model", help="model directory, GGUF file or name (uses its tokenizer)")
     src.add_argument("--tokenizer", help="a tokenizer.json file")
     p.add_argument("--text", required=True)
     p.add_argument("--json", action="store_true")
@@ -17,16 +17,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..formats.tokenizer import Tokenizer
-    if args.tokenizer:
-        tok = Tokenizer.from_file(args.tokenizer)
-    else:
-        from ..errors import SolError
-        from ..formats.registry import resolve
-        d = resolve(args.model)
-        if not (d / "tokenizer.json").is_file():
-            raise SolError(f"{d / 'tokenizer.json'}: tokenizer missing")
-        tok = Tokenizer.from_file(d / "tokenizer.json")
+    from ..formats.checkpoint import load_tokenizer
+    from ..formats.registry import resolve
+    tok = load_tokenizer(args.tokenizer if args.tokenizer else resolve(args.model))
     enc = tok.encode(args.text)
     if args.json:
         print_json(enc.to_json())

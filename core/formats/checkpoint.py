@@ -28,7 +28,7 @@ from ..atomic import replace, temp_path_for, write_text
 from ..errors import SolError
 from ..model.config import ModelConfig
 from ..model.transformer import Transformer
-from .gguf_io import gguf_config, inspect_gguf, load_gguf
+from .gguf_io import gguf_config, inspect_gguf, load_gguf, tokenizer_of_gguf
 from .loaded import (LoadedModel, build_model, check_finite, check_regular, check_size, check_vocab,
                      no_json_constant, place, read_json, read_json_object, stored_dtype)
 from .mapped import map_safetensors, release
@@ -436,6 +436,18 @@ def load_config(d: Path) -> tuple[ModelConfig, str]:
         raise SolError(f"{path}: {msg[len('config: '):]}" if msg.startswith("config: ") else msg) from None
     except (TypeError, ValueError, AttributeError, OverflowError) as e:   # a field of the wrong kind
         raise SolError(f"{path}: {e}; check the field's type against the model family's config") from None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A model's tokenizer without its weights: a model folder's tokenizer.json (with its chat templates),
+    a GGUF file's from its metadata, or a tokenizer.json file itself."""
+    p = Path(path).expanduser()
+    if is_gguf(p):
+        return tokenizer_of_gguf(p)
+    f = p / "tokenizer.json" if p.is_dir() else p
+    if not f.is_file():
+        raise SolError(f"{f}: tokenizer missing; a model directory needs its tokenizer.json")
+    return Tokenizer.from_file(f)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -280,6 +280,12 @@ def _config(reader, meta: dict, path: Path) -> ModelConfig:
         raise SolError(f"{path}: metadata of the wrong kind ({e})") from None
 
 
+def tokenizer_of_gguf(path: str | Path) -> Tokenizer:
+    """The tokenizer a GGUF file carries, from its metadata alone (no tensor is read)."""
+    path = Path(path).expanduser().resolve()
+    return tokenizer_from_gguf(metadata(open_gguf(path)), path)
+
+
 def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None):
     """A LoadedModel from a .gguf file, with the same checks as a model directory."""
     path = Path(path).expanduser().resolve()

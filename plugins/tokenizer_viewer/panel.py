@@ -288,7 +288,7 @@ class TokenizerPanel(QWidget):
         for m in models:
             entries.append((m["name"], m["path"]))
         entries += [(k.split(":", 1)[1], k) for k in self.sources if k.startswith("trained:")]
-        entries.append(("open tokenizer.json…", "open"))
+        entries.append(("open tokenizer.json or GGUF…", "open"))
         for i, col in enumerate((self.a, self.b)):
             col.source.blockSignals(True)
             col.source.clear()
@@ -302,16 +302,15 @@ class TokenizerPanel(QWidget):
 
     def select(self, col: TokenizerColumn, key):
         if key == "open":
-            path, _ = QFileDialog.getOpenFileName(self, "tokenizer.json", "", "tokenizer.json (*.json)")
+            path, _ = QFileDialog.getOpenFileName(self, "A tokenizer", "", "tokenizer.json or GGUF model (*.json *.gguf)")
             key = path or None
         if not key:
             col.set_tokenizer(None)
             return
         if key not in self.sources:
-            from sol.core.formats.tokenizer import Tokenizer
-            p = Path(key)
+            from sol.core.formats.checkpoint import load_tokenizer
             try:
-                self.sources[key] = Tokenizer.from_file(p / "tokenizer.json" if p.is_dir() else p)
+                self.sources[key] = load_tokenizer(key)
             except Exception as e:
                 col.set_tokenizer(None)
                 col.info.setText(str(e))

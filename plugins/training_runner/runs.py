@@ -80,7 +80,8 @@ def batch_preview(corpus: str, tokenizer: str = "char", batch: int = 4, context:
     """One (B, T) batch as training cuts it: documents joined with <|endoftext|>, windows at offsets
     chosen so the first rows straddle a document boundary (the book's Fig. 75)."""
     from sol.core.data.corpus import corpus_files
-    from sol.core.formats.tokenizer import EOT, Tokenizer
+    from sol.core.formats.checkpoint import load_tokenizer
+    from sol.core.formats.tokenizer import EOT
     files = corpus_files([corpus])[:16]
     texts = [Path(f).open(encoding="utf-8", errors="replace").read(PREVIEW_CHARS) for f in files]
     if tokenizer.startswith(("char", "bpe")):
@@ -90,8 +91,7 @@ def batch_preview(corpus: str, tokenizer: str = "char", batch: int = 4, context:
         text_of = lambda i: i       # noqa: E731
         eot = EOT
     else:
-        p = Path(tokenizer)
-        tok = Tokenizer.from_file(p / "tokenizer.json" if p.is_dir() else p)
+        tok = load_tokenizer(tokenizer)
         ids_of = lambda t: tok.encode_ids(t, add_special_tokens=False)  # noqa: E731
         text_of = lambda i: tok.decode([i])  # noqa: E731
         eot = tok.token_to_id(EOT) if tok.token_to_id(EOT) is not None else tok.eos_id
