@@ -545,3 +545,18 @@ def test_chat_takes_a_gguf_file(tmp_path, capsys, isolated_home):
     text, err = capsys.readouterr()
     assert rc == 0, err
     assert "84" in text   # the starter calls its calculator, from the GGUF file as from its folder
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_the_header_reader_reads_what_gguf_reads(good_gguf, tmp_path, kind):
+    """gguf_file.GGUFFile (one pass with struct) against the gguf package's GGUFReader: the same metadata,
+    the same tensors, the same bytes."""
+    from sol.core.formats.gguf_file import GGUFFile
+    path = good_gguf if kind == "f32" else gguf_io.export_gguf(load_model(good_gguf), tmp_path / "q8.gguf", kind)
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    assert ours.metadata == gguf_io.metadata(theirs)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.tensor_type, list(a.shape), a.n_elements, a.n_bytes, a.data_offset) == \
+               (b.tensor_type, list(b.shape), b.n_elements, b.n_bytes, b.data_offset), a.name
+        assert a.data.dtype == b.data.dtype and np.array_equal(np.asarray(a.data), np.asarray(b.data)), a.name

@@ -486,6 +486,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     run = stored_dtype(sd, device) if dtype is None else dtype
     int8 = quantize == "int8"
     model = build_model(cfg, sd, d / source, torch.float32 if int8 else run)
+    sd.clear()   # the model holds the tensors now: quantizing frees each float32 matrix as it goes
     model.vocab_limit = limit
     place(model, device, dtype if int8 else run, int8)
     meta = read_json(d / "sol.json") if fmt == "sol" else {}

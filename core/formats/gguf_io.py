@@ -14,6 +14,7 @@ byte fallback). Sol's own exports also carry the exact tokenizer.json under `sol
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..atomic import replace, temp_path_for
 from ..errors import SolError
 from ..model.config import ModelConfig
 from ..model.layers import rope_frequencies
+from .gguf_file import GGUFFile
 from .loaded import LoadedModel, build_model, check_finite, check_regular, check_size, check_vocab, place
 from .tokenizer import Tokenizer
 
@@ -45,8 +47,8 @@ PRE_SPLITS = {"gpt-2": None, "default": None, "llama-bpe": _LLAMA3_SPLIT, "llama
 
 # ---- reading -----------------------------------------------------------------
 def open_gguf(path: Path):
-    """A GGUFReader over the file, or one error line naming the file and what is wrong with it."""
-    import gguf
+    """The file's header read and its tensors mapped (gguf_file.GGUFFile), or one error line naming the file
+    and what is wrong with it."""
     path = Path(path)
     check_regular(path)
     try:
@@ -57,8 +59,8 @@ def open_gguf(path: Path):
     if magic != b"GGUF":
         raise SolError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); re-download it")
     try:
-        reader = gguf.GGUFReader(path)
-    except ValueError as e:
+        reader = GGUFFile(path)
+    except (ValueError, struct.error, UnicodeDecodeError) as e:
         msg = str(e)
         if "is not a valid GGMLQuantizationType" in msg:
             raise SolError(f"{path}: unknown tensor type ({msg}); this file needs a newer llama.cpp, "
@@ -76,7 +78,10 @@ def open_gguf(path: Path):
 
 
 def metadata(reader) -> dict:
-    """Every key/value of the header as plain Python values (tensor infos left out)."""
+    """Every key/value of the header as plain Python values (tensor infos left out); `reader` is a GGUFFile
+    or the gguf package's GGUFReader."""
+    if isinstance(reader, GGUFFile):
+        return dict(reader.metadata)
     out = {}
     for name, f in reader.fields.items():
         if name.startswith("GGUF."):
@@ -301,6 +306,7 @@ def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, 
     # A Q8_0 file stays int8 unless a dtype was asked for: its int8 values re-scaled per row.
     int8 = quantize == "int8" or (quantize == "auto" and quant == "Q8_0")
     model = build_model(cfg, sd, path, torch.float32 if dtype is None or int8 else dtype)
+    sd.clear()   # the model holds the tensors now: quantizing frees each float32 matrix as it goes
     model.vocab_limit = id_limit(meta, tokenizer)
     place(model, device, dtype, int8)
     info = {"name": path.name, "quantization": quant}
