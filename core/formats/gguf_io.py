@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,22 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+Q8_0_BLOCK = 34   # bytes of a Q8_0 block: a float16 scale d, then 32 int8 codes q; the numbers are d * q
+
+
+def q8_0_to_float(raw: np.ndarray, shape: tuple) -> torch.Tensor:
+    """Q8_0 blocks as float32, in one pass of torch's threaded arithmetic (gguf.quants does it a group
+    of rows at a time in numpy: 3.7 s of a 0.5B model's load, where this takes a fraction of a second).
+    The same float32 products as gguf's and llama.cpp's: float(d) * float(q)."""
+    blocks = np.ascontiguousarray(raw).reshape(-1, Q8_0_BLOCK)
+    with warnings.catch_warnings():   # the mapped file is read-only; nothing here writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        b = torch.from_numpy(blocks)
+    d = b[:, :2].contiguous().view(torch.float16).float()
+    out = b[:, 2:].view(torch.int8).float()
+    return out.mul_(d).reshape(shape)
+
+
 def tensor_to_torch(t, path: Path) -> torch.Tensor:
     """One GGUF tensor as float32, in torch's dimension order."""
     from gguf import GGMLQuantizationType as Q
@@ -189,6 +206,8 @@ def tensor_to_torch(t, path: Path) -> torch.Tensor:
             a = np.asarray(t.data, dtype=np.float32)
         elif t.tensor_type == Q.F16:
             a = np.asarray(t.data).view(np.float16).astype(np.float32)
+        elif t.tensor_type == Q.Q8_0:
+            return q8_0_to_float(np.asarray(t.data), shape)
         else:
             a = dequantize(np.asarray(t.data), t.tensor_type)
         return torch.from_numpy(np.ascontiguousarray(a).reshape(shape).copy())
