@@ -7,7 +7,10 @@ so the figures are the load's own: seconds from the call to a model ready to run
 (prompt of 4), and peak RSS over the process's RSS right after `import torch` (torch itself is ~220 MB that any engine
 in Python carries). Runs alternate between the two loaders; medians over `--reps`.
 
-    python benchmarks/load.py [--reps 3] [--dtypes float32 bfloat16] [--json]
+    python benchmarks/load.py [--reps 3] [--dtypes float32 bfloat16] [--gguf q8_0 ...] [--json]
+
+`--gguf TYPE`: also the same weights as a GGUF file of that type (written by `sol models export`, so
+f32, f16 or q8_0; Q8_0 loads int8), Sol's side only (llama.cpp's is issue 26's benchmarks/llamacpp.py).
 
 With --json the last line is {DTYPE: {"sol_load_s", "hf_load_s", "sol_rss_over_torch_mb",
 "hf_rss_over_torch_mb", "weights_mb", "sol_8_tokens_s", "hf_8_tokens_s"}}.
@@ -43,7 +46,7 @@ side, path = sys.argv[1], sys.argv[2]
 t0 = time.perf_counter()
 if side == "sol":
     from sol.core.formats.checkpoint import load_model
-    lm = load_model(path)
+    lm = load_model(path, quantize="auto")   # what `sol` does with --dtype auto: a Q8_0 file stays int8
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     with torch.no_grad():   # 8 greedy tokens from the KV cache: the model is really usable
@@ -85,6 +88,14 @@ def write_model(dtype: str) -> Path:
     return out
 
 
+def write_gguf(kind: str) -> Path:
+    out = CACHE / f"qwen2.5-0.5b-shape-{kind}.gguf"
+    if not out.is_file():
+        subprocess.run([sys.executable, "-m", "sol.core.cli", "models", "export", str(write_model("float32")),
+                        "--format", "gguf", "--out", str(out), "--type", kind], check=True, timeout=900)
+    return out
+
+
 def run(side: str, path: Path) -> dict:
     r = subprocess.run([sys.executable, "-c", CHILD % {"threads": THREADS}, side, str(path)],
                        capture_output=True, text=True, timeout=900)
@@ -97,6 +108,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--gguf", nargs="*", default=[], metavar="TYPE", help="f32 | f16 | q8_0 (Sol's side only)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     results = {}
@@ -116,6 +128,14 @@ def main() -> None:
                           "sol_8_tokens_s": round(statistics.median(x["gen_s"] for x in runs["sol"]), 2),
                           "hf_8_tokens_s": round(statistics.median(x["gen_s"] for x in runs["hf"]), 2)}
         print(dtype, results[dtype], flush=True)
+    for kind in args.gguf:
+        path = write_gguf(kind)
+        rs = [run("sol", path) for _ in range(args.reps)]
+        results[f"gguf_{kind}"] = {"sol_load_s": round(statistics.median(x["load_s"] for x in rs), 2),
+                                   "sol_rss_over_torch_mb": round(statistics.median(x["rss_over_torch_mb"] for x in rs)),
+                                   "file_mb": round(path.stat().st_size / 2**20),
+                                   "sol_8_tokens_s": round(statistics.median(x["gen_s"] for x in rs), 2)}
+        print(f"gguf {kind}", results[f"gguf_{kind}"], flush=True)
     if args.json:
         print(json.dumps(results))
 
