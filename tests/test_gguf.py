@@ -560,3 +560,26 @@ def test_the_header_reader_reads_what_gguf_reads(good_gguf, tmp_path, kind):
         assert (a.tensor_type, list(a.shape), a.n_elements, a.n_bytes, a.data_offset) == \
                (b.tensor_type, list(b.shape), b.n_elements, b.n_bytes, b.data_offset), a.name
         assert a.data.dtype == b.data.dtype and np.array_equal(np.asarray(a.data), np.asarray(b.data)), a.name
+
+
+def test_int8_from_gguf_equals_quantizing_the_float_model(good_gguf, tmp_path):
+    """A Q8_0 file read straight into int8 (one float32 matrix at a time) holds exactly the int8 rows and
+    scales of the float32 model quantized whole, and gives the same logits."""
+    from sol.core.model.quant import Int8Embedding, Int8Linear, quantize_model
+    q8 = gguf_io.export_gguf(load_model(good_gguf), tmp_path / "q8.gguf", "q8_0")
+    streamed = load_model(q8, quantize="auto").model
+    whole = quantize_model(load_model(q8, dtype=torch.float32).model)
+    mods = dict(whole.named_modules())
+    checked = 0
+    for name, m in streamed.named_modules():
+        if type(m) in (Int8Linear, Int8Embedding):
+            other = mods[name]
+            assert type(other) is type(m), name
+            assert torch.equal(m.int8_weight() if hasattr(m, "int8_weight") else m.weight,
+                               other.int8_weight() if hasattr(other, "int8_weight") else other.weight), name
+            assert torch.equal(m.scales, other.scales), name
+            checked += 1
+    assert checked >= 3
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.allclose(streamed(ids), whole(ids), atol=1e-5)

@@ -20,13 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from ..atomic import replace, temp_path_for
 from ..errors import SolError
 from ..model.config import ModelConfig
 from ..model.layers import rope_frequencies
+from ..model.quant import Int8Embedding, Int8Linear, quantize_rows
+from ..model.transformer import Transformer
 from .gguf_file import GGUFFile
-from .loaded import LoadedModel, build_model, check_finite, check_regular, check_size, check_vocab, place
+from .loaded import (LoadedModel, build_model, check_finite, check_regular, check_shapes, check_size, check_vocab,
+                     place)
+from .mapped import release_pages
 from .tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
@@ -207,20 +212,37 @@ def tensor_to_torch(t, path: Path) -> torch.Tensor:
         elif t.tensor_type == Q.F16:
             a = np.asarray(t.data).view(np.float16).astype(np.float32)
         elif t.tensor_type == Q.Q8_0:
-            return q8_0_to_float(np.asarray(t.data), shape)
+            a = None
+            out = q8_0_to_float(np.asarray(t.data), shape)
         else:
             a = dequantize(np.asarray(t.data), t.tensor_type)
-        return torch.from_numpy(np.ascontiguousarray(a).reshape(shape).copy())
+        if a is not None:
+            out = torch.from_numpy(np.ascontiguousarray(a).reshape(shape).copy())
+        release_pages(t.data)   # decoded: the file's pages need not stay in this process's memory
+        return out
     except (ValueError, TypeError) as e:
         raise SolError(f"{path}: tensor {t.name!r} ({name}, shape {shape}) cannot be read ({e}); "
                        "the file is corrupt") from None
 
 
-def weights_from_gguf(reader, cfg: ModelConfig, path: Path) -> dict:
-    """The tensors renamed into Sol's layout (float32); every tensor in the file used or refused by name."""
+class _Out(dict):
+    """weights_from_gguf's result: each tensor handed to `finish` as it is stored (int8 loads quantize a
+    matrix as soon as it is whole, so the float32 model never exists at once)."""
+
+    def __init__(self, finish):
+        super().__init__()
+        self.finish = finish
+
+    def __setitem__(self, name, t):
+        super().__setitem__(name, self.finish(name, t) if self.finish else t)
+
+
+def weights_from_gguf(reader, cfg: ModelConfig, path: Path, finish=None) -> dict:
+    """The tensors renamed into Sol's layout (float32, or what `finish(name, tensor)` makes of each); every
+    tensor in the file used or refused by name."""
     raw = {t.name: t for t in reader.tensors}
     raw.pop("rope_freqs.weight", None)   # read into cfg.rope_scaling already
-    out = {}
+    out = _Out(finish)
 
     def take(name):
         if name not in raw:
@@ -264,7 +286,7 @@ def weights_from_gguf(reader, cfg: ModelConfig, path: Path) -> dict:
         names = sorted(raw)
         raise SolError(f"{path}: tensor {names[0]!r} ({len(names)} in all) has no place in a {cfg.architecture} "
                        "model as the metadata describes it; Sol refuses it rather than run a different network")
-    return out
+    return dict(out)
 
 
 def quantization(reader) -> str:
@@ -310,6 +332,37 @@ def tokenizer_of_gguf(path: str | Path) -> Tokenizer:
     return tokenizer_from_gguf(metadata(open_gguf(path)), path)
 
 
+def _int8_model(reader, cfg: ModelConfig, path: Path):
+    """The Transformer with every linear layer and the token table int8, each matrix quantized into
+    Sol's rows (quant.quantize_rows) as soon as it is read, so only one is ever float32 at a time: the
+    same int8 values as quantizing the float32 model (load_model then quant.quantize_model), without
+    holding it (a Q8_0 Qwen2.5-0.5B: 3 GB over torch before)."""
+    model = Transformer.empty(cfg)
+    linear = {f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear}
+    rows = {}
+
+    def finish(name: str, t: torch.Tensor) -> torch.Tensor:
+        check_finite({name: t}, path)
+        if name in linear or name == "embed.weight":
+            rows[name] = quantize_rows(t)
+            return torch.empty(t.shape, device="meta")   # its shape, for check_shapes
+        return t
+    sd = weights_from_gguf(reader, cfg, path, finish)
+    check_shapes(model, sd, path)
+    for name, (q, scales) in rows.items():
+        owner, _, _ = name.rpartition(".")
+        if owner == "embed":
+            model.embed = Int8Embedding.from_rows(q, scales)
+        else:
+            parent, _, attr = owner.rpartition(".")
+            bias = sd.pop(f"{owner}.bias", None)
+            setattr(model.get_submodule(parent), attr, Int8Linear.from_rows(q, scales, bias))
+    if cfg.tie_embeddings:   # the head reads the table's own int8 rows (quantize_model would make equal ones)
+        model.lm_head = Int8Linear.from_rows(*rows["embed.weight"])
+    model.load_state_dict({k: t for k, t in sd.items() if k not in rows}, strict=False, assign=True)
+    return model.eval()
+
+
 def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None):
     """A LoadedModel from a .gguf file, with the same checks as a model directory."""
     path = Path(path).expanduser().resolve()
@@ -318,14 +371,17 @@ def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, 
     cfg = _config(reader, meta, path)
     tokenizer = tokenizer_from_gguf(meta, path)
     check_size(cfg, {"x": torch.empty(sum(int(t.n_elements) for t in reader.tensors), device="meta")}, path, path)
-    sd = weights_from_gguf(reader, cfg, path)
-    check_finite(sd, path)
     check_vocab(tokenizer, cfg, path, path)
     quant = quantization(reader)
     # A Q8_0 file stays int8 unless a dtype was asked for: its int8 values re-scaled per row.
     int8 = quantize == "int8" or (quantize == "auto" and quant == "Q8_0")
-    model = build_model(cfg, sd, path, torch.float32 if dtype is None or int8 else dtype)
-    sd.clear()   # the model holds the tensors now: quantizing frees each float32 matrix as it goes
+    if int8:
+        model = _int8_model(reader, cfg, path)
+    else:
+        sd = weights_from_gguf(reader, cfg, path)
+        check_finite(sd, path)
+        model = build_model(cfg, sd, path, torch.float32 if dtype is None else dtype)
+        sd.clear()
     model.vocab_limit = id_limit(meta, tokenizer)
     place(model, device, dtype, int8)
     info = {"name": path.name, "quantization": quant}

@@ -64,3 +64,16 @@ def release(t: torch.Tensor) -> None:
     first, last = -(-start // PAGE) * PAGE, end // PAGE * PAGE
     if last > first:
         _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+def release_pages(a) -> None:
+    """The same for a numpy view of a file mapping (a GGUF tensor's blocks, once decoded): its whole pages
+    leave this process's memory and stay in the page cache. Only np.memmap views are touched."""
+    import numpy as np
+    if _LIBC is None or not isinstance(a, np.memmap) or a.size == 0:
+        return
+    start = a.ctypes.data
+    end = start + a.nbytes
+    first, last = -(-start // PAGE) * PAGE, end // PAGE * PAGE
+    if last > first:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)

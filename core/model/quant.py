@@ -128,17 +128,28 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         q, scale = quantize_rows(weight)
-        self.register_buffer("weight", q.to(weight.device))
-        self.register_buffer("scales", scale.to(weight.device))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.__dict__["_packed"] = None   # fbgemm's packed weights (not a buffer: torch cannot move them)
-        self.__dict__["_blocked"] = None  # or the kernel's blocked copy (int8_kernel.block)
-        self.__dict__["_declined"] = False   # pack() said no: not on every call again
+        self._hold(q.to(weight.device), scale.to(weight.device), bias)
 
     @classmethod
     def from_linear(cls, m: nn.Linear) -> "Int8Linear":
         return cls(m.weight, m.bias)
+
+    @classmethod
+    def from_rows(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """Rows quantize_rows already made (a GGUF file read straight into int8, one matrix at a time)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m._hold(q, scales, bias)
+        return m
+
+    def _hold(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.__dict__["_packed"] = None   # fbgemm's packed weights (not a buffer: torch cannot move them)
+        self.__dict__["_blocked"] = None  # or the kernel's blocked copy (int8_kernel.block)
+        self.__dict__["_declined"] = False   # pack() said no: not on every call again
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._blocked is None and self._packed is None and x.device.type == "cpu" and not self._declined:
@@ -293,13 +304,24 @@ class Int8Embedding(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         q, scale = quantize_rows(weight)
-        self.register_buffer("weight", q.to(weight.device))
-        self.register_buffer("scales", scale.to(weight.device))
-        self.num_embeddings, self.embedding_dim = weight.shape
+        self._hold(q.to(weight.device), scale.to(weight.device))
 
     @classmethod
     def from_embedding(cls, m: nn.Embedding) -> "Int8Embedding":
         return cls(m.weight)
+
+    @classmethod
+    def from_rows(cls, q: torch.Tensor, scales: torch.Tensor) -> "Int8Embedding":
+        """Rows quantize_rows already made (see Int8Linear.from_rows)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m._hold(q, scales)
+        return m
+
+    def _hold(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales)
+        self.num_embeddings, self.embedding_dim = q.shape
 
     @property
     def dtype(self) -> torch.dtype:
