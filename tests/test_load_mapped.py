@@ -129,3 +129,19 @@ def test_auto_keeps_bfloat16_weights_where_they_lie_on_the_cpu(tmp_path, sol_mod
     with torch.no_grad():
         a, b = lm.model(ids).float(), exact.model(ids)
     assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
+
+
+def test_a_dropped_models_mapping_is_forgotten(sol_model):
+    """The registry of mappings must not keep a dropped model's file mapped (nor, once it is unmapped, treat
+    whatever memory later lands at its addresses as a mapping)."""
+    import gc
+
+    from sol.core.formats import mapped
+    d, _ = sol_model
+    gc.collect()
+    before = len(mapped._MAPPED)
+    lm = load_model(d)
+    assert len(mapped._MAPPED) == before + 1
+    del lm
+    gc.collect()
+    assert len(mapped._MAPPED) == before

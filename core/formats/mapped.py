@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import struct
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -22,7 +23,9 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 PAGE = 4096
 MADV_DONTNEED = 4
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-_MAPPED: dict[int, torch.UntypedStorage] = {}   # data pointer -> a mapping this module made
+# data pointer -> a mapping this module made, for as long as it lives (weak: a dropped model's mapping
+# is unmapped, and its addresses may then hold anonymous memory that must never be released)
+_MAPPED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def map_safetensors(f: Path, header: dict) -> dict | None:
@@ -58,22 +61,21 @@ def release(t: torch.Tensor) -> None:
     """Give back the memory pages lying wholly inside mapped tensor `t`, once nothing will read it again
     (its numbers were copied elsewhere). A neighbour's pages are never touched; a tensor not mapped by
     this module is left alone (dropping anonymous memory would zero it)."""
-    if _LIBC is None or t.device.type != "cpu" or t.untyped_storage().data_ptr() not in _MAPPED:
-        return
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    first, last = -(-start // PAGE) * PAGE, end // PAGE * PAGE
-    if last > first:
-        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+    if t.device.type == "cpu" and t.untyped_storage().data_ptr() in _MAPPED:
+        _drop(t.data_ptr(), t.numel() * t.element_size())
 
 
 def release_pages(a) -> None:
     """The same for a numpy view of a file mapping (a GGUF tensor's blocks, once decoded): its whole pages
     leave this process's memory and stay in the page cache. Only np.memmap views are touched."""
     import numpy as np
-    if _LIBC is None or not isinstance(a, np.memmap) or a.size == 0:
-        return
-    start = a.ctypes.data
-    end = start + a.nbytes
-    first, last = -(-start // PAGE) * PAGE, end // PAGE * PAGE
-    if last > first:
+    if isinstance(a, np.memmap) and a.size:
+        _drop(a.ctypes.data, a.nbytes)
+
+
+def _drop(start: int, nbytes: int) -> None:
+    """madvise(DONTNEED) on the whole pages inside [start, start + nbytes) of a private or read-only file
+    mapping: clean pages leave this process and are read from the file again if ever touched."""
+    first, last = -(-start // PAGE) * PAGE, (start + nbytes) // PAGE * PAGE
+    if _LIBC is not None and last > first:
         _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
