@@ -145,3 +145,30 @@ def test_a_dropped_models_mapping_is_forgotten(sol_model):
     del lm
     gc.collect()
     assert len(mapped._MAPPED) == before
+
+
+def test_a_model_built_on_another_thread_meanwhile_is_still_initialised(monkeypatch):
+    """Transformer.empty swaps torch.nn.init's functions process-wide; another thread building a real
+    model at that moment (the GUI creating one while loading another) must still get random weights."""
+    import threading
+
+    from sol.core.model import transformer as T
+    cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, context=16)
+    inside, release_build = threading.Event(), threading.Event()
+    real_init = T.Transformer.__init__
+
+    def slow_init(self, c):
+        real_init(self, c)
+        if self.embed.weight.is_meta:   # the empty build: hold the swap open while the other thread builds
+            inside.set()
+            release_build.wait(10)
+    monkeypatch.setattr(T.Transformer, "__init__", slow_init)
+    worker = threading.Thread(target=T.Transformer.empty, args=(cfg,))
+    worker.start()
+    assert inside.wait(10)
+    torch.manual_seed(0)
+    real = T.Transformer(cfg)
+    release_build.set()
+    worker.join(10)
+    w = real.embed.weight
+    assert bool(torch.isfinite(w).all()) and 0.015 < w.std().item() < 0.025   # N(0, 0.02), not left as allocated

@@ -36,10 +36,15 @@ from .quant import Int8Embedding, Int8Linear
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
                    "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
 _EMPTY_LOCK = threading.Lock()   # the functions are swapped process-wide: one empty build at a time
+_BUILDING = threading.local()    # ...but skipped only on the thread building: others initialise as ever
 
 
-def _leave(tensor, *args, **kwargs):
-    return tensor
+def _skipping(original):
+    def init(tensor, *args, **kwargs):
+        if getattr(_BUILDING, "active", False):
+            return tensor
+        return original(tensor, *args, **kwargs)
+    return init
 
 
 class Transformer(nn.Module):
@@ -87,10 +92,12 @@ class Transformer(nn.Module):
         with _EMPTY_LOCK, torch.device("meta"):
             saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
             try:
-                for name in _INIT_FUNCTIONS:
-                    setattr(nn.init, name, _leave)
+                for name, fn in saved.items():
+                    setattr(nn.init, name, _skipping(fn))
+                _BUILDING.active = True
                 return cls(cfg)
             finally:
+                _BUILDING.active = False
                 for name, fn in saved.items():
                     setattr(nn.init, name, fn)
 
