@@ -24,6 +24,8 @@ import torch.nn as nn
 
 from ..atomic import replace, temp_path_for
 from ..errors import SolError
+from ..kernels import blocks
+from ..model.blockquant import BlockEmbedding, BlockLinear, BlockRows
 from ..model.config import ModelConfig
 from ..model.layers import rope_frequencies
 from ..model.quant import Int8Embedding, Int8Linear, quantize_rows
@@ -171,9 +173,21 @@ def _token_ids(meta: dict) -> dict:
     return out
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo convert_hf_to_gguf.py's permute: per head, rows (pairs, 2) back to (2, halves)."""
+def _unpermute(w, n_head: int):
+    """Undo convert_hf_to_gguf.py's permute: per head, rows (pairs, 2) back to (2, halves). Blocks are moved
+    whole rows at a time, in the order the same permutation gives their row numbers."""
+    if isinstance(w, BlockRows):
+        return w.take_rows(_unpermute(torch.arange(w.rows), n_head))
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _cat(ts: list):
+    """torch.cat of rows, for float tensors or GGUF blocks (a mix goes float: no kernel takes F32 rows)."""
+    if not any(isinstance(t, BlockRows) for t in ts):
+        return torch.cat(ts)
+    if all(isinstance(t, BlockRows) for t in ts):
+        return BlockRows.cat(ts)
+    return torch.cat([t.to_float() if isinstance(t, BlockRows) else t for t in ts])
 
 
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -225,6 +239,51 @@ def tensor_to_torch(t, path: Path) -> torch.Tensor:
                        "the file is corrupt") from None
 
 
+# Where each block type keeps its float16 scales (byte offsets in a block): checked finite at load.
+SCALE_AT = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2),
+            "Q5_K": (0, 2), "Q6_K": (208,)}
+HALF_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def tensor_to_blocks(t, path: Path):
+    """A 2-D GGUF tensor of a type Sol's block kernels run, as BlockRows viewing the mapped file (no copy);
+    any other tensor as float32 (tensor_to_torch). Truncated data, a width that is not whole blocks and
+    non-finite scales are refused, naming the tensor."""
+    name = t.tensor_type.name
+    if len(t.shape) != 2 or name not in blocks.BLOCKS:
+        return tensor_to_torch(t, path)
+    width, rows = (int(s) for s in t.shape)
+    try:
+        size = blocks.row_bytes(name, width)
+    except ValueError as e:
+        raise SolError(f"{path}: tensor {t.name!r} ({name}, {rows} x {width}): {e}; the file is corrupt") from None
+    data = np.asarray(t.data)
+    if data.nbytes != rows * size:
+        raise SolError(f"{path}: tensor {t.name!r} ({name}) holds {data.nbytes:,} bytes where {rows} rows of "
+                       f"{width} need {rows * size:,}; the file is truncated or corrupt (download it again)")
+    with warnings.catch_warnings():   # the mapped file is read-only; the kernels only read it
+        warnings.simplefilter("ignore", UserWarning)
+        part = torch.from_numpy(data.view(np.uint8).reshape(rows, size))
+    _check_scales(part, name, t.name, path)
+    return BlockRows([(name, part)], width)
+
+
+def _check_scales(part: torch.Tensor, type_name: str, tensor: str, path: Path) -> None:
+    if type_name in HALF_DTYPES:
+        check_finite({tensor: part.view(HALF_DTYPES[type_name])}, path)
+        return
+    block = blocks.BLOCKS[type_name][2]
+    every = part.view(-1, block)
+    for at in SCALE_AT[type_name]:
+        scales = every[:, at:at + 2].contiguous().view(torch.float16).view(-1)
+        bad = (~torch.isfinite(scales)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            per_row = part.shape[1] // block
+            raise SolError(f"{path}: tensor {tensor!r} ({type_name}) has a NaN or infinite scale in block "
+                           f"{i % per_row} of row {i // per_row}; the file is corrupt (download it again)")
+
+
 class _Out(dict):
     """weights_from_gguf's result: each tensor handed to `finish` as it is stored (int8 loads quantize a
     matrix as soon as it is whole, so the float32 model never exists at once)."""
@@ -237,9 +296,9 @@ class _Out(dict):
         super().__setitem__(name, self.finish(name, t) if self.finish else t)
 
 
-def weights_from_gguf(reader, cfg: ModelConfig, path: Path, finish=None) -> dict:
-    """The tensors renamed into Sol's layout (float32, or what `finish(name, tensor)` makes of each); every
-    tensor in the file used or refused by name."""
+def weights_from_gguf(reader, cfg: ModelConfig, path: Path, finish=None, read=tensor_to_torch) -> dict:
+    """The tensors renamed into Sol's layout (float32, or what `read(tensor, path)` gives, such as blocks;
+    then what `finish(name, tensor)` makes of each); every tensor in the file used or refused by name."""
     raw = {t.name: t for t in reader.tensors}
     raw.pop("rope_freqs.weight", None)   # read into cfg.rope_scaling already
     out = _Out(finish)
@@ -247,7 +306,7 @@ def weights_from_gguf(reader, cfg: ModelConfig, path: Path, finish=None) -> dict
     def take(name):
         if name not in raw:
             raise SolError(f"{path}: tensor {name!r} is missing for a {cfg.architecture} model")
-        return tensor_to_torch(raw.pop(name), path)
+        return read(raw.pop(name), path)
     out["embed.weight"] = take("token_embd.weight")
     if cfg.positions == "learned":
         out["pos_embed.weight"] = take("position_embd.weight")
@@ -271,16 +330,16 @@ def weights_from_gguf(reader, cfg: ModelConfig, path: Path, finish=None) -> dict
         q, k, v = take(g + "attn_q.weight"), take(g + "attn_k.weight"), take(g + "attn_v.weight")
         if cfg.architecture == "llama":
             q, k = _unpermute(q, cfg.n_head), _unpermute(k, cfg.n_kv_head)
-        out[b + "attn.qkv.weight"] = torch.cat([q, k, v])
+        out[b + "attn.qkv.weight"] = _cat([q, k, v])
         if cfg.qkv_bias:
             qb, kb, vb = take(g + "attn_q.bias"), take(g + "attn_k.bias"), take(g + "attn_v.bias")
             if cfg.architecture == "llama":
                 qb, kb = _unpermute(qb, cfg.n_head), _unpermute(kb, cfg.n_kv_head)
-            out[b + "attn.qkv.bias"] = torch.cat([qb, kb, vb])
+            out[b + "attn.qkv.bias"] = _cat([qb, kb, vb])
         out[b + "attn.proj.weight"] = take(g + "attn_output.weight")
         if cfg.proj_bias:
             out[b + "attn.proj.bias"] = take(g + "attn_output.bias")
-        out[b + "mlp.fc.weight"] = torch.cat([take(g + "ffn_gate.weight"), take(g + "ffn_up.weight")])
+        out[b + "mlp.fc.weight"] = _cat([take(g + "ffn_gate.weight"), take(g + "ffn_up.weight")])
         out[b + "mlp.proj.weight"] = take(g + "ffn_down.weight")
     if raw:
         names = sorted(raw)
@@ -363,6 +422,49 @@ def _int8_model(reader, cfg: ModelConfig, path: Path):
     return model.eval()
 
 
+# Types whose models run from their blocks on the CPU (Q8_0 files keep Sol's own int8 rows, faster still).
+BLOCK_FILES = {"F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
+
+
+def _block_model(reader, cfg: ModelConfig, path: Path):
+    """The Transformer with every linear layer and the token table held in the file's own blocks (views of
+    the mapped file where a layer is one tensor), norms and biases float32."""
+    model = Transformer.empty(cfg)
+    linear = {f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear}
+    held = {}
+
+    def finish(name: str, t):
+        if isinstance(t, BlockRows):
+            if name in linear or name == "embed.weight":
+                held[name] = t
+                return torch.empty(t.shape, device="meta")   # its shape, for check_shapes
+            t = t.to_float()   # a learned position table: added, not multiplied
+        check_finite({name: t}, path)
+        return t
+    sd = weights_from_gguf(reader, cfg, path, finish, read=tensor_to_blocks)
+    check_shapes(model, sd, path)
+    for name, rows in held.items():
+        owner, _, _ = name.rpartition(".")
+        if owner == "embed":
+            model.embed = BlockEmbedding(rows)
+        else:
+            parent, _, attr = owner.rpartition(".")
+            setattr(model.get_submodule(parent), attr, BlockLinear(rows, sd.pop(f"{owner}.bias", None)))
+    if cfg.tie_embeddings:   # the head multiplies the table's own blocks
+        model.lm_head = BlockLinear(held["embed.weight"]) if "embed.weight" in held else model.lm_head
+    model.load_state_dict({k: t for k, t in sd.items() if k not in held}, strict=False, assign=True)
+    if cfg.tie_embeddings and type(model.lm_head) is not BlockLinear:
+        model.lm_head.weight = model.embed.weight
+    return model.eval()
+
+
+def _runs_in_blocks(reader, quant: str, device, dtype, quantize: str | None) -> bool:
+    """Whether a file runs from its own blocks: on the CPU, with no dtype or int8 asked for, where the
+    kernels are built."""
+    return (quant in BLOCK_FILES and str(device) == "cpu" and dtype is None and quantize != "int8"
+            and blocks.available())
+
+
 def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None):
     """A LoadedModel from a .gguf file, with the same checks as a model directory."""
     path = Path(path).expanduser().resolve()
@@ -375,7 +477,10 @@ def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, 
     quant = quantization(reader)
     # A Q8_0 file stays int8 unless a dtype was asked for: its int8 values re-scaled per row.
     int8 = quantize == "int8" or (quantize == "auto" and quant == "Q8_0")
-    if int8:
+    in_blocks = not int8 and _runs_in_blocks(reader, quant, device, dtype, quantize)
+    if in_blocks:
+        model = _block_model(reader, cfg, path)
+    elif int8:
         model = _int8_model(reader, cfg, path)
     else:
         sd = weights_from_gguf(reader, cfg, path)
@@ -383,7 +488,8 @@ def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, 
         model = build_model(cfg, sd, path, torch.float32 if dtype is None else dtype)
         sd.clear()
     model.vocab_limit = id_limit(meta, tokenizer)
-    place(model, device, dtype, int8)
+    if not in_blocks:
+        place(model, device, dtype, int8)
     info = {"name": path.name, "quantization": quant}
     return LoadedModel(model, tokenizer, cfg, path, "gguf", info)
 

@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("int8_linear.cpp")
-# The product; the decode step that uses it; the greedy token and log-sum-exp of logits (core/kernels/pick.py).
-SOURCES = [SOURCE, SOURCE.with_name("int8_step.cpp"), SOURCE.with_name("pick.cpp")]
-HEADERS = [SOURCE.with_name("int8_linear.h"), SOURCE.with_name("exp8.h")]
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]   # OpenMP: at::parallel_for's threads, torch's own libgomp
+# The product; the decode step that uses it; the greedy token and log-sum-exp of logits (core/kernels/pick.py);
+# the products of GGUF blocks (core/kernels/blocks.py).
+SOURCES = [SOURCE, SOURCE.with_name("int8_step.cpp"), SOURCE.with_name("pick.cpp"), SOURCE.with_name("blocks.cpp")]
+HEADERS = [SOURCE.with_name("int8_linear.h"), SOURCE.with_name("exp8.h"), SOURCE.with_name("blocks.h")]
+# OpenMP: at::parallel_for's threads, torch's own libgomp; F16C: float16 scales (every AVX2 CPU has it).
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 ROWS, STEP = 4, 16          # the blocked layout's tile: 4 rows x 16 inputs, one 64-byte line
 _STATE: bool | None = None  # None: not tried yet in this process
 _WHY = ""                   # why it is not available

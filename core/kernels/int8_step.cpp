@@ -21,6 +21,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include "blocks.h"
 #include "exp8.h"
 #include "int8_linear.h"
 
@@ -73,13 +74,20 @@ void activate(const float* x, int64_t n, bool gelu, float* y) {
   }
 }
 
+// A linear layer in Sol's int8 kernel (w, scales), or in its GGUF block kernels (parts, held in `keep`).
 struct Linear {
   at::Tensor w, scales;
   c10::optional<at::Tensor> bias;
   int64_t in, out;
   const float* b;
+  std::vector<sol_blocks::Part> parts;
+  std::vector<at::Tensor> keep;
 
   void operator()(const float* x, float* y) const {
+    if (!parts.empty()) {
+      sol_blocks::product(x, 1, in, parts, out, b, y);
+      return;
+    }
     sol_int8::product(x, 1, in, w.data_ptr<int8_t>(), w.size(0), w.size(1) * sol_int8::STEP, out,
                       scales.data_ptr<float>(), b, y);
   }
@@ -125,26 +133,44 @@ class Step : public torch::CustomClassHolder {
   // tensors: per block, (w, scales, bias) for each of its 4 linear layers, then (w, b) for each of its 6 norm
   // slots; then the final norm's (w, b); an empty tensor stands for "none". ints: n_layer, d_model, heads,
   // kv heads, head dim, norm kind, post norms, q/k norms, MLP kind; then each block's window (-1: none) and
-  // RoPE table (-1: none); then each linear layer's in and out sizes. floats: norm eps, attention scale.
-  Step(std::vector<at::Tensor> tensors, std::vector<int64_t> ints, std::vector<double> floats) {
+  // RoPE table (-1: none); then each linear layer's in and out sizes and its number of GGUF parts (0: an
+  // int8 layer, w and scales). floats: norm eps, attention scale. parts, part_types: the GGUF layers' parts
+  // (uint8 rows) and their GGML types, layer after layer.
+  Step(std::vector<at::Tensor> tensors, std::vector<int64_t> ints, std::vector<double> floats,
+       std::vector<at::Tensor> parts, std::vector<int64_t> part_types) {
     TORCH_CHECK(ints.size() >= 9 && floats.size() == 2, "sol_step.Step: wrong argument counts");
     L_ = ints[0], d_ = ints[1], H_ = ints[2], KV_ = ints[3], hd_ = ints[4], norm_kind_ = ints[5];
     post_norms_ = ints[6] != 0, qk_norm_ = ints[7] != 0, mlp_ = ints[8];
     eps_ = floats[0], scale_ = floats[1];
-    TORCH_CHECK(L_ > 0 && H_ > 0 && KV_ > 0 && H_ % KV_ == 0 && (int64_t)ints.size() == 9 + 2 * L_ + 2 * LINEARS * L_,
+    TORCH_CHECK(L_ > 0 && H_ > 0 && KV_ > 0 && H_ % KV_ == 0 && (int64_t)ints.size() == 9 + 2 * L_ + 3 * LINEARS * L_,
                 "sol_step.Step: ", ints.size(), " sizes do not describe ", L_, " blocks");
     TORCH_CHECK((int64_t)tensors.size() == L_ * (3 * LINEARS + 2 * NORMS) + 2, "sol_step.Step: ", tensors.size(),
                 " tensors do not describe ", L_, " blocks");
-    size_t t = 0;
+    TORCH_CHECK(parts.size() == part_types.size(), "sol_step.Step: one type for each GGUF part");
+    size_t t = 0, next_part = 0;
     const int64_t* sizes = ints.data() + 9 + 2 * L_;
     for (int64_t i = 0; i < L_; ++i) {
       windows_.push_back(ints[9 + 2 * i]);
       rope_of_.push_back(ints[10 + 2 * i]);
       for (int64_t j = 0; j < LINEARS; ++j, t += 3) {
-        Linear l{tensors[t], tensors[t + 1], c10::nullopt, sizes[0], sizes[1], nullptr};
-        sizes += 2;
+        Linear l{tensors[t], tensors[t + 1], c10::nullopt, sizes[0], sizes[1], nullptr, {}, {}};
+        const int64_t n_parts = sizes[2];
+        sizes += 3;
         if (tensors[t + 2].numel()) l.bias = tensors[t + 2];
-        l.b = sol_int8::check_layer(l.w, l.scales, l.bias, l.in, l.out);
+        if (n_parts == 0) {
+          l.b = sol_int8::check_layer(l.w, l.scales, l.bias, l.in, l.out);
+        } else {
+          TORCH_CHECK(n_parts > 0 && next_part + n_parts <= parts.size(), "sol_step.Step: too few GGUF parts");
+          l.keep.assign(parts.begin() + next_part, parts.begin() + next_part + n_parts);
+          const std::vector<int64_t> types(part_types.begin() + next_part, part_types.begin() + next_part + n_parts);
+          next_part += n_parts;
+          l.parts = sol_blocks::check_parts(l.keep, types, l.in, l.out);
+          if (l.bias.has_value()) {
+            TORCH_CHECK(l.bias->scalar_type() == at::kFloat && l.bias->is_contiguous() && l.bias->numel() == l.out,
+                        "sol_step.Step: a bias must be ", l.out, " contiguous float32 numbers");
+            l.b = l.bias->data_ptr<float>();
+          }
+        }
         linears_.push_back(l);
       }
       for (int64_t j = 0; j < NORMS; ++j, t += 2) norms_.push_back(norm(tensors[t], tensors[t + 1], j));
@@ -295,6 +321,7 @@ class Step : public torch::CustomClassHolder {
 
 TORCH_LIBRARY(sol_step, m) {
   m.class_<Step>("Step")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>, std::vector<at::Tensor>,
+                       std::vector<int64_t>>())
       .def("run", &Step::run);
 }

@@ -27,11 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import int8_kernel
+from .blockquant import BlockLinear
 from .half import HalfLinear
 from .quant import FULL_CODES, Int8Linear, _fbgemm, fbgemm_codes
 
 # Kinds of linear layer, norm and MLP, as the scripted loop tells them apart.
-LIN_FLOAT, LIN_HALF, LIN_INT8, LIN_INT8_DEQUANT, LIN_INT8_KERNEL = 0, 1, 2, 3, 4
+LIN_FLOAT, LIN_HALF, LIN_INT8, LIN_INT8_DEQUANT, LIN_INT8_KERNEL, LIN_BLOCKS = 0, 1, 2, 3, 4, 5
 NORM_LAYER, NORM_RMS, NORM_RMS_PLUS_ONE = 0, 1, 2
 MLP_GELU, MLP_SWIGLU, MLP_GEGLU = 0, 1, 2
 # Norm slots per layer in the plan's lists: ln1, ln2, post-attention, post-MLP, q, k.
@@ -91,11 +93,23 @@ def _int8_kernel(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: O
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def _blocks(x: torch.Tensor, parts: List[torch.Tensor], types: List[int], bias: Optional[torch.Tensor],
+            out: int) -> torch.Tensor:
+    """BlockLinear.forward (blocks.linear): GGUF blocks in Sol's block kernels."""
+    x2 = x.reshape(-1, x.size(-1))
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    y = torch.ops.sol_blocks.linear(x2.contiguous(), parts, types, bias, x2.size(1), out)
+    shape = x.size()[:-1] + [out]
+    y = y.view(shape)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def _linear(x: torch.Tensor, j: int, kind: List[int], w: List[torch.Tensor], b: List[Optional[torch.Tensor]],
             scales: List[torch.Tensor], slot: List[int],
             packed: List[torch.classes.quantized.LinearPackedParamsBase], out: List[int],
-            codes: List[float]) -> torch.Tensor:
-    """model._linear for linear layer j: nn.Linear, HalfLinear or Int8Linear."""
+            codes: List[float], parts: List[List[torch.Tensor]], ptypes: List[List[int]]) -> torch.Tensor:
+    """model._linear for linear layer j: nn.Linear, HalfLinear, Int8Linear or BlockLinear."""
     k = kind[j]
     if k == 0:
         return F.linear(x, w[j], b[j])
@@ -106,6 +120,8 @@ def _linear(x: torch.Tensor, j: int, kind: List[int], w: List[torch.Tensor], b: 
         return _int8_rows(x, packed[slot[j]], out[j], b[j], scales[j], codes)
     if k == 4:
         return _int8_kernel(x, w[j], scales[j], b[j], out[j])
+    if k == 5:
+        return _blocks(x, parts[j], ptypes[j], b[j], out[j])
     y = F.linear(x, w[j].to(x.dtype)) * scales[j].to(x.dtype)
     bias = b[j]
     return y if bias is None else y + bias.to(x.dtype)
@@ -140,7 +156,7 @@ def _layers(x: torch.Tensor, at: int, pos: torch.Tensor, masks: List[torch.Tenso
             cos: List[torch.Tensor], sin: List[torch.Tensor],
             kind: List[int], w: List[torch.Tensor], b: List[Optional[torch.Tensor]], scales: List[torch.Tensor],
             slot: List[int], packed: List[torch.classes.quantized.LinearPackedParamsBase], out: List[int],
-            codes: List[float],
+            codes: List[float], parts: List[List[torch.Tensor]], ptypes: List[List[int]],
             norm_w: List[torch.Tensor], norm_b: List[Optional[torch.Tensor]], norm_kind: int, eps: float,
             post_norms: bool, qk_norm: bool, windows: List[int], rope_of: List[int],
             H: int, KV: int, hd: int, scale: float, mlp: int) -> torch.Tensor:
@@ -152,9 +168,9 @@ def _layers(x: torch.Tensor, at: int, pos: torch.Tensor, masks: List[torch.Tenso
     for i in range(len(ks)):
         nw = 6 * i   # NORMS_PER_LAYER (TorchScript reads no global numbers)
         h = _norm(x, norm_w[nw], norm_b[nw], norm_kind, eps)
-        qkv = _linear(h, 4 * i, kind, w, b, scales, slot, packed, out, codes).view(B, H + 2 * KV, 1, hd)
-        parts = qkv.split([H, KV, KV], dim=1)
-        q, k, v = parts[0], parts[1], parts[2]
+        qkv = _linear(h, 4 * i, kind, w, b, scales, slot, packed, out, codes, parts, ptypes).view(B, H + 2 * KV, 1, hd)
+        heads = qkv.split([H, KV, KV], dim=1)
+        q, k, v = heads[0], heads[1], heads[2]
         if qk_norm:
             q = _norm(q, norm_w[nw + 4], norm_b[nw + 4], norm_kind, eps)
             k = _norm(k, norm_w[nw + 5], norm_b[nw + 5], norm_kind, eps)
@@ -173,12 +189,12 @@ def _layers(x: torch.Tensor, at: int, pos: torch.Tensor, masks: List[torch.Tenso
             values.scatter_(2, where, v.to(values.dtype))
             mask = masks[mask_of[i]]
         y = _attend(q.to(keys.dtype), keys, values, mask, H, KV, hd, scale).to(x.dtype)
-        a = _linear(y.view(B, 1, H * hd), 4 * i + 1, kind, w, b, scales, slot, packed, out, codes)
+        a = _linear(y.view(B, 1, H * hd), 4 * i + 1, kind, w, b, scales, slot, packed, out, codes, parts, ptypes)
         if post_norms:
             a = _norm(a, norm_w[nw + 2], norm_b[nw + 2], norm_kind, eps)
         x = x + a
         h = _linear(_norm(x, norm_w[nw + 1], norm_b[nw + 1], norm_kind, eps), 4 * i + 2,
-                    kind, w, b, scales, slot, packed, out, codes)
+                    kind, w, b, scales, slot, packed, out, codes, parts, ptypes)
         if mlp == 0:
             h = F.gelu(h, approximate="tanh")
         else:
@@ -187,7 +203,7 @@ def _layers(x: torch.Tensor, at: int, pos: torch.Tensor, masks: List[torch.Tenso
                 h = F.silu(gate_up[0]) * gate_up[1]
             else:
                 h = F.gelu(gate_up[0], approximate="tanh") * gate_up[1]
-        m = _linear(h, 4 * i + 3, kind, w, b, scales, slot, packed, out, codes)
+        m = _linear(h, 4 * i + 3, kind, w, b, scales, slot, packed, out, codes, parts, ptypes)
         if post_norms:
             m = _norm(m, norm_w[nw + 3], norm_b[nw + 3], norm_kind, eps)
         x = x + m
@@ -307,6 +323,7 @@ def _build(model) -> Plan:
     if cfg.attn_softcap is not None or (cfg.n_kv_head != cfg.n_head and not _SDPA_HAS_GQA):
         raise _Unsupported
     kind, w, b, scales, slot, packed, out, norm_w, norm_b, ins = [], [], [], [], [], [], [], [], [], []
+    parts, ptypes = [], []   # a BlockLinear's parts and their GGML types; empty lists for other layers
     children, held = [], []
     empty = torch.empty(0)
 
@@ -320,9 +337,17 @@ def _build(model) -> Plan:
         return m
 
     def add_linear(parent, name):
-        m = child(parent, name, (nn.Linear, HalfLinear, Int8Linear))
+        m = child(parent, name, (nn.Linear, HalfLinear, Int8Linear, BlockLinear))
+        parts.append([])
+        ptypes.append([])
         if type(m) is nn.Linear:
             entry = (LIN_FLOAT, m.weight, m.bias, empty, None)
+        elif type(m) is BlockLinear:
+            if (m.bias is not None and m.bias.dtype != torch.float32) or not int8_kernel.loaded():
+                raise _Unsupported   # the kernels add a float32 bias; without them it dequantizes
+            entry = (LIN_BLOCKS, empty, m.bias, empty, None)
+            parts[-1], ptypes[-1] = m.parts, list(m.types)
+            held.extend((m._buffers, f"part{i}", t) for i, t in enumerate(m.parts))
         elif type(m) is HalfLinear:
             if m._packed is None:
                 raise _Unsupported
@@ -345,9 +370,9 @@ def _build(model) -> Plan:
                 entry = (LIN_INT8_DEQUANT, m.weight, m.bias, m.scales, None)
             held.append((m._buffers, "scales", m.scales))
             held.append((m.__dict__, "_blocked", m._blocked))
-        if type(m) is not nn.Linear:
+        if type(m) in (HalfLinear, Int8Linear):
             held.append((m.__dict__, "_packed", m._packed))
-        for name in ("weight", "bias"):
+        for name in ("bias",) if type(m) is BlockLinear else ("weight", "bias"):
             held.append((m._buffers if name in m._buffers else m._parameters, name, getattr(m, name)))
         k, weight, bias, scale, pack = entry
         kind.append(k)
@@ -393,7 +418,7 @@ def _build(model) -> Plan:
     ropes = model.pos_embed is None
     codes = fbgemm_codes() if LIN_INT8 in kind else FULL_CODES
     args = dict(kind=kind, w=w, b=b, scales=scales, slot=slot, packed=packed, out=out,
-                codes=[float(c) for c in codes],
+                codes=[float(c) for c in codes], parts=parts, ptypes=ptypes,
                 norm_w=norm_w, norm_b=norm_b,
                 norm_kind=NORM_LAYER if cfg.norm != "rmsnorm" else NORM_RMS_PLUS_ONE if cfg.norm_plus_one else NORM_RMS,
                 eps=float(cfg.norm_eps), post_norms=cfg.post_norms, qk_norm=cfg.qk_norm,
@@ -412,23 +437,27 @@ _NATIVE = True   # False: the scripted loop for every plan (the tests compare th
 
 def _native(args: dict, ins: list, d_model: int):
     """int8_step.cpp's Step for the plan's model, or None where it does not take the model: a layer outside
-    Sol's kernel, or norms not in float32 (it computes in float32, as the scripted loop then does).
+    Sol's kernels (int8 or GGUF blocks), or norms not in float32 (it computes in float32, as the scripted
+    loop then does).
 
     The scripted loop spends ~15 tensor operations a block around the int8 products; on GPT-2 124M that was
     ~2.5 ms a token beside the products' ~4.4 ms (2-core AVX2 EPYC). The native step runs them as plain loops
     over the token's few thousand numbers."""
-    if not args["kind"] or set(args["kind"]) != {LIN_INT8_KERNEL}:
+    if not args["kind"] or not set(args["kind"]) <= {LIN_INT8_KERNEL, LIN_BLOCKS}:
         return None
     if any(t.numel() and t.dtype != torch.float32 for t in args["norm_w"] + [b for b in args["norm_b"] if b is not None]):
         return None
     empty = torch.empty(0)
-    tensors, sizes = [], []
+    tensors, sizes, parts, ptypes = [], [], [], []
     layers = len(args["windows"])
     for i in range(layers):
         for j in range(4 * i, 4 * i + 4):
             bias = args["b"][j]
             tensors += [args["w"][j], args["scales"][j], empty if bias is None else bias]
-            sizes += [ins[j], args["out"][j]]
+            # in, out, and how many GGUF parts the layer has (0: int8 rows in w and scales)
+            sizes += [ins[j], args["out"][j], len(args["parts"][j])]
+            parts += args["parts"][j]
+            ptypes += args["ptypes"][j]
         for j in range(NORMS_PER_LAYER * i, NORMS_PER_LAYER * (i + 1)):
             bias = args["norm_b"][j]
             tensors += [args["norm_w"][j], empty if bias is None else bias]
@@ -439,6 +468,6 @@ def _native(args: dict, ins: list, d_model: int):
     for i in range(layers):
         ints += [args["windows"][i], args["rope_of"][i]]
     try:
-        return torch.classes.sol_step.Step(tensors, ints + sizes, [args["eps"], args["scale"]])
+        return torch.classes.sol_step.Step(tensors, ints + sizes, [args["eps"], args["scale"]], parts, ptypes)
     except (RuntimeError, AttributeError):   # a library without the step, or sizes it does not take
         return None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .half import HalfLinear
+from .blockquant import BlockLinear
 from .quant import Int8Linear
 
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -405,7 +406,7 @@ def _linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     hooks it (an adapter, a probe) still goes through the module."""
     if type(m) is nn.Linear and _plain(m):
         return F.linear(x, m.weight, m.bias)
-    if type(m) in (Int8Linear, HalfLinear) and _plain(m):   # checked second: the float path pays nothing for it
+    if type(m) in (Int8Linear, HalfLinear, BlockLinear) and _plain(m):   # checked second: the float path pays nothing for it
         return m.forward(x)
     return m(x)
 

@@ -29,6 +29,7 @@ from .config import ModelConfig
 from .half import HalfLinear
 from .layers import (Block, KVCache, _linear, _norm, apply_rope, cache_dtype, decode_attention, decode_masks,
                      make_norm, rope_frequencies)
+from .blockquant import BlockEmbedding, BlockLinear
 from .quant import Int8Embedding, Int8Linear
 
 
@@ -112,20 +113,23 @@ class Transformer(nn.Module):
 
     @property
     def device(self):
-        return self.embed.weight.device
+        e = self.embed
+        return e.device if type(e) is BlockEmbedding else e.weight.device
 
     @property
     def dtype(self):
         """The weights' float dtype (an int8 model's: that of its scales and activations)."""
         e = self.embed
-        return e.dtype if type(e) is Int8Embedding else e.weight.dtype
+        return e.dtype if type(e) in (Int8Embedding, BlockEmbedding) else e.weight.dtype
 
     def num_parameters(self) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         # int8 and packed float16 weights are buffers; a tied head's own copy is the embedding, counted once.
         n += sum(m.in_features * m.out_features for name, m in self.named_modules()
-                 if type(m) in (Int8Linear, HalfLinear) and not (name == "lm_head" and self.cfg.tie_embeddings))
-        return n + (self.embed.weight.numel() if type(self.embed) is Int8Embedding else 0)
+                 if type(m) in (Int8Linear, HalfLinear, BlockLinear) and not (name == "lm_head" and self.cfg.tie_embeddings))
+        e = self.embed
+        return n + (e.weight.numel() if type(e) is Int8Embedding else
+                    e.num_embeddings * e.embedding_dim if type(e) is BlockEmbedding else 0)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, batch, max_len or self.cfg.context, self.device, cache_dtype(self.device, self.dtype))

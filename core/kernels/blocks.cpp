@@ -1,0 +1,550 @@
+// y = x W^T + bias for weights kept in the GGUF file's own blocks (llama.cpp's types), on x86 CPUs with AVX2.
+//
+// Why: a Q4_K_M file expanded to float32 is 7x its size and reads 7x the bytes a token; requantized to Sol's
+// int8 rows it is still ~2x. Here each type is multiplied from its own blocks, read straight from the mapped
+// file where a layer is one tensor of it.
+//
+// The arithmetic is llama.cpp's, so results agree with it: each activation row is quantized to int8, in
+// blocks of 32 with a float step each (for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or of 256 with sums of every 16
+// (for the K-quants, whose 256-number super-blocks carry 6- or 8-bit scales of their 16- or 32-number
+// sub-blocks); the weights' 4-, 5- or 6-bit codes are unpacked to bytes and multiplied with pmaddubsw
+// (unsigned codes x signed activations, pairs summed in int16: at most 2 x 63 x 127 = 16,002, no saturation).
+// A type whose numbers carry an offset (q - 8, q - 16, q - 32, or a min) subtracts offset x sum(x codes) per
+// block. F16 and BF16 rows are widened to float32 and multiplied with the float activations (FMA).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "blocks.h"
+
+namespace sol_blocks {
+
+namespace {
+
+// ---- sizes ---------------------------------------------------------------------------------------------
+struct Shape {
+  int64_t numbers, bytes;   // a block's
+};
+
+Shape shape_of(int64_t t) {
+  switch (t) {
+    case F16: case BF16: return {1, 2};
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+    default: return {0, 0};
+  }
+}
+
+bool k_quant(int64_t t) { return t == Q4_K || t == Q5_K || t == Q6_K; }
+bool plain(int64_t t) { return t == F16 || t == BF16; }
+
+inline float half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256i load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// ---- the activations as int8 -----------------------------------------------------------------------------
+// A block of 32 activations (Q8_0's layout, with the codes' sum for offsets): x ~ d * q.
+struct A32 {
+  float d;
+  int32_t sum;
+  int8_t q[32];
+};
+
+// A block of 256 (llama.cpp's Q8_K): one step, and the codes' sum over every 16.
+struct A256 {
+  float d;
+  int16_t sums[16];
+  int8_t q[256];
+};
+
+// max |x| over n (a multiple of 8) numbers; NaN where one is NaN.
+float amax(const float* x, int64_t n) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 top = _mm256_setzero_ps(), bad = top;
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    top = _mm256_max_ps(top, _mm256_and_ps(v, magnitude));
+  }
+  if (_mm256_movemask_ps(bad)) return std::numeric_limits<float>::quiet_NaN();
+  float lanes[8];
+  _mm256_storeu_ps(lanes, top);
+  return *std::max_element(lanes, lanes + 8);
+}
+
+// round(x * inv) for 32 numbers into q (int8), returning their sum.
+int32_t codes(const float* x, float inv, int8_t* q) {
+  const __m256 s = _mm256_set1_ps(inv);
+  __m256i v[4];
+  for (int j = 0; j < 4; ++j) v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * j), s));
+  // packs keeps 128-bit lanes: the permute puts the 32 codes back in order.
+  const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+  const __m256i ordered = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), ordered);
+  int32_t sum = 0;
+  for (int j = 0; j < 32; ++j) sum += q[j];
+  return sum;
+}
+
+// One row into blocks of 32; false where it holds a NaN or an infinity (its outputs are then NaN).
+// Rows whose largest number is under 1e-30 go in as zeros (1 / d would overflow float).
+bool quantize32(const float* x, int64_t K, A32* a) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float top = amax(x + 32 * b, 32);
+    if (!std::isfinite(top)) return false;
+    a[b].d = top / 127.f;   // as llama.cpp's quantize_row_q8_0: q = round(x / d)
+    a[b].sum = codes(x + 32 * b, top > 1e-30f ? 1.f / a[b].d : 0.f, a[b].q);
+  }
+  return true;
+}
+
+bool quantize256(const float* x, int64_t K, A256* a) {
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const float* xb = x + 256 * b;
+    const float top = amax(xb, 256);
+    if (!std::isfinite(top)) return false;
+    a[b].d = top / 127.f;
+    const float inv = top > 1e-30f ? 1.f / a[b].d : 0.f;
+    for (int j = 0; j < 8; ++j) {
+      codes(xb + 32 * j, inv, a[b].q + 32 * j);
+      for (int h = 0; h < 2; ++h) {
+        int32_t s = 0;
+        for (int i = 0; i < 16; ++i) s += a[b].q[32 * j + 16 * h + i];
+        a[b].sums[2 * j + h] = static_cast<int16_t>(s);
+      }
+    }
+  }
+  return true;
+}
+
+// ---- unpacking codes ---------------------------------------------------------------------------------------
+// 16 bytes of nibbles as 32 codes: the low nibbles first, then the high ones (Q4_0's, Q4_1's, Q5's order).
+inline __m256i nibbles(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+}
+
+// 32 bits (little-endian) as 32 bytes: 0x10 where the bit is set (the fifth bit of Q5_0's and Q5_1's codes).
+inline __m256i fifth_bits(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int32_t>(bits)),
+      _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+// The int32 lanes of sum(codes * x) over 32 numbers, for unsigned codes (0..63) and int8 activations.
+inline __m256i dot32(__m256i codes, const int8_t* x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, load(x)), _mm256_set1_epi16(1));
+}
+
+// The same, each pair sum weighed by `scales` (int16 lanes) before the int32 sums.
+inline __m256i dot32(__m256i codes, const int8_t* x, __m256i scales) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, load(x)), scales);
+}
+
+// A K-quant's six-bit scales and mins, 8 of each in 12 bytes (llama.cpp's get_scale_min_k4, four at a time).
+inline void scales_and_mins(const uint8_t* packed, uint8_t* scales, uint8_t* mins) {
+  uint32_t u[3], out[4];
+  std::memcpy(u, packed, 12);
+  constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, top2 = 0x03030303;
+  out[0] = u[0] & low6;
+  out[1] = (u[2] & low4) | (((u[0] >> 6) & top2) << 4);
+  out[2] = u[1] & low6;
+  out[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & top2) << 4);
+  std::memcpy(scales, out, 8);
+  std::memcpy(mins, out + 2, 8);
+}
+
+// ---- one row of weights . one row of activations, per type ------------------------------------------------
+float dot_q4_0(const uint8_t* w, const A32* a, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  float offset = 0.f;
+  for (int64_t b = 0; b < n; ++b, w += 18) {
+    const float d = half(w) * a[b].d;
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot32(nibbles(w + 2), a[b].q)), acc);
+    offset -= 8.f * d * a[b].sum;
+  }
+  return hsum(acc) + offset;
+}
+
+float dot_q4_1(const uint8_t* w, const A32* a, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  float offset = 0.f;
+  for (int64_t b = 0; b < n; ++b, w += 20) {
+    const float d = half(w) * a[b].d;
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot32(nibbles(w + 4), a[b].q)), acc);
+    offset += half(w + 2) * a[b].d * a[b].sum;
+  }
+  return hsum(acc) + offset;
+}
+
+float dot_q5_0(const uint8_t* w, const A32* a, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  float offset = 0.f;
+  for (int64_t b = 0; b < n; ++b, w += 22) {
+    const float d = half(w) * a[b].d;
+    const __m256i q = _mm256_or_si256(nibbles(w + 6), fifth_bits(w + 2));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot32(q, a[b].q)), acc);
+    offset -= 16.f * d * a[b].sum;
+  }
+  return hsum(acc) + offset;
+}
+
+float dot_q5_1(const uint8_t* w, const A32* a, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  float offset = 0.f;
+  for (int64_t b = 0; b < n; ++b, w += 24) {
+    const float d = half(w) * a[b].d;
+    const __m256i q = _mm256_or_si256(nibbles(w + 8), fifth_bits(w + 4));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot32(q, a[b].q)), acc);
+    offset += half(w + 2) * a[b].d * a[b].sum;
+  }
+  return hsum(acc) + offset;
+}
+
+float dot_q8_0(const uint8_t* w, const A32* a, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n; ++b, w += 34) {
+    const __m256i q = load(w + 2), x = load(a[b].q);
+    // signed x signed: |q| (unsigned) times x with q's sign, as maddubs takes one unsigned operand.
+    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)),
+                                        _mm256_set1_epi16(1));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * a[b].d), _mm256_cvtepi32_ps(p), acc);
+  }
+  return hsum(acc);
+}
+
+float dot_q4_k(const uint8_t* w, const A256* a, int64_t n) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  __m256 acc = _mm256_setzero_ps();
+  float offset = 0.f;
+  for (int64_t b = 0; b < n; ++b, w += 144) {
+    uint8_t sc[8], mn[8];
+    scales_and_mins(w + 4, sc, mn);
+    const uint8_t* qs = w + 16;
+    __m256i sum = _mm256_setzero_si256();
+    for (int k = 0; k < 4; ++k) {   // 64 numbers: 32 low nibbles (sub-block 2k), 32 high (2k + 1)
+      const __m256i raw = load(qs + 32 * k);
+      sum = _mm256_add_epi32(sum, dot32(_mm256_and_si256(raw, low), a[b].q + 64 * k, _mm256_set1_epi16(sc[2 * k])));
+      sum = _mm256_add_epi32(sum, dot32(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low), a[b].q + 64 * k + 32,
+                                        _mm256_set1_epi16(sc[2 * k + 1])));
+    }
+    int32_t mins = 0;
+    for (int j = 0; j < 8; ++j) mins += mn[j] * (a[b].sums[2 * j] + a[b].sums[2 * j + 1]);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * a[b].d), _mm256_cvtepi32_ps(sum), acc);
+    offset -= half(w + 2) * a[b].d * mins;
+  }
+  return hsum(acc) + offset;
+}
+
+float dot_q5_k(const uint8_t* w, const A256* a, int64_t n) {
+  const __m256i low = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+  __m256 acc = _mm256_setzero_ps();
+  float offset = 0.f;
+  for (int64_t b = 0; b < n; ++b, w += 176) {
+    uint8_t sc[8], mn[8];
+    scales_and_mins(w + 4, sc, mn);
+    const __m256i high = load(w + 16);   // bit j of byte l: the fifth bit of number l of sub-block j
+    const uint8_t* qs = w + 48;
+    __m256i sum = _mm256_setzero_si256();
+    for (int k = 0; k < 4; ++k) {
+      const __m256i raw = load(qs + 32 * k);
+      const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * k), one), 4);
+      const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * k + 1), one), 4);
+      const __m256i q0 = _mm256_or_si256(_mm256_and_si256(raw, low), h0);
+      const __m256i q1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low), h1);
+      sum = _mm256_add_epi32(sum, dot32(q0, a[b].q + 64 * k, _mm256_set1_epi16(sc[2 * k])));
+      sum = _mm256_add_epi32(sum, dot32(q1, a[b].q + 64 * k + 32, _mm256_set1_epi16(sc[2 * k + 1])));
+    }
+    int32_t mins = 0;
+    for (int j = 0; j < 8; ++j) mins += mn[j] * (a[b].sums[2 * j] + a[b].sums[2 * j + 1]);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * a[b].d), _mm256_cvtepi32_ps(sum), acc);
+    offset -= half(w + 2) * a[b].d * mins;
+  }
+  return hsum(acc) + offset;
+}
+
+float dot_q6_k(const uint8_t* w, const A256* a, int64_t n) {
+  const __m256i low = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n; ++b, w += 210) {
+    const uint8_t *ql = w, *qh = w + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+    __m256i sum = _mm256_setzero_si256();
+    for (int h = 0; h < 2; ++h) {   // two halves of 128 numbers: 64 bytes of low nibbles, 32 of high pairs
+      const __m256i la = load(ql + 64 * h), lb = load(ql + 64 * h + 32), hi = load(qh + 32 * h);
+      const __m256i q[4] = {
+          _mm256_or_si256(_mm256_and_si256(la, low), _mm256_slli_epi16(_mm256_and_si256(hi, two), 4)),
+          _mm256_or_si256(_mm256_and_si256(lb, low),
+                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2), two), 4)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), low),
+                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), two), 4)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), low),
+                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 6), two), 4))};
+      for (int c = 0; c < 4; ++c) {   // 32 numbers: two sub-blocks of 16, each with its own scale
+        const int s = 8 * h + 2 * c;
+        const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1]), _mm_set1_epi16(sc[s]));
+        sum = _mm256_add_epi32(sum, dot32(q[c], a[b].q + 128 * h + 32 * c, scales));
+      }
+    }
+    int32_t offset = 0;   // the codes are stored + 32
+    for (int j = 0; j < 16; ++j) offset += sc[j] * a[b].sums[j];
+    const __m256i total = _mm256_sub_epi32(sum, _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w + 208) * a[b].d), _mm256_cvtepi32_ps(total), acc);
+  }
+  return hsum(acc);
+}
+
+float dot_f16(const uint8_t* w, const float* x, int64_t n) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(w);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))),
+                         _mm256_loadu_ps(x + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i + 8))),
+                         _mm256_loadu_ps(x + i + 8), s1);
+  }
+  float s = hsum(_mm256_add_ps(s0, s1));
+  for (; i < n; ++i) s += _cvtsh_ss(h[i]) * x[i];
+  return s;
+}
+
+inline __m256 widen_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+float dot_bf16(const uint8_t* w, const float* x, int64_t n) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(w);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(widen_bf16(h + i), _mm256_loadu_ps(x + i), s0);
+    s1 = _mm256_fmadd_ps(widen_bf16(h + i + 8), _mm256_loadu_ps(x + i + 8), s1);
+  }
+  float s = hsum(_mm256_add_ps(s0, s1));
+  for (; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(h[i]) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    s += v * x[i];
+  }
+  return s;
+}
+
+// One weight row against one activation row, whatever the type (the activations in the form it takes).
+float dot(int64_t type, const uint8_t* w, int64_t K, const float* x, const A32* a32, const A256* a256) {
+  switch (type) {
+    case Q4_0: return dot_q4_0(w, a32, K / 32);
+    case Q4_1: return dot_q4_1(w, a32, K / 32);
+    case Q5_0: return dot_q5_0(w, a32, K / 32);
+    case Q5_1: return dot_q5_1(w, a32, K / 32);
+    case Q8_0: return dot_q8_0(w, a32, K / 32);
+    case Q4_K: return dot_q4_k(w, a256, K / 256);
+    case Q5_K: return dot_q5_k(w, a256, K / 256);
+    case Q6_K: return dot_q6_k(w, a256, K / 256);
+    case F16: return dot_f16(w, x, K);
+    default: return dot_bf16(w, x, K);
+  }
+}
+
+// ---- dequantizing rows (the token table's lookups) ----------------------------------------------------------
+void row_to_float(int64_t type, const uint8_t* w, int64_t K, float* y) {
+  const Shape s = shape_of(type);
+  for (int64_t b = 0; b < K / s.numbers; ++b, w += s.bytes, y += s.numbers) {
+    switch (type) {
+      case F16: y[0] = half(w); break;
+      case BF16: {
+        const uint32_t bits = static_cast<uint32_t>(w[0] | (w[1] << 8)) << 16;
+        std::memcpy(y, &bits, 4);
+        break;
+      }
+      case Q8_0:
+        for (int j = 0; j < 32; ++j) y[j] = half(w) * static_cast<int8_t>(w[2 + j]);
+        break;
+      case Q4_0: case Q4_1: case Q5_0: case Q5_1: {
+        const bool five = type == Q5_0 || type == Q5_1, min = type == Q4_1 || type == Q5_1;
+        const float d = half(w), m = min ? half(w + 2) : 0.f;
+        const uint8_t* qs = w + (min ? 4 : 2) + (five ? 4 : 0);
+        uint32_t high = 0;
+        if (five) std::memcpy(&high, w + (min ? 4 : 2), 4);
+        const int offset = min ? 0 : five ? 16 : 8;
+        for (int j = 0; j < 16; ++j) {
+          const int lo = (qs[j] & 15) | (((high >> j) & 1) << 4), hi = (qs[j] >> 4) | (((high >> (j + 16)) & 1) << 4);
+          y[j] = d * (lo - offset) + m;
+          y[j + 16] = d * (hi - offset) + m;
+        }
+        break;
+      }
+      case Q4_K: case Q5_K: {
+        uint8_t sc[8], mn[8];
+        scales_and_mins(w + 4, sc, mn);
+        const float d = half(w), dmin = half(w + 2);
+        const bool five = type == Q5_K;
+        const uint8_t *qh = w + 16, *qs = w + (five ? 48 : 16);
+        for (int j = 0; j < 8; ++j)
+          for (int l = 0; l < 32; ++l) {
+            const int nib = (j % 2 ? qs[32 * (j / 2) + l] >> 4 : qs[32 * (j / 2) + l] & 15);
+            const int q = nib | (five ? ((qh[l] >> j) & 1) << 4 : 0);
+            y[32 * j + l] = d * sc[j] * q - dmin * mn[j];
+          }
+        break;
+      }
+      case Q6_K: {
+        const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+        const float d = half(w + 208);
+        for (int i = 0; i < 256; ++i) {
+          const int h = i / 128, c = (i % 128) / 32, l = i % 32;
+          const uint8_t lb = w[64 * h + 32 * (c % 2) + l], hb = w[128 + 32 * h + l];
+          const int q = ((c < 2 ? lb & 15 : lb >> 4) | (((hb >> (2 * c)) & 3) << 4)) - 32;
+          y[i] = d * sc[i / 16] * q;
+        }
+        break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<Part> check_parts(const std::vector<at::Tensor>& parts, const std::vector<int64_t>& types, int64_t K,
+                              int64_t O) {
+  TORCH_CHECK(!parts.empty() && parts.size() == types.size(), "sol_blocks: one type for each of the parts");
+  std::vector<Part> out;
+  int64_t rows = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const at::Tensor& p = parts[i];
+    const Shape s = shape_of(types[i]);
+    TORCH_CHECK(s.numbers > 0, "sol_blocks: part ", i, " has GGML type ", types[i], ", which these kernels do not read");
+    TORCH_CHECK(K % s.numbers == 0, "sol_blocks: ", K, " inputs are not whole blocks of ", s.numbers);
+    TORCH_CHECK(p.dim() == 2 && p.scalar_type() == at::kByte && p.is_contiguous() && p.device().is_cpu() &&
+                p.size(1) == K / s.numbers * s.bytes, "sol_blocks: part ", i, " must be contiguous uint8 rows of ",
+                K / s.numbers * s.bytes, " bytes");
+    out.push_back({p.data_ptr<uint8_t>(), types[i], p.size(0), p.size(1)});
+    rows += p.size(0);
+  }
+  TORCH_CHECK(rows == O, "sol_blocks: the parts hold ", rows, " rows; the layer has ", O, " outputs");
+  return out;
+}
+
+void product(const float* x, int64_t M, int64_t K, const std::vector<Part>& parts, int64_t O, const float* b,
+             float* y) {
+  if (M == 0 || O == 0) return;
+  bool want32 = false, want256 = false;
+  for (const Part& p : parts) {
+    want32 |= !plain(p.type) && !k_quant(p.type);
+    want256 |= k_quant(p.type);
+  }
+  std::vector<A32> a32(want32 ? M * (K / 32) : 0);
+  std::vector<A256> a256(want256 ? M * (K / 256) : 0);
+  std::vector<char> finite(M, 1);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      bool ok = true;
+      if (want32) ok &= quantize32(x + m * K, K, a32.data() + m * (K / 32));
+      if (want256) ok &= quantize256(x + m * K, K, a256.data() + m * (K / 256));
+      if (!want32 && !want256)
+        for (int64_t k = 0; k < K && ok; ++k) ok = std::isfinite(x[m * K + k]);
+      finite[m] = ok;
+    }
+  });
+  std::vector<int64_t> first(parts.size() + 1, 0);   // each part's first output row
+  for (size_t i = 0; i < parts.size(); ++i) first[i + 1] = first[i] + parts[i].rows;
+  // Enough rows a task that a thread's share outweighs waking it (~5 us): about 64 KB of weights.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, parts[0].stride * std::min<int64_t>(M, 8)));
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
+    size_t i = 0;
+    for (int64_t o = o0; o < o1; ++o) {
+      while (o >= first[i + 1]) ++i;
+      const Part& p = parts[i];
+      const uint8_t* row = p.w + (o - first[i]) * p.stride;
+      const float add = b ? b[o] : 0.f;
+      for (int64_t m = 0; m < M; ++m) {
+        const float v = finite[m] ? dot(p.type, row, K, x + m * K, want32 ? a32.data() + m * (K / 32) : nullptr,
+                                        want256 ? a256.data() + m * (K / 256) : nullptr)
+                                  : nan;
+        y[m * O + o] = v + add;
+      }
+    }
+  });
+}
+
+}  // namespace sol_blocks
+
+namespace {
+
+at::Tensor linear(const at::Tensor& x, std::vector<at::Tensor> parts, std::vector<int64_t> types,
+                  const c10::optional<at::Tensor>& bias, int64_t in_features, int64_t out_features) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "sol_blocks::linear: x must be a contiguous float32 (rows, inputs) CPU tensor");
+  const int64_t M = x.size(0), K = x.size(1), O = out_features;
+  TORCH_CHECK(K == in_features, "sol_blocks::linear: the layer takes ", in_features, " inputs, x has ", K);
+  const std::vector<sol_blocks::Part> ps = sol_blocks::check_parts(parts, types, K, O);
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == O,
+                "sol_blocks::linear: bias must be ", O, " contiguous float32 numbers");
+    b = bias->data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, O}, x.options());
+  sol_blocks::product(x.data_ptr<float>(), M, K, ps, O, b, y.data_ptr<float>());
+  return y;
+}
+
+// The rows `ids` of one part as float32 (n, width): a token table's lookups.
+at::Tensor rows(const at::Tensor& blocks, int64_t type, const at::Tensor& ids, int64_t width) {
+  const std::vector<sol_blocks::Part> ps = sol_blocks::check_parts({blocks}, {type}, width, blocks.size(0));
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.device().is_cpu(), "sol_blocks::rows: ids must be int64");
+  const at::Tensor flat = ids.contiguous().view(-1);
+  const int64_t n = flat.numel(), R = blocks.size(0);
+  const int64_t* ip = flat.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < R, "sol_blocks::rows: index ", ip[i], " is out of range for ", R, " rows");
+  at::Tensor y = at::empty({n, width}, blocks.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) sol_blocks::row_to_float(type, ps[0].w + ip[i] * ps[0].stride, width, yp + i * width);
+  });
+  return y;
+}
+
+}  // namespace
+
+// The schemas are declared in core/kernels/blocks.py, so TorchScript can compile calls to them before this
+// library is built; this gives them their CPU implementations.
+TORCH_LIBRARY_IMPL(sol_blocks, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("rows", &rows);
+}
