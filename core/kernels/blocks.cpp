@@ -540,6 +540,35 @@ at::Tensor rows(const at::Tensor& blocks, int64_t type, const at::Tensor& ids, i
   return y;
 }
 
+// The first block (counting along the rows) whose float16 scale is NaN or infinite, or -1: a damaged file is
+// refused at load rather than giving NaN at some token. F16 and BF16: the first such number.
+int64_t bad_scale(const at::Tensor& blocks, int64_t type) {
+  const sol_blocks::Shape s = sol_blocks::shape_of(type);
+  TORCH_CHECK(s.numbers > 0 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
+              blocks.numel() % s.bytes == 0, "sol_blocks::bad_scale: contiguous uint8 blocks of a known type");
+  const uint8_t* p = blocks.data_ptr<uint8_t>();
+  const int64_t n = blocks.numel() / s.bytes;
+  auto all_ones = [](const uint8_t* q, uint16_t mask) {
+    uint16_t h;
+    std::memcpy(&h, q, 2);
+    return (h & mask) == mask;   // the exponent all ones: an infinity or a NaN
+  };
+  using namespace sol_blocks;
+  if (type == F16 || type == BF16) {
+    const uint16_t mask = type == F16 ? 0x7c00 : 0x7f80;
+    for (int64_t i = 0; i < n; ++i)
+      if (all_ones(p + 2 * i, mask)) return i;
+    return -1;
+  }
+  const int at = type == Q6_K ? 208 : 0;
+  const bool two = type == Q4_1 || type == Q5_1 || type == Q4_K || type == Q5_K;   // d and a min (or dmin)
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t* b = p + i * s.bytes + at;
+    if (all_ones(b, 0x7c00) || (two && all_ones(b + 2, 0x7c00))) return i;
+  }
+  return -1;
+}
+
 }  // namespace
 
 // The schemas are declared in core/kernels/blocks.py, so TorchScript can compile calls to them before this
@@ -547,4 +576,5 @@ at::Tensor rows(const at::Tensor& blocks, int64_t type, const at::Tensor& ids, i
 TORCH_LIBRARY_IMPL(sol_blocks, CPU, m) {
   m.impl("linear", &linear);
   m.impl("rows", &rows);
+  m.impl("bad_scale", &bad_scale);
 }

@@ -20,7 +20,8 @@ BLOCKS = {"F16": (1, 1, 2), "BF16": (30, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3,
 TYPES = {name: t for name, (t, _, _) in BLOCKS.items()}
 NAMES = {t: name for name, t in TYPES.items()}
 SCHEMAS = ["linear(Tensor x, Tensor[] parts, int[] types, Tensor? bias, int in_features, int out_features) -> Tensor",
-           "rows(Tensor blocks, int type, Tensor ids, int width) -> Tensor"]
+           "rows(Tensor blocks, int type, Tensor ids, int width) -> Tensor",
+           "bad_scale(Tensor blocks, int type) -> int"]
 
 
 def _declare():
@@ -65,3 +66,9 @@ def rows(blocks: torch.Tensor, type_id: int, ids: torch.Tensor, width: int) -> t
     """The rows `ids` (any shape) of one part as float32, shape ids.shape + (width,)."""
     y = torch.ops.sol_blocks.rows(blocks, type_id, ids, width)
     return y.view(*ids.shape, width)
+
+
+def bad_scale(part: torch.Tensor, type_id: int) -> int:
+    """The first block (along the rows) whose float16 scale is NaN or infinite, or -1 (F16, BF16: the first
+    such number)."""
+    return torch.ops.sol_blocks.bad_scale(part, type_id)
