@@ -563,8 +563,9 @@ def test_the_header_reader_reads_what_gguf_reads(good_gguf, tmp_path, kind):
 
 
 def test_int8_from_gguf_equals_quantizing_the_float_model(good_gguf, tmp_path):
-    """A Q8_0 file read straight into int8 (one float32 matrix at a time) holds exactly the int8 rows and
-    scales of the float32 model quantized whole, and gives the same logits."""
+    """A Q8_0 file read straight into int8 (one float32 slice at a time) holds exactly the int8 rows and
+    scales of the float32 model quantized whole, and gives the same logits; where Sol's kernel runs, the
+    token table and tied head stay the file's own Q8_0 blocks (the same logits with those in both)."""
     from sol.core.model.quant import Int8Embedding, Int8Linear, quantize_model
     q8 = gguf_io.export_gguf(load_model(good_gguf), tmp_path / "q8.gguf", "q8_0")
     streamed = load_model(q8, quantize="auto").model
@@ -580,6 +581,11 @@ def test_int8_from_gguf_equals_quantizing_the_float_model(good_gguf, tmp_path):
             assert torch.equal(m.scales, other.scales), name
             checked += 1
     assert checked >= 3
+    from sol.core.kernels import int8_kernel
+    from sol.core.model.blockquant import BlockEmbedding
+    if int8_kernel.available():
+        assert type(streamed.embed) is BlockEmbedding and streamed.embed.type_name == "Q8_0"
+        whole.embed, whole.lm_head = streamed.embed, streamed.lm_head
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
         assert torch.allclose(streamed(ids), whole(ids), atol=1e-5)

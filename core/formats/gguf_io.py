@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..atomic import replace, temp_path_for
 from ..errors import SolError
-from ..kernels import blocks
+from ..kernels import blocks, int8_kernel
 from ..model.blockquant import BlockEmbedding, BlockLinear, BlockRows
 from ..model.config import ModelConfig
 from ..model.layers import rope_frequencies
@@ -177,7 +177,9 @@ def _unpermute(w, n_head: int):
     """Undo convert_hf_to_gguf.py's permute: per head, rows (pairs, 2) back to (2, halves). Blocks are moved
     whole rows at a time, in the order the same permutation gives their row numbers."""
     if isinstance(w, BlockRows):
-        return w.take_rows(_unpermute(torch.arange(w.rows), n_head))
+        moved = w.take_rows(_unpermute(torch.arange(w.rows), n_head))
+        _release(w)   # copied: the file's pages need not stay in memory
+        return moved
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
@@ -265,7 +267,12 @@ def tensor_to_blocks(t, path: Path):
         warnings.simplefilter("ignore", UserWarning)
         part = torch.from_numpy(data.view(np.uint8).reshape(rows, size))
     _check_scales(part, name, t.name, path)
-    return BlockRows([(name, part)], width)
+    return BlockRows([(name, part)], width, [t.data])   # t.data: the np.memmap view (asarray drops it)
+
+
+def _release(rows: BlockRows) -> None:
+    for a in rows.sources:
+        release_pages(a)
 
 
 def _check_scales(part: torch.Tensor, type_name: str, tensor: str, path: Path) -> None:
@@ -397,10 +404,12 @@ def tokenizer_of_gguf(path: str | Path) -> Tokenizer:
 
 
 def _int8_model(reader, cfg: ModelConfig, path: Path):
-    """The Transformer with every linear layer and the token table int8, each matrix quantized into
-    Sol's rows (quant.quantize_rows) as soon as it is read, so only one is ever float32 at a time: the
-    same int8 values as quantizing the float32 model (load_model then quant.quantize_model), without
-    holding it (a Q8_0 Qwen2.5-0.5B: 3 GB over torch before)."""
+    """The Transformer with every linear layer int8, each matrix quantized into Sol's rows
+    (quant.quantize_rows) as soon as it is read, so only one is ever float32 at a time: the same int8 values
+    as quantizing the float32 model (load_model then quant.quantize_model), without holding it. Where Sol's
+    int8 kernel runs, see _int8_blocked: less memory still."""
+    if int8_kernel.available():
+        return _int8_blocked(reader, cfg, path)
     model = Transformer.empty(cfg)
     linear = {f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear}
     rows = {}
@@ -425,6 +434,82 @@ def _int8_model(reader, cfg: ModelConfig, path: Path):
         model.lm_head = Int8Linear.from_rows(*rows["embed.weight"])
     model.load_state_dict({k: t for k, t in sd.items() if k not in rows}, strict=False, assign=True)
     return model.eval()
+
+
+SLICE_ROWS = 1024   # rows dequantized at a time (a multiple of the kernel's 4-row tiles): ~20 MB of float32
+
+
+def _int8_blocked(reader, cfg: ModelConfig, path: Path):
+    """_int8_model where Sol's int8 kernel runs: each linear layer's rows quantized a slice at a time straight
+    into the kernel's blocked layout, in one region of huge pages sized from the config (int8_kernel.block_all's
+    region, without a plain int8 copy beside it); the token table, and a tied head, stay the file's own
+    Q8_0 blocks (BlockEmbedding, BlockLinear: mapped, not copied). A Q8_0 Qwen2.5-0.5B: ~0.5 GB over torch,
+    where quantizing the table and blocking afterwards held 1.15 GB at its peak."""
+    model = Transformer.empty(cfg)
+    shapes = {f"{name}.weight": (m.out_features, m.in_features) for name, m in model.named_modules()
+              if type(m) is nn.Linear and not (name == "lm_head" and cfg.tie_embeddings)}
+    sizes = {name: int8_kernel.blocked_bytes(*shape) for name, shape in shapes.items()}
+    region = int8_kernel._huge_region(sum(sizes.values()))
+    views, at = {}, 0
+    for name, n in sizes.items():
+        o, i = shapes[name]
+        views[name] = region[at:at + n].view(-(-o // int8_kernel.ROWS), -(-i // int8_kernel.STEP),
+                                             int8_kernel.ROWS, int8_kernel.STEP)
+        at += n
+    made, table = {}, {}
+
+    def finish(name: str, t):
+        if name in views:
+            made[name] = _block_rows_into(t, views[name], name, path)
+            return torch.empty(shapes[name], device="meta")
+        if name == "embed.weight" and isinstance(t, BlockRows):
+            table[name] = t
+            return torch.empty(t.shape, device="meta")
+        t = t.to_float() if isinstance(t, BlockRows) else t
+        check_finite({name: t}, path)
+        return t
+    sd = weights_from_gguf(reader, cfg, path, finish, read=tensor_to_blocks)
+    check_shapes(model, sd, path)
+    for name, scales in made.items():
+        owner = name.rpartition(".")[0]
+        parent, _, attr = owner.rpartition(".")
+        o, i = shapes[name]
+        layer = Int8Linear.from_blocked(views[name], scales, sd.pop(f"{owner}.bias", None), i, o)
+        setattr(model.get_submodule(parent), attr, layer)
+    if table:
+        model.embed = BlockEmbedding(table["embed.weight"])
+        if cfg.tie_embeddings:
+            model.lm_head = BlockLinear(table["embed.weight"])
+    model.load_state_dict({k: t for k, t in sd.items() if k not in made and k not in table}, strict=False,
+                          assign=True)
+    if cfg.tie_embeddings and not table:
+        model.lm_head = Int8Linear.from_linear(_tied_head(model))
+    return model.eval()
+
+
+def _tied_head(model) -> nn.Linear:
+    head = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False)
+    head.weight = model.embed.weight
+    return head
+
+
+def _block_rows_into(t, blocked: torch.Tensor, name: str, path: Path) -> torch.Tensor:
+    """Rows of t (BlockRows or float32) as int8 rows (quantize_rows) written into `blocked`, the kernel's
+    layout, SLICE_ROWS at a time; returns the float32 scales. Checks finiteness slice by slice."""
+    rows = t.rows if isinstance(t, BlockRows) else t.shape[0]
+    scales = torch.empty(rows)
+    tiles = blocked.view(blocked.shape[0], -1)
+    for r in range(0, rows, SLICE_ROWS):
+        w = t.slice_rows(r, r + SLICE_ROWS).to_float() if isinstance(t, BlockRows) else t[r:r + SLICE_ROWS]
+        check_finite({name: w}, path)
+        q, s = quantize_rows(w)
+        scales[r:r + len(s)] = s
+        b = int8_kernel.block(q)
+        first = r // int8_kernel.ROWS
+        tiles[first:first + b.shape[0]] = b.view(b.shape[0], -1)
+    if isinstance(t, BlockRows):
+        _release(t)   # read: the file's pages need not stay in this process's memory
+    return scales
 
 
 # Types whose models run from their blocks on the CPU (Q8_0 files keep Sol's own int8 rows, faster still).

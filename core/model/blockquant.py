@@ -33,8 +33,11 @@ class BlockRows:
     """A matrix as GGUF rows: [(type name, uint8 (rows, row bytes))] parts one after another, `width` numbers a
     row. What the GGUF reader hands on for quantized weights: concatenating and permuting rows keeps blocks."""
 
-    def __init__(self, parts: list[tuple[str, torch.Tensor]], width: int):
+    def __init__(self, parts: list[tuple[str, torch.Tensor]], width: int, sources: list | None = None):
         self.parts, self.width = parts, width
+        # The file's mapped views (numpy) the parts came from: their pages can be given back once the rows
+        # are copied or converted (core/formats/mapped.release_pages).
+        self.sources = sources or []
 
     @property
     def rows(self) -> int:
@@ -53,7 +56,17 @@ class BlockRows:
         widths = {m.width for m in matrices}
         if len(widths) != 1:
             raise ValueError(f"rows of different widths {sorted(widths)} cannot be stacked")
-        return BlockRows([p for m in matrices for p in m.parts], widths.pop())
+        return BlockRows([p for m in matrices for p in m.parts], widths.pop(), [a for m in matrices for a in m.sources])
+
+    def slice_rows(self, start: int, stop: int) -> "BlockRows":
+        """Rows start..stop (views, across parts)."""
+        out, at = [], 0
+        for name, part in self.parts:
+            lo, hi = max(start - at, 0), min(stop - at, part.shape[0])
+            if lo < hi:
+                out.append((name, part[lo:hi]))
+            at += part.shape[0]
+        return BlockRows(out, self.width, self.sources)
 
     def take_rows(self, index: torch.Tensor) -> "BlockRows":
         """Rows in the order `index` gives (a permutation of this one-part matrix's rows): a copy."""

@@ -142,6 +142,16 @@ class Int8Linear(nn.Module):
         m._hold(q, scales, bias)
         return m
 
+    @classmethod
+    def from_blocked(cls, blocked: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                     in_features: int, out_features: int) -> "Int8Linear":
+        """Rows already in Sol's kernel's blocked layout (int8_kernel.block), with no plain copy."""
+        m = cls.from_rows(torch.empty(0, in_features, dtype=torch.int8), scales, bias)
+        m.out_features = out_features
+        m.__dict__["_blocked"] = blocked
+        changed()
+        return m
+
     def _hold(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales)
