@@ -672,6 +672,13 @@ def _post_process(hf, meta: dict, tokens: list) -> None:
 # ---- writing -----------------------------------------------------------------
 def gguf_architecture(cfg: ModelConfig, source) -> str:
     """Which llama.cpp architecture computes exactly what this config describes, or an error saying why none."""
+    arch = next((a for a, family in FAMILIES.items() if family == cfg.architecture), None)
+    if arch is not None:   # written as convert_hf_to_gguf.py writes the family, if llama.cpp can run it so
+        why = _family_limits(cfg, arch)
+        if why:
+            raise SolError(f"{source}: this {cfg.architecture} model cannot be written as GGUF: {'; '.join(why)}; "
+                           "keep it as a folder, which Sol runs as it is")
+        return arch
     unsupported = [name for name in ("sliding_window", "qk_norm", "norm_plus_one", "post_norms", "scale_embeddings",
                                      "attn_scale", "attn_softcap", "logit_softcap", "rope_dim", "rope_local_theta")
                    if getattr(cfg, name)]
@@ -688,6 +695,62 @@ def gguf_architecture(cfg: ModelConfig, source) -> str:
             return "qwen2" if cfg.qkv_bias and not cfg.proj_bias and not per_freq else "llama"
     why = ", ".join(unsupported) or f"{cfg.positions} positions, {cfg.norm}, {cfg.mlp}, bias={cfg.bias}"
     raise SolError(f"{source}: this model ({why}) has no GGUF architecture Sol writes (gpt2, llama, qwen2)")
+
+
+def _family_limits(cfg: ModelConfig, arch: str) -> list[str]:
+    """What in this config llama.cpp's `arch` (src/models/<arch>.cpp) would compute otherwise, each naming the
+    config's key (and config.json's where it differs); an empty list when the file can hold it all."""
+    gemma = arch in ("gemma2", "gemma3")
+    want = {"positions": "rope", "norm": "rmsnorm", "mlp": "geglu" if gemma else "swiglu", "bias": False,
+            "proj_bias": False, "qk_norm": arch in ("qwen3", "gemma3"), "norm_plus_one": gemma,
+            "post_norms": gemma, "scale_embeddings": gemma}
+    why = [f"{k} is {getattr(cfg, k)!r}, llama.cpp's {arch} has {v!r}" for k, v in want.items() if getattr(cfg, k) != v]
+    rope = _rope_kind(cfg)
+    if rope not in ("default", "linear") and not (arch == "phi3" and rope == "longrope"):
+        why.append(f"rope_scaling {rope!r} has no place in a GGUF {arch} model")
+    if cfg.rope_dim not in (None, cfg.head_dim) and arch != "phi3":
+        why.append(f"rope_dim {cfg.rope_dim} (partial RoPE): of these, only llama.cpp's phi3 rotates part of a head")
+    if cfg.rope_local_theta is not None and arch != "gemma3":
+        why.append(f"rope_local_theta {cfg.rope_local_theta}: llama.cpp's {arch} has one RoPE base for all layers")
+    if cfg.attn_softcap is not None and arch != "gemma2":
+        why.append(f"attn_softcap {cfg.attn_softcap} (attn_logit_softcapping): llama.cpp's {arch} never caps scores")
+    if cfg.logit_softcap is not None and not gemma:
+        why.append(f"logit_softcap {cfg.logit_softcap} (final_logit_softcapping): llama.cpp's {arch} never caps logits")
+    return why + (_gemma_limits(cfg, arch) if gemma else _window_limits(cfg, arch))
+
+
+def _gemma_limits(cfg: ModelConfig, arch: str) -> list[str]:
+    why = []
+    scalar = cfg.d_model // cfg.n_head if cfg.n_layer == GEMMA_27B_LAYERS[arch] else cfg.head_dim
+    scale = cfg.attn_scale or cfg.head_dim ** -0.5
+    if not math.isclose(scale, scalar ** -0.5, rel_tol=1e-9):
+        why.append(f"attn_scale {scale:.6g} (query_pre_attn_scalar {scale ** -2:.6g}): no GGUF key holds it, "
+                   f"llama.cpp's {arch} takes 1/sqrt({scalar}) for this shape")
+    if arch == "gemma2":
+        if not cfg.tie_embeddings:
+            why.append("tie_embeddings is false (tie_word_embeddings): llama.cpp's gemma2 always uses token_embd "
+                       "as the output layer")
+        if cfg.attn_softcap is None or cfg.logit_softcap is None:
+            why.append("attn_softcap or logit_softcap is null (attn_logit_softcapping, final_logit_softcapping): "
+                       "llama.cpp's gemma2 always soft-caps both")
+        if cfg.sliding_window is None:
+            why.append("sliding_window is null: llama.cpp's gemma2 always slides")
+    elif cfg.sliding_window is None and cfg.rope_local_theta not in (None, cfg.rope_theta):
+        why.append("rope_local_theta without a sliding_window: llama.cpp's gemma3 then uses the global base everywhere")
+    return why
+
+
+def _window_limits(cfg: ModelConfig, arch: str) -> list[str]:
+    """qwen3 has no sliding window in llama.cpp; phi3's covers every layer or none."""
+    why = []
+    slides = {cfg.window(i) is not None for i in range(cfg.n_layer)}
+    if arch == "qwen3" and True in slides:
+        why.append(f"sliding_window {cfg.sliding_window} (use_sliding_window): llama.cpp's qwen3 has no sliding window")
+    if arch == "phi3" and len(slides) > 1:
+        why.append("layer_types: llama.cpp's phi3 has one sliding_window for every layer, or none")
+    if arch == "phi3" and cfg.n_head * cfg.head_dim != cfg.d_model:
+        why.append(f"head_dim {cfg.head_dim}: llama.cpp's phi3 needs n_head * head_dim = d_model ({cfg.d_model})")
+    return why
 
 
 def _rope_kind(cfg: ModelConfig) -> str:
@@ -715,12 +778,18 @@ def _gguf_tensors(sd: dict, cfg: ModelConfig, arch: str) -> list[tuple[str, np.n
     """Sol's tensors as llama.cpp names and lays them out (float32 numpy, torch dimension order)."""
     def f(t):
         return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+    def norm(t):   # Gemma's norms as convert_hf_to_gguf.py stores them: 1 + weight, the factor llama.cpp applies
+        return f(t.detach().float() + 1) if cfg.norm_plus_one else f(t)
     factors = rope_freq_factors(cfg)
     out = [] if factors is None else [("rope_freqs.weight", factors)]
+    if _rope_kind(cfg) == "longrope":   # Phi-3: the factors as tensors, the converter's first two
+        out += [(f"rope_factors_{kind}.weight", np.asarray(cfg.rope_scaling[f"{kind}_factor"], dtype=np.float32))
+                for kind in ("long", "short")]
     out.append(("token_embd.weight", f(sd["embed.weight"])))
     if cfg.positions == "learned":
         out.append(("position_embd.weight", f(sd["pos_embed.weight"])))
-    out.append(("output_norm.weight", f(sd["norm.weight"])))
+    out.append(("output_norm.weight", norm(sd["norm.weight"])))
     if "norm.bias" in sd:
         out.append(("output_norm.bias", f(sd["norm.bias"])))
     if not cfg.tie_embeddings:
@@ -733,22 +802,38 @@ def _gguf_tensors(sd: dict, cfg: ModelConfig, arch: str) -> list[tuple[str, np.n
                              ("attn_output", "attn.proj"), ("ffn_up", "mlp.fc"), ("ffn_down", "mlp.proj")):
                 out += [(g + dst + ".weight", f(sd[b + src + ".weight"])), (g + dst + ".bias", f(sd[b + src + ".bias"]))]
             continue
-        out.append((g + "attn_norm.weight", f(sd[b + "ln1.weight"])))
-        q, k, v = sd[b + "attn.qkv.weight"].split([H * hd, KV * hd, KV * hd])
-        if arch == "llama":
-            q, k = _permute(q, H), _permute(k, KV)
-        out += [(g + "attn_q.weight", f(q)), (g + "attn_k.weight", f(k)), (g + "attn_v.weight", f(v))]
-        if cfg.qkv_bias:
+        out.append((g + "attn_norm.weight", norm(sd[b + "ln1.weight"])))
+        if arch == "phi3":   # q, k and v stay fused, as the converter writes Phi-3's qkv_proj
+            out.append((g + "attn_qkv.weight", f(sd[b + "attn.qkv.weight"])))
+            if cfg.qkv_bias:
+                out.append((g + "attn_qkv.bias", f(sd[b + "attn.qkv.bias"])))
+        else:
+            q, k, v = sd[b + "attn.qkv.weight"].split([H * hd, KV * hd, KV * hd])
+            if arch == "llama":
+                q, k = _permute(q, H), _permute(k, KV)
+            out += [(g + "attn_q.weight", f(q)), (g + "attn_k.weight", f(k)), (g + "attn_v.weight", f(v))]
+        if cfg.qkv_bias and arch != "phi3":
             qb, kb, vb = sd[b + "attn.qkv.bias"].split([H * hd, KV * hd, KV * hd])
             if arch == "llama":
                 qb, kb = _permute(qb, H), _permute(kb, KV)
             out += [(g + "attn_q.bias", f(qb)), (g + "attn_k.bias", f(kb)), (g + "attn_v.bias", f(vb))]
+        if cfg.qk_norm:
+            out += [(g + "attn_q_norm.weight", norm(sd[b + "attn.q_norm.weight"])),
+                    (g + "attn_k_norm.weight", norm(sd[b + "attn.k_norm.weight"]))]
         out.append((g + "attn_output.weight", f(sd[b + "attn.proj.weight"])))
         if cfg.proj_bias:
             out.append((g + "attn_output.bias", f(sd[b + "attn.proj.bias"])))
-        gate, up = sd[b + "mlp.fc.weight"].chunk(2)
-        out += [(g + "ffn_norm.weight", f(sd[b + "ln2.weight"])), (g + "ffn_gate.weight", f(gate)),
-                (g + "ffn_up.weight", f(up)), (g + "ffn_down.weight", f(sd[b + "mlp.proj.weight"]))]
+        if cfg.post_norms:
+            out.append((g + "post_attention_norm.weight", norm(sd[b + "post_attn_norm.weight"])))
+        out.append((g + "ffn_norm.weight", norm(sd[b + "ln2.weight"])))
+        if arch == "phi3":   # gate and up stay fused in ffn_up, as the converter writes Phi-3's gate_up_proj
+            out.append((g + "ffn_up.weight", f(sd[b + "mlp.fc.weight"])))
+        else:
+            gate, up = sd[b + "mlp.fc.weight"].chunk(2)
+            out += [(g + "ffn_gate.weight", f(gate)), (g + "ffn_up.weight", f(up))]
+        out.append((g + "ffn_down.weight", f(sd[b + "mlp.proj.weight"])))
+        if cfg.post_norms:
+            out.append((g + "post_ffw_norm.weight", norm(sd[b + "post_mlp_norm.weight"])))
     return out
 
 
@@ -765,12 +850,45 @@ def _write_metadata(w, cfg: ModelConfig, arch: str) -> None:
     w.add_uint32(f"{arch}.attention.head_count_kv", cfg.n_kv_head)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.norm_eps)
     w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
-    w.add_uint32(f"{arch}.rope.dimension_count", cfg.head_dim)
+    w.add_uint32(f"{arch}.rope.dimension_count", cfg.rope_dim or cfg.head_dim)
     w.add_uint32(f"{arch}.attention.key_length", cfg.head_dim)
     w.add_uint32(f"{arch}.attention.value_length", cfg.head_dim)
     if _rope_kind(cfg) == "linear":   # llama3 / freq_factors scaling travels as rope_freqs.weight instead
         w.add_string(f"{arch}.rope.scaling.type", "linear")
         w.add_float32(f"{arch}.rope.scaling.factor", float(cfg.rope_scaling["factor"]))
+    if arch in ("gemma2", "gemma3"):
+        _write_gemma(w, cfg, arch)
+    elif arch == "phi3":
+        _write_phi3(w, cfg)
+
+
+def _write_gemma(w, cfg: ModelConfig, arch: str) -> None:
+    """Soft-caps, the window and which layers slide, as convert_hf_to_gguf.py and llama.cpp spell them
+    (gguf_architecture has checked llama.cpp computes the rest as this config says)."""
+    if cfg.attn_softcap is not None:
+        w.add_float32(f"{arch}.attn_logit_softcapping", cfg.attn_softcap)
+    if cfg.logit_softcap is not None:
+        w.add_float32(f"{arch}.final_logit_softcapping", cfg.logit_softcap)
+    if cfg.sliding_window is None:   # a Gemma 3 without one: llama.cpp then runs every layer global
+        return
+    w.add_uint32(f"{arch}.attention.sliding_window", cfg.sliding_window)
+    if arch == "gemma3":   # llama.cpp's default base for the sliding layers is 10000, not the global one
+        w.add_float32(f"{arch}.rope.freq_base_swa", cfg.rope_local_theta or cfg.rope_theta)
+    # The converter writes no pattern and llama.cpp assumes Gemma 2's 1 in 2 or Gemma 3's 1 in 6 global
+    # layers; any other model gets a flag per layer, which llama.cpp reads too.
+    types = ["sliding_attention" if cfg.window(i) else "full_attention" for i in range(cfg.n_layer)]
+    key = f"{arch}.attention.sliding_window_pattern"
+    if types != _layer_types(2 if arch == "gemma2" else 6, cfg.n_layer, key, None):
+        w.add_array(key, [t == "sliding_attention" for t in types])
+
+
+def _write_phi3(w, cfg: ModelConfig) -> None:
+    """The window (0: none, as the converter writes it for Phi-4) and longrope's numbers; its factors are
+    tensors and, as from the converter, no rope.scaling.type says so."""
+    w.add_uint32("phi3.attention.sliding_window", cfg.sliding_window or 0)
+    if _rope_kind(cfg) == "longrope":
+        w.add_uint32("phi3.rope.scaling.original_context_length", cfg.rope_scaling["original_max_position_embeddings"])
+        w.add_float32("phi3.rope.scaling.attn_factor", rope_frequencies(cfg)[1])
 
 
 def _bytes_to_unicode() -> dict[int, str]:
