@@ -694,7 +694,8 @@ def gguf_architecture(cfg: ModelConfig, source) -> str:
             per_freq = rope in ("llama3", "freq_factors")
             return "qwen2" if cfg.qkv_bias and not cfg.proj_bias and not per_freq else "llama"
     why = ", ".join(unsupported) or f"{cfg.positions} positions, {cfg.norm}, {cfg.mlp}, bias={cfg.bias}"
-    raise SolError(f"{source}: this model ({why}) has no GGUF architecture Sol writes (gpt2, llama, qwen2)")
+    raise SolError(f"{source}: this model ({why}) has no GGUF architecture Sol writes (gpt2, llama, qwen2; "
+                   "qwen3, gemma2, gemma3 and phi3 for models of those families)")
 
 
 def _family_limits(cfg: ModelConfig, arch: str) -> list[str]:
