@@ -71,6 +71,22 @@ FAMILIES = {
                                        max_position_embeddings=128, sliding_window=8, query_pre_attn_scalar=24,
                                        attn_logit_softcapping=3.0, final_logit_softcapping=6.0,
                                        tie_word_embeddings=False),
+    # Gemma 2 and 3 as llama.cpp runs them (tests/test_gguf_families.py): tied embeddings (llama.cpp's gemma2
+    # has no output.weight) and query_pre_attn_scalar = head_dim (llama.cpp derives the scale, no key holds it);
+    # Gemma 3 with its five sliding layers to one global (llama.cpp's default pattern), final soft-capping and
+    # linear RoPE scaling on the global layers (as the 4B).
+    "gemma2-tied": lambda t: t.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=160,
+                                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=16, max_position_embeddings=128, sliding_window=8,
+                                            query_pre_attn_scalar=16, attn_logit_softcapping=3.0,
+                                            final_logit_softcapping=6.0, tie_word_embeddings=True),
+    "gemma3-tied": lambda t: t.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160,
+                                                num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1,
+                                                head_dim=32, max_position_embeddings=128, sliding_window=8,
+                                                sliding_window_pattern=6, query_pre_attn_scalar=32,
+                                                rope_theta=50000.0, rope_local_base_freq=1000.0,
+                                                final_logit_softcapping=4.0, tie_word_embeddings=True,
+                                                rope_scaling={"rope_type": "linear", "factor": 8.0}),
     # Phi-3 mini: fused qkv_proj and gate_up_proj, a sliding window (2047 in the 4k model).
     "phi3": lambda t: t.Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
@@ -86,10 +102,10 @@ FAMILIES = {
 }
 
 # Seeds other than 3 where seed 3's random model repeats one token.
-SEEDS = {"phi3-longrope": 8, "gemma3-softcap": 7}
+SEEDS = {"phi3-longrope": 8, "gemma3-softcap": 7, "gemma2-tied": 2}
 # Gemma multiplies embeddings by sqrt(hidden_size): with tied embeddings at the wide init below, each token's
 # own embedding dominates its logits and greedy repeats the prompt's last token forever. Narrower there.
-EMBED_STD = {"gemma3-softcap": 0.05}
+EMBED_STD = {"gemma3-softcap": 0.05, "gemma2-tied": 0.05, "gemma3-tied": 0.05}
 
 CORPUS = ("It is the east, and Juliet is the sun. Olá, café! 世界 🌍 naïve coöperation.\n" * 40)
 

@@ -71,7 +71,8 @@ def run_info(args) -> int:
 
 
 def run_export(args) -> int:
-    """Sol's own models and imported ones of the gguf-writable families (gpt2, llama, qwen2)."""
+    """Sol's own models and imported ones of the gguf-writable families (gpt2, llama, qwen2, qwen3, gemma2,
+    gemma3, phi3)."""
     from pathlib import Path
 
     from ..errors import SolError

@@ -1,12 +1,17 @@
 """GGUF files (llama.cpp, Ollama, LM Studio): read them into Sol, write Sol models out as GGUF.
 
-Read with the `gguf` package (llama.cpp's own reader/writer). Three architectures map onto Sol's one
-Transformer: `llama` (Llama, Mistral and what llama.cpp converts as llama), `qwen2` and `gpt2`.
-llama.cpp's conventions, undone on reading and followed on writing:
+Read with the `gguf` package (llama.cpp's own reader/writer). These architectures map onto Sol's one
+Transformer: `llama` (Llama, Mistral and what llama.cpp converts as llama), `qwen2`, `gpt2`, and the
+families Sol also imports from Hugging Face folders, `qwen3`, `gemma2`, `gemma3` (text) and `phi3`, each
+read into the ModelConfig and weights the folder gives (src/models/<arch>.cpp is what llama.cpp reads).
+llama.cpp's conventions (convert_hf_to_gguf.py), undone on reading and followed on writing:
 - a llama-arch model's Q and K rows are stored permuted (llama.cpp rotates adjacent pairs, transformers
-  rotates the two halves of each head); Qwen2 is stored as is (llama.cpp rotates it NEOX-style);
+  rotates the two halves of each head); the other architectures are stored as is (rotated NEOX-style);
 - GGUF shapes list the fastest dimension first: a torch (out, in) weight is ggml [in, out];
-- GPT-2's fused qkv, fc and proj weights are stored as nn.Linear's (out, in), not Conv1D's (in, out).
+- GPT-2's fused qkv, fc and proj weights are stored as nn.Linear's (out, in), not Conv1D's (in, out);
+- Gemma's norm weights are stored as 1 + weight (what its RMSNorm multiplies by);
+- Phi-3 keeps q/k/v fused in attn_qkv and gate/up fused in ffn_up, its longrope factors as the tensors
+  rope_factors_long/rope_factors_short.
 The tokenizer is rebuilt from the metadata as a Hugging Face `tokenizers` object: `gpt2` (byte-level BPE,
 with the pre-tokenizer `tokenizer.ggml.pre` names) or `llama` (SentencePiece: merges ranked by score,
 byte fallback). Sol's own exports also carry the exact tokenizer.json under `sol.tokenizer.json`.
@@ -14,6 +19,7 @@ byte fallback). Sol's own exports also carry the exact tokenizer.json under `sol
 from __future__ import annotations
 
 import json
+import math
 import struct
 import warnings
 from pathlib import Path
@@ -36,8 +42,13 @@ from .loaded import (LoadedModel, build_model, check_finite, check_regular, chec
 from .mapped import release_pages
 from .tokenizer import Tokenizer
 
-ARCHITECTURES = ("llama", "qwen2", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "gpt2", "qwen3", "gemma2", "gemma3", "phi3")
+# The Hugging Face model_type of each GGUF architecture whose family has switches beyond Llama's: a GGUF file
+# of one reads into the same ModelConfig as the model's folder (core/formats/checkpoint.py).
+FAMILIES = {"qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3"}
 SOL_TOKENIZER_KEY = "sol.tokenizer.json"
+# Tensors that hold RoPE's frequency factors: read into the config (rope_scaling), not into the weights.
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 # Tensor types Sol reads (dequantized to float, or kept int8 for Q8_0 where asked).
 READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 WRITE_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
@@ -106,9 +117,11 @@ def _arch(meta: dict, path: Path) -> str:
     return arch
 
 
-def config_from_gguf(meta: dict, tensors: dict, path: Path, rope_freqs: list | None = None) -> ModelConfig:
+def config_from_gguf(meta: dict, tensors: dict, path: Path, rope_freqs: list | None = None,
+                     rope_factors: dict | None = None) -> ModelConfig:
     """ModelConfig from the metadata (`tensors`: name -> torch shape, for the vocabulary and tied head;
-    `rope_freqs`: the values of rope_freqs.weight, if the file has it)."""
+    `rope_freqs`: the values of rope_freqs.weight, if the file has it; `rope_factors`: name -> values of
+    Phi-3's rope_factors_long.weight and rope_factors_short.weight, if it has them)."""
     arch = _arch(meta, path)
 
     def get(key, default=KeyError):
@@ -126,25 +139,137 @@ def config_from_gguf(meta: dict, tensors: dict, path: Path, rope_freqs: list | N
     if common["d_model"] != d:
         raise SolError(f"{path}: token_embd.weight is {d} wide, but {arch}.embedding_length says {common['d_model']}")
     if arch == "gpt2":
-        return ModelConfig(**common, norm="layernorm", norm_eps=float(get("attention.layer_norm_epsilon", 1e-5)),
+        return ModelConfig(**common, norm="layernorm", norm_eps=_decimal(get("attention.layer_norm_epsilon", 1e-5)),
                            positions="learned", mlp="gelu", bias=True, extra=_token_ids(meta))
     head_dim = int(get("attention.key_length", common["d_model"] // common["n_head"]))
     rope_dim = int(get("rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
+    if rope_dim != head_dim and arch != "phi3":
         raise SolError(f"{path}: {arch}.rope.dimension_count {rope_dim} differs from the head size {head_dim}; "
                        "partial RoPE is not supported for GGUF models")
+    # llama.cpp reads q/k/v biases for every architecture here (fused for Phi-3), an output bias for llama only.
+    qkv_bias = arch == "qwen2" or "blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors
     cfg = dict(common, n_kv_head=int(get("attention.head_count_kv", common["n_head"])), head_dim=head_dim,
-               norm="rmsnorm", norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), positions="rope",
-               mlp="swiglu", bias=False, qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensors,
-               proj_bias="blk.0.attn_output.bias" in tensors, rope_theta=float(get("rope.freq_base", 10000.0)))
+               norm="rmsnorm", norm_eps=_decimal(get("attention.layer_norm_rms_epsilon", 1e-5)), positions="rope",
+               mlp="swiglu", bias=False, qkv_bias=qkv_bias,
+               proj_bias=arch not in FAMILIES and "blk.0.attn_output.bias" in tensors,
+               rope_theta=_decimal(get("rope.freq_base", 10000.0)))
     kind = get("rope.scaling.type", "none")
     if kind == "linear":
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": _decimal(get("rope.scaling.factor"))}
+    elif kind == "longrope" and arch == "phi3":
+        pass   # the factors are tensors, read with the rest of Phi-3's switches
     elif kind not in ("none", None):
         raise SolError(f"{path}: {arch}.rope.scaling.type {kind!r} is not supported for GGUF models")
     if rope_freqs is not None:
+        if arch in FAMILIES:
+            raise SolError(f"{path}: tensor 'rope_freqs.weight' has no place in a {arch} model (llama.cpp's {arch} "
+                           "does not read it); Sol refuses it rather than run a different network")
         cfg["rope_scaling"] = _freq_factors(rope_freqs, kind, head_dim, path)
+    if arch in FAMILIES:
+        cfg.update(_family(arch, get, cfg, rope_dim, rope_factors or {}, path))
     return ModelConfig(**cfg, extra=_token_ids(meta))
+
+
+def _decimal(v) -> float:
+    """A float32 metadata value as the shortest decimal that is that float32 (1e-05, not 9.999999747378752e-06):
+    the number config.json had, so a GGUF file and its model's folder give equal configs. Float32 arithmetic
+    rounds both to the same value."""
+    f = np.float32(v)
+    return float(str(f)) if float(f) == float(v) else float(v)
+
+
+def _family(arch: str, get, cfg: dict, rope_dim: int, rope_factors: dict, path: Path) -> dict:
+    """The switches of qwen3, gemma2, gemma3 and phi3 files, read as llama.cpp reads them
+    (src/models/<arch>.cpp) and spelled as checkpoint.config_from_hf spells the same model's config.json."""
+    out = {"architecture": FAMILIES[arch]}
+    if arch == "qwen3":   # llama.cpp's qwen3 has no sliding window; the folder's config lists every layer full
+        return dict(out, qk_norm=True, layer_types=["full_attention"] * cfg["n_layer"])
+    if arch == "phi3":
+        # convert_hf_to_gguf.py writes sliding_window 0 for none (Phi-4). llama.cpp runs Phi-3 without its
+        # window for now (src/models/phi3.cpp says so); Sol keeps it, as transformers runs the model.
+        out["sliding_window"] = int(get("attention.sliding_window", 0)) or None
+        if rope_dim != cfg["head_dim"]:
+            out["rope_dim"] = rope_dim
+        if rope_factors:
+            out["rope_scaling"] = _longrope(get, rope_factors, rope_dim, cfg["context"], path)
+        return out
+    return dict(out, **_gemma(arch, get, cfg, path))
+
+
+# Gemma's 27B models, known to llama.cpp by their layer count: their q·k scale is 1/sqrt(d_model / n_head).
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma(arch: str, get, cfg: dict, path: Path) -> dict:
+    n = cfg["n_layer"]
+    # No key holds the q·k scale: llama.cpp takes 1/sqrt(head_dim), or 1/sqrt(d_model / n_head) for the 27B
+    # models, which is what Google's query_pre_attn_scalar is for each of them.
+    scalar = cfg["d_model"] // cfg["n_head"] if n == GEMMA_27B_LAYERS[arch] else cfg["head_dim"]
+    out = {"mlp": "geglu", "norm_plus_one": True, "post_norms": True, "scale_embeddings": True,
+           "qk_norm": arch == "gemma3", "attn_scale": scalar ** -0.5}
+    if arch == "gemma2":
+        # llama.cpp's gemma2 always soft-caps (50 and 30 unless the keys say otherwise), always slides (4096
+        # unless said), takes the sliding layers' RoPE base from the global one, and ties the output layer.
+        out.update(attn_softcap=_decimal(get("attn_logit_softcapping", 50.0)),
+                   logit_softcap=_decimal(get("final_logit_softcapping", 30.0)), tie_embeddings=True)
+        if _decimal(get("rope.freq_base_swa", cfg["rope_theta"])) != cfg["rope_theta"]:
+            raise SolError(f"{path}: {arch}.rope.freq_base_swa differs from rope.freq_base; a separate RoPE base "
+                           "for Gemma 2's sliding layers is not supported")
+        window, pattern = int(get("attention.sliding_window", 4096)), 2
+        if window <= 0:
+            raise SolError(f"{path}: {arch}.attention.sliding_window is {window}; llama.cpp's gemma2 needs a window "
+                           "of at least 1 position; the file is corrupt")
+    else:
+        cap = get("final_logit_softcapping", 0.0)
+        out["logit_softcap"] = _decimal(cap) if cap else None
+        window, pattern = int(get("attention.sliding_window", 0)), 6
+    if window > 0:   # without one (a Gemma 3 with sliding_window 0) every layer is global, with the global base
+        out.update(sliding_window=window, layer_types=_layer_types(get("attention.sliding_window_pattern", pattern),
+                                                                   n, f"{arch}.attention.sliding_window_pattern",
+                                                                   path))
+        if arch == "gemma3":   # llama.cpp's default for the sliding layers' base is 10000, as transformers'
+            out["rope_local_theta"] = _decimal(get("rope.freq_base_swa", 10000.0))
+    return out
+
+
+def _layer_types(pattern, n: int, key: str, path: Path) -> list:
+    """llama.cpp's sliding_window_pattern: a flag per layer (true: sliding), or a number p: every p-th layer
+    global (llama_hparams::set_swa_pattern: layer i slides when i % p < p - 1; 0: every layer slides)."""
+    if isinstance(pattern, list):
+        if len(pattern) != n:
+            raise SolError(f"{path}: {key} lists {len(pattern)} layers for a model of {n}; the file is corrupt")
+        slides = [bool(p) for p in pattern]
+    else:
+        p = int(pattern)
+        slides = [p == 0 or i % p < p - 1 for i in range(n)]
+    return ["sliding_attention" if s else "full_attention" for s in slides]
+
+
+def _longrope(get, factors: dict, rope_dim: int, context: int, path: Path) -> dict:
+    """Phi-3's longrope as transformers' rope_scaling, from rope_factors_long/short.weight (convert_hf_to_gguf.py
+    writes no rope.scaling.type for Phi-3: the tensors say it); the attention factor stays transformers' default
+    unless the file's rope.scaling.attn_factor differs from it."""
+    out = {"rope_type": "longrope"}
+    for kind in ("long", "short"):
+        name = f"rope_factors_{kind}.weight"
+        values = factors.get(name)
+        if values is None:
+            raise SolError(f"{path}: tensor {name!r} is missing; a phi3 model with longrope has both "
+                           "rope_factors_long.weight and rope_factors_short.weight")
+        if len(values) != rope_dim // 2:
+            raise SolError(f"{path}: tensor {name!r} holds {len(values)} numbers; this model's RoPE needs "
+                           f"{rope_dim // 2} (half of rope.dimension_count {rope_dim}); the file is corrupt")
+        if not all(np.isfinite(values)) or min(values) <= 0:
+            raise SolError(f"{path}: tensor {name!r} holds a value that is not a positive number; the file is corrupt")
+        out[f"{kind}_factor"] = [_decimal(v) for v in values]
+    old = int(get("rope.scaling.original_context_length"))
+    out["original_max_position_embeddings"] = old
+    scale = context / old
+    default = math.sqrt(1 + math.log(scale) / math.log(old)) if scale > 1 else 1.0
+    attention = get("rope.scaling.attn_factor", None)
+    if attention is not None and not math.isclose(attention, default, rel_tol=1e-6):
+        out["attention_factor"] = _decimal(attention)
+    return out
 
 
 def _freq_factors(factors: list, kind, head_dim: int, path: Path) -> dict:
@@ -313,24 +438,30 @@ def weights_from_gguf(reader, cfg: ModelConfig, path: Path, finish=None, read=te
     then what `finish(name, tensor)` makes of each); every tensor in the file used or refused by name."""
     raw = {t.name: t for t in reader.tensors}
     raw.pop("rope_freqs.weight", None)   # read into cfg.rope_scaling already
+    if _rope_kind(cfg) == "longrope":    # so are Phi-3's
+        raw.pop("rope_factors_long.weight", None)
+        raw.pop("rope_factors_short.weight", None)
     out = _Out(finish)
 
     def take(name):
         if name not in raw:
             raise SolError(f"{path}: tensor {name!r} is missing for a {cfg.architecture} model")
         return read(raw.pop(name), path)
+
+    def norm(name):   # convert_hf_to_gguf.py stores Gemma's norms as 1 + weight, the factor llama.cpp applies
+        return take(name) - 1 if cfg.norm_plus_one else take(name)
     out["embed.weight"] = take("token_embd.weight")
     if cfg.positions == "learned":
         out["pos_embed.weight"] = take("position_embd.weight")
-    out["norm.weight"] = take("output_norm.weight")
+    out["norm.weight"] = norm("output_norm.weight")
     if cfg.norm == "layernorm":
         out["norm.bias"] = take("output_norm.bias")
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("output.weight")
     for i in range(cfg.n_layer):
         g, b = f"blk.{i}.", f"blocks.{i}."
-        out[b + "ln1.weight"] = take(g + "attn_norm.weight")
-        out[b + "ln2.weight"] = take(g + "ffn_norm.weight")
+        out[b + "ln1.weight"] = norm(g + "attn_norm.weight")
+        out[b + "ln2.weight"] = norm(g + "ffn_norm.weight")
         if cfg.architecture == "gpt2":
             for src, dst in (("attn_norm", "ln1"), ("ffn_norm", "ln2")):
                 out[b + dst + ".bias"] = take(g + src + ".bias")
@@ -339,19 +470,36 @@ def weights_from_gguf(reader, cfg: ModelConfig, path: Path, finish=None, read=te
                 out[b + dst + ".weight"] = take(g + src + ".weight")
                 out[b + dst + ".bias"] = take(g + src + ".bias")
             continue
-        q, k, v = take(g + "attn_q.weight"), take(g + "attn_k.weight"), take(g + "attn_v.weight")
-        if cfg.architecture == "llama":
-            q, k = _unpermute(q, cfg.n_head), _unpermute(k, cfg.n_kv_head)
-        out[b + "attn.qkv.weight"] = _cat([q, k, v])
-        if cfg.qkv_bias:
+        if cfg.post_norms:   # Gemma: the attention's and the MLP's outputs normalised too
+            out[b + "post_attn_norm.weight"] = norm(g + "post_attention_norm.weight")
+            out[b + "post_mlp_norm.weight"] = norm(g + "post_ffw_norm.weight")
+        # llama.cpp takes q/k/v fused in attn_qkv too (Phi-3's converter writes them so), in Sol's order;
+        # not for llama, whose q and k would be permuted inside it.
+        fused = cfg.architecture != "llama" and g + "attn_qkv.weight" in raw
+        if fused:
+            out[b + "attn.qkv.weight"] = take(g + "attn_qkv.weight")
+        else:
+            q, k, v = take(g + "attn_q.weight"), take(g + "attn_k.weight"), take(g + "attn_v.weight")
+            if cfg.architecture == "llama":
+                q, k = _unpermute(q, cfg.n_head), _unpermute(k, cfg.n_kv_head)
+            out[b + "attn.qkv.weight"] = _cat([q, k, v])
+        if cfg.qkv_bias and fused and g + "attn_qkv.bias" in raw:
+            out[b + "attn.qkv.bias"] = take(g + "attn_qkv.bias")
+        elif cfg.qkv_bias:
             qb, kb, vb = take(g + "attn_q.bias"), take(g + "attn_k.bias"), take(g + "attn_v.bias")
             if cfg.architecture == "llama":
                 qb, kb = _unpermute(qb, cfg.n_head), _unpermute(kb, cfg.n_kv_head)
             out[b + "attn.qkv.bias"] = _cat([qb, kb, vb])
+        if cfg.qk_norm:   # Qwen3, Gemma 3: an RMSNorm over each head of q and of k
+            out[b + "attn.q_norm.weight"] = norm(g + "attn_q_norm.weight")
+            out[b + "attn.k_norm.weight"] = norm(g + "attn_k_norm.weight")
         out[b + "attn.proj.weight"] = take(g + "attn_output.weight")
         if cfg.proj_bias:
             out[b + "attn.proj.bias"] = take(g + "attn_output.bias")
-        out[b + "mlp.fc.weight"] = _cat([take(g + "ffn_gate.weight"), take(g + "ffn_up.weight")])
+        if cfg.architecture == "phi3":   # llama.cpp's phi3 has gate and up fused in ffn_up, in Sol's order
+            out[b + "mlp.fc.weight"] = take(g + "ffn_up.weight")
+        else:
+            out[b + "mlp.fc.weight"] = _cat([take(g + "ffn_gate.weight"), take(g + "ffn_up.weight")])
         out[b + "mlp.proj.weight"] = take(g + "ffn_down.weight")
     if raw:
         names = sorted(raw)
@@ -386,10 +534,9 @@ def gguf_config(path: Path) -> ModelConfig:
 
 def _config(reader, meta: dict, path: Path) -> ModelConfig:
     shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    values = {t.name: tensor_to_torch(t, path).flatten().tolist() for t in reader.tensors if t.name in ROPE_TENSORS}
     try:
-        return config_from_gguf(meta, shapes, path,
-                                None if freqs is None else tensor_to_torch(freqs, path).flatten().tolist())
+        return config_from_gguf(meta, shapes, path, values.pop("rope_freqs.weight", None), values)
     except SolError as e:
         msg = str(e)
         raise SolError(f"{path}: {msg[len('config: '):]}" if msg.startswith("config: ") else msg) from None
@@ -721,6 +868,13 @@ def _post_process(hf, meta: dict, tokens: list) -> None:
 # ---- writing -----------------------------------------------------------------
 def gguf_architecture(cfg: ModelConfig, source) -> str:
     """Which llama.cpp architecture computes exactly what this config describes, or an error saying why none."""
+    arch = next((a for a, family in FAMILIES.items() if family == cfg.architecture), None)
+    if arch is not None:   # written as convert_hf_to_gguf.py writes the family, if llama.cpp can run it so
+        why = _family_limits(cfg, arch)
+        if why:
+            raise SolError(f"{source}: this {cfg.architecture} model cannot be written as GGUF: {'; '.join(why)}; "
+                           "keep it as a folder, which Sol runs as it is")
+        return arch
     unsupported = [name for name in ("sliding_window", "qk_norm", "norm_plus_one", "post_norms", "scale_embeddings",
                                      "attn_scale", "attn_softcap", "logit_softcap", "rope_dim", "rope_local_theta")
                    if getattr(cfg, name)]
@@ -736,7 +890,64 @@ def gguf_architecture(cfg: ModelConfig, source) -> str:
             per_freq = rope in ("llama3", "freq_factors")
             return "qwen2" if cfg.qkv_bias and not cfg.proj_bias and not per_freq else "llama"
     why = ", ".join(unsupported) or f"{cfg.positions} positions, {cfg.norm}, {cfg.mlp}, bias={cfg.bias}"
-    raise SolError(f"{source}: this model ({why}) has no GGUF architecture Sol writes (gpt2, llama, qwen2)")
+    raise SolError(f"{source}: this model ({why}) has no GGUF architecture Sol writes (gpt2, llama, qwen2; "
+                   "qwen3, gemma2, gemma3 and phi3 for models of those families)")
+
+
+def _family_limits(cfg: ModelConfig, arch: str) -> list[str]:
+    """What in this config llama.cpp's `arch` (src/models/<arch>.cpp) would compute otherwise, each naming the
+    config's key (and config.json's where it differs); an empty list when the file can hold it all."""
+    gemma = arch in ("gemma2", "gemma3")
+    want = {"positions": "rope", "norm": "rmsnorm", "mlp": "geglu" if gemma else "swiglu", "bias": False,
+            "proj_bias": False, "qk_norm": arch in ("qwen3", "gemma3"), "norm_plus_one": gemma,
+            "post_norms": gemma, "scale_embeddings": gemma}
+    why = [f"{k} is {getattr(cfg, k)!r}, llama.cpp's {arch} has {v!r}" for k, v in want.items() if getattr(cfg, k) != v]
+    rope = _rope_kind(cfg)
+    if rope not in ("default", "linear") and not (arch == "phi3" and rope == "longrope"):
+        why.append(f"rope_scaling {rope!r} has no place in a GGUF {arch} model")
+    if cfg.rope_dim not in (None, cfg.head_dim) and arch != "phi3":
+        why.append(f"rope_dim {cfg.rope_dim} (partial RoPE): of these, only llama.cpp's phi3 rotates part of a head")
+    if cfg.rope_local_theta is not None and arch != "gemma3":
+        why.append(f"rope_local_theta {cfg.rope_local_theta}: llama.cpp's {arch} has one RoPE base for all layers")
+    if cfg.attn_softcap is not None and arch != "gemma2":
+        why.append(f"attn_softcap {cfg.attn_softcap} (attn_logit_softcapping): llama.cpp's {arch} never caps scores")
+    if cfg.logit_softcap is not None and not gemma:
+        why.append(f"logit_softcap {cfg.logit_softcap} (final_logit_softcapping): llama.cpp's {arch} never caps logits")
+    return why + (_gemma_limits(cfg, arch) if gemma else _window_limits(cfg, arch))
+
+
+def _gemma_limits(cfg: ModelConfig, arch: str) -> list[str]:
+    why = []
+    scalar = cfg.d_model // cfg.n_head if cfg.n_layer == GEMMA_27B_LAYERS[arch] else cfg.head_dim
+    scale = cfg.attn_scale or cfg.head_dim ** -0.5
+    if not math.isclose(scale, scalar ** -0.5, rel_tol=1e-9):
+        why.append(f"attn_scale {scale:.6g} (query_pre_attn_scalar {scale ** -2:.6g}): no GGUF key holds it, "
+                   f"llama.cpp's {arch} takes 1/sqrt({scalar}) for this shape")
+    if arch == "gemma2":
+        if not cfg.tie_embeddings:
+            why.append("tie_embeddings is false (tie_word_embeddings): llama.cpp's gemma2 always uses token_embd "
+                       "as the output layer")
+        if cfg.attn_softcap is None or cfg.logit_softcap is None:
+            why.append("attn_softcap or logit_softcap is null (attn_logit_softcapping, final_logit_softcapping): "
+                       "llama.cpp's gemma2 always soft-caps both")
+        if cfg.sliding_window is None:
+            why.append("sliding_window is null: llama.cpp's gemma2 always slides")
+    elif cfg.sliding_window is None and cfg.rope_local_theta not in (None, cfg.rope_theta):
+        why.append("rope_local_theta without a sliding_window: llama.cpp's gemma3 then uses the global base everywhere")
+    return why
+
+
+def _window_limits(cfg: ModelConfig, arch: str) -> list[str]:
+    """qwen3 has no sliding window in llama.cpp; phi3's covers every layer or none."""
+    why = []
+    slides = {cfg.window(i) is not None for i in range(cfg.n_layer)}
+    if arch == "qwen3" and True in slides:
+        why.append(f"sliding_window {cfg.sliding_window} (use_sliding_window): llama.cpp's qwen3 has no sliding window")
+    if arch == "phi3" and len(slides) > 1:
+        why.append("layer_types: llama.cpp's phi3 has one sliding_window for every layer, or none")
+    if arch == "phi3" and cfg.n_head * cfg.head_dim != cfg.d_model:
+        why.append(f"head_dim {cfg.head_dim}: llama.cpp's phi3 needs n_head * head_dim = d_model ({cfg.d_model})")
+    return why
 
 
 def _rope_kind(cfg: ModelConfig) -> str:
@@ -764,12 +975,18 @@ def _gguf_tensors(sd: dict, cfg: ModelConfig, arch: str) -> list[tuple[str, np.n
     """Sol's tensors as llama.cpp names and lays them out (float32 numpy, torch dimension order)."""
     def f(t):
         return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+    def norm(t):   # Gemma's norms as convert_hf_to_gguf.py stores them: 1 + weight, the factor llama.cpp applies
+        return f(t.detach().float() + 1) if cfg.norm_plus_one else f(t)
     factors = rope_freq_factors(cfg)
     out = [] if factors is None else [("rope_freqs.weight", factors)]
+    if _rope_kind(cfg) == "longrope":   # Phi-3: the factors as tensors, the converter's first two
+        out += [(f"rope_factors_{kind}.weight", np.asarray(cfg.rope_scaling[f"{kind}_factor"], dtype=np.float32))
+                for kind in ("long", "short")]
     out.append(("token_embd.weight", f(sd["embed.weight"])))
     if cfg.positions == "learned":
         out.append(("position_embd.weight", f(sd["pos_embed.weight"])))
-    out.append(("output_norm.weight", f(sd["norm.weight"])))
+    out.append(("output_norm.weight", norm(sd["norm.weight"])))
     if "norm.bias" in sd:
         out.append(("output_norm.bias", f(sd["norm.bias"])))
     if not cfg.tie_embeddings:
@@ -782,22 +999,38 @@ def _gguf_tensors(sd: dict, cfg: ModelConfig, arch: str) -> list[tuple[str, np.n
                              ("attn_output", "attn.proj"), ("ffn_up", "mlp.fc"), ("ffn_down", "mlp.proj")):
                 out += [(g + dst + ".weight", f(sd[b + src + ".weight"])), (g + dst + ".bias", f(sd[b + src + ".bias"]))]
             continue
-        out.append((g + "attn_norm.weight", f(sd[b + "ln1.weight"])))
-        q, k, v = sd[b + "attn.qkv.weight"].split([H * hd, KV * hd, KV * hd])
-        if arch == "llama":
-            q, k = _permute(q, H), _permute(k, KV)
-        out += [(g + "attn_q.weight", f(q)), (g + "attn_k.weight", f(k)), (g + "attn_v.weight", f(v))]
-        if cfg.qkv_bias:
+        out.append((g + "attn_norm.weight", norm(sd[b + "ln1.weight"])))
+        if arch == "phi3":   # q, k and v stay fused, as the converter writes Phi-3's qkv_proj
+            out.append((g + "attn_qkv.weight", f(sd[b + "attn.qkv.weight"])))
+            if cfg.qkv_bias:
+                out.append((g + "attn_qkv.bias", f(sd[b + "attn.qkv.bias"])))
+        else:
+            q, k, v = sd[b + "attn.qkv.weight"].split([H * hd, KV * hd, KV * hd])
+            if arch == "llama":
+                q, k = _permute(q, H), _permute(k, KV)
+            out += [(g + "attn_q.weight", f(q)), (g + "attn_k.weight", f(k)), (g + "attn_v.weight", f(v))]
+        if cfg.qkv_bias and arch != "phi3":
             qb, kb, vb = sd[b + "attn.qkv.bias"].split([H * hd, KV * hd, KV * hd])
             if arch == "llama":
                 qb, kb = _permute(qb, H), _permute(kb, KV)
             out += [(g + "attn_q.bias", f(qb)), (g + "attn_k.bias", f(kb)), (g + "attn_v.bias", f(vb))]
+        if cfg.qk_norm:
+            out += [(g + "attn_q_norm.weight", norm(sd[b + "attn.q_norm.weight"])),
+                    (g + "attn_k_norm.weight", norm(sd[b + "attn.k_norm.weight"]))]
         out.append((g + "attn_output.weight", f(sd[b + "attn.proj.weight"])))
         if cfg.proj_bias:
             out.append((g + "attn_output.bias", f(sd[b + "attn.proj.bias"])))
-        gate, up = sd[b + "mlp.fc.weight"].chunk(2)
-        out += [(g + "ffn_norm.weight", f(sd[b + "ln2.weight"])), (g + "ffn_gate.weight", f(gate)),
-                (g + "ffn_up.weight", f(up)), (g + "ffn_down.weight", f(sd[b + "mlp.proj.weight"]))]
+        if cfg.post_norms:
+            out.append((g + "post_attention_norm.weight", norm(sd[b + "post_attn_norm.weight"])))
+        out.append((g + "ffn_norm.weight", norm(sd[b + "ln2.weight"])))
+        if arch == "phi3":   # gate and up stay fused in ffn_up, as the converter writes Phi-3's gate_up_proj
+            out.append((g + "ffn_up.weight", f(sd[b + "mlp.fc.weight"])))
+        else:
+            gate, up = sd[b + "mlp.fc.weight"].chunk(2)
+            out += [(g + "ffn_gate.weight", f(gate)), (g + "ffn_up.weight", f(up))]
+        out.append((g + "ffn_down.weight", f(sd[b + "mlp.proj.weight"])))
+        if cfg.post_norms:
+            out.append((g + "post_ffw_norm.weight", norm(sd[b + "post_mlp_norm.weight"])))
     return out
 
 
@@ -814,12 +1047,45 @@ def _write_metadata(w, cfg: ModelConfig, arch: str) -> None:
     w.add_uint32(f"{arch}.attention.head_count_kv", cfg.n_kv_head)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.norm_eps)
     w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
-    w.add_uint32(f"{arch}.rope.dimension_count", cfg.head_dim)
+    w.add_uint32(f"{arch}.rope.dimension_count", cfg.rope_dim or cfg.head_dim)
     w.add_uint32(f"{arch}.attention.key_length", cfg.head_dim)
     w.add_uint32(f"{arch}.attention.value_length", cfg.head_dim)
     if _rope_kind(cfg) == "linear":   # llama3 / freq_factors scaling travels as rope_freqs.weight instead
         w.add_string(f"{arch}.rope.scaling.type", "linear")
         w.add_float32(f"{arch}.rope.scaling.factor", float(cfg.rope_scaling["factor"]))
+    if arch in ("gemma2", "gemma3"):
+        _write_gemma(w, cfg, arch)
+    elif arch == "phi3":
+        _write_phi3(w, cfg)
+
+
+def _write_gemma(w, cfg: ModelConfig, arch: str) -> None:
+    """Soft-caps, the window and which layers slide, as convert_hf_to_gguf.py and llama.cpp spell them
+    (gguf_architecture has checked llama.cpp computes the rest as this config says)."""
+    if cfg.attn_softcap is not None:
+        w.add_float32(f"{arch}.attn_logit_softcapping", cfg.attn_softcap)
+    if cfg.logit_softcap is not None:
+        w.add_float32(f"{arch}.final_logit_softcapping", cfg.logit_softcap)
+    if cfg.sliding_window is None:   # a Gemma 3 without one: llama.cpp then runs every layer global
+        return
+    w.add_uint32(f"{arch}.attention.sliding_window", cfg.sliding_window)
+    if arch == "gemma3":   # llama.cpp's default base for the sliding layers is 10000, not the global one
+        w.add_float32(f"{arch}.rope.freq_base_swa", cfg.rope_local_theta or cfg.rope_theta)
+    # The converter writes no pattern and llama.cpp assumes Gemma 2's 1 in 2 or Gemma 3's 1 in 6 global
+    # layers; any other model gets a flag per layer, which llama.cpp reads too.
+    types = ["sliding_attention" if cfg.window(i) else "full_attention" for i in range(cfg.n_layer)]
+    key = f"{arch}.attention.sliding_window_pattern"
+    if types != _layer_types(2 if arch == "gemma2" else 6, cfg.n_layer, key, None):
+        w.add_array(key, [t == "sliding_attention" for t in types])
+
+
+def _write_phi3(w, cfg: ModelConfig) -> None:
+    """The window (0: none, as the converter writes it for Phi-4) and longrope's numbers; its factors are
+    tensors and, as from the converter, no rope.scaling.type says so."""
+    w.add_uint32("phi3.attention.sliding_window", cfg.sliding_window or 0)
+    if _rope_kind(cfg) == "longrope":
+        w.add_uint32("phi3.rope.scaling.original_context_length", cfg.rope_scaling["original_max_position_embeddings"])
+        w.add_float32("phi3.rope.scaling.attn_factor", rope_frequencies(cfg)[1])
 
 
 def _bytes_to_unicode() -> dict[int, str]:
