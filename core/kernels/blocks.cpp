@@ -185,159 +185,124 @@ inline void scales_and_mins(const uint8_t* packed, uint8_t* scales, uint8_t* min
   std::memcpy(mins, out + 2, 8);
 }
 
-// ---- one row of weights . one row of activations, per type ------------------------------------------------
-float dot_q4_0(const uint8_t* w, const A32* a, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  float offset = 0.f;
-  for (int64_t b = 0; b < n; ++b, w += 18) {
-    const float d = half(w) * a[b].d;
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot32(nibbles(w + 2), a[b].q)), acc);
-    offset -= 8.f * d * a[b].sum;
-  }
-  return hsum(acc) + offset;
+// ---- one row of weights . R rows of activations, per type -------------------------------------------------
+// Each block is unpacked once and multiplied with up to 4 activation rows (a prompt's tokens), so a prefill
+// pays the unpacking once per 4 tokens, not per token.
+constexpr int MAX_R = 4;
+
+// A block of 32 codes: w = d * q + coef (per number), q unsigned, or signed for Q8_0 (coef 0).
+struct Codes32 {
+  __m256i q;
+  float d, coef;
+};
+
+template <int64_t T>
+inline Codes32 unpack32(const uint8_t* w) {
+  if constexpr (T == Q4_0) return {nibbles(w + 2), half(w), -8.f * half(w)};
+  if constexpr (T == Q4_1) return {nibbles(w + 4), half(w), half(w + 2)};
+  if constexpr (T == Q5_0) return {_mm256_or_si256(nibbles(w + 6), fifth_bits(w + 2)), half(w), -16.f * half(w)};
+  if constexpr (T == Q5_1) return {_mm256_or_si256(nibbles(w + 8), fifth_bits(w + 4)), half(w), half(w + 2)};
+  return {load(w + 2), half(w), 0.f};   // Q8_0
 }
 
-float dot_q4_1(const uint8_t* w, const A32* a, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  float offset = 0.f;
-  for (int64_t b = 0; b < n; ++b, w += 20) {
-    const float d = half(w) * a[b].d;
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot32(nibbles(w + 4), a[b].q)), acc);
-    offset += half(w + 2) * a[b].d * a[b].sum;
-  }
-  return hsum(acc) + offset;
-}
-
-float dot_q5_0(const uint8_t* w, const A32* a, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  float offset = 0.f;
-  for (int64_t b = 0; b < n; ++b, w += 22) {
-    const float d = half(w) * a[b].d;
-    const __m256i q = _mm256_or_si256(nibbles(w + 6), fifth_bits(w + 2));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot32(q, a[b].q)), acc);
-    offset -= 16.f * d * a[b].sum;
-  }
-  return hsum(acc) + offset;
-}
-
-float dot_q5_1(const uint8_t* w, const A32* a, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  float offset = 0.f;
-  for (int64_t b = 0; b < n; ++b, w += 24) {
-    const float d = half(w) * a[b].d;
-    const __m256i q = _mm256_or_si256(nibbles(w + 8), fifth_bits(w + 4));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot32(q, a[b].q)), acc);
-    offset += half(w + 2) * a[b].d * a[b].sum;
-  }
-  return hsum(acc) + offset;
-}
-
-float dot_q8_0(const uint8_t* w, const A32* a, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < n; ++b, w += 34) {
-    const __m256i q = load(w + 2), x = load(a[b].q);
-    // signed x signed: |q| (unsigned) times x with q's sign, as maddubs takes one unsigned operand.
-    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)),
-                                        _mm256_set1_epi16(1));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * a[b].d), _mm256_cvtepi32_ps(p), acc);
-  }
-  return hsum(acc);
-}
-
-float dot_q4_k(const uint8_t* w, const A256* a, int64_t n) {
-  const __m256i low = _mm256_set1_epi8(0x0f);
-  __m256 acc = _mm256_setzero_ps();
-  float offset = 0.f;
-  for (int64_t b = 0; b < n; ++b, w += 144) {
-    uint8_t sc[8], mn[8];
-    scales_and_mins(w + 4, sc, mn);
-    const uint8_t* qs = w + 16;
-    __m256i sum = _mm256_setzero_si256();
-    for (int k = 0; k < 4; ++k) {   // 64 numbers: 32 low nibbles (sub-block 2k), 32 high (2k + 1)
-      const __m256i raw = load(qs + 32 * k);
-      sum = _mm256_add_epi32(sum, dot32(_mm256_and_si256(raw, low), a[b].q + 64 * k, _mm256_set1_epi16(sc[2 * k])));
-      sum = _mm256_add_epi32(sum, dot32(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low), a[b].q + 64 * k + 32,
-                                        _mm256_set1_epi16(sc[2 * k + 1])));
-    }
-    int32_t mins = 0;
-    for (int j = 0; j < 8; ++j) mins += mn[j] * (a[b].sums[2 * j] + a[b].sums[2 * j + 1]);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * a[b].d), _mm256_cvtepi32_ps(sum), acc);
-    offset -= half(w + 2) * a[b].d * mins;
-  }
-  return hsum(acc) + offset;
-}
-
-float dot_q5_k(const uint8_t* w, const A256* a, int64_t n) {
-  const __m256i low = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
-  __m256 acc = _mm256_setzero_ps();
-  float offset = 0.f;
-  for (int64_t b = 0; b < n; ++b, w += 176) {
-    uint8_t sc[8], mn[8];
-    scales_and_mins(w + 4, sc, mn);
-    const __m256i high = load(w + 16);   // bit j of byte l: the fifth bit of number l of sub-block j
-    const uint8_t* qs = w + 48;
-    __m256i sum = _mm256_setzero_si256();
-    for (int k = 0; k < 4; ++k) {
-      const __m256i raw = load(qs + 32 * k);
-      const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * k), one), 4);
-      const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * k + 1), one), 4);
-      const __m256i q0 = _mm256_or_si256(_mm256_and_si256(raw, low), h0);
-      const __m256i q1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low), h1);
-      sum = _mm256_add_epi32(sum, dot32(q0, a[b].q + 64 * k, _mm256_set1_epi16(sc[2 * k])));
-      sum = _mm256_add_epi32(sum, dot32(q1, a[b].q + 64 * k + 32, _mm256_set1_epi16(sc[2 * k + 1])));
-    }
-    int32_t mins = 0;
-    for (int j = 0; j < 8; ++j) mins += mn[j] * (a[b].sums[2 * j] + a[b].sums[2 * j + 1]);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * a[b].d), _mm256_cvtepi32_ps(sum), acc);
-    offset -= half(w + 2) * a[b].d * mins;
-  }
-  return hsum(acc) + offset;
-}
-
-float dot_q6_k(const uint8_t* w, const A256* a, int64_t n) {
-  const __m256i low = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < n; ++b, w += 210) {
-    const uint8_t *ql = w, *qh = w + 128;
-    const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
-    __m256i sum = _mm256_setzero_si256();
-    for (int h = 0; h < 2; ++h) {   // two halves of 128 numbers: 64 bytes of low nibbles, 32 of high pairs
-      const __m256i la = load(ql + 64 * h), lb = load(ql + 64 * h + 32), hi = load(qh + 32 * h);
-      const __m256i q[4] = {
-          _mm256_or_si256(_mm256_and_si256(la, low), _mm256_slli_epi16(_mm256_and_si256(hi, two), 4)),
-          _mm256_or_si256(_mm256_and_si256(lb, low),
-                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2), two), 4)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), low),
-                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), two), 4)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), low),
-                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 6), two), 4))};
-      for (int c = 0; c < 4; ++c) {   // 32 numbers: two sub-blocks of 16, each with its own scale
-        const int s = 8 * h + 2 * c;
-        const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1]), _mm_set1_epi16(sc[s]));
-        sum = _mm256_add_epi32(sum, dot32(q[c], a[b].q + 128 * h + 32 * c, scales));
+template <int64_t T, int R>
+void rows32(const uint8_t* w, const A32* const* a, int64_t n, float* out) {
+  constexpr int64_t bytes = T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34;
+  __m256 acc[R];
+  float offset[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
+  for (int64_t b = 0; b < n; ++b, w += bytes) {
+    const Codes32 c = unpack32<T>(w);
+    const __m256i magnitude = T == Q8_0 ? _mm256_sign_epi8(c.q, c.q) : c.q;
+    for (int r = 0; r < R; ++r) {
+      const A32& x = a[r][b];
+      __m256i p;
+      if constexpr (T == Q8_0) {   // signed x signed: |q| times x with q's sign (maddubs takes one unsigned)
+        p = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(load(x.q), c.q)), _mm256_set1_epi16(1));
+      } else {
+        p = dot32(magnitude, x.q);
+        offset[r] += c.coef * x.d * x.sum;
       }
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(c.d * x.d), _mm256_cvtepi32_ps(p), acc[r]);
     }
-    int32_t offset = 0;   // the codes are stored + 32
-    for (int j = 0; j < 16; ++j) offset += sc[j] * a[b].sums[j];
-    const __m256i total = _mm256_sub_epi32(sum, _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w + 208) * a[b].d), _mm256_cvtepi32_ps(total), acc);
   }
-  return hsum(acc);
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + offset[r];
 }
 
-float dot_f16(const uint8_t* w, const float* x, int64_t n) {
-  const uint16_t* h = reinterpret_cast<const uint16_t*>(w);
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))),
-                         _mm256_loadu_ps(x + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i + 8))),
-                         _mm256_loadu_ps(x + i + 8), s1);
+// A K-quant super-block of 256: 8 vectors of 32 codes with the scale (int16 lanes) of each, and the int32
+// offset per activation-sum of 16: sum_j (min_j or 32 * scale_j) * sums_j, subtracted in d's or dmin's units.
+struct CodesK {
+  __m256i q[8], scale[8];
+  float d, dmin;
+  int16_t mins[16];   // per 16 numbers: what multiplies that group's activation sum (subtracted)
+};
+
+template <int64_t T>
+inline void unpack_k(const uint8_t* w, CodesK& c) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  if constexpr (T == Q6_K) {
+    const __m256i two = _mm256_set1_epi8(3);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+    c.d = half(w + 208);
+    c.dmin = c.d;   // the codes are stored + 32: 32 * scale per group, in d's units
+    for (int h = 0; h < 2; ++h) {   // two halves of 128 numbers: 64 bytes of low nibbles, 32 of high pairs
+      const __m256i la = load(w + 64 * h), lb = load(w + 64 * h + 32), hi = load(w + 128 + 32 * h);
+      c.q[4 * h] = _mm256_or_si256(_mm256_and_si256(la, low), _mm256_slli_epi16(_mm256_and_si256(hi, two), 4));
+      c.q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(lb, low),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2), two), 4));
+      c.q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), low),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), two), 4));
+      c.q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), low),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 6), two), 4));
+    }
+    for (int j = 0; j < 8; ++j)   // 32 numbers: two sub-blocks of 16, each with its own scale
+      c.scale[j] = _mm256_set_m128i(_mm_set1_epi16(sc[2 * j + 1]), _mm_set1_epi16(sc[2 * j]));
+    for (int j = 0; j < 16; ++j) c.mins[j] = static_cast<int16_t>(32 * sc[j]);
+    return;
   }
-  float s = hsum(_mm256_add_ps(s0, s1));
-  for (; i < n; ++i) s += _cvtsh_ss(h[i]) * x[i];
-  return s;
+  uint8_t sc[8], mn[8];
+  scales_and_mins(w + 4, sc, mn);
+  c.d = half(w);
+  c.dmin = half(w + 2);
+  const uint8_t* qs = w + (T == Q5_K ? 48 : 16);
+  const __m256i high = T == Q5_K ? load(w + 16) : _mm256_setzero_si256(), one = _mm256_set1_epi8(1);
+  for (int k = 0; k < 4; ++k) {   // 64 numbers: 32 low nibbles (sub-block 2k), 32 high (2k + 1)
+    const __m256i raw = load(qs + 32 * k);
+    c.q[2 * k] = _mm256_and_si256(raw, low);
+    c.q[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+    if constexpr (T == Q5_K) {   // bit j of byte l: the fifth bit of number l of sub-block j
+      c.q[2 * k] = _mm256_or_si256(c.q[2 * k],
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * k), one), 4));
+      c.q[2 * k + 1] = _mm256_or_si256(
+          c.q[2 * k + 1], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * k + 1), one), 4));
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    c.scale[j] = _mm256_set1_epi16(sc[j]);
+    c.mins[2 * j] = c.mins[2 * j + 1] = mn[j];
+  }
+}
+
+template <int64_t T, int R>
+void rows_k(const uint8_t* w, const A256* const* a, int64_t n, float* out) {
+  constexpr int64_t bytes = T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
+  __m256 acc[R];
+  float offset[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
+  CodesK c;
+  for (int64_t b = 0; b < n; ++b, w += bytes) {
+    unpack_k<T>(w, c);
+    for (int r = 0; r < R; ++r) {
+      const A256& x = a[r][b];
+      __m256i sum = _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) sum = _mm256_add_epi32(sum, dot32(c.q[j], x.q + 32 * j, c.scale[j]));
+      // sum_j mins_j * sums_j: 16 int16 products in pairs (at most 2 x 4096 x 32767, no overflow)
+      const __m256i mins = _mm256_madd_epi16(load(c.mins), load(x.sums));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(c.d * x.d), _mm256_cvtepi32_ps(sum), acc[r]);
+      offset[r] -= c.dmin * x.d * hsum(_mm256_cvtepi32_ps(mins));
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + offset[r];
 }
 
 inline __m256 widen_bf16(const uint16_t* p) {
@@ -345,37 +310,57 @@ inline __m256 widen_bf16(const uint16_t* p) {
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
-float dot_bf16(const uint8_t* w, const float* x, int64_t n) {
-  const uint16_t* h = reinterpret_cast<const uint16_t*>(w);
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    s0 = _mm256_fmadd_ps(widen_bf16(h + i), _mm256_loadu_ps(x + i), s0);
-    s1 = _mm256_fmadd_ps(widen_bf16(h + i + 8), _mm256_loadu_ps(x + i + 8), s1);
-  }
-  float s = hsum(_mm256_add_ps(s0, s1));
-  for (; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(h[i]) << 16;
-    float v;
-    std::memcpy(&v, &bits, 4);
-    s += v * x[i];
-  }
-  return s;
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
 }
 
-// One weight row against one activation row, whatever the type (the activations in the form it takes).
-float dot(int64_t type, const uint8_t* w, int64_t K, const float* x, const A32* a32, const A256* a256) {
+// F16 and BF16 rows: widened to float32, multiplied with the float activations (no int8 codes).
+template <int64_t T, int R>
+void rows_half(const uint8_t* w, const float* const* x, int64_t n, float* out) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(w);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = T == F16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i)))
+                              : widen_bf16(h + i);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x[r] + i), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = hsum(acc[r]);
+    for (int64_t k = i; k < n; ++k) s += (T == F16 ? _cvtsh_ss(h[k]) : bf16_to_float(h[k])) * x[r][k];
+    out[r] = s;
+  }
+}
+
+// One weight row against R (1..4) activation rows, in the form its type takes them.
+template <int R>
+void dot_rows(int64_t type, const uint8_t* w, int64_t K, const float* const* x, const A32* const* a32,
+              const A256* const* a256, float* out) {
   switch (type) {
-    case Q4_0: return dot_q4_0(w, a32, K / 32);
-    case Q4_1: return dot_q4_1(w, a32, K / 32);
-    case Q5_0: return dot_q5_0(w, a32, K / 32);
-    case Q5_1: return dot_q5_1(w, a32, K / 32);
-    case Q8_0: return dot_q8_0(w, a32, K / 32);
-    case Q4_K: return dot_q4_k(w, a256, K / 256);
-    case Q5_K: return dot_q5_k(w, a256, K / 256);
-    case Q6_K: return dot_q6_k(w, a256, K / 256);
-    case F16: return dot_f16(w, x, K);
-    default: return dot_bf16(w, x, K);
+    case Q4_0: return rows32<Q4_0, R>(w, a32, K / 32, out);
+    case Q4_1: return rows32<Q4_1, R>(w, a32, K / 32, out);
+    case Q5_0: return rows32<Q5_0, R>(w, a32, K / 32, out);
+    case Q5_1: return rows32<Q5_1, R>(w, a32, K / 32, out);
+    case Q8_0: return rows32<Q8_0, R>(w, a32, K / 32, out);
+    case Q4_K: return rows_k<Q4_K, R>(w, a256, K / 256, out);
+    case Q5_K: return rows_k<Q5_K, R>(w, a256, K / 256, out);
+    case Q6_K: return rows_k<Q6_K, R>(w, a256, K / 256, out);
+    case F16: return rows_half<F16, R>(w, x, K, out);
+    default: return rows_half<BF16, R>(w, x, K, out);
+  }
+}
+
+void dot(int64_t type, const uint8_t* w, int64_t K, int R, const float* const* x, const A32* const* a32,
+         const A256* const* a256, float* out) {
+  switch (R) {
+    case 1: return dot_rows<1>(type, w, K, x, a32, a256, out);
+    case 2: return dot_rows<2>(type, w, K, x, a32, a256, out);
+    case 3: return dot_rows<3>(type, w, K, x, a32, a256, out);
+    default: return dot_rows<4>(type, w, K, x, a32, a256, out);
   }
 }
 
@@ -486,16 +471,24 @@ void product(const float* x, int64_t M, int64_t K, const std::vector<Part>& part
   const float nan = std::numeric_limits<float>::quiet_NaN();
   at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
     size_t i = 0;
+    const float* xs[MAX_R];
+    const A32* a32s[MAX_R];
+    const A256* a256s[MAX_R];
+    float got[MAX_R];
     for (int64_t o = o0; o < o1; ++o) {
       while (o >= first[i + 1]) ++i;
       const Part& p = parts[i];
       const uint8_t* row = p.w + (o - first[i]) * p.stride;
       const float add = b ? b[o] : 0.f;
-      for (int64_t m = 0; m < M; ++m) {
-        const float v = finite[m] ? dot(p.type, row, K, x + m * K, want32 ? a32.data() + m * (K / 32) : nullptr,
-                                        want256 ? a256.data() + m * (K / 256) : nullptr)
-                                  : nan;
-        y[m * O + o] = v + add;
+      for (int64_t m = 0; m < M; m += MAX_R) {
+        const int R = static_cast<int>(std::min<int64_t>(MAX_R, M - m));
+        for (int r = 0; r < R; ++r) {
+          xs[r] = x + (m + r) * K;
+          a32s[r] = want32 ? a32.data() + (m + r) * (K / 32) : nullptr;
+          a256s[r] = want256 ? a256.data() + (m + r) * (K / 256) : nullptr;
+        }
+        dot(p.type, row, K, R, xs, a32s, a256s, got);
+        for (int r = 0; r < R; ++r) y[(m + r) * O + o] = finite[m + r] ? got[r] + add : nan;
       }
     }
   });
