@@ -400,6 +400,18 @@ def _release(rows: BlockRows) -> None:
         release_pages(a)
 
 
+def _interleaved(rows: BlockRows) -> BlockRows:
+    """The rows in Sol's interleaved layout where their type has one (blocks.group: Q4_0, Q4_1, Q5_0, Q5_1,
+    Q8_0; the same bytes, about twice as fast); once every part is copied, the file's pages are given back."""
+    parts = [blocks.group(part, name) for name, part in rows.parts]
+    moved = BlockRows(parts, rows.width)
+    if all(new is not old for (_, new), (_, old) in zip(parts, rows.parts)):
+        _release(rows)
+    else:
+        moved.sources = rows.sources
+    return moved
+
+
 def _check_scales(part: torch.Tensor, type_name: str, tensor: str, path: Path) -> None:
     """Every float16 scale finite (F16, BF16: every number): a NaN here would surface as NaN at some token."""
     if blocks.available():
@@ -624,6 +636,7 @@ def _int8_blocked(reader, cfg: ModelConfig, path: Path):
         layer = Int8Linear.from_blocked(views[name], scales, sd.pop(f"{owner}.bias", None), i, o)
         setattr(model.get_submodule(parent), attr, layer)
     if table:
+        table["embed.weight"] = _interleaved(table["embed.weight"])
         model.embed = BlockEmbedding(table["embed.weight"])
         if cfg.tie_embeddings:
             model.lm_head = BlockLinear(table["embed.weight"])
@@ -680,6 +693,7 @@ def _block_model(reader, cfg: ModelConfig, path: Path):
         return t
     sd = weights_from_gguf(reader, cfg, path, finish, read=tensor_to_blocks)
     check_shapes(model, sd, path)
+    held = {name: _interleaved(rows) for name, rows in held.items()}
     for name, rows in held.items():
         owner, _, _ = name.rpartition(".")
         if owner == "embed":

@@ -36,6 +36,7 @@ struct Shape {
 };
 
 Shape shape_of(int64_t t) {
+  if (t > GROUPED && t <= GROUPED + Q8_0 && t != GROUPED + F16) t -= GROUPED;   // Sol's grouped layouts: the same sizes
   switch (t) {
     case F16: case BF16: return {1, 2};
     case Q4_0: return {32, 18};
@@ -69,11 +70,11 @@ inline float hsum(__m256 v) {
 inline __m256i load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 // ---- the activations as int8 -----------------------------------------------------------------------------
-// A block of 32 activations (Q8_0's layout, with the codes' sum for offsets): x ~ d * q.
-struct A32 {
-  float d;
-  int32_t sum;
-  int8_t q[32];
+// A row of activations in blocks of 32 (llama.cpp's Q8_1, laid out as arrays): block b ~ d[b] * q[32b..],
+// and s[b] = d[b] * sum(q) for the weights' offsets.
+struct Row32 {
+  const float *d, *s;
+  const int8_t* q;
 };
 
 // A block of 256 (llama.cpp's Q8_K): one step, and the codes' sum over every 16.
@@ -114,12 +115,12 @@ int32_t codes(const float* x, float inv, int8_t* q) {
 
 // One row into blocks of 32; false where it holds a NaN or an infinity (its outputs are then NaN).
 // Rows whose largest number is under 1e-30 go in as zeros (1 / d would overflow float).
-bool quantize32(const float* x, int64_t K, A32* a) {
+bool quantize32(const float* x, int64_t K, float* d, float* s, int8_t* q) {
   for (int64_t b = 0; b < K / 32; ++b) {
     const float top = amax(x + 32 * b, 32);
     if (!std::isfinite(top)) return false;
-    a[b].d = top / 127.f;   // as llama.cpp's quantize_row_q8_0: q = round(x / d)
-    a[b].sum = codes(x + 32 * b, top > 1e-30f ? 1.f / a[b].d : 0.f, a[b].q);
+    d[b] = top / 127.f;   // as llama.cpp's quantize_row_q8_0: q = round(x / d)
+    s[b] = d[b] * codes(x + 32 * b, top > 1e-30f ? 1.f / d[b] : 0.f, q + 32 * b);
   }
   return true;
 }
@@ -205,27 +206,139 @@ inline Codes32 unpack32(const uint8_t* w) {
   return {load(w + 2), half(w), 0.f};   // Q8_0
 }
 
+template <int64_t T>
+constexpr int64_t bytes32() { return T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34; }
+
+// sum(codes * x) in int32 lanes, for unsigned codes, or signed ones (Q8_0: |q| times x with q's sign, as
+// maddubs takes one unsigned operand).
+template <int64_t T>
+inline __m256i products(__m256i q, __m256i magnitude, const int8_t* x) {
+  if constexpr (T == Q8_0)
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(load(x), q)), _mm256_set1_epi16(1));
+  return dot32(q, x);
+}
+
+// Blocks [b0, b1) of a row in the file's own layout, into acc and offset.
 template <int64_t T, int R>
-void rows32(const uint8_t* w, const A32* const* a, int64_t n, float* out) {
-  constexpr int64_t bytes = T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34;
+inline void plain32(const uint8_t* w, const Row32* a, int64_t b0, int64_t b1, __m256* acc, float* offset) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const Codes32 c = unpack32<T>(w + (b - b0) * bytes32<T>());
+    const __m256i magnitude = T == Q8_0 ? _mm256_sign_epi8(c.q, c.q) : c.q;
+    for (int r = 0; r < R; ++r) {
+      const __m256i p = products<T>(c.q, magnitude, a[r].q + 32 * b);
+      if constexpr (T != Q8_0) offset[r] += c.coef * a[r].s[b];
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(c.d * a[r].d[b]), _mm256_cvtepi32_ps(p), acc[r]);
+    }
+  }
+}
+
+// Sol's interleaved layout (group() makes it at load; the same bytes as the file's): rows in groups of 8,
+// and for each block of 32 inputs the 8 rows' float16 scales side by side (then their mins, for Q4_1 and
+// Q5_1), then for Q5 their fifth bits (bit p of byte k: the fifth bit of code vector p's byte k), then their
+// codes in vectors of 32 bytes: vector c holds 4 consecutive codes of each of the 8 rows (row r in bytes 4r..4r+3),
+// nibbles packed two vectors to 32 bytes (low: inputs 4c.., high: 16 + 4c..; Q8_0: 8 vectors of int8).
+// Each lane of a product is then a row: 4 activation bytes broadcast meet 8 rows' codes, and the float work
+// (8 scales converted, multiplied and added) is done once per 8 rows, where one row at a time it is per row.
+// The kernel's work per 32 weights halves (llama.cpp repacks its Q4_0 as 8 rows for the same reason).
+constexpr int LANES = 8;
+
+template <int64_t T>
+constexpr int64_t codes_at() { return 16 + (T == Q4_1 || T == Q5_1 ? 16 : 0) + (T == Q5_0 || T == Q5_1 ? 32 : 0); }
+
+inline __m256i broadcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm256_set1_epi32(v);
+}
+
+template <int P>
+inline __m256i fifth_of(__m256i bits) {   // 0x10 where bit P of each byte is set
+  const __m256i moved = P <= 4 ? _mm256_slli_epi16(bits, 4 - P) : _mm256_srli_epi16(bits, P - 4);
+  return _mm256_and_si256(moved, _mm256_set1_epi8(0x10));
+}
+
+// Codes of 8 rows x 32 inputs: 8 vectors, vector p holding inputs 4p..4p+3 of each row (see above).
+template <int64_t T>
+inline void unpack8(const uint8_t* blk, __m256i* q) {
+  const uint8_t* codes = blk + codes_at<T>();
+  if constexpr (T == Q8_0) {
+    for (int p = 0; p < 8; ++p) q[p] = load(codes + 32 * p);
+    return;
+  }
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  for (int c = 0; c < 4; ++c) {
+    const __m256i raw = load(codes + 32 * c);
+    q[c] = _mm256_and_si256(raw, low);
+    q[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+  }
+  if constexpr (T == Q5_0 || T == Q5_1) {
+    const __m256i bits = load(blk + codes_at<T>() - 32);
+    q[0] = _mm256_or_si256(q[0], fifth_of<0>(bits));
+    q[1] = _mm256_or_si256(q[1], fifth_of<1>(bits));
+    q[2] = _mm256_or_si256(q[2], fifth_of<2>(bits));
+    q[3] = _mm256_or_si256(q[3], fifth_of<3>(bits));
+    q[4] = _mm256_or_si256(q[4], fifth_of<4>(bits));
+    q[5] = _mm256_or_si256(q[5], fifth_of<5>(bits));
+    q[6] = _mm256_or_si256(q[6], fifth_of<6>(bits));
+    q[7] = _mm256_or_si256(q[7], fifth_of<7>(bits));
+  }
+}
+
+// The 8 rows' int32 sums of codes x activations over one block (lane r: row r). Input j of the block is
+// code vector j / 4 for j < 16 and 4 + (j - 16) / 4 above: vector p covers inputs 4p.. (p < 4) or 16 + 4(p - 4)..
+template <int64_t T>
+inline __m256i sums8(const __m256i* q, const int8_t* x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  auto at = [](int p) { return p < 4 ? 4 * p : 16 + 4 * (p - 4); };
+  if constexpr (T == Q8_0) {   // signed x signed: |q| times x with q's sign; each pair sum can reach 32,258
+    __m256i s = _mm256_setzero_si256();
+    for (int p = 0; p < 8; ++p) {
+      const __m256i v = T == Q8_0 ? broadcast4(x + 4 * p) : broadcast4(x + at(p));
+      s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q[p], q[p]),
+                                                                     _mm256_sign_epi8(v, q[p])), ones));
+    }
+    return s;
+  }
+  // unsigned codes: pair sums at most 2 x 31 x 127 = 7,874; four of them added stay under 32,767
+  __m256i h0 = _mm256_maddubs_epi16(q[0], broadcast4(x + at(0)));
+  __m256i h1 = _mm256_maddubs_epi16(q[4], broadcast4(x + at(4)));
+  for (int p = 1; p < 4; ++p) {
+    h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(q[p], broadcast4(x + at(p))));
+    h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(q[p + 4], broadcast4(x + at(p + 4))));
+  }
+  return _mm256_add_epi32(_mm256_madd_epi16(h0, ones), _mm256_madd_epi16(h1, ones));
+}
+
+// 8 interleaved rows of n blocks against R activation rows: out[r * 8 + lane].
+template <int64_t T, int R>
+void rows8(const uint8_t* w, const Row32* a, int64_t n, float* out) {
+  constexpr int64_t bytes = 8 * bytes32<T>();
+  constexpr bool min = T == Q4_1 || T == Q5_1;
+  __m256 acc[R], offset[R];
+  for (int r = 0; r < R; ++r) acc[r] = offset[r] = _mm256_setzero_ps();
+  __m256i q[8];
+  for (int64_t b = 0; b < n; ++b, w += bytes) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    const __m256 m = min ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))) : d;
+    unpack8<T>(w, q);
+    for (int r = 0; r < R; ++r) {
+      const __m256i s = sums8<T>(q, a[r].q + 32 * b);
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a[r].d[b])), _mm256_cvtepi32_ps(s), acc[r]);
+      if constexpr (T != Q8_0) offset[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[r].s[b]), offset[r]);
+    }
+  }
+  // the offsets: - 8 d or - 16 d (Q4_0, Q5_0), + m (Q4_1, Q5_1) times each block's activation sum
+  const __m256 scale = _mm256_set1_ps(T == Q4_0 ? -8.f : T == Q5_0 ? -16.f : T == Q8_0 ? 0.f : 1.f);
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + LANES * r, _mm256_fmadd_ps(scale, offset[r], acc[r]));
+}
+
+// One row of n blocks (the file's layout) against R activation rows.
+template <int64_t T, int R>
+void rows32(const uint8_t* w, const Row32* a, int64_t n, float* out) {
   __m256 acc[R];
   float offset[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
-  for (int64_t b = 0; b < n; ++b, w += bytes) {
-    const Codes32 c = unpack32<T>(w);
-    const __m256i magnitude = T == Q8_0 ? _mm256_sign_epi8(c.q, c.q) : c.q;
-    for (int r = 0; r < R; ++r) {
-      const A32& x = a[r][b];
-      __m256i p;
-      if constexpr (T == Q8_0) {   // signed x signed: |q| times x with q's sign (maddubs takes one unsigned)
-        p = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(load(x.q), c.q)), _mm256_set1_epi16(1));
-      } else {
-        p = dot32(magnitude, x.q);
-        offset[r] += c.coef * x.d * x.sum;
-      }
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(c.d * x.d), _mm256_cvtepi32_ps(p), acc[r]);
-    }
-  }
+  plain32<T, R>(w, a, 0, n, acc, offset);
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + offset[r];
 }
 
@@ -338,7 +451,7 @@ void rows_half(const uint8_t* w, const float* const* x, int64_t n, float* out) {
 
 // One weight row against R (1..4) activation rows, in the form its type takes them.
 template <int R>
-void dot_rows(int64_t type, const uint8_t* w, int64_t K, const float* const* x, const A32* const* a32,
+void dot_rows(int64_t type, const uint8_t* w, int64_t K, const float* const* x, const Row32* a32,
               const A256* const* a256, float* out) {
   switch (type) {
     case Q4_0: return rows32<Q4_0, R>(w, a32, K / 32, out);
@@ -346,6 +459,12 @@ void dot_rows(int64_t type, const uint8_t* w, int64_t K, const float* const* x, 
     case Q5_0: return rows32<Q5_0, R>(w, a32, K / 32, out);
     case Q5_1: return rows32<Q5_1, R>(w, a32, K / 32, out);
     case Q8_0: return rows32<Q8_0, R>(w, a32, K / 32, out);
+    // Sol's interleaved layout: w is a group of 8 rows, out 8 numbers per activation row
+    case GROUPED + Q4_0: return rows8<Q4_0, R>(w, a32, K / 32, out);
+    case GROUPED + Q4_1: return rows8<Q4_1, R>(w, a32, K / 32, out);
+    case GROUPED + Q5_0: return rows8<Q5_0, R>(w, a32, K / 32, out);
+    case GROUPED + Q5_1: return rows8<Q5_1, R>(w, a32, K / 32, out);
+    case GROUPED + Q8_0: return rows8<Q8_0, R>(w, a32, K / 32, out);
     case Q4_K: return rows_k<Q4_K, R>(w, a256, K / 256, out);
     case Q5_K: return rows_k<Q5_K, R>(w, a256, K / 256, out);
     case Q6_K: return rows_k<Q6_K, R>(w, a256, K / 256, out);
@@ -354,7 +473,7 @@ void dot_rows(int64_t type, const uint8_t* w, int64_t K, const float* const* x, 
   }
 }
 
-void dot(int64_t type, const uint8_t* w, int64_t K, int R, const float* const* x, const A32* const* a32,
+void dot(int64_t type, const uint8_t* w, int64_t K, int R, const float* const* x, const Row32* a32,
          const A256* const* a256, float* out) {
   switch (R) {
     case 1: return dot_rows<1>(type, w, K, x, a32, a256, out);
@@ -364,9 +483,78 @@ void dot(int64_t type, const uint8_t* w, int64_t K, int R, const float* const* x
   }
 }
 
+// ---- Sol's interleaved layout (see rows8) -------------------------------------------------------------------
+// Where byte i (0..31 of the block's codes) of row r goes: (vector, byte in it, high nibble?) for 4-bit codes
+// (i < 16: inputs i and 16 + i), and the interleaved block's byte for Q8_0's code i.
+struct Place {
+  int vector, byte;
+};
+
+inline Place place4(int r, int input) {   // input 0..31 of row r: which nibble vector and byte
+  const int p = input < 16 ? input / 4 : 4 + (input - 16) / 4;
+  return {p, 4 * r + input % 4};
+}
+
+// 8 rows of n blocks each (the file's layout, `stride` bytes a row) into one interleaved group.
+void group8(int64_t T, const uint8_t* in, int64_t stride, int64_t n, uint8_t* out) {
+  const int64_t bytes = shape_of(T).bytes;
+  const bool min = T == Q4_1 || T == Q5_1, five = T == Q5_0 || T == Q5_1;
+  const int64_t head = 2 + (min ? 2 : 0), at = 16 + (min ? 16 : 0) + (five ? 32 : 0);
+  for (int64_t b = 0; b < n; ++b) {
+    uint8_t* g = out + b * 8 * bytes;
+    std::memset(g, 0, 8 * bytes);
+    for (int r = 0; r < 8; ++r) {
+      const uint8_t* blk = in + r * stride + b * bytes;
+      std::memcpy(g + 2 * r, blk, 2);
+      if (min) std::memcpy(g + 16 + 2 * r, blk + 2, 2);
+      if (T == Q8_0) {
+        for (int i = 0; i < 32; ++i) g[at + 32 * (i / 4) + 4 * r + i % 4] = blk[2 + i];
+        continue;
+      }
+      uint32_t high = 0;
+      if (five) std::memcpy(&high, blk + head, 4);
+      const uint8_t* qs = blk + head + (five ? 4 : 0);
+      for (int input = 0; input < 32; ++input) {
+        const int code = input < 16 ? qs[input] & 15 : qs[input - 16] >> 4;
+        const Place pl = place4(r, input);
+        g[at + 32 * (pl.vector % 4) + pl.byte] |= static_cast<uint8_t>(code << (pl.vector < 4 ? 0 : 4));
+        if (five && ((high >> input) & 1)) g[at - 32 + pl.byte] |= static_cast<uint8_t>(1 << pl.vector);
+      }
+    }
+  }
+}
+
+// Row r (0..7) of an interleaved group back in the file's layout (a token table's lookup).
+void ungroup_row(int64_t T, const uint8_t* in, int64_t n, int r, uint8_t* out) {
+  const int64_t bytes = shape_of(T).bytes;
+  const bool min = T == Q4_1 || T == Q5_1, five = T == Q5_0 || T == Q5_1;
+  const int64_t head = 2 + (min ? 2 : 0), at = 16 + (min ? 16 : 0) + (five ? 32 : 0);
+  for (int64_t b = 0; b < n; ++b) {
+    const uint8_t* g = in + b * 8 * bytes;
+    uint8_t* blk = out + b * bytes;
+    std::memcpy(blk, g + 2 * r, 2);
+    if (min) std::memcpy(blk + 2, g + 16 + 2 * r, 2);
+    if (T == Q8_0) {
+      for (int i = 0; i < 32; ++i) blk[2 + i] = g[at + 32 * (i / 4) + 4 * r + i % 4];
+      continue;
+    }
+    uint32_t high = 0;
+    uint8_t* qs = blk + head + (five ? 4 : 0);
+    std::memset(qs, 0, 16);
+    for (int input = 0; input < 32; ++input) {
+      const Place pl = place4(r, input);
+      const int code = (g[at + 32 * (pl.vector % 4) + pl.byte] >> (pl.vector < 4 ? 0 : 4)) & 15;
+      qs[input % 16] |= static_cast<uint8_t>(code << (input < 16 ? 0 : 4));
+      if (five && ((g[at - 32 + pl.byte] >> pl.vector) & 1)) high |= 1u << input;
+    }
+    if (five) std::memcpy(blk + head, &high, 4);
+  }
+}
+
 // ---- dequantizing rows (the token table's lookups) ----------------------------------------------------------
 void row_to_float(int64_t type, const uint8_t* w, int64_t K, float* y) {
   const Shape s = shape_of(type);
+  TORCH_CHECK(type < GROUPED, "sol_blocks: interleaved rows are looked up through their group");
   for (int64_t b = 0; b < K / s.numbers; ++b, w += s.bytes, y += s.numbers) {
     switch (type) {
       case F16: y[0] = half(w); break;
@@ -451,44 +639,52 @@ void product(const float* x, int64_t M, int64_t K, const std::vector<Part>& part
     want32 |= !plain(p.type) && !k_quant(p.type);
     want256 |= k_quant(p.type);
   }
-  std::vector<A32> a32(want32 ? M * (K / 32) : 0);
+  std::vector<float> d32(want32 ? M * (K / 32) : 0), s32(d32.size());
+  std::vector<int8_t> q32(want32 ? M * K : 0);
   std::vector<A256> a256(want256 ? M * (K / 256) : 0);
   std::vector<char> finite(M, 1);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       bool ok = true;
-      if (want32) ok &= quantize32(x + m * K, K, a32.data() + m * (K / 32));
+      if (want32) ok &= quantize32(x + m * K, K, d32.data() + m * (K / 32), s32.data() + m * (K / 32), q32.data() + m * K);
       if (want256) ok &= quantize256(x + m * K, K, a256.data() + m * (K / 256));
       if (!want32 && !want256)
         for (int64_t k = 0; k < K && ok; ++k) ok = std::isfinite(x[m * K + k]);
       finite[m] = ok;
     }
   });
-  std::vector<int64_t> first(parts.size() + 1, 0);   // each part's first output row
-  for (size_t i = 0; i < parts.size(); ++i) first[i + 1] = first[i] + parts[i].rows;
+  // Units of work: a row, or a group of 8 interleaved rows; first[i], unit0[i]: part i's first row and unit.
+  std::vector<int64_t> first(parts.size() + 1, 0), unit0(parts.size() + 1, 0);
+  for (size_t i = 0; i < parts.size(); ++i) {
+    first[i + 1] = first[i] + parts[i].rows;
+    unit0[i + 1] = unit0[i] + (parts[i].type > GROUPED ? parts[i].rows / LANES : parts[i].rows);
+  }
   // Enough rows a task that a thread's share outweighs waking it (~5 us): about 64 KB of weights.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, parts[0].stride * std::min<int64_t>(M, 8)));
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, unit0.back(), grain, [&](int64_t u0, int64_t u1) {
     size_t i = 0;
     const float* xs[MAX_R];
-    const A32* a32s[MAX_R];
+    Row32 a32s[MAX_R];
     const A256* a256s[MAX_R];
-    float got[MAX_R];
-    for (int64_t o = o0; o < o1; ++o) {
-      while (o >= first[i + 1]) ++i;
+    float got[MAX_R * LANES];
+    for (int64_t u = u0; u < u1; ++u) {
+      while (u >= unit0[i + 1]) ++i;
       const Part& p = parts[i];
+      const int lanes = p.type > GROUPED ? LANES : 1;
+      const int64_t o = first[i] + (u - unit0[i]) * lanes;   // the unit's first output row
       const uint8_t* row = p.w + (o - first[i]) * p.stride;
-      const float add = b ? b[o] : 0.f;
       for (int64_t m = 0; m < M; m += MAX_R) {
         const int R = static_cast<int>(std::min<int64_t>(MAX_R, M - m));
         for (int r = 0; r < R; ++r) {
           xs[r] = x + (m + r) * K;
-          a32s[r] = want32 ? a32.data() + (m + r) * (K / 32) : nullptr;
+          if (want32) a32s[r] = {d32.data() + (m + r) * (K / 32), s32.data() + (m + r) * (K / 32), q32.data() + (m + r) * K};
           a256s[r] = want256 ? a256.data() + (m + r) * (K / 256) : nullptr;
         }
         dot(p.type, row, K, R, xs, a32s, a256s, got);
-        for (int r = 0; r < R; ++r) y[(m + r) * O + o] = finite[m + r] ? got[r] + add : nan;
+        for (int r = 0; r < R; ++r)
+          for (int l = 0; l < lanes; ++l)
+            y[(m + r) * O + o + l] = finite[m + r] ? got[r * lanes + l] + (b ? b[o + l] : 0.f) : nan;
       }
     }
   });
@@ -527,10 +723,43 @@ at::Tensor rows(const at::Tensor& blocks, int64_t type, const at::Tensor& ids, i
     TORCH_CHECK(ip[i] >= 0 && ip[i] < R, "sol_blocks::rows: index ", ip[i], " is out of range for ", R, " rows");
   at::Tensor y = at::empty({n, width}, blocks.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
+  const int64_t stride = ps[0].stride;
   at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) sol_blocks::row_to_float(type, ps[0].w + ip[i] * ps[0].stride, width, yp + i * width);
+    std::vector<uint8_t> plain_row(type > sol_blocks::GROUPED ? stride : 0);
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* w = ps[0].w + ip[i] * stride;
+      int64_t t = type;
+      if (type > sol_blocks::GROUPED) {   // the row's bytes are spread over its group of 8: gather them
+        t = type - sol_blocks::GROUPED;
+        const int64_t group = ip[i] / sol_blocks::LANES * sol_blocks::LANES;
+        sol_blocks::ungroup_row(t, ps[0].w + group * stride, width / sol_blocks::shape_of(t).numbers,
+                                static_cast<int>(ip[i] - group), plain_row.data());
+        w = plain_row.data();
+      }
+      sol_blocks::row_to_float(t, w, width, yp + i * width);
+    }
   });
   return y;
+}
+
+// A part of Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 rows (a multiple of 8 of them) in Sol's interleaved layout (type
+// GROUPED + type; see rows8): the same bytes.
+at::Tensor group(const at::Tensor& blocks, int64_t type) {
+  const sol_blocks::Shape s = sol_blocks::shape_of(type);
+  TORCH_CHECK((type == sol_blocks::Q4_0 || type == sol_blocks::Q4_1 || type == sol_blocks::Q5_0 ||
+               type == sol_blocks::Q5_1 || type == sol_blocks::Q8_0) && blocks.dim() == 2 &&
+              blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.size(1) % s.bytes == 0 &&
+              blocks.size(0) % sol_blocks::LANES == 0,
+              "sol_blocks::group: contiguous uint8 rows (a multiple of 8) of Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 blocks");
+  at::Tensor out = at::empty(blocks.sizes(), blocks.options());
+  const int64_t groups = blocks.size(0) / sol_blocks::LANES, stride = blocks.size(1), n = stride / s.bytes;
+  const uint8_t* in = blocks.data_ptr<uint8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      sol_blocks::group8(type, in + g * sol_blocks::LANES * stride, stride, n, op + g * sol_blocks::LANES * stride);
+  });
+  return out;
 }
 
 // The first block (counting along the rows) whose float16 scale is NaN or infinite, or -1: a damaged file is
@@ -570,4 +799,5 @@ TORCH_LIBRARY_IMPL(sol_blocks, CPU, m) {
   m.impl("linear", &linear);
   m.impl("rows", &rows);
   m.impl("bad_scale", &bad_scale);
+  m.impl("group", &group);
 }

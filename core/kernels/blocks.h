@@ -9,8 +9,10 @@
 namespace sol_blocks {
 
 // GGML's type numbers (gguf's GGMLQuantizationType), the ones these kernels read.
+// GROUPED + one of Q4_0 ... Q8_0: Sol's layout of the same rows in groups of 8 blocks (blocks.cpp's group()).
 enum Type : int64_t {
-  F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30
+  F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
+  GROUPED = 1000
 };
 
 // One group of output rows, all of one type: rows x (in / block) blocks, `stride` bytes a row.

@@ -17,11 +17,16 @@ from . import int8_kernel
 BLOCKS = {"F16": (1, 1, 2), "BF16": (30, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22),
           "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
           "Q6_K": (14, 256, 210)}
+# Sol's interleaved layouts (blocks.cpp's group()): the same rows and bytes, 8 rows' blocks side by side.
+GROUPED = 1000
+for _name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+    BLOCKS["G" + _name] = (GROUPED + BLOCKS[_name][0], *BLOCKS[_name][1:])
 TYPES = {name: t for name, (t, _, _) in BLOCKS.items()}
 NAMES = {t: name for name, t in TYPES.items()}
 SCHEMAS = ["linear(Tensor x, Tensor[] parts, int[] types, Tensor? bias, int in_features, int out_features) -> Tensor",
            "rows(Tensor blocks, int type, Tensor ids, int width) -> Tensor",
-           "bad_scale(Tensor blocks, int type) -> int"]
+           "bad_scale(Tensor blocks, int type) -> int",
+           "group(Tensor blocks, int type) -> Tensor"]
 
 
 def _declare():
@@ -72,3 +77,11 @@ def bad_scale(part: torch.Tensor, type_id: int) -> int:
     """The first block (along the rows) whose float16 scale is NaN or infinite, or -1 (F16, BF16: the first
     such number)."""
     return torch.ops.sol_blocks.bad_scale(part, type_id)
+
+
+def group(part: torch.Tensor, type_name: str) -> tuple[str, torch.Tensor]:
+    """Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows, a multiple of 8 of them, in Sol's interleaved layout ("G" + the
+    type's name; blocks.cpp's rows8): the same bytes, 8 rows multiplied at once. Others come back as they are."""
+    if "G" + type_name not in BLOCKS or part.shape[0] % 8:
+        return type_name, part
+    return "G" + type_name, torch.ops.sol_blocks.group(part, TYPES[type_name])

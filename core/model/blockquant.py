@@ -157,11 +157,12 @@ class BlockEmbedding(nn.Module):
 
 
 def block_types(model: nn.Module) -> list[str]:
-    """The GGUF types the model's weights are held in (empty for a model of float or int8 layers)."""
+    """The GGUF types the model's weights are held in (empty for a model of float or int8 layers); a type
+    held in Sol's interleaved layout ("GQ4_0") is named as the file's ("Q4_0")."""
     names = set()
     for m in model.modules():
         if type(m) is BlockLinear:
             names.update(m.type_names)
         elif type(m) is BlockEmbedding:
             names.add(m.type_name)
-    return sorted(names)
+    return sorted({n[1:] if n.startswith("GQ") else n for n in names})
