@@ -260,22 +260,24 @@ def test_a_mistyped_block_tensor_is_one_error_naming_it(tmp_path):
     assert "'blk.0.ffn_down.weight'" in line, line
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+@pytest.mark.parametrize("type_name", QUANTS)
 def test_the_interleaved_layout_holds_the_same_rows_and_products(type_name):
     """Sol's 8-row interleaved layout (blocks.group): the same bytes, every row looked up as the file's, and
     the products of the file's layout, for 1 to 6 activation rows and beside a part in the file's layout."""
     rng = np.random.default_rng(4)
     torch.manual_seed(4)
-    raw, tail = random_blocks(type_name, 24, 896, rng), random_blocks(type_name, 5, 896, rng)
+    width = 896 if blocks.BLOCKS[type_name][1] == 32 else 768
+    raw, tail = random_blocks(type_name, 24, width, rng), random_blocks(type_name, 5, width, rng)
     name, grouped = blocks.group(torch.from_numpy(raw), type_name)
     assert name == "G" + type_name and grouped.shape == raw.shape and not torch.equal(grouped, torch.from_numpy(raw))
     ids = torch.tensor([0, 7, 8, 13, 23])
-    assert torch.equal(blocks.rows(grouped, blocks.TYPES[name], ids, 896), as_float(raw, type_name, 896)[ids].float())
-    w = torch.cat([as_float(raw, type_name, 896), as_float(tail, type_name, 896)])
+    assert torch.equal(blocks.rows(grouped, blocks.TYPES[name], ids, width),
+                       as_float(raw, type_name, width)[ids].float())
+    w = torch.cat([as_float(raw, type_name, width), as_float(tail, type_name, width)])
     for m in (1, 4, 6):
-        x = torch.randn(m, 896)
+        x = torch.randn(m, width)
         y = blocks.linear(x, [grouped, torch.from_numpy(tail)], [blocks.TYPES[name], blocks.TYPES[type_name]],
-                          None, 896, 29)
-        want = int8_activations(x, 32) @ w.T
+                          None, width, 29)
+        want = int8_activations(x, 256 if "_K" in type_name else 32) @ w.T
         assert (y.double() - want).abs().max() <= 1e-5 * float(want.abs().max())
     assert blocks.group(torch.from_numpy(tail), type_name)[0] == type_name   # 5 rows: not a group of 8

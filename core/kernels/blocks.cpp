@@ -36,7 +36,7 @@ struct Shape {
 };
 
 Shape shape_of(int64_t t) {
-  if (t > GROUPED && t <= GROUPED + Q8_0 && t != GROUPED + F16) t -= GROUPED;   // Sol's grouped layouts: the same sizes
+  if (t > GROUPED && t != GROUPED + F16 && t != GROUPED + BF16) t -= GROUPED;   // Sol's interleaved layouts: the same sizes
   switch (t) {
     case F16: case BF16: return {1, 2};
     case Q4_0: return {32, 18};
@@ -449,6 +449,175 @@ void rows_half(const uint8_t* w, const float* const* x, int64_t n, float* out) {
   }
 }
 
+
+// ---- K-quants in Sol's interleaved layout ----------------------------------------------------------------------
+// The same idea for super-blocks of 256: 8 rows side by side, each byte of each row's super-block moved to
+// where a lane-per-row product wants it (k_place below): d and dmin of the 8 rows together; the 12 bytes of
+// 6-bit scales and mins as three 32-byte vectors, word w of row r in lane r (decoded for 8 rows at once,
+// as llama.cpp's get_scale_min_k4 does for one); the codes as vectors of 4 bytes a row (like rows8).
+inline __m256i bytes_as_pairs(__m256i v, int byte) {   // byte `byte` of each int32 lane, as two int16 copies
+  const char b = static_cast<char>(byte);
+  const __m256i control = _mm256_setr_epi8(b, -1, b, -1, b + 4, -1, b + 4, -1, b + 8, -1, b + 8, -1, b + 12, -1, b + 12, -1,
+                                           b, -1, b, -1, b + 4, -1, b + 4, -1, b + 8, -1, b + 8, -1, b + 12, -1, b + 12, -1);
+  return _mm256_shuffle_epi8(v, control);
+}
+
+inline __m256i signed_pairs(__m256i v, int byte) {   // the same, sign-extended (Q6_K's int8 scales)
+  const char b = static_cast<char>(byte);
+  const __m256i control = _mm256_setr_epi8(-1, b, -1, b, -1, b + 4, -1, b + 4, -1, b + 8, -1, b + 8, -1, b + 12, -1, b + 12,
+                                           -1, b, -1, b, -1, b + 4, -1, b + 4, -1, b + 8, -1, b + 8, -1, b + 12, -1, b + 12);
+  return _mm256_srai_epi16(_mm256_shuffle_epi8(v, control), 8);
+}
+
+inline __m256i pair_of(const int16_t* sums, int j) {   // activation sums j and j + 1 as one int32, broadcast
+  int32_t v;
+  std::memcpy(&v, sums + j, 4);
+  return _mm256_set1_epi32(v);
+}
+
+template <int P>
+inline __m256i bit_to_4(__m256i bits) {   // 0x10 where bit P of each byte is set
+  const __m256i moved = P <= 4 ? _mm256_slli_epi16(bits, 4 - P) : _mm256_srli_epi16(bits, P - 4);
+  return _mm256_and_si256(moved, _mm256_set1_epi8(0x10));
+}
+
+template <int64_t T, int K4>
+inline void sub_pair(const uint8_t* codes, const uint8_t* qh, __m256i sc_lo, __m256i sc_hi, const A256* const* a,
+                     int R, __m256i* sum) {
+  // sub-blocks 2 K4 (low nibbles) and 2 K4 + 1 (high nibbles): 8 vectors of 4 bytes a row each
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i s0 = bytes_as_pairs(2 * K4 < 4 ? sc_lo : sc_hi, (2 * K4) % 4);
+  const __m256i s1 = bytes_as_pairs(2 * K4 + 1 < 4 ? sc_lo : sc_hi, (2 * K4 + 1) % 4);
+  __m256i h0[MAX_R], h1[MAX_R], g0[MAX_R], g1[MAX_R];
+  for (int r = 0; r < R; ++r) h0[r] = h1[r] = g0[r] = g1[r] = _mm256_setzero_si256();
+  for (int c = 0; c < 8; ++c) {
+    const __m256i raw = load(codes + 32 * (8 * K4 + c));
+    __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+    if constexpr (T == Q5_K) {
+      const __m256i bits = load(qh + 32 * c);
+      lo = _mm256_or_si256(lo, bit_to_4<2 * K4>(bits));
+      hi = _mm256_or_si256(hi, bit_to_4<2 * K4 + 1>(bits));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* x = a[r]->q + 64 * K4 + 4 * c;
+      const __m256i p0 = _mm256_maddubs_epi16(lo, broadcast4(x)), p1 = _mm256_maddubs_epi16(hi, broadcast4(x + 32));
+      // pair sums at most 2 x 31 x 127 = 7,874: four added stay in int16
+      if (c < 4) h0[r] = _mm256_add_epi16(h0[r], p0), h1[r] = _mm256_add_epi16(h1[r], p1);
+      else g0[r] = _mm256_add_epi16(g0[r], p0), g1[r] = _mm256_add_epi16(g1[r], p1);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(
+        _mm256_add_epi32(_mm256_madd_epi16(h0[r], s0), _mm256_madd_epi16(g0[r], s0)),
+        _mm256_add_epi32(_mm256_madd_epi16(h1[r], s1), _mm256_madd_epi16(g1[r], s1))));
+}
+
+template <int64_t T, int R>
+void rows8_k(const uint8_t* w, const A256* const* a, int64_t n, float* out) {
+  constexpr int64_t bytes = 8 * (T == Q4_K ? 144 : 176);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low6 = _mm256_set1_epi32(0x3f3f3f3f), low4 = _mm256_set1_epi32(0x0f0f0f0f),
+                top2 = _mm256_set1_epi32(0x03030303);
+  for (int64_t b = 0; b < n; ++b, w += bytes) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+    const __m256i u0 = load(w + 32), u1 = load(w + 64), u2 = load(w + 96);
+    const __m256i sc_lo = _mm256_and_si256(u0, low6);
+    const __m256i sc_hi = _mm256_or_si256(_mm256_and_si256(u2, low4),
+                                          _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), top2), 4));
+    const __m256i mn_lo = _mm256_and_si256(u1, low6);
+    const __m256i mn_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), low4),
+                                          _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), top2), 4));
+    const uint8_t* codes = w + (T == Q5_K ? 384 : 128);
+    const uint8_t* qh = w + 128;
+    const A256* blk[MAX_R];
+    __m256i sum[MAX_R], mins[MAX_R];
+    for (int r = 0; r < R; ++r) {
+      blk[r] = &a[r][b];
+      sum[r] = _mm256_setzero_si256();
+      // sum_j min_j * (sums_2j + sums_2j+1), two sub-blocks a madd: lanes (min_j, min_j) x (s_2j, s_2j+1)
+      mins[r] = _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j)
+        mins[r] = _mm256_add_epi32(mins[r], _mm256_madd_epi16(bytes_as_pairs(j < 4 ? mn_lo : mn_hi, j % 4),
+                                                              pair_of(blk[r]->sums, 2 * j)));
+    }
+    sub_pair<T, 0>(codes, qh, sc_lo, sc_hi, blk, R, sum);
+    sub_pair<T, 1>(codes, qh, sc_lo, sc_hi, blk, R, sum);
+    sub_pair<T, 2>(codes, qh, sc_lo, sc_hi, blk, R, sum);
+    sub_pair<T, 3>(codes, qh, sc_lo, sc_hi, blk, R, sum);
+    for (int r = 0; r < R; ++r) {
+      const __m256 dx = _mm256_set1_ps(blk[r]->d);
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(sum[r]), acc[r]);
+      acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(mins[r]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + LANES * r, acc[r]);
+}
+
+template <int H, int A>
+inline void q6_quarter(const uint8_t* ql, const uint8_t* qh, const __m256i* scv, const A256* const* a, int R,
+                       __m256i* sum) {
+  // values 128 H + 32 A + (0..31) (low nibbles) and 128 H + 64 + 32 A + (0..31) (high): sub-blocks of 16
+  const __m256i low = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3);
+  for (int half16 = 0; half16 < 2; ++half16) {   // c in 0..3, then 4..7: one sub-block of 16 each
+    const int slo = 8 * H + 2 * A + half16, shi = slo + 4;
+    const __m256i sc_lo = signed_pairs(scv[slo / 4], slo % 4), sc_hi = signed_pairs(scv[shi / 4], shi % 4);
+    __m256i p_lo[MAX_R], p_hi[MAX_R];
+    for (int r = 0; r < R; ++r) p_lo[r] = p_hi[r] = _mm256_setzero_si256();
+    for (int cc = 0; cc < 4; ++cc) {
+      const int c = 4 * half16 + cc;
+      const __m256i raw = load(ql + 32 * (16 * H + 8 * A + c)), bits = load(qh + 32 * (8 * H + c));
+      const __m256i lo = _mm256_or_si256(_mm256_and_si256(raw, low),
+                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, 2 * A), two), 4));
+      const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low),
+                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, 4 + 2 * A), two), 4));
+      for (int r = 0; r < R; ++r) {
+        const int8_t* x = a[r]->q + 128 * H + 32 * A + 4 * c;
+        // pair sums at most 2 x 63 x 127 = 16,002: two added stay in int16, then weighed by the scale
+        const __m256i l = _mm256_maddubs_epi16(lo, broadcast4(x)), h = _mm256_maddubs_epi16(hi, broadcast4(x + 64));
+        if (cc % 2 == 0) {
+          p_lo[r] = l, p_hi[r] = h;
+        } else {
+          sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(p_lo[r], l), sc_lo),
+                                                             _mm256_madd_epi16(_mm256_add_epi16(p_hi[r], h), sc_hi)));
+        }
+      }
+    }
+  }
+}
+
+template <int R>
+void rows8_q6k(const uint8_t* w, const A256* const* a, int64_t n, float* out) {
+  constexpr int64_t bytes = 8 * 210;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n; ++b, w += bytes) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    const __m256i scv[4] = {load(w + 16), load(w + 48), load(w + 80), load(w + 112)};
+    const uint8_t *ql = w + 144, *qh = w + 1168;
+    const A256* blk[MAX_R];
+    __m256i sum[MAX_R], offset[MAX_R];
+    for (int r = 0; r < R; ++r) {
+      blk[r] = &a[r][b];
+      sum[r] = offset[r] = _mm256_setzero_si256();
+      for (int j = 0; j < 16; j += 2)   // the codes are stored + 32: 32 x sum_j scale_j x sums_j, subtracted
+        offset[r] = _mm256_add_epi32(offset[r], _mm256_madd_epi16(
+            _mm256_blend_epi16(signed_pairs(scv[j / 4], j % 4), signed_pairs(scv[(j + 1) / 4], (j + 1) % 4), 0xAA),
+            pair_of(blk[r]->sums, j)));
+    }
+    q6_quarter<0, 0>(ql, qh, scv, blk, R, sum);
+    q6_quarter<0, 1>(ql, qh, scv, blk, R, sum);
+    q6_quarter<1, 0>(ql, qh, scv, blk, R, sum);
+    q6_quarter<1, 1>(ql, qh, scv, blk, R, sum);
+    for (int r = 0; r < R; ++r) {
+      const __m256i total = _mm256_sub_epi32(sum[r], _mm256_slli_epi32(offset[r], 5));
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(blk[r]->d)), _mm256_cvtepi32_ps(total), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + LANES * r, acc[r]);
+}
+
 // One weight row against R (1..4) activation rows, in the form its type takes them.
 template <int R>
 void dot_rows(int64_t type, const uint8_t* w, int64_t K, const float* const* x, const Row32* a32,
@@ -465,6 +634,9 @@ void dot_rows(int64_t type, const uint8_t* w, int64_t K, const float* const* x, 
     case GROUPED + Q5_0: return rows8<Q5_0, R>(w, a32, K / 32, out);
     case GROUPED + Q5_1: return rows8<Q5_1, R>(w, a32, K / 32, out);
     case GROUPED + Q8_0: return rows8<Q8_0, R>(w, a32, K / 32, out);
+    case GROUPED + Q4_K: return rows8_k<Q4_K, R>(w, a256, K / 256, out);
+    case GROUPED + Q5_K: return rows8_k<Q5_K, R>(w, a256, K / 256, out);
+    case GROUPED + Q6_K: return rows8_q6k<R>(w, a256, K / 256, out);
     case Q4_K: return rows_k<Q4_K, R>(w, a256, K / 256, out);
     case Q5_K: return rows_k<Q5_K, R>(w, a256, K / 256, out);
     case Q6_K: return rows_k<Q6_K, R>(w, a256, K / 256, out);
@@ -495,8 +667,31 @@ inline Place place4(int r, int input) {   // input 0..31 of row r: which nibble 
   return {p, 4 * r + input % 4};
 }
 
+// Where byte i of row r's K-quant super-block lies in the interleaved group (rows8_k, rows8_q6k).
+int64_t k_place(int64_t T, int r, int64_t i) {
+  auto lanes4 = [r](int64_t vector, int64_t byte) { return 32 * vector + 4 * r + byte; };
+  if (T == Q6_K) {
+    if (i >= 208) return 2 * r + (i - 208);                                  // d
+    if (i >= 192) return 16 + lanes4((i - 192) / 4, i % 4);                  // 16 int8 scales
+    if (i >= 128) return 1168 + lanes4((i - 128) / 4, i % 4);                // qh: 32 h + 4 c + byte
+    return 144 + lanes4(i / 4, i % 4);                                       // ql: 64 h + 32 a + 4 c + byte
+  }
+  if (i < 4) return 16 * (i / 2) + 2 * r + i % 2;                            // d, dmin
+  if (i < 16) return 32 + lanes4((i - 4) / 4, i % 4);                        // the 3 words of scales and mins
+  if (T == Q5_K && i < 48) return 128 + lanes4((i - 16) / 4, i % 4);         // qh
+  const int64_t q = i - (T == Q5_K ? 48 : 16);
+  return (T == Q5_K ? 384 : 128) + lanes4(q / 4, q % 4);                     // qs: 32 k + 4 c + byte
+}
+
 // 8 rows of n blocks each (the file's layout, `stride` bytes a row) into one interleaved group.
 void group8(int64_t T, const uint8_t* in, int64_t stride, int64_t n, uint8_t* out) {
+  if (k_quant(T)) {
+    const int64_t bytes = shape_of(T).bytes;
+    for (int64_t b = 0; b < n; ++b)
+      for (int r = 0; r < 8; ++r)
+        for (int64_t i = 0; i < bytes; ++i) out[b * 8 * bytes + k_place(T, r, i)] = in[r * stride + b * bytes + i];
+    return;
+  }
   const int64_t bytes = shape_of(T).bytes;
   const bool min = T == Q4_1 || T == Q5_1, five = T == Q5_0 || T == Q5_1;
   const int64_t head = 2 + (min ? 2 : 0), at = 16 + (min ? 16 : 0) + (five ? 32 : 0);
@@ -526,6 +721,12 @@ void group8(int64_t T, const uint8_t* in, int64_t stride, int64_t n, uint8_t* ou
 
 // Row r (0..7) of an interleaved group back in the file's layout (a token table's lookup).
 void ungroup_row(int64_t T, const uint8_t* in, int64_t n, int r, uint8_t* out) {
+  if (k_quant(T)) {
+    const int64_t bytes = shape_of(T).bytes;
+    for (int64_t b = 0; b < n; ++b)
+      for (int64_t i = 0; i < bytes; ++i) out[b * bytes + i] = in[b * 8 * bytes + k_place(T, r, i)];
+    return;
+  }
   const int64_t bytes = shape_of(T).bytes;
   const bool min = T == Q4_1 || T == Q5_1, five = T == Q5_0 || T == Q5_1;
   const int64_t head = 2 + (min ? 2 : 0), at = 16 + (min ? 16 : 0) + (five ? 32 : 0);
@@ -636,8 +837,9 @@ void product(const float* x, int64_t M, int64_t K, const std::vector<Part>& part
   if (M == 0 || O == 0) return;
   bool want32 = false, want256 = false;
   for (const Part& p : parts) {
-    want32 |= !plain(p.type) && !k_quant(p.type);
-    want256 |= k_quant(p.type);
+    const int64_t base = p.type > GROUPED ? p.type - GROUPED : p.type;
+    want32 |= !plain(base) && !k_quant(base);
+    want256 |= k_quant(base);
   }
   std::vector<float> d32(want32 ? M * (K / 32) : 0), s32(d32.size());
   std::vector<int8_t> q32(want32 ? M * K : 0);
@@ -746,8 +948,7 @@ at::Tensor rows(const at::Tensor& blocks, int64_t type, const at::Tensor& ids, i
 // GROUPED + type; see rows8): the same bytes.
 at::Tensor group(const at::Tensor& blocks, int64_t type) {
   const sol_blocks::Shape s = sol_blocks::shape_of(type);
-  TORCH_CHECK((type == sol_blocks::Q4_0 || type == sol_blocks::Q4_1 || type == sol_blocks::Q5_0 ||
-               type == sol_blocks::Q5_1 || type == sol_blocks::Q8_0) && blocks.dim() == 2 &&
+  TORCH_CHECK(s.numbers > 1 && blocks.dim() == 2 &&
               blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.size(1) % s.bytes == 0 &&
               blocks.size(0) % sol_blocks::LANES == 0,
               "sol_blocks::group: contiguous uint8 rows (a multiple of 8) of Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 blocks");

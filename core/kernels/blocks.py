@@ -19,7 +19,7 @@ BLOCKS = {"F16": (1, 1, 2), "BF16": (30, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3,
           "Q6_K": (14, 256, 210)}
 # Sol's interleaved layouts (blocks.cpp's group()): the same rows and bytes, 8 rows' blocks side by side.
 GROUPED = 1000
-for _name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+for _name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
     BLOCKS["G" + _name] = (GROUPED + BLOCKS[_name][0], *BLOCKS[_name][1:])
 TYPES = {name: t for name, (t, _, _) in BLOCKS.items()}
 NAMES = {t: name for name, t in TYPES.items()}
@@ -80,8 +80,9 @@ def bad_scale(part: torch.Tensor, type_id: int) -> int:
 
 
 def group(part: torch.Tensor, type_name: str) -> tuple[str, torch.Tensor]:
-    """Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows, a multiple of 8 of them, in Sol's interleaved layout ("G" + the
-    type's name; blocks.cpp's rows8): the same bytes, 8 rows multiplied at once. Others come back as they are."""
+    """Quantized rows (Q4_0 ... Q8_0, Q4_K, Q5_K, Q6_K), a multiple of 8 of them, in Sol's interleaved layout
+    ("G" + the type's name; blocks.cpp's rows8): the same bytes, 8 rows multiplied at once. Others (F16,
+    BF16, a number of rows not a multiple of 8) come back as they are."""
     if "G" + type_name not in BLOCKS or part.shape[0] % 8:
         return type_name, part
     return "G" + type_name, torch.ops.sol_blocks.group(part, TYPES[type_name])
