@@ -14,12 +14,13 @@ from typing import Any, Callable
 
 from PySide6.QtCore import QObject, Signal
 
-from .workers import StreamWorker, Task, run_task
+from .workers import ProgressRelay, StreamWorker, Task, run_task
 
 
 class PanelContext(QObject):
     model_changed = Signal(object)      # the LoadedModel, or None after unload
     model_loading = Signal(str)         # path being loaded
+    model_load_progress = Signal(float, str)   # how far the load is (0..1) and what it reads; ~30 a second
     model_failed = Signal(str)          # a message naming what is wrong
     chat_event = Signal(dict)           # every event of the chat (token, tool_call, message, ...)
     chat_session_changed = Signal(object)
@@ -59,19 +60,23 @@ class PanelContext(QObject):
         self.model_changed.emit(loaded)
 
     def load_model(self, path: str, on_done: Callable | None = None) -> Task:
-        """Load a model directory off the GUI thread; `model_changed` fires when it is ready."""
+        """Load a model directory off the GUI thread; `model_load_progress` fires as it reads (on the GUI
+        thread), then `model_changed` when it is ready."""
         from sol.core.formats.checkpoint import load_model
         self.model_loading.emit(str(path))
+        progress = ProgressRelay(self.model_load_progress.emit)
 
         def done(loaded):
+            progress.close()
             self.set_model(loaded)
             if on_done:
                 on_done(loaded)
 
         def failed(e):
+            progress.close()
             self.model_failed.emit(f"{path}: {e}")
 
-        return run_task(load_model, path, self.device or "cpu", on_done=done, on_error=failed)
+        return run_task(load_model, path, self.device or "cpu", progress=progress, on_done=done, on_error=failed)
 
     def unload_model(self) -> None:
         self.set_model(None)

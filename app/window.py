@@ -11,8 +11,8 @@ import traceback
 
 from PySide6.QtCore import QSettings, Qt
 from PySide6.QtGui import QIcon
-from PySide6.QtWidgets import (QLabel, QListWidget, QListWidgetItem, QMainWindow, QPlainTextEdit, QSplitter,
-                               QStackedWidget, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QLabel, QListWidget, QListWidgetItem, QMainWindow, QPlainTextEdit, QProgressBar,
+                               QSplitter, QStackedWidget, QVBoxLayout, QWidget)
 
 from sol.core.plugins.hooks import PanelSpec
 
@@ -108,7 +108,8 @@ class MainWindow(QMainWindow):
 
         self._build_status_bar()
         ctx.model_changed.connect(self._on_model)
-        ctx.model_loading.connect(lambda p: self.model_label.setText(f"loading {p} …"))
+        ctx.model_loading.connect(self._on_model_loading)
+        ctx.model_load_progress.connect(self._on_load_progress)
         ctx.model_failed.connect(self._on_model_failed)
         ctx.status_message.connect(lambda m: self.statusBar().showMessage(m, 8000))
         ctx.open_panel.connect(self.show_panel)
@@ -189,7 +190,14 @@ class MainWindow(QMainWindow):
         self.device_label.setObjectName("deviceLabel")
         self.model_label = QLabel("no model loaded")
         self.model_label.setObjectName("modelLabel")
+        # How far a model load is, and what it reads: shown only while one loads.
+        self.load_bar = QProgressBar()
+        self.load_bar.setObjectName("loadBar")
+        self.load_bar.setRange(0, 1000)
+        self.load_bar.setFixedWidth(300)
+        self.load_bar.hide()
         sb.addPermanentWidget(self.model_label)
+        sb.addPermanentWidget(self.load_bar)
         sb.addPermanentWidget(self.device_label)
         self._describe_device()
 
@@ -209,7 +217,23 @@ class MainWindow(QMainWindow):
         self.device_label.setText(text)
         self.device_label.setToolTip(f"threads: {d.get('threads')}")
 
+    def _on_model_loading(self, path: str):
+        self.model_label.setText(f"loading {path} …")
+        self._on_load_progress(0.0, "starting")
+
+    def _on_load_progress(self, fraction: float, what: str):
+        bar = self.load_bar
+        bar.setValue(round(fraction * bar.maximum()))
+        percent = f"{int(fraction * 100)}% · "
+        room = bar.width() - bar.fontMetrics().horizontalAdvance(percent) - 24
+        shown = bar.fontMetrics().elidedText(what, Qt.ElideMiddle, max(room, 40))
+        # The format's %p, %v and %m are placeholders: a word joiner after the text's own % keeps it as written.
+        bar.setFormat(percent + shown.replace("%", "%\u2060"))
+        bar.setToolTip(what)
+        bar.show()
+
     def _on_model(self, loaded):
+        self.load_bar.hide()
         if loaded is None:
             self.model_label.setText("no model loaded")
             self.settings.remove("model/last")
@@ -222,6 +246,7 @@ class MainWindow(QMainWindow):
         self.settings.setValue("model/last", str(loaded.path))
 
     def _on_model_failed(self, msg: str):
+        self.load_bar.hide()
         self.model_label.setText("no model loaded")
         self.statusBar().showMessage(f"could not load the model: {msg}", 15000)
 

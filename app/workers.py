@@ -3,8 +3,9 @@
 `Task` runs one function in Qt's thread pool and delivers its result (or
 exception) back on the GUI thread. `StreamWorker` runs a generator of events
 (generation, the chat loop) in its own QThread, with a stop flag the
-generator checks between events. The GUI thread never waits on either: it
-only receives signals.
+generator checks between events. `ProgressRelay` carries a worker's
+progress(fraction, what) reports to the GUI thread, a few dozen a second.
+The GUI thread never waits on any of them: it only receives signals.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import traceback
 from collections import deque
 from typing import Any, Callable, Iterator
 
-from PySide6.QtCore import QObject, QThread, QThreadPool, Signal, Slot
+from PySide6.QtCore import QObject, QThread, QThreadPool, QTimer, Signal, Slot
 
 _alive: set = set()   # keeps running tasks referenced until they report back
 
@@ -67,6 +68,57 @@ def run_task(fn: Callable, *args, on_done: Callable | None = None, on_error: Cal
     if on_error is not None:
         t.failed.connect(on_error)
     return t.start()
+
+
+class ProgressRelay(QObject):
+    """A progress(fraction, what) callback for a worker thread whose reports reach `deliver` on the GUI
+    thread at most PER_S times a second. The worker only keeps the latest report and signals when no
+    signal is on its way (a 300-tensor file reports 300 times in a second: queuing each would crowd the
+    GUI's event loop); the GUI thread takes whatever is latest then. Reports are coalesced, never lost:
+    the last one before a long stage is shown during it. Create it on the GUI thread; `close()` there when
+    the work is over hands on a report still held back, and drops any that arrive later."""
+    PER_S = 30
+    _ready = Signal()
+
+    def __init__(self, deliver: Callable[[float, str], Any]):
+        super().__init__()
+        self.deliver = deliver
+        self.lock = threading.Lock()
+        self.latest: tuple[float, str] | None = None
+        self.signalled = False   # a `_ready` or a timer is on its way and has not taken `latest` yet
+        self.last = float("-inf")   # when the GUI thread last delivered
+        self.closed = False
+        self._ready.connect(self._take)   # emitted on the worker thread, run on this object's (the GUI's)
+
+    def __call__(self, fraction: float, what: str) -> None:   # the worker thread
+        with self.lock:
+            self.latest = (fraction, what)
+            if self.signalled:
+                return
+            self.signalled = True
+        self._ready.emit()
+
+    @Slot()
+    def _take(self) -> None:
+        if self.closed:
+            return
+        wait = self.last + 1 / self.PER_S - time.monotonic()
+        if wait > 0:   # delivered too recently: take the latest once the interval is over
+            QTimer.singleShot(max(1, round(wait * 1000)), self._take)
+            return
+        self._deliver()
+
+    def _deliver(self) -> None:
+        with self.lock:
+            latest, self.latest, self.signalled = self.latest, None, False
+        if latest is not None:
+            self.last = time.monotonic()
+            self.deliver(*latest)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._deliver()
+            self.closed = True
 
 
 BATCH_S = 0.016   # events that may wait are handed to the GUI thread at most this often (a frame)

@@ -389,3 +389,76 @@ def test_models_panel_lists_a_broken_folder_with_its_reason(window, isolated_hom
     assert panel.table.item(row, 2).text() == "broken"
     assert "config.json" in panel.table.item(row, 2).toolTip()
     assert any(m["name"] == "starter" for m in panel.models)     # the rest still listed
+
+
+def test_loading_a_model_shows_its_progress_in_the_status_bar_until_it_is_loaded(window, qtbot, monkeypatch):
+    import threading
+
+    from sol.core.formats import checkpoint
+    from sol.core.formats.registry import builtin_models_dir
+    win, ctx = window
+    real, halfway = checkpoint.load_model, threading.Event()
+
+    def held(path, device, progress=None):   # the load waits halfway until the test has looked at the bar
+        def watched(fraction, what):
+            progress(fraction, what)
+            if fraction >= 0.5:
+                halfway.wait(30)
+        return real(path, device, progress=watched)
+    monkeypatch.setattr(checkpoint, "load_model", held)
+    seen = []
+    ctx.model_load_progress.connect(lambda f, what: seen.append((f, what, threading.current_thread())))
+    assert win.load_bar.isHidden()
+    ctx.load_model(str(builtin_models_dir() / "starter"))
+    try:
+        qtbot.waitUntil(lambda: not win.load_bar.isHidden() and win.load_bar.value() >= 500, timeout=10_000)
+        percent = int(seen[-1][0] * 100)
+        assert 50 <= percent < 100 and win.load_bar.format().startswith(f"{percent}% · ")
+        assert "weight" in win.load_bar.format() or "bias" in win.load_bar.format()   # the tensor it reads
+        assert win.model_label.text().startswith("loading ")
+    finally:
+        halfway.set()
+    qtbot.waitUntil(lambda: ctx.loaded is not None, timeout=30_000)
+    assert win.load_bar.isHidden() and win.model_label.text().startswith("model: starter")
+    fractions = [f for f, _, _ in seen]
+    assert fractions == sorted(fractions) and seen[-1][:2] == (1.0, "ready")
+    assert {t for _, _, t in seen} == {threading.main_thread()}   # queued to the GUI thread
+
+    ctx.load_model(str(builtin_models_dir() / "no-such-model"))   # a failed load hides it too
+    assert not win.load_bar.isHidden()
+    qtbot.waitUntil(lambda: win.load_bar.isHidden(), timeout=10_000)
+    assert win.model_label.text() == "no model loaded"
+
+
+def test_load_progress_reaches_the_gui_thread_about_30_times_a_second_and_the_last_report_is_kept(qtbot):
+    import threading
+    import time
+
+    from sol.app.workers import ProgressRelay, run_task
+    got = []
+    relay = ProgressRelay(lambda f, what: got.append((time.monotonic(), f, what)))
+
+    def work():   # 3000 reports in ~0.3 s, then a long last stage
+        for i in range(3000):
+            relay(i / 3000, f"tensor {i}")
+            if i % 10 == 0:
+                time.sleep(0.001)
+        relay(0.99, "moving to the GPU")
+        time.sleep(0.3)
+        return threading.current_thread()
+    done = []
+    t0 = time.monotonic()
+    run_task(work, on_done=done.append)
+    qtbot.waitUntil(lambda: bool(done), timeout=20_000)
+    took = time.monotonic() - t0
+    assert done[0] is not threading.main_thread()
+    assert 3 <= len(got) <= took * ProgressRelay.PER_S + 2
+    gaps = [b[0] - a[0] for a, b in zip(got, got[1:])]
+    assert min(gaps) >= 1 / ProgressRelay.PER_S - 0.005
+    assert got[-1][1:] == (0.99, "moving to the GPU")   # shown during the long stage, not dropped
+    relay(1.0, "ready")   # reported, then the work is over: close() hands it on at once
+    relay.close()
+    assert got[-1][1:] == (1.0, "ready")
+    relay(1.0, "late")
+    qtbot.wait(100)
+    assert got[-1][1:] == (1.0, "ready")

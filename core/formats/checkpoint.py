@@ -29,8 +29,8 @@ from ..errors import SolError
 from ..model.config import ModelConfig
 from ..model.transformer import Transformer
 from .gguf_io import gguf_config, inspect_gguf, load_gguf, tokenizer_of_gguf
-from .loaded import (LoadedModel, build_model, check_finite, check_regular, check_size, check_vocab,
-                     no_json_constant, place, read_json, read_json_object, stored_dtype)
+from .loaded import (LoadedModel, Progress, build_model, check_finite, check_regular, check_size, check_vocab,
+                     no_json_constant, place, read_json, read_json_object, report, span, stored_dtype)
 from .mapped import map_safetensors, release
 from .tokenizer import Tokenizer
 
@@ -238,14 +238,16 @@ RECOMPUTED_BUFFERS = (
 class _Weights:
     """The checkpoint's tensors, taken one by one; whatever is left at the end is an error."""
 
-    def __init__(self, sd: dict, prefix: str):
+    def __init__(self, sd: dict, prefix: str, progress=None):
         self.sd = {k: v for k, v in sd.items() if not k.endswith(RECOMPUTED_BUFFERS)}
         self.prefix = prefix if any(k.startswith(prefix) for k in sd) else ""
+        self.progress, self.total = progress, max(len(self.sd), 1)   # progress(taken / total, name)
 
     def has(self, name: str) -> bool:
         return self.prefix + name in self.sd
 
     def take(self, name: str) -> torch.Tensor:
+        report(self.progress, 1 - len(self.sd) / self.total, f"reading {self.prefix}{name}")
         return self.sd.pop(self.prefix + name)   # KeyError: load_model names the missing tensor
 
     def lm_head(self, out: dict, cfg: ModelConfig, embed: torch.Tensor) -> None:
@@ -263,8 +265,8 @@ class _Weights:
             raise UnusedTensors(sorted(self.sd))
 
 
-def convert_gpt2(sd: dict, cfg: ModelConfig) -> dict:
-    w = _Weights(sd, "transformer.")
+def convert_gpt2(sd: dict, cfg: ModelConfig, progress=None) -> dict:
+    w = _Weights(sd, "transformer.", progress)
     out = {"embed.weight": w.take("wte.weight"), "pos_embed.weight": w.take("wpe.weight"),
            "norm.weight": w.take("ln_f.weight"), "norm.bias": w.take("ln_f.bias")}
     w.lm_head(out, cfg, out["embed.weight"])
@@ -291,9 +293,9 @@ def fuse(parts: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def convert_llama(sd: dict, cfg: ModelConfig) -> dict:
+def convert_llama(sd: dict, cfg: ModelConfig, progress=None) -> dict:
     """Llama and its relatives (Mistral, Qwen2/3, Gemma 3, Phi-3): separate or fused q/k/v and gate/up."""
-    w = _Weights(sd, "model.")
+    w = _Weights(sd, "model.", progress)
     out = {"embed.weight": w.take("embed_tokens.weight"), "norm.weight": w.take("norm.weight")}
     w.lm_head(out, cfg, out["embed.weight"])
     for i in range(cfg.n_layer):
@@ -451,15 +453,18 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               quantize: str | None = None) -> LoadedModel:
-    """quantize: "int8" keeps linear weights int8 (core/model/quant.py); "auto" does so for Q8_0 GGUF files only."""
+               quantize: str | None = None, progress: Progress | None = None) -> LoadedModel:
+    """quantize: "int8" keeps linear weights int8 (core/model/quant.py); "auto" does so for Q8_0 GGUF files only.
+    progress(fraction, what), if given, is told how far the load is as it goes (from the loading thread),
+    ending with (1.0, "ready"); one that raises is ignored."""
     d = Path(path).expanduser().resolve()   # one name per model, whatever the cwd later
     if not d.exists():
         raise SolError(f"{d}: no such model directory")
     if is_gguf(d):
-        return load_gguf(d, device=device, dtype=dtype, quantize=quantize)
+        return load_gguf(d, device=device, dtype=dtype, quantize=quantize, progress=progress)
     if d.is_file():
         raise SolError(f"{d}: a model is a directory (config.json, model.safetensors, tokenizer.json); give its folder")
+    report(progress, 0.0, f"opening {d.name}")
     cfg, fmt = load_config(d)
     stop_ids, sampling = read_generation_config(d)
     with_stop_ids(cfg, stop_ids)
@@ -468,9 +473,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise SolError(f"{tok_path}: tokenizer missing; a model directory needs its tokenizer.json")
     tokenizer = Tokenizer.from_file(tok_path)
     sd, source = load_weights(d)
+    # Where each stage ends, as a fraction of the load. The time goes into reading the weights' bytes (renaming
+    # fuses a Hugging Face folder's q/k/v and gate/up, checking reads the rest), then into place():
+    # quantizing (an int8 load: ~10x the reading) or moving to a GPU.
+    int8 = quantize == "int8"
+    placed = 0.3 if int8 else 0.9 if str(device) != "cpu" else 0.98
+    renamed = 0.05 + (0.4 * (placed - 0.05) if fmt == "hf" else 0.0)
+    checked = renamed + 0.9 * (placed - renamed)
+    report(progress, 0.05, f"opened {source}")
     if fmt == "hf":
+        renaming = span(progress, 0.05, renamed)
         try:
-            sd = convert_gpt2(sd, cfg) if cfg.architecture == "gpt2" else convert_llama(sd, cfg)
+            sd = (convert_gpt2(sd, cfg, renaming) if cfg.architecture == "gpt2"
+                  else convert_llama(sd, cfg, renaming))
         except KeyError as e:
             raise SolError(f"{d / source}: tensor {e.args[0]!r} is missing for a {cfg.architecture} model") from None
         except UnusedTensors as e:
@@ -480,15 +495,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                            "(check config.json, or this variant is not supported)") from None
     extra = {k: sd.pop(k) for k in [k for k in sd if k.startswith(EXTRA_PREFIXES)]}
     check_size(cfg, sd, d / "config.json", d / source)
-    check_finite(sd, d / source)
+    check_finite(sd, d / source, span(progress, renamed, checked))
     limit = check_vocab(tokenizer, cfg, tok_path, d / "config.json")
     # int8 is quantized from float32 weights; otherwise each tensor goes straight to the dtype it runs in.
     run = stored_dtype(sd, device) if dtype is None else dtype
-    int8 = quantize == "int8"
-    model = build_model(cfg, sd, d / source, torch.float32 if int8 else run)
+    model = build_model(cfg, sd, d / source, torch.float32 if int8 else run, span(progress, checked, placed))
     sd.clear()   # the model holds the tensors now: quantizing frees each float32 matrix as it goes
     model.vocab_limit = limit
+    report(progress, placed, "quantizing to int8" if int8 else f"moving to {device}" if str(device) != "cpu"
+           else "placing the weights")
     place(model, device, dtype if int8 else run, int8)
+    report(progress, 1.0, "ready")
     meta = read_json(d / "sol.json") if fmt == "sol" else {}
     return LoadedModel(model, tokenizer, cfg, d, fmt, meta, extra, sampling)
 

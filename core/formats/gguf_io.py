@@ -38,7 +38,7 @@ from ..model.quant import Int8Embedding, Int8Linear, quantize_rows
 from ..model.transformer import Transformer
 from .gguf_file import GGUFFile
 from .loaded import (LoadedModel, build_model, check_finite, check_regular, check_shapes, check_size, check_vocab,
-                     place)
+                     place, report, span)
 from .mapped import release_pages
 from .tokenizer import Tokenizer
 
@@ -445,19 +445,23 @@ class _Out(dict):
         super().__setitem__(name, self.finish(name, t) if self.finish else t)
 
 
-def weights_from_gguf(reader, cfg: ModelConfig, path: Path, finish=None, read=tensor_to_torch) -> dict:
+def weights_from_gguf(reader, cfg: ModelConfig, path: Path, finish=None, read=tensor_to_torch,
+                      progress=None) -> dict:
     """The tensors renamed into Sol's layout (float32, or what `read(tensor, path)` gives, such as blocks;
-    then what `finish(name, tensor)` makes of each); every tensor in the file used or refused by name."""
+    then what `finish(name, tensor)` makes of each); every tensor in the file used or refused by name.
+    progress(taken / total, name) as each tensor is read."""
     raw = {t.name: t for t in reader.tensors}
     raw.pop("rope_freqs.weight", None)   # read into cfg.rope_scaling already
     if _rope_kind(cfg) == "longrope":    # so are Phi-3's
         raw.pop("rope_factors_long.weight", None)
         raw.pop("rope_factors_short.weight", None)
     out = _Out(finish)
+    total = len(raw)
 
     def take(name):
         if name not in raw:
             raise SolError(f"{path}: tensor {name!r} is missing for a {cfg.architecture} model")
+        report(progress, (total - len(raw)) / total, f"reading {name}")
         return read(raw.pop(name), path)
 
     def norm(name):   # convert_hf_to_gguf.py stores Gemma's norms as 1 + weight, the factor llama.cpp applies
@@ -517,6 +521,7 @@ def weights_from_gguf(reader, cfg: ModelConfig, path: Path, finish=None, read=te
         names = sorted(raw)
         raise SolError(f"{path}: tensor {names[0]!r} ({len(names)} in all) has no place in a {cfg.architecture} "
                        "model as the metadata describes it; Sol refuses it rather than run a different network")
+    report(progress, 1.0, "tensors read")
     return dict(out)
 
 
@@ -562,13 +567,13 @@ def tokenizer_of_gguf(path: str | Path) -> Tokenizer:
     return tokenizer_from_gguf(metadata(open_gguf(path)), path)
 
 
-def _int8_model(reader, cfg: ModelConfig, path: Path):
+def _int8_model(reader, cfg: ModelConfig, path: Path, progress=None):
     """The Transformer with every linear layer int8, each matrix quantized into Sol's rows
     (quant.quantize_rows) as soon as it is read, so only one is ever float32 at a time: the same int8 values
     as quantizing the float32 model (load_model then quant.quantize_model), without holding it. Where Sol's
     int8 kernel runs, see _int8_blocked: less memory still."""
     if int8_kernel.available():
-        return _int8_blocked(reader, cfg, path)
+        return _int8_blocked(reader, cfg, path, progress)
     model = Transformer.empty(cfg)
     linear = {f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear}
     rows = {}
@@ -579,7 +584,7 @@ def _int8_model(reader, cfg: ModelConfig, path: Path):
             rows[name] = quantize_rows(t)
             return torch.empty(t.shape, device="meta")   # its shape, for check_shapes
         return t
-    sd = weights_from_gguf(reader, cfg, path, finish)
+    sd = weights_from_gguf(reader, cfg, path, finish, progress=progress)
     check_shapes(model, sd, path)
     for name, (q, scales) in rows.items():
         owner, _, _ = name.rpartition(".")
@@ -598,7 +603,7 @@ def _int8_model(reader, cfg: ModelConfig, path: Path):
 SLICE_ROWS = 1024   # rows dequantized at a time (a multiple of the kernel's 4-row tiles): ~20 MB of float32
 
 
-def _int8_blocked(reader, cfg: ModelConfig, path: Path):
+def _int8_blocked(reader, cfg: ModelConfig, path: Path, progress=None):
     """_int8_model where Sol's int8 kernel runs: each linear layer's rows quantized a slice at a time straight
     into the kernel's blocked layout, in one region of huge pages sized from the config (int8_kernel.block_all's
     region, without a plain int8 copy beside it); the token table, and a tied head, stay the file's own
@@ -627,7 +632,7 @@ def _int8_blocked(reader, cfg: ModelConfig, path: Path):
         t = t.to_float() if isinstance(t, BlockRows) else t
         check_finite({name: t}, path)
         return t
-    sd = weights_from_gguf(reader, cfg, path, finish, read=tensor_to_blocks)
+    sd = weights_from_gguf(reader, cfg, path, finish, read=tensor_to_blocks, progress=progress)
     check_shapes(model, sd, path)
     for name, scales in made.items():
         owner = name.rpartition(".")[0]
@@ -676,7 +681,7 @@ def _block_rows_into(t, blocked: torch.Tensor, name: str, path: Path) -> torch.T
 BLOCK_FILES = {"F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
 
 
-def _block_model(reader, cfg: ModelConfig, path: Path):
+def _block_model(reader, cfg: ModelConfig, path: Path, progress=None):
     """The Transformer with every linear layer and the token table held in the file's own blocks (views of
     the mapped file where a layer is one tensor), norms and biases float32."""
     model = Transformer.empty(cfg)
@@ -691,7 +696,7 @@ def _block_model(reader, cfg: ModelConfig, path: Path):
             t = t.to_float()   # a learned position table: added, not multiplied
         check_finite({name: t}, path)
         return t
-    sd = weights_from_gguf(reader, cfg, path, finish, read=tensor_to_blocks)
+    sd = weights_from_gguf(reader, cfg, path, finish, read=tensor_to_blocks, progress=progress)
     check_shapes(model, sd, path)
     held = {name: _interleaved(rows) for name, rows in held.items()}
     for name, rows in held.items():
@@ -716,9 +721,12 @@ def _runs_in_blocks(reader, quant: str, device, dtype, quantize: str | None) -> 
             and blocks.available())
 
 
-def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None):
-    """A LoadedModel from a .gguf file, with the same checks as a model directory."""
+def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None,
+              progress=None):
+    """A LoadedModel from a .gguf file, with the same checks as a model directory. progress(fraction, what)
+    as its tensors are read (core/formats/loaded.report), ending with (1.0, "ready")."""
     path = Path(path).expanduser().resolve()
+    report(progress, 0.0, f"reading {path.name}")
     reader = open_gguf(path)
     meta = metadata(reader)
     cfg = _config(reader, meta, path)
@@ -729,18 +737,21 @@ def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, 
     # A Q8_0 file stays int8 unless a dtype was asked for: its int8 values re-scaled per row.
     int8 = quantize == "int8" or (quantize == "auto" and quant == "Q8_0")
     in_blocks = not int8 and _runs_in_blocks(reader, quant, device, dtype, quantize)
+    # Reading the tensors is most of the work; a float32 load then checks and builds (~20% of it).
     if in_blocks:
-        model = _block_model(reader, cfg, path)
+        model = _block_model(reader, cfg, path, span(progress, 0.0, 0.98))
     elif int8:
-        model = _int8_model(reader, cfg, path)
+        model = _int8_model(reader, cfg, path, span(progress, 0.0, 0.98))
     else:
-        sd = weights_from_gguf(reader, cfg, path)
-        check_finite(sd, path)
-        model = build_model(cfg, sd, path, torch.float32 if dtype is None else dtype)
+        sd = weights_from_gguf(reader, cfg, path, progress=span(progress, 0.0, 0.8))
+        check_finite(sd, path, span(progress, 0.8, 0.95))
+        model = build_model(cfg, sd, path, torch.float32 if dtype is None else dtype, span(progress, 0.95, 0.98))
         sd.clear()
     model.vocab_limit = id_limit(meta, tokenizer)
     if not in_blocks:
+        report(progress, 0.98, "placing the weights" if str(device) == "cpu" else f"moving to {device}")
         place(model, device, dtype, int8)
+    report(progress, 1.0, "ready")
     info = {"name": path.name, "quantization": quant}
     return LoadedModel(model, tokenizer, cfg, path, "gguf", info)
 

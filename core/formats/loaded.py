@@ -7,6 +7,7 @@ what is wrong in it, and what to do. They share these from here, so neither impo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,27 @@ from .mapped import release
 from .tokenizer import Tokenizer
 
 FINITE_SLICE = 1 << 22   # numbers checked at a time: at most 16 MB of float32 or mask, whatever the tensor
+
+# progress(fraction, what): how far a load is (0.0 to 1.0) and what it is reading or doing now.
+Progress = Callable[[float, str], None]
+
+
+def report(progress: Progress | None, fraction: float, what: str) -> None:
+    """Tell `progress`, if given, how far the load is. A callback that raises is ignored: it only watches
+    the load (a window's bar, a closed one's emit), and a model that read fine must not fail for it."""
+    if progress is None:
+        return
+    try:
+        progress(min(max(float(fraction), 0.0), 1.0), what)
+    except Exception:   # the watcher's problem, not the load's (see above)
+        pass
+
+
+def span(progress: Progress | None, start: float, end: float) -> Progress | None:
+    """A callback for one stage of a load: the stage's own 0..1 reported as start..end of the whole."""
+    if progress is None:
+        return None
+    return lambda fraction, what: report(progress, start + (end - start) * fraction, what)
 
 
 @dataclass
@@ -131,12 +153,13 @@ def available_memory() -> int | None:
     return None
 
 
-def check_finite(sd: dict, source: Path) -> None:
+def check_finite(sd: dict, source: Path, progress: Progress | None = None) -> None:
     """NaN or infinity anywhere in the weights is refused, named. Each slice of a tensor is summed once in
     float32 (a NaN or infinity makes the sum non-finite), so a mapped tensor is read, never copied whole;
     only a slice whose sum is not finite is looked at number by number, since finite numbers can also
     add up past float32's range."""
-    for name, t in sd.items():
+    for n, (name, t) in enumerate(sd.items()):
+        report(progress, n / max(len(sd), 1), f"checking {name}")
         if not t.is_floating_point():
             continue
         flat = t.reshape(-1)
@@ -163,7 +186,8 @@ def check_shapes(model: Transformer, sd: dict, source: Path) -> None:
         raise SolError(f"{source}: unexpected tensor {unknown[0]!r} ({len(unknown)} in all) for this config")
 
 
-def build_model(cfg: ModelConfig, sd: dict, source: Path, dtype: torch.dtype = torch.float32) -> Transformer:
+def build_model(cfg: ModelConfig, sd: dict, source: Path, dtype: torch.dtype = torch.float32,
+                progress: Progress | None = None) -> Transformer:
     """The Transformer holding `sd`'s own tensors. It is built on the meta device, so no memory is taken
     and no weight is randomly initialised only to be overwritten (that took 11 of a 0.5B model's 15 s of
     loading), checked against the weights' shapes, then given the tensors themselves: one stored in
@@ -171,13 +195,14 @@ def build_model(cfg: ModelConfig, sd: dict, source: Path, dtype: torch.dtype = t
     converted once."""
     model = Transformer.empty(cfg)
     check_shapes(model, sd, source)
-    def own(t: torch.Tensor) -> torch.Tensor:
+    def own(n: int, name: str, t: torch.Tensor) -> torch.Tensor:
+        report(progress, n / max(len(sd), 1), f"building {name}")
         if not t.is_floating_point() or t.dtype == dtype:
             return t.contiguous()
         out = t.to(dtype).contiguous()
         release(t)   # a mapped tensor's pages, read once for the conversion, are given back
         return out
-    model.load_state_dict({k: own(t) for k, t in sd.items()}, strict=False, assign=True)
+    model.load_state_dict({k: own(n, k, t) for n, (k, t) in enumerate(sd.items())}, strict=False, assign=True)
     if cfg.tie_embeddings:   # assigning the embedding replaced the Parameter the head shared
         model.lm_head.weight = model.embed.weight
     return model.eval()
