@@ -434,16 +434,28 @@ inline float bf16_to_float(uint16_t h) {
 template <int64_t T, int R>
 void rows_half(const uint8_t* w, const float* const* x, int64_t n, float* out) {
   const uint16_t* h = reinterpret_cast<const uint16_t*>(w);
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  auto widen = [h](int64_t i) {
+    return T == F16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))) : widen_bf16(h + i);
+  };
+  // Four sums a row for one activation row (an FMA's latency is four of its issue slots); two for more.
+  constexpr int S = R == 1 ? 4 : 2;
+  __m256 acc[R][S];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < S; ++k) acc[r][k] = _mm256_setzero_ps();
   int64_t i = 0;
+  for (; i + 8 * S <= n; i += 8 * S)
+    for (int k = 0; k < S; ++k) {
+      const __m256 v = widen(i + 8 * k);
+      for (int r = 0; r < R; ++r) acc[r][k] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x[r] + i + 8 * k), acc[r][k]);
+    }
   for (; i + 8 <= n; i += 8) {
-    const __m256 v = T == F16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i)))
-                              : widen_bf16(h + i);
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x[r] + i), acc[r]);
+    const __m256 v = widen(i);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x[r] + i), acc[r][0]);
   }
   for (int r = 0; r < R; ++r) {
-    float s = hsum(acc[r]);
+    __m256 t = acc[r][0];
+    for (int k = 1; k < S; ++k) t = _mm256_add_ps(t, acc[r][k]);
+    float s = hsum(t);
     for (int64_t k = i; k < n; ++k) s += (T == F16 ? _cvtsh_ss(h[k]) : bf16_to_float(h[k])) * x[r][k];
     out[r] = s;
   }
