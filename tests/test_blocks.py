@@ -2,7 +2,7 @@
 extreme blocks; models that run from a file's blocks, in the scripted loop and the native step; and files whose
 blocks are damaged, refused in one line naming the tensor."""
 import io
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stdout
 
 import gguf
 import numpy as np
@@ -213,13 +213,7 @@ def test_a_quantized_gguf_runs_in_its_own_blocks(tmp_path, type_name):
 
 
 # ---- damaged files: one line naming the tensor -------------------------------------------------------------
-def _error(path):
-    err = io.StringIO()
-    with redirect_stderr(err), redirect_stdout(io.StringIO()):
-        rc = main(["generate", "--model", str(path), "--prompt", "hi", "--max-tokens", "1", "--device", "cpu"])
-    lines = err.getvalue().strip().splitlines()
-    assert rc != 0 and len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], lines
-    return lines[0]
+from test_gguf import _error  # noqa: E402 (sol generate on the file: one error line naming it)
 
 
 def _tensor_at(path, name):
