@@ -238,9 +238,12 @@ class MainWindow(QMainWindow):
             self.model_label.setText("no model loaded")
             self.settings.remove("model/last")
             return
+        from sol.core.model.blockquant import block_types
         from sol.core.model.quant import is_quantized, memory_bytes
         n = loaded.model.num_parameters()
-        kind = "int8" if is_quantized(loaded.model) else str(loaded.model.dtype).replace("torch.", "")
+        held = block_types(loaded.model)   # a GGUF file run in its own blocks: its types (Q4_K + Q6_K ...)
+        kind = "+".join(held) if held else "int8" if is_quantized(loaded.model) else \
+            str(loaded.model.dtype).replace("torch.", "")
         self.model_label.setText(f"model: {loaded.name} · {n / 1e6:.2f}M params · "
                                  f"{memory_bytes(loaded.model) / 2**20:.1f} MB ({kind})")
         self.settings.setValue("model/last", str(loaded.path))

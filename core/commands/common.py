@@ -11,7 +11,7 @@ def add_model_args(p, required: bool = True) -> None:
     p.add_argument("--dtype", default="auto", help="auto|float32|float16|bfloat16 (default auto)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: keep linear weights as int8 with per-row scales (a quarter of float32's bytes); "
-                        "Q8_0 GGUF files load this way unless --dtype is given")
+                        "quantized GGUF files run in their own blocks unless --dtype is given")
 
 
 def load(args):
@@ -25,7 +25,7 @@ def load(args):
 
 
 def quantize_arg(args) -> str | None:
-    """--quantize, else "auto" (Q8_0 GGUF stays int8) when --dtype was left to Sol."""
+    """--quantize, else "auto" (a quantized GGUF runs in its own blocks) when --dtype was left to Sol."""
     q = getattr(args, "quantize", None)
     return q or ("auto" if getattr(args, "dtype", "auto") == "auto" else None)
 

@@ -454,7 +454,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                quantize: str | None = None, progress: Progress | None = None) -> LoadedModel:
-    """quantize: "int8" keeps linear weights int8 (core/model/quant.py); "auto" does so for Q8_0 GGUF files only.
+    """quantize: "int8" keeps linear weights int8 (core/model/quant.py); None or "auto": a quantized or 16-bit
+    GGUF file runs in its own blocks on the CPU unless a dtype is given (core/model/blockquant.py).
     progress(fraction, what), if given, is told how far the load is as it goes (from the loading thread),
     ending with (1.0, "ready"); one that raises is ignored."""
     d = Path(path).expanduser().resolve()   # one name per model, whatever the cwd later
