@@ -73,7 +73,7 @@ inline __m256i load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<
 // A row of activations in blocks of 32 (llama.cpp's Q8_1, laid out as arrays): block b ~ d[b] * q[32b..],
 // and s[b] = d[b] * sum(q) for the weights' offsets.
 struct Row32 {
-  const float *d, *s;
+  const float *d, *s, *s1;   // s1: d * sum(q) as llama.cpp's Q8_1 keeps it (float16), for Q4_1 and Q5_1
   const int8_t* q;
 };
 
@@ -115,12 +115,19 @@ int32_t codes(const float* x, float inv, int8_t* q) {
 
 // One row into blocks of 32; false where it holds a NaN or an infinity (its outputs are then NaN).
 // Rows whose largest number is under 1e-30 go in as zeros (1 / d would overflow float).
-bool quantize32(const float* x, int64_t K, float* d, float* s, int8_t* q) {
+// llama.cpp's roundings, so that results agree with its own: q = round(x * 127 / max), the step d kept as
+// float16 (Q8_0, Q8_1), and for Q8_1 d * sum(q) as float16 as well.
+inline float as_half(float v) { return _cvtsh_ss(_cvtss_sh(v, 0)); }
+
+bool quantize32(const float* x, int64_t K, float* d, float* s, float* s1, int8_t* q) {
   for (int64_t b = 0; b < K / 32; ++b) {
     const float top = amax(x + 32 * b, 32);
     if (!std::isfinite(top)) return false;
-    d[b] = top / 127.f;   // as llama.cpp's quantize_row_q8_0: q = round(x / d)
-    s[b] = d[b] * codes(x + 32 * b, top > 1e-30f ? 1.f / d[b] : 0.f, q + 32 * b);
+    const float step = top / 127.f;
+    const int32_t sum = codes(x + 32 * b, top > 1e-30f ? 127.f / top : 0.f, q + 32 * b);
+    d[b] = as_half(step);
+    s[b] = d[b] * sum;             // exact: what llama.cpp's integer offsets (q - 8, q - 16) come to
+    s1[b] = as_half(step * sum);
   }
   return true;
 }
@@ -130,8 +137,8 @@ bool quantize256(const float* x, int64_t K, A256* a) {
     const float* xb = x + 256 * b;
     const float top = amax(xb, 256);
     if (!std::isfinite(top)) return false;
-    a[b].d = top / 127.f;
-    const float inv = top > 1e-30f ? 1.f / a[b].d : 0.f;
+    const float inv = top > 1e-30f ? 127.f / top : 0.f;   // llama.cpp's Q8_K: iscale 127 / max, d = 1 / iscale
+    a[b].d = inv > 0.f ? 1.f / inv : 0.f;
     for (int j = 0; j < 8; ++j) {
       codes(xb + 32 * j, inv, a[b].q + 32 * j);
       for (int h = 0; h < 2; ++h) {
@@ -226,7 +233,8 @@ inline void plain32(const uint8_t* w, const Row32* a, int64_t b0, int64_t b1, __
     const __m256i magnitude = T == Q8_0 ? _mm256_sign_epi8(c.q, c.q) : c.q;
     for (int r = 0; r < R; ++r) {
       const __m256i p = products<T>(c.q, magnitude, a[r].q + 32 * b);
-      if constexpr (T != Q8_0) offset[r] += c.coef * a[r].s[b];
+      if constexpr (T == Q4_1 || T == Q5_1) offset[r] += c.coef * a[r].s1[b];
+      else if constexpr (T != Q8_0) offset[r] += c.coef * a[r].s[b];
       acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(c.d * a[r].d[b]), _mm256_cvtepi32_ps(p), acc[r]);
     }
   }
@@ -324,7 +332,7 @@ void rows8(const uint8_t* w, const Row32* a, int64_t n, float* out) {
     for (int r = 0; r < R; ++r) {
       const __m256i s = sums8<T>(q, a[r].q + 32 * b);
       acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a[r].d[b])), _mm256_cvtepi32_ps(s), acc[r]);
-      if constexpr (T != Q8_0) offset[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[r].s[b]), offset[r]);
+      if constexpr (T != Q8_0) offset[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(min ? a[r].s1[b] : a[r].s[b]), offset[r]);
     }
   }
   // the offsets: - 8 d or - 16 d (Q4_0, Q5_0), + m (Q4_1, Q5_1) times each block's activation sum
@@ -695,37 +703,42 @@ int64_t k_place(int64_t T, int r, int64_t i) {
   return (T == Q5_K ? 384 : 128) + lanes4(q / 4, q % 4);                     // qs: 32 k + 4 c + byte
 }
 
-// 8 rows of n blocks each (the file's layout, `stride` bytes a row) into one interleaved group.
+// 8 rows of n blocks each (the file's layout, `stride` bytes a row) into one interleaved group. Everything
+// moves in runs of 4 bytes (a nibble byte holds inputs j and 16 + j of one row, as the interleaved vectors
+// want them) but the float16 scales and Q5's fifth bits.
 void group8(int64_t T, const uint8_t* in, int64_t stride, int64_t n, uint8_t* out) {
+  const int64_t bytes = shape_of(T).bytes;
   if (k_quant(T)) {
-    const int64_t bytes = shape_of(T).bytes;
+    const int64_t halves = T == Q6_K ? 208 : 0, words = T == Q6_K ? 0 : 4;   // d (and dmin): 2-byte moves
     for (int64_t b = 0; b < n; ++b)
-      for (int r = 0; r < 8; ++r)
-        for (int64_t i = 0; i < bytes; ++i) out[b * 8 * bytes + k_place(T, r, i)] = in[r * stride + b * bytes + i];
+      for (int r = 0; r < 8; ++r) {
+        const uint8_t* blk = in + r * stride + b * bytes;
+        uint8_t* g = out + b * 8 * bytes;
+        for (int64_t i = halves; i < halves + 4 && i < bytes; i += 2) std::memcpy(g + k_place(T, r, i), blk + i, 2);
+        const int64_t end = T == Q6_K ? 208 : bytes;
+        for (int64_t i = words; i < end; i += 4) std::memcpy(g + k_place(T, r, i), blk + i, 4);
+      }
     return;
   }
-  const int64_t bytes = shape_of(T).bytes;
   const bool min = T == Q4_1 || T == Q5_1, five = T == Q5_0 || T == Q5_1;
   const int64_t head = 2 + (min ? 2 : 0), at = 16 + (min ? 16 : 0) + (five ? 32 : 0);
   for (int64_t b = 0; b < n; ++b) {
     uint8_t* g = out + b * 8 * bytes;
-    std::memset(g, 0, 8 * bytes);
+    if (five) std::memset(g + at - 32, 0, 32);
     for (int r = 0; r < 8; ++r) {
       const uint8_t* blk = in + r * stride + b * bytes;
       std::memcpy(g + 2 * r, blk, 2);
       if (min) std::memcpy(g + 16 + 2 * r, blk + 2, 2);
-      if (T == Q8_0) {
-        for (int i = 0; i < 32; ++i) g[at + 32 * (i / 4) + 4 * r + i % 4] = blk[2 + i];
-        continue;
-      }
-      uint32_t high = 0;
-      if (five) std::memcpy(&high, blk + head, 4);
       const uint8_t* qs = blk + head + (five ? 4 : 0);
-      for (int input = 0; input < 32; ++input) {
-        const int code = input < 16 ? qs[input] & 15 : qs[input - 16] >> 4;
-        const Place pl = place4(r, input);
-        g[at + 32 * (pl.vector % 4) + pl.byte] |= static_cast<uint8_t>(code << (pl.vector < 4 ? 0 : 4));
-        if (five && ((high >> input) & 1)) g[at - 32 + pl.byte] |= static_cast<uint8_t>(1 << pl.vector);
+      for (int c = 0; c < (T == Q8_0 ? 8 : 4); ++c) std::memcpy(g + at + 32 * c + 4 * r, qs + 4 * c, 4);
+      if (five) {
+        uint32_t high;
+        std::memcpy(&high, blk + head, 4);
+        for (int v = 0; v < 8; ++v)
+          for (int i = 0; i < 4; ++i) {
+            const int input = (v < 4 ? 4 * v : 16 + 4 * (v - 4)) + i;
+            g[at - 32 + 4 * r + i] |= static_cast<uint8_t>(((high >> input) & 1) << v);
+          }
       }
     }
   }
@@ -853,14 +866,16 @@ void product(const float* x, int64_t M, int64_t K, const std::vector<Part>& part
     want32 |= !plain(base) && !k_quant(base);
     want256 |= k_quant(base);
   }
-  std::vector<float> d32(want32 ? M * (K / 32) : 0), s32(d32.size());
+  std::vector<float> d32(want32 ? M * (K / 32) : 0), s32(d32.size()), s1_32(d32.size());
   std::vector<int8_t> q32(want32 ? M * K : 0);
   std::vector<A256> a256(want256 ? M * (K / 256) : 0);
   std::vector<char> finite(M, 1);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       bool ok = true;
-      if (want32) ok &= quantize32(x + m * K, K, d32.data() + m * (K / 32), s32.data() + m * (K / 32), q32.data() + m * K);
+      if (want32)
+        ok &= quantize32(x + m * K, K, d32.data() + m * (K / 32), s32.data() + m * (K / 32), s1_32.data() + m * (K / 32),
+                         q32.data() + m * K);
       if (want256) ok &= quantize256(x + m * K, K, a256.data() + m * (K / 256));
       if (!want32 && !want256)
         for (int64_t k = 0; k < K && ok; ++k) ok = std::isfinite(x[m * K + k]);
@@ -892,7 +907,8 @@ void product(const float* x, int64_t M, int64_t K, const std::vector<Part>& part
         const int R = static_cast<int>(std::min<int64_t>(MAX_R, M - m));
         for (int r = 0; r < R; ++r) {
           xs[r] = x + (m + r) * K;
-          if (want32) a32s[r] = {d32.data() + (m + r) * (K / 32), s32.data() + (m + r) * (K / 32), q32.data() + (m + r) * K};
+          const int64_t at = (m + r) * (K / 32);
+          if (want32) a32s[r] = {d32.data() + at, s32.data() + at, s1_32.data() + at, q32.data() + (m + r) * K};
           a256s[r] = want256 ? a256.data() + (m + r) * (K / 256) : nullptr;
         }
         dot(p.type, row, K, R, xs, a32s, a256s, got);
