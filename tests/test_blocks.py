@@ -55,11 +55,19 @@ def as_float(raw, type_name, width):
 
 
 def int8_activations(x, block):
-    """The activations as the kernels see them: int8 codes of each block's largest magnitude / 127."""
-    xb = x.double().reshape(x.shape[0], -1, block)
-    d = (xb.abs().amax(-1, keepdim=True).float() / 127).double()
-    q = torch.where(d > 0, torch.round((xb.float() * (1 / d.float())).double()), 0.0)
+    """The activations as the kernels see them, rounded as llama.cpp rounds them: codes round(x * 127 / max)
+    per block, the step max / 127 kept as float16 for blocks of 32 (Q8_0, Q8_1), 1 / (127 / max) for 256 (Q8_K)."""
+    xb = x.float().reshape(x.shape[0], -1, block)
+    top = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(top > 0, 127 / top, torch.zeros_like(top))
+    q = torch.round(xb * inv).double()
+    d = (top / 127).half().double() if block == 32 else torch.where(inv > 0, 1 / inv, inv).double()
     return (q * d).reshape(x.shape)
+
+
+# Q4_1 and Q5_1 meet llama.cpp's Q8_1 activations, whose d * sum(q) is kept as float16: their min's share of
+# a product is off by up to 2^-11 of it.
+TOLERANCE = {"Q4_1": 2e-3, "Q5_1": 2e-3}
 
 
 @pytest.mark.parametrize("type_name", QUANTS + ["F16", "BF16"])
@@ -95,7 +103,7 @@ def test_each_kernel_is_the_float_product_of_its_blocks(type_name, blocks_of):
     block = 256 if "_K" in type_name else 32
     want = int8_activations(x, block) @ w.T + bias.double()
     top = float(want.abs().max()) or 1.0
-    assert (y.double() - want).abs().max() <= 1e-5 * top
+    assert (y.double() - want).abs().max() <= TOLERANCE.get(type_name, 1e-5) * top
     if blocks_of == "random":   # (maxima's rows are all one number: their products cancel to tiny sums)
         plain = x.double() @ w.T + bias.double()
         assert (y.double() - plain).abs().max() <= 0.03 * float(plain.abs().max())
@@ -273,5 +281,5 @@ def test_the_interleaved_layout_holds_the_same_rows_and_products(type_name):
         y = blocks.linear(x, [grouped, torch.from_numpy(tail)], [blocks.TYPES[name], blocks.TYPES[type_name]],
                           None, width, 29)
         want = int8_activations(x, 256 if "_K" in type_name else 32) @ w.T
-        assert (y.double() - want).abs().max() <= 1e-5 * float(want.abs().max())
+        assert (y.double() - want).abs().max() <= TOLERANCE.get(type_name, 1e-5) * float(want.abs().max())
     assert blocks.group(torch.from_numpy(tail), type_name)[0] == type_name   # 5 rows: not a group of 8

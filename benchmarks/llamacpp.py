@@ -1,0 +1,535 @@
+"""Sol against llama.cpp on the same GGUF files: decode and prefill speed, load time and memory, and accuracy.
+
+llama.cpp's own tools (llama-bench, llama-quantize, llama-server) are built once from the llama-cpp-python
+sdist's vendored llama.cpp (`pip download --no-deps --no-binary :all: llama-cpp-python`, CMake, Release,
+GGML_NATIVE, CPU only), cached outside the repository in ~/.cache/sol-bench/llamacpp (build/bin/).
+
+Speed: for Qwen2.5-0.5B's shape (benchmarks/load.py's random-weight folder) and SmolLM2-360M's (llama: d_model
+960, 32 layers, 15/5 heads, d_ff 2560, vocab 49152, tied, rope theta 1e5; random weights), `sol models export
+--type f16` writes an F16 GGUF and llama-quantize makes each other type from it (all cached in
+~/.cache/sol-bench). Per shape and type, `--reps` rounds, each llama.cpp then Sol, one process at a time:
+- llama.cpp: `llama-bench -m FILE -t 2 -p 64 -n 64 -r INNER -o json` gives llama_pp and llama_tg (its pp64
+  and tg64 averages; tg64 decodes from an empty cache, after its warm-up run). Load: the wall time of
+  `llama-bench -m FILE -t 2 -p 0 -n 1 -r 1 --no-warmup` (process start, the model loaded (mmap, as
+  llama.cpp does by default), a context made, one token decoded, exit), and that process's peak RSS
+  (/usr/bin/time's %M: its mapped weights count once touched, as Sol's do).
+- Sol: a fresh `python -c` child per round: import torch, torch.set_num_threads(2), RSS noted; then
+  `load_model(FILE)` timed, with what `sol` does on the CPU with --dtype auto (dtype None, quantize="auto": a
+  Q8_0 file stays int8, other types as core/formats/gguf_io.py reads them); then one untimed warm-up (the 64-token prompt, 2 tokens),
+  then INNER times: `Engine.session(prompt)` (the 64-token prefill, timed: sol_pp) and `Engine.generate`,
+  64 greedy tokens without explanations (timed: sol_tg), the median of the INNER repetitions (llama.cpp's: the
+  median of llama-bench's samples_ts), so a burst of other work hits one repetition, not the figure; peak RSS
+  (VmHWM) at the end: sol_rss_mb, and sol_rss_over_torch_mb = VmHWM - RSS after `import torch`.
+Values are medians over the rounds; tg_ratio and pp_ratio (Sol / llama.cpp) are medians of the rounds' ratios.
+
+    python benchmarks/llamacpp.py [--json] [--reps 3] [--inner 5] [--shapes qwen2.5-0.5b smollm2-360m]
+                                  [--types F16 Q8_0 Q4_0 Q4_K_M Q5_K_M Q6_K] [--accuracy [--positions 1024]]
+
+With --json the last line is {SHAPE: {TYPE: {"llama_tg", "sol_tg", "tg_ratio", "llama_pp", "sol_pp",
+"pp_ratio", "llama_load_s", "sol_load_s", "llama_rss_mb", "sol_rss_mb", "sol_rss_over_torch_mb"}}} (tok/s,
+seconds, MB), plus "accuracy" with --accuracy. Each file's tensor types are printed before its row: 896 and
+960 are not multiples of 256 (K blocks), so llama-quantize falls back on every 896/960-wide row (Q4_K -> Q5_0,
+Q5_K -> Q5_1, Q6_K -> Q8_0): in these shapes' Q4_K_M and Q5_K_M files only ffn_down (4864 / 2560 inputs) has
+K blocks (half of the layers Q6_K), the rest is Q5_0 / Q5_1 and Q8_0 (attn_v in half of the layers, the tied
+token table); Q6_K is about 78 % Q8_0. llama.cpp's threads spin at every barrier, so another process on one
+of the two cores slows it several times (tg64 5.4 against 35.7 tok/s in one test): note the load average
+printed beside each row, and compare rows run on a quiet machine only. A side that fails gets nulls (its
+error on stderr).
+
+--accuracy: the trained words model (resources/models/words: GPT-2 layout, d_model 192, d_ff 768, vocab 4096,
+context 128) exported as an F32 GGUF, quantized by llama-quantize to each type. 192 is not a multiple of 256,
+so for the K types llama-quantize falls back on every 192-wide row (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0):
+only ffn_down (768 inputs) gets K blocks, the token table is Q8_0; the types written are printed. Held-out
+text: the tail of ../shared/data/shakespeare_complete.txt (the model trained on that file's first 90 %),
+`--positions` tokens in rows of 127 (llama-server wants room for one more token in the context of 128).
+Next-token argmax per position: Sol on the quantized file
+(one forward over each row, loaded as `sol` loads it), Sol on the F32 file in float32, and llama.cpp's
+llama-server on the quantized file (POST /completion with the token-id prefix, n_predict 1, temperature 0,
+top_k 1, cache_prompt: one new token evaluated per request). "accuracy": {TYPE: {"sol_vs_llama",
+"sol_vs_f32", "llama_vs_f32", "positions"}} (fractions of positions that agree), with an "F32" row first:
+llama.cpp and Sol on the same float32 weights, the check that both sides read the file alike.
+`--shapes` with no names skips the speed rows (accuracy only).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+CACHE = Path(os.environ.get("SOL_BENCH_CACHE", Path.home() / ".cache" / "sol-bench"))
+LLAMA = CACHE / "llamacpp"
+BUILD = LLAMA / "build"
+LLAMA_CPP_PYTHON = "0.3.36"   # the sdist these CMake options were written for
+TOOLS = ("llama-bench", "llama-quantize", "llama-server")
+THREADS = 2
+N_PROMPT = N_GEN = 64
+TYPES = ("F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
+DATA = ROOT.parent / "shared" / "data" / "shakespeare_complete.txt"
+WORDS = ROOT / "resources" / "models" / "words"
+TIMEOUT = 3600   # one child: low-bit files are decoded to float32 by Sol for now, which can take minutes
+
+# Hugging Face configs of the two shapes (random weights, written by transformers in float32)
+SHAPES = {
+    "qwen2.5-0.5b": None,   # benchmarks/load.py's folder: load.SHAPE, Qwen2ForCausalLM
+    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                         num_key_value_heads=5, vocab_size=49152, max_position_embeddings=8192,
+                         tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5),
+}
+KEYS = ("llama_tg", "sol_tg", "tg_ratio", "llama_pp", "sol_pp", "pp_ratio", "llama_load_s", "sol_load_s",
+        "llama_rss_mb", "sol_rss_mb", "sol_rss_over_torch_mb")
+
+SOL_CHILD = r'''
+import json, sys, time
+import torch
+torch.set_num_threads(%(threads)d)
+def status_mb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+base = status_mb("VmRSS")
+path, n_prompt, n_gen, inner = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+from sol.core.devices import pick_dtype
+from sol.core.formats.checkpoint import load_model
+from sol.core.generation.engine import DoneEvent, Engine, GenerationParams
+from sol.core.generation.sampling import SamplingParams
+device = torch.device("cpu")
+t0 = time.perf_counter()
+# What `sol` does with --dtype auto on the CPU (core/commands/common.py): the weights' own dtype, and a Q8_0
+# GGUF kept int8.
+lm = load_model(path, device=device, dtype=pick_dtype("auto", device), quantize="auto")
+load_s = time.perf_counter() - t0
+engine = Engine(lm.model, lm.tokenizer)
+limit = lm.model.vocab_limit or lm.config.vocab_size
+g = torch.Generator().manual_seed(0)
+prompt = torch.randint(0, limit, (n_prompt,), generator=g).tolist()
+def once(n):
+    params = GenerationParams(max_tokens=n, sampling=SamplingParams(temperature=0), explain=False)
+    t = time.perf_counter()
+    session = engine.session(prompt)          # the prefill
+    pp_s = time.perf_counter() - t
+    t = time.perf_counter()
+    done = None
+    for ev in engine.generate(session, params):
+        if isinstance(ev, DoneEvent):
+            done = ev
+    tg_s = time.perf_counter() - t
+    return pp_s, tg_s, done.completion_tokens
+once(2)   # warm-up, as llama-bench warms up
+pp, tg = [], []
+for _ in range(inner):
+    pp_s, tg_s, n = once(n_gen)
+    if n != n_gen:
+        raise SystemExit(f"generated {n} tokens, not {n_gen}")
+    pp.append(n_prompt / pp_s)
+    tg.append(n / tg_s)
+peak = status_mb("VmHWM")
+pp.sort(), tg.sort()
+print(json.dumps({"load_s": load_s, "pp": pp[len(pp) // 2], "tg": tg[len(tg) // 2], "rss_mb": peak,
+                  "rss_over_torch_mb": peak - base, "quantization": lm.meta.get("quantization")}))
+'''
+
+ACC_CHILD = r'''
+import json, sys
+import torch
+torch.set_num_threads(%(threads)d)
+from sol.core.formats.checkpoint import load_model
+text_path, n_pos, f32 = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+files = json.loads(sys.argv[4])
+ref = load_model(f32, dtype=torch.float32)
+row = ref.config.context - 1   # llama-server refuses a prompt as long as the context (it needs room for the answer)
+text = open(text_path, encoding="utf-8").read()
+ids = ref.tokenizer.encode_ids(text[-len(text) // 20:], add_special_tokens=False)   # the last 5 %%
+ids = ids[-n_pos:][: n_pos // row * row]
+rows = torch.tensor(ids).view(-1, row)
+def argmax(lm):
+    with torch.inference_mode():
+        return lm.model(rows).argmax(-1).flatten().tolist()
+out = {"row": row, "ids": ids, "f32": argmax(ref)}
+del ref
+for name, path in files.items():
+    try:
+        lm = load_model(path, dtype=None, quantize="auto")   # as `sol` loads it (--dtype auto)
+        out[name] = argmax(lm)
+        del lm
+    except Exception as e:
+        print(f"sol on {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        out[name] = None
+print(json.dumps(out))
+'''
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+def warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- llama.cpp's tools -------------------------------------------------------
+def llama_source() -> Path:
+    found = sorted(LLAMA.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    if found:
+        return found[-1]
+    LLAMA.mkdir(parents=True, exist_ok=True)
+    log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON} sdist into {LLAMA}")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(LLAMA)], check=True)
+    tar = sorted(LLAMA.glob("llama_cpp_python-*.tar.gz"))[-1]
+    with tarfile.open(tar) as t:
+        t.extractall(LLAMA)
+    return sorted(LLAMA.glob("llama_cpp_python-*/vendor/llama.cpp"))[-1]
+
+
+def llama_tools(need=TOOLS) -> Path:
+    """build/bin with llama.cpp's tools, built first where they are missing (about 40 minutes on 2 cores)."""
+    bin_dir = BUILD / "bin"
+    if all((bin_dir / t).is_file() for t in need):
+        return bin_dir
+    src = llama_source()
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    logf = LLAMA / "build.log"
+    log(f"building llama.cpp ({src}) into {BUILD}, log in {logf}")
+    t = time.perf_counter()
+    with open(logf, "a") as f:
+        if not (BUILD / "CMakeCache.txt").is_file():
+            subprocess.run(["cmake", "-S", str(src), "-B", str(BUILD), *gen, "-DCMAKE_BUILD_TYPE=Release",
+                            "-DGGML_NATIVE=ON", "-DGGML_CUDA=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+                            "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_UI=OFF",
+                            "-DLLAMA_USE_PREBUILT_UI=OFF", "-DBUILD_SHARED_LIBS=OFF"],
+                           check=True, stdout=f, stderr=subprocess.STDOUT)
+        subprocess.run(["cmake", "--build", str(BUILD), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
+                       check=True, stdout=f, stderr=subprocess.STDOUT)
+    log(f"built in {time.perf_counter() - t:.0f} s")
+    return bin_dir
+
+
+def run_measured(cmd: list[str], timeout: float) -> tuple[float, float, str, str]:
+    """(wall seconds, peak RSS in MB of that process, stdout, stderr); raises on failure.
+
+    The peak comes from /usr/bin/time (%M): a child of this Python process would report at least this
+    process's own RSS (Linux carries the forking image's high-water mark across exec)."""
+    timer = shutil.which("time", path="/usr/bin:/bin")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        full = [timer, "-f", "%M", "-o", rss.name, *cmd] if timer else cmd
+        t = time.perf_counter()
+        p = subprocess.Popen(full, stdout=out, stderr=err, start_new_session=True)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)   # the timer and the tool under it
+            p.wait()
+            raise RuntimeError(f"{Path(cmd[0]).name} ran past {timeout} s") from None
+        wall = time.perf_counter() - t
+        out.seek(0), err.seek(0)
+        so, se = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{se[-2000:]}")
+        if timer:
+            peak_mb = int(rss.read().split()[-1]) / 1024
+        else:   # no /usr/bin/time: this process's children's peak (an upper bound)
+            import resource
+            peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return wall, peak_mb, so, se
+
+
+def llama_bench(bin_dir: Path, path: Path, inner: int) -> dict:
+    _, _, out, _ = run_measured([str(bin_dir / "llama-bench"), "-m", str(path), "-t", str(THREADS),
+                                 "-p", str(N_PROMPT), "-n", str(N_GEN), "-r", str(inner), "-o", "json"], TIMEOUT)
+    rows = json.loads(out[out.index("["):])
+    def ts(r):   # the median of its repetitions: a burst of other work on the host hits one, not the figure
+        return statistics.median(r.get("samples_ts") or [r["avg_ts"]])
+    pp = next(ts(r) for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
+    tg = next(ts(r) for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    return {"pp": pp, "tg": tg}
+
+
+def llama_load(bin_dir: Path, path: Path) -> dict:
+    """A llama.cpp process that loads the file and decodes one token (llama-bench tg1, one repetition, no
+    warm-up): its wall time from launch to exit and its peak RSS."""
+    wall, rss, _, _ = run_measured([str(bin_dir / "llama-bench"), "-m", str(path), "-t", str(THREADS), "-p", "0",
+                                    "-n", "1", "-r", "1", "--no-warmup", "-o", "json"], TIMEOUT)
+    return {"load_s": wall, "rss_mb": rss}
+
+
+def sol_run(path: Path, inner: int) -> dict:
+    r = subprocess.run([sys.executable, "-c", SOL_CHILD % {"threads": THREADS}, str(path), str(N_PROMPT),
+                        str(N_GEN), str(inner)], capture_output=True, text=True, timeout=TIMEOUT)
+    if r.returncode != 0:
+        raise RuntimeError(f"Sol's child exited {r.returncode}:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---- model files --------------------------------------------------------------
+def write_hf(shape: str) -> Path:
+    """The shape's Hugging Face folder (float32, random weights), cached."""
+    import load   # benchmarks/load.py: the Qwen2.5-0.5B-shaped folder and its byte-level tokenizer
+    if SHAPES[shape] is None:
+        return load.write_model("float32")
+    out = CACHE / f"{shape}-shape-float32"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).float()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok = Tokenizer(models.BPE(vocab={chr(i): i for i in range(33, 127)}, merges=[]))   # as load.py's
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.save(str(tmp / "tokenizer.json"))
+    tmp.rename(out)
+    return out
+
+
+def sol_export(src: Path, kind: str, out: Path) -> Path:
+    if not out.is_file():
+        tmp = out.with_name(out.stem + ".tmp.gguf")
+        subprocess.run([sys.executable, "-m", "sol.core.cli", "models", "export", str(src), "--format", "gguf",
+                        "--out", str(tmp), "--type", kind], check=True, timeout=TIMEOUT, stdout=subprocess.DEVNULL)
+        tmp.rename(out)
+    return out
+
+
+def quantized(bin_dir: Path, src: Path, kind: str, out: Path) -> Path:
+    """llama-quantize's `kind` of src (an F16 or F32 GGUF), cached; what it said is kept beside it (.log)."""
+    if not out.is_file():
+        tmp = out.with_name(out.stem + ".tmp.gguf")
+        r = subprocess.run([str(bin_dir / "llama-quantize"), str(src), str(tmp), kind, str(THREADS)],
+                           capture_output=True, text=True, timeout=TIMEOUT)
+        out.with_suffix(".log").write_text(r.stdout + r.stderr)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama-quantize {kind} exited {r.returncode}:\n{r.stderr[-2000:]}")
+        tmp.rename(out)
+    return out
+
+
+def tensor_types(path: Path) -> str:
+    """How many tensors of each type the file holds, and how many of its weights: "Q5_0 144 (62%), ..."."""
+    from sol.core.formats.gguf_file import GGUFFile   # the header alone, read in one pass
+    counts: dict[str, list[int]] = {}
+    for t in GGUFFile(path).tensors:
+        c = counts.setdefault(t.tensor_type.name, [0, 0])
+        c[0] += 1
+        c[1] += int(t.n_elements)
+    total = sum(c[1] for c in counts.values())
+    return ", ".join(f"{k} {c[0]} ({100 * c[1] / total:.0f}%)" for k, c in sorted(counts.items(), key=lambda x: -x[1][1]))
+
+
+def shape_files(bin_dir: Path, shape: str, types: list[str]) -> dict[str, Path]:
+    f16 = sol_export(write_hf(shape), "f16", CACHE / f"{shape}-shape-f16.gguf")
+    return {t: f16 if t == "F16" else quantized(bin_dir, f16, t, CACHE / f"{shape}-shape-f16-{t}.gguf")
+            for t in types}
+
+
+# ---- speed ----------------------------------------------------------------------
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def rnd(x, digits):
+    return None if x is None else round(x, digits) if digits else round(x)
+
+
+def bench_row(bin_dir: Path, path: Path, reps: int, inner: int) -> dict:
+    rounds = []
+    for r in range(reps):   # llama.cpp, Sol, llama.cpp, Sol, ...: one process at a time
+        row = {}
+        try:
+            row.update({f"llama_{k}": v for k, v in llama_bench(bin_dir, path, inner).items()})
+            row.update({f"llama_{k}": v for k, v in llama_load(bin_dir, path).items()})
+        except Exception as e:
+            warn(f"llama.cpp on {path.name}: {e}")
+        try:
+            row.update({f"sol_{k}": v for k, v in sol_run(path, inner).items()})
+        except Exception as e:
+            warn(f"Sol on {path.name}: {e}")
+        for k in ("tg", "pp"):
+            a, b = row.get(f"sol_{k}"), row.get(f"llama_{k}")
+            row[f"{k}_ratio"] = a / b if a is not None and b else None
+        log(f"  round {r + 1}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in row.items()))
+        rounds.append(row)
+    med = {k: median(x.get(k) for x in rounds) for k in
+           ("llama_tg", "sol_tg", "tg_ratio", "llama_pp", "sol_pp", "pp_ratio", "llama_load_s", "sol_load_s",
+            "llama_rss_mb", "sol_rss_mb", "sol_rss_over_torch_mb")}
+    digits = {"tg_ratio": 2, "pp_ratio": 2, "llama_load_s": 2, "sol_load_s": 2, "llama_rss_mb": 0,
+              "sol_rss_mb": 0, "sol_rss_over_torch_mb": 0}
+    return {k: rnd(med[k], digits.get(k, 1)) for k in KEYS}
+
+
+# ---- accuracy -------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict, timeout: float = 120) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
+
+
+def llama_server_argmax(bin_dir: Path, path: Path, ids: list[int], row: int) -> list[int]:
+    """llama.cpp's greedy next token after every prefix of each row of `row` ids, from llama-server."""
+    port = free_port()
+    logf = tempfile.TemporaryFile()
+    server = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(path), "-t", str(THREADS), "-c", str(row + 1),
+                               "-np", "1", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=logf, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if server.poll() is not None:
+                logf.seek(0)
+                raise RuntimeError(f"llama-server exited {server.returncode}:\n{logf.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("llama-server did not become healthy in 300 s")
+            time.sleep(0.2)
+        out = []
+        for r0 in range(0, len(ids), row):
+            for p in range(row):
+                res = post(base + "/completion", {
+                    "prompt": ids[r0:r0 + p + 1], "n_predict": 1, "n_probs": 1, "temperature": 0, "top_k": 1,
+                    "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "dry_multiplier": 0.0,
+                    "cache_prompt": True, "return_tokens": True})
+                toks = res.get("tokens") or [c["id"] for c in res.get("completion_probabilities") or []]
+                if not toks:
+                    raise RuntimeError(f"llama-server gave no token: {json.dumps(res)[:500]}")
+                out.append(int(toks[0]))
+        return out
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        logf.close()
+
+
+def agree(a, b):
+    if a is None or b is None:
+        return None
+    return round(sum(x == y for x, y in zip(a, b)) / len(a), 4)
+
+
+def accuracy(bin_dir: Path, types: list[str], positions: int) -> dict:
+    st = WORDS / "model.safetensors"
+    tag = hashlib.sha256(f"{st.stat().st_size}:{st.stat().st_mtime_ns}".encode()).hexdigest()[:8]
+    f32 = sol_export(WORDS, "f32", CACHE / f"words-{tag}-f32.gguf")
+    files = {"F32": f32}
+    for t in types:
+        try:
+            files[t] = quantized(bin_dir, f32, t, CACHE / f"words-{tag}-f32-{t}.gguf")
+        except Exception as e:
+            warn(f"words {t}: {e}")
+    for t, f in files.items():
+        log(f"words {t}: {f.name}: {tensor_types(f)}")
+    r = subprocess.run([sys.executable, "-c", ACC_CHILD % {"threads": THREADS}, str(DATA), str(positions), str(f32),
+                        json.dumps({t: str(f) for t, f in files.items()})],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    if r.returncode != 0:
+        raise RuntimeError(f"Sol's accuracy child exited {r.returncode}:\n{r.stderr[-3000:]}")
+    if r.stderr.strip():
+        warn(r.stderr.strip()[-3000:])
+    sol = json.loads(r.stdout.strip().splitlines()[-1])
+    ids, row, ref = sol["ids"], sol["row"], sol["f32"]
+    res = {}
+    for t, f in files.items():
+        try:
+            llama = llama_server_argmax(bin_dir, f, ids, row)
+        except Exception as e:
+            warn(f"llama-server on {f.name}: {e}")
+            llama = None
+        res[t] = {"sol_vs_llama": agree(sol[t], llama), "sol_vs_f32": agree(sol[t], ref),
+                  "llama_vs_f32": agree(llama, ref), "positions": len(ids)}
+        log(f"accuracy {t}: {res[t]}")
+    return res
+
+
+# ---- output ---------------------------------------------------------------------
+def markdown(results: dict) -> str:
+    def f(x):
+        return "-" if x is None else f"{x:,}" if isinstance(x, int) else f"{x:g}"
+    lines = ["| shape | type | llama tg | Sol tg | tg ratio | llama pp | Sol pp | pp ratio | llama load s | Sol load s "
+             "| llama RSS MB | Sol RSS MB | Sol over torch MB |", "|" + "---|" * 13]
+    for shape, rows in results.items():
+        if shape == "accuracy":
+            continue
+        for t, v in rows.items():
+            lines.append(f"| {shape} | {t} | " + " | ".join(f(v[k]) for k in KEYS) + " |")
+    if "accuracy" in results:
+        lines += ["", "| words model | Sol vs llama.cpp | Sol vs Sol f32 | llama.cpp vs Sol f32 | positions |",
+                  "|---|---|---|---|---|"]
+        for t, v in results["accuracy"].items():
+            lines.append(f"| {t} | {f(v['sol_vs_llama'])} | {f(v['sol_vs_f32'])} | {f(v['llama_vs_f32'])} | "
+                         f"{v['positions']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--reps", type=int, default=3, help="alternating rounds per row (medians over them)")
+    p.add_argument("--inner", type=int, default=5, help="repetitions inside each round (llama-bench -r, and Sol's)")
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--types", nargs="+", default=list(TYPES), type=str.upper)
+    p.add_argument("--accuracy", action="store_true", help="also the words model's greedy agreement per type")
+    p.add_argument("--positions", type=int, default=1024, help="held-out positions for --accuracy")
+    args = p.parse_args()
+    import side_by_side
+    side_by_side.sol_env()   # where `sol` is not importable, the repository as the `sol` package (children too)
+    bin_dir = llama_tools()
+    load = os.getloadavg()[0]
+    log(f"llama.cpp tools: {bin_dir}; load average {load:.2f}")
+    if args.shapes and load > 1.0:
+        warn(f"load average {load:.2f}: llama.cpp's spinning threads lose several times their speed when another "
+             "process takes a core; these timings are only good on a quiet machine")
+    results: dict = {}
+    for shape in args.shapes:
+        files = shape_files(bin_dir, shape, args.types)
+        results[shape] = {}
+        for t, path in files.items():
+            log(f"{shape} {t}: {path.name} ({path.stat().st_size / 2**20:.0f} MB): {tensor_types(path)}")
+            results[shape][t] = bench_row(bin_dir, path, args.reps, args.inner)
+            log(f"{shape} {t}: {results[shape][t]}  (load average {os.getloadavg()[0]:.2f})")
+    if args.accuracy:
+        results["accuracy"] = accuracy(bin_dir, args.types, args.positions)
+    print(json.dumps(results) if args.json else markdown(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
