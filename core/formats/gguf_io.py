@@ -400,16 +400,39 @@ def _release(rows: BlockRows) -> None:
         release_pages(a)
 
 
-def _interleaved(rows: BlockRows) -> BlockRows:
-    """The rows in Sol's interleaved layout where their type has one (blocks.group: Q4_0, Q4_1, Q5_0, Q5_1,
-    Q8_0; the same bytes, about twice as fast); once every part is copied, the file's pages are given back."""
-    parts = [blocks.group(part, name) for name, part in rows.parts]
-    moved = BlockRows(parts, rows.width)
-    if all(new is not old for (_, new), (_, old) in zip(parts, rows.parts)):
-        _release(rows)
-    else:
-        moved.sources = rows.sources
-    return moved
+GROUP_ROWS = 8192   # rows interleaved at a time: the copy grows as the file's pages are given back
+
+
+def _interleave_all(matrices: dict) -> dict:
+    """{name: BlockRows} with every part that has Sol's interleaved layout (blocks.group: the quantized
+    types; the same bytes, about twice as fast to multiply) copied into it, all in one region of memory
+    (huge pages where the OS gives them: a token streams every weight, and one region keeps small layers
+    from each taking a page of their own). The file's pages are given back as the copy is made, a slice at
+    a time, so a token table (136 MB in Qwen2.5-0.5B's Q8_0) is never held twice."""
+    total = sum(part.numel() for rows in matrices.values() for name, part in rows.parts
+                if blocks.interleaves(part, name))
+    region = int8_kernel._huge_region(total).view(torch.uint8) if total else None
+    at, out = 0, {}
+    for key, rows in matrices.items():
+        by_part = len(rows.sources) == len(rows.parts) and all(
+            getattr(src, "shape", (None,))[0] == part.shape[0] for src, (_, part) in zip(rows.sources, rows.parts))
+        parts, copied = [], True
+        for k, (name, part) in enumerate(rows.parts):
+            if not blocks.interleaves(part, name):   # no interleaved layout for it: keep the file's view
+                parts.append((name, part))
+                copied = False
+                continue
+            dest = region[at:at + part.numel()].view(part.shape)
+            at += part.numel()
+            for r in range(0, part.shape[0], GROUP_ROWS):
+                blocks.group(part[r:r + GROUP_ROWS], name, dest[r:r + GROUP_ROWS])
+                if by_part:
+                    release_pages(rows.sources[k][r:r + GROUP_ROWS])
+            parts.append(("G" + name, dest))
+        out[key] = BlockRows(parts, rows.width, [] if copied else rows.sources)
+        if copied:
+            _release(rows)
+    return out
 
 
 def _check_scales(part: torch.Tensor, type_name: str, tensor: str, path: Path) -> None:
@@ -641,7 +664,7 @@ def _int8_blocked(reader, cfg: ModelConfig, path: Path, progress=None):
         layer = Int8Linear.from_blocked(views[name], scales, sd.pop(f"{owner}.bias", None), i, o)
         setattr(model.get_submodule(parent), attr, layer)
     if table:
-        table["embed.weight"] = _interleaved(table["embed.weight"])
+        table = _interleave_all(table)
         model.embed = BlockEmbedding(table["embed.weight"])
         if cfg.tie_embeddings:
             model.lm_head = BlockLinear(table["embed.weight"])
@@ -700,7 +723,7 @@ def _block_model(reader, cfg: ModelConfig, path: Path, progress=None):
         return t
     sd = weights_from_gguf(reader, cfg, path, finish, read=tensor_to_blocks, progress=progress)
     check_shapes(model, sd, path)
-    held = {name: _interleaved(rows) for name, rows in held.items()}
+    held = _interleave_all(held)
     for name, rows in held.items():
         owner, _, _ = name.rpartition(".")
         if owner == "embed":

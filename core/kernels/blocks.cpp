@@ -974,13 +974,16 @@ at::Tensor rows(const at::Tensor& blocks, int64_t type, const at::Tensor& ids, i
 
 // A part of Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 rows (a multiple of 8 of them) in Sol's interleaved layout (type
 // GROUPED + type; see rows8): the same bytes.
-at::Tensor group(const at::Tensor& blocks, int64_t type) {
+// Written into `out` (its own memory: a slice of a region the caller holds, so a model's copies do not
+// scatter over the allocator's heap).
+at::Tensor group(const at::Tensor& blocks, int64_t type, at::Tensor out) {
   const sol_blocks::Shape s = sol_blocks::shape_of(type);
   TORCH_CHECK(s.numbers > 1 && blocks.dim() == 2 &&
               blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.size(1) % s.bytes == 0 &&
               blocks.size(0) % sol_blocks::LANES == 0,
-              "sol_blocks::group: contiguous uint8 rows (a multiple of 8) of Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 blocks");
-  at::Tensor out = at::empty(blocks.sizes(), blocks.options());
+              "sol_blocks::group: contiguous uint8 rows (a multiple of 8) of a quantized type's blocks");
+  TORCH_CHECK(out.sizes() == blocks.sizes() && out.scalar_type() == at::kByte && out.is_contiguous() &&
+              out.data_ptr() != blocks.data_ptr(), "sol_blocks::group: out must be other contiguous uint8 rows of the same shape");
   const int64_t groups = blocks.size(0) / sol_blocks::LANES, stride = blocks.size(1), n = stride / s.bytes;
   const uint8_t* in = blocks.data_ptr<uint8_t>();
   uint8_t* op = out.data_ptr<uint8_t>();

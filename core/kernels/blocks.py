@@ -26,7 +26,7 @@ NAMES = {t: name for name, t in TYPES.items()}
 SCHEMAS = ["linear(Tensor x, Tensor[] parts, int[] types, Tensor? bias, int in_features, int out_features) -> Tensor",
            "rows(Tensor blocks, int type, Tensor ids, int width) -> Tensor",
            "bad_scale(Tensor blocks, int type) -> int",
-           "group(Tensor blocks, int type) -> Tensor"]
+           "group(Tensor blocks, int type, Tensor(a!) out) -> Tensor(a!)"]
 
 
 def _declare():
@@ -79,10 +79,15 @@ def bad_scale(part: torch.Tensor, type_id: int) -> int:
     return torch.ops.sol_blocks.bad_scale(part, type_id)
 
 
-def group(part: torch.Tensor, type_name: str) -> tuple[str, torch.Tensor]:
+def group(part: torch.Tensor, type_name: str, out: torch.Tensor | None = None) -> tuple[str, torch.Tensor]:
     """Quantized rows (Q4_0 ... Q8_0, Q4_K, Q5_K, Q6_K), a multiple of 8 of them, in Sol's interleaved layout
-    ("G" + the type's name; blocks.cpp's rows8): the same bytes, 8 rows multiplied at once. Others (F16,
-    BF16, a number of rows not a multiple of 8) come back as they are."""
-    if "G" + type_name not in BLOCKS or part.shape[0] % 8:
+    ("G" + the type's name; blocks.cpp's rows8): the same bytes, 8 rows multiplied at once, written into
+    `out` if given. Others (F16, BF16, a number of rows not a multiple of 8) come back as they are."""
+    if not interleaves(part, type_name):
         return type_name, part
-    return "G" + type_name, torch.ops.sol_blocks.group(part, TYPES[type_name])
+    out = torch.empty_like(part) if out is None else out
+    return "G" + type_name, torch.ops.sol_blocks.group(part, TYPES[type_name], out)
+
+
+def interleaves(part: torch.Tensor, type_name: str) -> bool:
+    return "G" + type_name in BLOCKS and part.shape[0] % 8 == 0
