@@ -81,6 +81,7 @@ N_PROMPT = N_GEN = 64
 TYPES = ("F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 DATA = ROOT.parent / "shared" / "data" / "shakespeare_complete.txt"
 WORDS = ROOT / "resources" / "models" / "words"
+SERVER_ARGS: list[str] = []   # --server-args
 TIMEOUT = 3600   # one child: low-bit files are decoded to float32 by Sol for now, which can take minutes
 
 # Hugging Face configs of the two shapes (random weights, written by transformers in float32)
@@ -400,7 +401,7 @@ def llama_server_argmax(bin_dir: Path, path: Path, ids: list[int], row: int) -> 
     port = free_port()
     logf = tempfile.TemporaryFile()
     server = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(path), "-t", str(THREADS), "-c", str(row + 1),
-                               "-np", "1", "--host", "127.0.0.1", "--port", str(port)],
+                               "-np", "1", "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS],
                               stdout=logf, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -509,7 +510,10 @@ def main() -> None:
     p.add_argument("--types", nargs="+", default=list(TYPES), type=str.upper)
     p.add_argument("--accuracy", action="store_true", help="also the words model's greedy agreement per type")
     p.add_argument("--positions", type=int, default=1024, help="held-out positions for --accuracy")
+    p.add_argument("--server-args", default="", help="more llama-server arguments for --accuracy, e.g. "
+                   "'-ctk f32 -ctv f32' (its KV cache is float16 by default; Sol's is float32)")
     args = p.parse_args()
+    SERVER_ARGS[:] = args.server_args.split()
     import side_by_side
     side_by_side.sol_env()   # where `sol` is not importable, the repository as the `sol` package (children too)
     bin_dir = llama_tools()
