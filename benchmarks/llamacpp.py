@@ -146,9 +146,16 @@ print(json.dumps({"load_s": load_s, "pp": pp[len(pp) // 2], "tg": tg[len(tg) // 
 '''
 
 ACC_CHILD = r'''
-import json, sys
+import json, os, sys
 import torch
 torch.set_num_threads(%(threads)d)
+if os.environ.get("SOL_BENCH_GGML_GELU"):   # --ggml-gelu: GELU as ggml's float16 table gives it (vec.h)
+    import torch.nn.functional as F
+    exact = F.gelu
+    def table_gelu(x, approximate="none"):
+        y = exact(x.half().float(), approximate=approximate).half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
+    F.gelu = table_gelu
 from sol.core.formats.checkpoint import load_model
 text_path, n_pos, f32 = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 files = json.loads(sys.argv[4])
@@ -510,10 +517,14 @@ def main() -> None:
     p.add_argument("--types", nargs="+", default=list(TYPES), type=str.upper)
     p.add_argument("--accuracy", action="store_true", help="also the words model's greedy agreement per type")
     p.add_argument("--positions", type=int, default=1024, help="held-out positions for --accuracy")
+    p.add_argument("--ggml-gelu", action="store_true", help="--accuracy with Sol's GELU rounded as ggml's float16 "
+                   "table rounds it (a diagnostic: how much of the disagreement GELU makes)")
     p.add_argument("--server-args", default="", help="more llama-server arguments for --accuracy, e.g. "
                    "'-ctk f32 -ctv f32' (its KV cache is float16 by default; Sol's is float32)")
     args = p.parse_args()
     SERVER_ARGS[:] = args.server_args.split()
+    if args.ggml_gelu:
+        os.environ["SOL_BENCH_GGML_GELU"] = "1"
     import side_by_side
     side_by_side.sol_env()   # where `sol` is not importable, the repository as the `sol` package (children too)
     bin_dir = llama_tools()
