@@ -179,6 +179,36 @@ def test_sol_export_holds_the_converters_tensors_and_keys(family, converted):
     assert theirs.metadata["general.architecture"] == ours.metadata["general.architecture"] == arch
 
 
+# What the converter wrote for these folders, recorded where it ran (tests/data/llama_cpp_converter.json):
+# CI has no llama.cpp sources, so there Sol's export is held to the record; where the converter runs, the
+# record is held to the converter, so it cannot drift from what the converter writes.
+RECORD = Path(__file__).parent / "data" / "llama_cpp_converter.json"
+
+
+def _description(path: Path, name: str) -> dict:
+    """A GGUF file's tensors (name: [type, shape]) and model keys, as JSON holds them."""
+    f = GGUFFile(path)
+    arch = ARCH[name]
+    return {"architecture": f.metadata["general.architecture"],
+            "tensors": {t.name: [t.tensor_type.name, t.shape.tolist()] for t in f.tensors},
+            "keys": {k: v for k, v in f.metadata.items() if k.startswith(arch + ".") and k not in UNUSED_KEYS.get(name, ())}}
+
+
+def test_sol_export_holds_the_recorded_converter_tensors_and_keys(family):
+    """Every tensor name, type and shape and every model key the converter wrote for this folder (recorded),
+    in Sol's export: the check that runs where llama.cpp's sources are not."""
+    name, _, path, _ = family
+    want = json.loads(RECORD.read_text())[name]
+    got = _description(path, name)
+    assert got["architecture"] == want["architecture"] and got["tensors"] == want["tensors"]
+    assert want["keys"] and {k: got["keys"].get(k) for k in want["keys"]} == want["keys"]
+
+
+def test_the_record_is_what_the_converter_writes(family, converted):
+    name = family[0]
+    assert json.loads(RECORD.read_text())[name] == json.loads(json.dumps(_description(converted, name)))
+
+
 # ---- what only some files hold ---------------------------------------------------------------------
 def test_a_gemma3_sliding_pattern_other_than_llama_cpps_travels_per_layer(tmp_path):
     """convert_hf_to_gguf.py writes no pattern for Gemma 3 and llama.cpp assumes 1 global layer in 6; a model
