@@ -366,12 +366,6 @@ def tensor_to_torch(t, path: Path) -> torch.Tensor:
                        "the file is corrupt") from None
 
 
-# Where each block type keeps its float16 scales (byte offsets in a block): checked finite at load.
-SCALE_AT = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2),
-            "Q5_K": (0, 2), "Q6_K": (208,)}
-HALF_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
-
-
 def tensor_to_blocks(t, path: Path):
     """A 2-D GGUF tensor of a type Sol's block kernels run, as BlockRows viewing the mapped file (no copy);
     any other tensor as float32 (tensor_to_torch). Truncated data, a width that is not whole blocks and
@@ -436,22 +430,13 @@ def _interleave_all(matrices: dict) -> dict:
 
 
 def _check_scales(part: torch.Tensor, type_name: str, tensor: str, path: Path) -> None:
-    """Every float16 scale finite (F16, BF16: every number): a NaN here would surface as NaN at some token."""
-    if blocks.available():
-        i = blocks.bad_scale(part, blocks.TYPES[type_name])
-    elif type_name in HALF_DTYPES:
-        i = -1 if bool(torch.isfinite(part.view(HALF_DTYPES[type_name])).all()) else 0
-    else:
-        every = part.view(-1, blocks.BLOCKS[type_name][2])
-        bad = torch.zeros(every.shape[0], dtype=torch.bool)
-        for at in SCALE_AT[type_name]:
-            bad |= ~torch.isfinite(every[:, at:at + 2].contiguous().view(torch.float16).view(-1))
-        i = int(bad.nonzero()[0]) if bool(bad.any()) else -1
+    """Every float16 scale finite (F16, BF16: every number): a NaN here would surface as NaN at some token.
+    Checked by the block kernels' library (one pass), which every caller of tensor_to_blocks has loaded."""
+    i = blocks.bad_scale(part, blocks.TYPES[type_name])
     if i < 0:
         return
-    size = blocks.BLOCKS[type_name][2]
-    per_row = part.shape[1] // size
-    what = "number" if type_name in HALF_DTYPES else "scale in block"
+    per_row = part.shape[1] // blocks.BLOCKS[type_name][2]
+    what = "number" if type_name in ("F16", "BF16") else "scale in block"
     raise SolError(f"{path}: tensor {tensor!r} ({type_name}) has a NaN or infinite {what} {i % per_row} of row "
                    f"{i // per_row}; the file is corrupt (download it again)")
 

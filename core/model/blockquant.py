@@ -79,7 +79,22 @@ class BlockRows:
         return torch.cat([_float_rows(p, name, self.width) for name, p in self.parts])
 
 
-class BlockLinear(nn.Module):
+class _InBlocks(nn.Module):
+    """What both block layers share: their float32 weight, dequantized on demand, which is also what they
+    save (a Sol model directory, an export). Subclasses give block_rows()."""
+
+    def block_rows(self) -> BlockRows:
+        raise NotImplementedError
+
+    def float_weight(self) -> torch.Tensor:
+        return self.block_rows().to_float()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.float_weight()
+
+
+class BlockLinear(_InBlocks):
     """nn.Linear's y = x W^T + b with W held as GGUF blocks (see the module docstring)."""
 
     def __init__(self, rows: BlockRows, bias: torch.Tensor | None = None):
@@ -105,22 +120,11 @@ class BlockLinear(nn.Module):
         y = blocks.linear(x.float(), self.parts, self.types, self.bias, self.in_features, self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
-    def float_weight(self) -> torch.Tensor:
-        return self.block_rows().to_float()
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """Saved as the float32 weight it computes with (a Sol model directory, an export)."""
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = self.float_weight()
-
-    def block_bytes(self) -> int:
-        return sum(p.numel() for p in self.parts)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {'+'.join(self.type_names)}"
 
 
-class BlockEmbedding(nn.Module):
+class BlockEmbedding(_InBlocks):
     """nn.Embedding's lookup from a table held as GGUF blocks: each looked-up row dequantized to float32."""
 
     def __init__(self, rows: BlockRows):
@@ -144,13 +148,6 @@ class BlockEmbedding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return _float_rows(self.part0, self.type_name, self.embedding_dim, idx)
-
-    def float_weight(self) -> torch.Tensor:
-        return self.block_rows().to_float()
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = self.float_weight()
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.type_name}"
