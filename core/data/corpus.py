@@ -125,7 +125,8 @@ def _chunks(text: str, size: int = 1 << 16) -> list[str]:
 
 
 def encode_file(tok: Tokenizer, f: Path) -> np.ndarray:
-    """One document: its ids followed by the end-of-text token."""
+    """One document: its ids followed by the end-of-text token (if the tokenizer has one: an imported
+    model's may have neither Sol's <|endoftext|> nor an end-of-sequence token)."""
     eot = tok.token_to_id(EOT)
     eot = tok.eos_id if eot is None else eot
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
@@ -134,7 +135,7 @@ def encode_file(tok: Tokenizer, f: Path) -> np.ndarray:
     parts = []
     for i in range(0, len(chunks), 16):   # a few MB at a time: the ids as Python lists cost ~36 bytes each
         parts += [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch_ids(chunks[i:i + 16])]
-    return np.concatenate(parts + [np.asarray([eot], dtype=dtype)])
+    return np.concatenate(parts + [np.asarray([] if eot is None else [eot], dtype=dtype)])
 
 
 def write_memmap(path: Path, arr: np.ndarray) -> None:

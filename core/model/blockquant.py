@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import blocks, int8_kernel
+from . import frozen
 
 
 def _float_rows(part: torch.Tensor, type_name: str, width: int, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,10 +116,17 @@ class BlockLinear(_InBlocks):
         return BlockRows(list(zip(self.type_names, self.parts)), self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():   # a LoRA adapter below learns through this layer
+            return frozen.product(self, x)
         if not int8_kernel.loaded():
             return F.linear(x, self.float_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         y = blocks.linear(x.float(), self.parts, self.types, self.bias, self.in_features, self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def float_rows(self):
+        """(start, stop) -> those rows in float32 (for core/model/frozen.py)."""
+        rows = self.block_rows()
+        return lambda s, e: rows.slice_rows(s, e).to_float()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {'+'.join(self.type_names)}"

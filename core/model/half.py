@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import frozen
 from .changes import changed
 
 
@@ -37,6 +38,8 @@ class HalfLinear(nn.Module):
         self.__dict__["_packed"] = None   # fbgemm's packed weights: not a buffer, torch cannot move them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():   # a LoRA adapter below learns through this layer
+            return frozen.product(self, x)
         packed = self._packed
         if packed is None and x.device.type == "cpu" and self.weight.dtype == torch.float16:
             packed = self.pack()
@@ -63,6 +66,11 @@ class HalfLinear(nn.Module):
             self._buffers["weight"] = w.to(torch.float16)
             self.__dict__["_packed"] = None
             changed()
+
+    def float_rows(self):
+        """(start, stop) -> those rows in float32 (for core/model/frozen.py)."""
+        w = self.half_weight()
+        return lambda s, e: w[s:e].float()
 
     def half_weight(self) -> torch.Tensor:
         """The float16 weights, whichever form holds them."""

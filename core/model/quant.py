@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import int8_kernel
+from . import frozen
 from .changes import changed
 from .half import HalfLinear
 
@@ -162,6 +163,8 @@ class Int8Linear(nn.Module):
         self.__dict__["_declined"] = False   # pack() said no: not on every call again
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():   # a LoRA adapter below learns through this layer
+            return frozen.product(self, x)
         if self._blocked is None and self._packed is None and x.device.type == "cpu" and not self._declined:
             self.pack()
         if self._blocked is not None:   # packed weights of either kind live on the CPU
@@ -212,6 +215,11 @@ class Int8Linear(nn.Module):
             self._buffers["weight"] = w.int_repr()
             self.__dict__["_packed"] = None
             changed()
+
+    def float_rows(self):
+        """(start, stop) -> those rows in float32 (the int8 rows unpacked once, for core/model/frozen.py)."""
+        q, scales = self.int8_weight(), self.scales
+        return lambda s, e: q[s:e].float() * scales[s:e, None].float()
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 rows, whichever form holds them."""

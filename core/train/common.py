@@ -12,15 +12,22 @@ from ..formats.tokenizer import Tokenizer
 SAMPLE_QUESTION = "what is 12 times 7?"
 
 
-def load_parent(name: str, device, flag: str = "--model"):
-    """The model a stage starts from (a directory or a name from `sol models list`)."""
+def load_base(name: str, flag: str = "--model", quantize: str | None = None):
+    """The model a stage starts from (a directory, a GGUF file or a name from `sol models list`), on the CPU
+    in float32; quantize "int8": its linear layers in Sol's int8 rows (a frozen base under a LoRA adapter)."""
     from ..formats.checkpoint import load_model
     from ..formats.registry import resolve
-    lm = load_model(resolve(name), device="cpu")
+    # float32 whatever the file holds (a GGUF file's blocks dequantized): what full fine-tuning trains, and
+    # the product LoRA's gradients are exact through.
+    return load_model(resolve(name), device="cpu", dtype=torch.float32, quantize=quantize)
+
+
+def load_parent(name: str, device, flag: str = "--model", quantize: str | None = None):
+    """The model a chat stage starts from: load_base, and it must know Sol's chat tokens."""
+    lm = load_base(name, flag, quantize)
     if not lm.tokenizer.is_sol:
         raise SolError(f"{flag} {name}: its tokenizer lacks Sol's chat tokens (<|user|>, <|assistant|>, <|end|>); "
                        "start from a model Sol pretrained")
-    lm.model.float()
     return lm
 
 

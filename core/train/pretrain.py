@@ -17,8 +17,9 @@ from ..errors import SolError
 from ..formats.tokenizer import EOT, Tokenizer
 from ..model.config import VOCAB_MULTIPLE, ModelConfig, padded_vocab, preset
 from ..model.transformer import Transformer
-from . import checkpointing, ddp
+from . import adapters, checkpointing, ddp
 from .loop import Stage, TrainConfig
+from .common import load_base, parent_info
 from .losses import cross_entropy_sum
 from .rollout import complete
 
@@ -65,22 +66,36 @@ class Pretrain(Stage):
         self.files = corpus.corpus_files(a.corpus)
         described = corpus.describe_files(self.files)   # hashed once: the caches' keys and sol.json
         ckpt = checkpointing.latest(out) if cfg.resume else None
-        if ckpt is not None:   # the tokenizer the run started with, whatever --tokenizer says now
+        self.parent = self.lora = None
+        if a.model:   # continued pretraining: the model's own shape and tokenizer
+            check_continued(a)
+            self.parent = load_base(a.model, quantize=adapters.quantize_of(a))
+            self.tokenizer, self.cfg = self.parent.tokenizer, self.parent.model.cfg
+        elif ckpt is not None:   # the tokenizer the run started with, whatever --tokenizer says now
             self.tokenizer = Tokenizer.from_file(ckpt / "tokenizer.json")
         else:
             self.tokenizer = corpus.make_tokenizer(a.tokenizer, self.files, corpus.tokenizer_cache_dir(), described)
-        self.cfg = model_config(a, self.tokenizer.id_limit)
-        if ckpt is not None:
+        if not a.model:
+            self.cfg = model_config(a, self.tokenizer.id_limit)
+        if ckpt is not None and not a.model:
             self.cfg = ModelConfig.from_dict(checkpointing_config(ckpt), source=str(ckpt / "config.json"))
+        # The training window: a new model's context; a loaded one's, or --context if shorter (a 32k-token
+        # window would not fit a laptop's memory).
+        self.T = min(a.context, self.cfg.context) if a.model and a.context else self.cfg.context
         data_dir = out / "data"
         if dist.main:
-            corpus.build(self.files, self.tokenizer, data_dir, self.cfg.context, a.val_fraction,
+            corpus.build(self.files, self.tokenizer, data_dir, self.T, a.val_fraction,
                          cache=corpus.cache_dir(), described=described)
         ddp.barrier(dist)
         self.train_data, self.val_data, self.data_meta = corpus.load(data_dir)
         torch.manual_seed(cfg.seed)   # same initial weights on every rank
-        self.module = self.model = Transformer(self.cfg)
-        self.model.vocab_limit = self.tokenizer.id_limit
+        if self.parent is not None:
+            self.model = self.parent.model
+            self.lora = adapters.attach(self.parent, a)
+        else:
+            self.model = Transformer(self.cfg)
+            self.model.vocab_limit = self.tokenizer.id_limit
+        self.module = self.model
         self.seed = cfg.seed
         eot = self.tokenizer.token_to_id(EOT)
         self.sample_ids = (self.tokenizer.encode_ids(a.sample_prompt) if a.sample_prompt
@@ -88,10 +103,10 @@ class Pretrain(Stage):
 
     def _offsets(self, data, n: int, key) -> np.ndarray:
         rng = np.random.default_rng(key)
-        return rng.integers(0, len(data) - self.cfg.context - 1, size=n, endpoint=True)
+        return rng.integers(0, len(data) - self.T - 1, size=n, endpoint=True)
 
     def micro_batches(self, step, cfg, dist):
-        T, per_micro = self.cfg.context, cfg.batch_size // cfg.grad_accum
+        T, per_micro = self.T, cfg.batch_size // cfg.grad_accum
         out = []
         for m in range(cfg.grad_accum):
             offs = self._offsets(self.train_data, per_micro, [self.seed, step, m])[ddp.shard(per_micro, dist)]
@@ -109,10 +124,10 @@ class Pretrain(Stage):
         total, n = None, 0
         for i in range(a.eval_batches):
             offs = self._offsets(self.val_data, a.eval_batch_size, [self.seed, 10**9, i])
-            r = rows(self.val_data, offs, self.cfg.context).to(self.device)
+            r = rows(self.val_data, offs, self.T).to(self.device)
             loss = self.loss(self.model, {"rows": r})
             total = loss if total is None else total + loss
-            n += r.size(0) * self.cfg.context
+            n += r.size(0) * self.T
         return {"val_loss": float(total) / n}   # one read of the device, after every batch
 
     def sample(self) -> str:
@@ -121,19 +136,35 @@ class Pretrain(Stage):
         return self.tokenizer.decode(self.sample_ids + ids)
 
     def export(self, out, meta) -> None:
+        if self.lora:
+            return self.lora.save(out, meta)
         from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta)
 
     def restore(self, ckpt) -> None:
+        if self.lora:
+            return self.lora.restore(ckpt)
         from ..formats.checkpoint import load_model
         self.model.load_state_dict(load_model(ckpt).model.state_dict())
 
     def lineage(self) -> dict:
-        return {"parent": None, "data": self.data_meta["files"], "tokenizer": self.args.tokenizer,
+        return {"parent": parent_info(self.parent) if self.parent else None, "data": self.data_meta["files"],
+                "tokenizer": None if self.parent else self.args.tokenizer,
                 "tokens": {"train": self.data_meta["train_tokens"], "val": self.data_meta["val_tokens"]}}
 
     def config_summary(self) -> dict:
-        return {"model": self.cfg.to_dict()}
+        return {"model": self.cfg.to_dict(), "window": self.T, **(self.lora.summary() if self.lora else {})}
+
+
+def check_continued(a) -> None:
+    """--model gives the shape and the tokenizer: flags that would give them too are errors, not ignored."""
+    given = [flag for flag, value in (("--preset", a.preset), ("--layers", a.layers), ("--d-model", a.d_model),
+                                      ("--heads", a.heads), ("--bias", a.bias)) if value is not None]
+    if a.tokenizer != "char":
+        given.append("--tokenizer")
+    if given:
+        raise SolError(f"{', '.join(given)}: not with --model {a.model}, whose shape and tokenizer are its own; "
+                       "leave them out (--context may shorten the training window)")
 
 
 def checkpointing_config(ckpt: Path) -> dict:
@@ -146,6 +177,8 @@ def checkpointing_config(ckpt: Path) -> dict:
 
 def add_arguments(p) -> None:
     p.add_argument("--corpus", action="append", required=True, help="text file or folder (repeatable)")
+    p.add_argument("--model", default=None, help="continue pretraining this model (its shape and tokenizer) "
+                   "instead of a new one; with --lora, train an adapter on it")
     p.add_argument("--tokenizer", default="char", help="char | bpe:N | path of a tokenizer.json (default char)")
     p.add_argument("--preset", default=None, help="model preset (tiny, shakespeare-cpu, small, starter, gpt2, ...)")
     p.add_argument("--layers", type=int, default=None)
@@ -163,3 +196,4 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--sample-prompt", default="", help="prompt for samples (default: start a new document)")
     p.add_argument("--sample-tokens", type=int, default=200)
+    adapters.add_arguments(p)

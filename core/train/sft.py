@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..data import conversations, jsonl
 from ..data.corpus import describe_files
 from ..errors import SolError
+from . import adapters
 from .common import chat_sample, example_micro_batches, load_parent, pad, pad_id, parent_info, split_val
 from .loop import Stage
 from .losses import IGNORE, cross_entropy_sum
@@ -44,8 +45,9 @@ class SFT(Stage):
         a = self.args
         lines = jsonl.read_chat_lines(a.data)     # errors name file:line, before anything heavy
         convs = [msgs for _, msgs in lines]
-        self.parent = load_parent(a.model, device)
+        self.parent = load_parent(a.model, device, quantize=adapters.quantize_of(a))
         self.tokenizer, self.model = self.parent.tokenizer, self.parent.model
+        self.lora = adapters.attach(self.parent, a)
         self.module = self.model
         self.device, self.seed = device, cfg.seed
         examples = encode_examples(self.tokenizer, convs, self.model.cfg.context, a.data,
@@ -80,12 +82,19 @@ class SFT(Stage):
         return chat_sample(self.model, self.tokenizer)
 
     def export(self, out, meta):
+        if self.lora:
+            return self.lora.save(out, meta)
         from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta)
 
     def restore(self, ckpt):
+        if self.lora:
+            return self.lora.restore(ckpt)
         from ..formats.checkpoint import load_model
         self.model.load_state_dict(load_model(ckpt).model.state_dict())
+
+    def config_summary(self):
+        return self.lora.summary() if self.lora else {}
 
     def lineage(self):
         return {"parent": parent_info(self.parent), "data": describe_files([self.args.data]),
@@ -96,5 +105,6 @@ def add_arguments(p):
     p.add_argument("--model", required=True, help="the pretrained model to start from")
     p.add_argument("--data", required=True, help='chat JSONL: {"messages": [{"role", "content"}, ...]} per line')
     p.add_argument("--val-fraction", type=float, default=0.05, help="conversations held out for val_loss")
+    adapters.add_arguments(p)
 
 

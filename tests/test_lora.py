@@ -1,0 +1,183 @@
+"""LoRA adapters: Sol's training against transformers + peft step by step, PEFT's file format both ways,
+merging, and the errors for adapters that do not fit."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from hf_models import make_hf_model  # noqa: E402
+from test_train import stage_args  # noqa: E402
+
+from sol.core.errors import SolError  # noqa: E402
+from sol.core.formats.adapter import adapter_tensors, load_adapter  # noqa: E402
+from sol.core.formats.checkpoint import load_model  # noqa: E402
+from sol.core.model import lora  # noqa: E402
+from sol.core.train import pretrain  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+FAMILIES = ["qwen2", "llama-gqa-tied", "gemma3"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _corpus(tmp_path: Path) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    f = tmp_path / "corpus.txt"
+    src = SHARED / "tinyshakespeare.txt"
+    f.write_text(src.read_text(encoding="utf-8")[:60_000] if src.is_file() else
+                 "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 800, encoding="utf-8")
+    return f
+
+
+def _train_sol(tmp_path, folder, monkeypatch, steps=10, extra=()):
+    """`sol train pretrain --model folder --lora` in-process; returns (losses, initial adapter, batches)."""
+    seen = {"batches": []}
+    prepare, micro = pretrain.Pretrain.prepare, pretrain.Pretrain.micro_batches
+
+    def prepare_and_keep(self, *a, **k):
+        prepare(self, *a, **k)
+        seen["init"] = {k: v.clone() for k, v in adapter_tensors(self.model).items()}
+
+    def micro_and_keep(self, *a, **k):
+        out = micro(self, *a, **k)
+        seen["batches"].append([b["rows"].clone() for b in out])
+        return out
+
+    monkeypatch.setattr(pretrain.Pretrain, "prepare", prepare_and_keep)
+    monkeypatch.setattr(pretrain.Pretrain, "micro_batches", micro_and_keep)
+    spec, args = stage_args("pretrain", [
+        "--model", folder, "--corpus", _corpus(tmp_path), "--out", tmp_path / "adapter", "--lora",
+        "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0, "--context", 32, "--batch-size", 4,
+        "--max-steps", steps, "--lr", 1e-2, "--min-lr", 1e-2, "--warmup", 0, "--weight-decay", 0,
+        "--grad-clip", 0, "--eval-every", 0, "--sample-every", 0, "--threads", 1, *extra])
+    events = []
+    spec.run(args, events.append)
+    return [e["loss"] for e in events if e["type"] == "step"], seen["init"], seen["batches"]
+
+
+def _peft_losses(folder, init, batches, lr=1e-2, targets=LLAMA_TARGETS):
+    import peft
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    peft.set_peft_model_state_dict(pm, init)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    out = []
+    for micro in batches:
+        total, count = 0.0, 0
+        for rows in micro:
+            logits = pm(input_ids=rows[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum")
+            (loss / sum(r[:, 1:].numel() for r in micro)).backward()
+            total += float(loss.detach())
+            count += rows[:, 1:].numel()
+        opt.step()
+        opt.zero_grad()
+        out.append(total / count)
+    return pm, out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ten_lora_steps_match_peft_and_the_adapter_loads_in_peft(tmp_path, monkeypatch, family):
+    import peft
+    folder = tmp_path / family
+    make_hf_model(family, folder, seed=0)
+    sol_losses, init, batches = _train_sol(tmp_path, folder, monkeypatch)
+    assert len(sol_losses) == 10 and sol_losses[-1] < sol_losses[0]
+    pm, peft_losses = _peft_losses(folder, init, batches)
+    assert max(abs(a - b) for a, b in zip(sol_losses, peft_losses)) < 1e-4, (sol_losses, peft_losses)
+
+    # The adapter Sol wrote, loaded by peft on the transformers model, gives Sol's logits.
+    out = tmp_path / "adapter"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["base_model_name_or_path"]
+    assert sorted(config["target_modules"]) == sorted(LLAMA_TARGETS)
+    ids = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 250, 3, 12]])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(hf, out).eval()
+    lm = load_model(folder)
+    load_adapter(lm, out)
+    lora.use(lm.model, lora.DEFAULT)
+    with torch.no_grad():
+        ref, mine = loaded(input_ids=ids).logits, lm.model(ids)
+    assert (ref - mine).abs().max() < 1e-4
+    # ...and trained it: the base alone gives other logits.
+    lora.use(lm.model, None)
+    with torch.no_grad():
+        assert (lm.model(ids) - ref).abs().max() > 1e-3
+
+
+def test_int8_base_trains_through_the_frozen_kernel(tmp_path, monkeypatch):
+    """--quantize int8: the base's int8 products pass the gradient on (core/model/frozen.py), so the adapter
+    learns about as it does on the float32 base."""
+    folder = tmp_path / "qwen2"
+    make_hf_model("qwen2", folder, seed=0)
+    f32, _, _ = _train_sol(tmp_path / "a", folder, monkeypatch, steps=6)
+    monkeypatch.undo()
+    q8, _, _ = _train_sol(tmp_path / "b", folder, monkeypatch, steps=6, extra=["--quantize", "int8"])
+    assert q8[-1] < q8[0]
+    assert max(abs(a - b) for a, b in zip(f32, q8)) < 0.05 * f32[0]
+
+
+def test_frozen_int8_gradient_equals_dequantized_products():
+    from sol.core.model.quant import Int8Linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40)
+    q = Int8Linear.from_linear(lin)
+    w = q.float_rows()(0, 40)
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    (q(x) * torch.arange(40.0)).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    ((x2 @ w.T + lin.bias) * torch.arange(40.0)).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-4)
+
+
+def test_peft_adapters_of_every_layout_load_with_their_logits(tmp_path):
+    import peft
+    for family, targets in (("gpt2", ["c_attn", "c_proj", "c_fc"]),
+                            ("phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+                            ("qwen2", ["q_proj", "v_proj"])):
+        folder = tmp_path / family
+        hf = make_hf_model(family, folder, seed=1)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=5, target_modules=targets,
+                                                     init_lora_weights=False, fan_in_fan_out=family == "gpt2"))
+        pm.save_pretrained(tmp_path / f"{family}-adapter")
+        ids = torch.tensor([[1, 2, 3, 40, 50, 60]])
+        lm = load_model(folder)
+        load_adapter(lm, tmp_path / f"{family}-adapter", check_name=False)
+        lora.use(lm.model, lora.DEFAULT)
+        with torch.no_grad():
+            assert (pm.eval()(input_ids=ids).logits - lm.model(ids)).abs().max() < 1e-4, family
+
+
+def test_an_adapter_for_another_model_is_refused(tmp_path):
+    import peft
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_hf_model("qwen2", a, seed=0)
+    make_hf_model("gpt2", b, seed=0)
+    pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(a),
+                             peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.save_pretrained(tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(a)
+    with pytest.raises(SolError, match="base_model_name_or_path"):
+        load_adapter(load_model(b), tmp_path / "ad")
+    with pytest.raises(SolError, match="names a layer this gpt2 model does not have"):
+        load_adapter(load_model(b), tmp_path / "ad", check_name=False)
+
+
+@pytest.mark.parametrize("flags,match", [(["--lora", "--lora-r", "0"], "--lora-r 0"),
+                                         (["--lora", "--lora-targets", "wq"], "--lora-targets 'wq'"),
+                                         (["--quantize", "int8"], "only with --lora")])
+def test_bad_lora_settings_are_one_error(tmp_path, flags, match):
+    folder = tmp_path / "m"
+    make_hf_model("qwen2", folder, seed=0)
+    spec, args = stage_args("pretrain", ["--model", folder, "--corpus", _corpus(tmp_path), "--out", tmp_path / "o",
+                                         "--max-steps", 1, "--context", 16, *flags])
+    with pytest.raises(SolError, match=match):
+        spec.run(args, lambda e: None)
