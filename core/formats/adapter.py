@@ -243,3 +243,40 @@ def restore_weights(model, path: Path, name: str = lora.DEFAULT) -> dict:
                 except KeyError as e:
                     raise SolError(f"{f}: tensor {e.args[0]!r} missing; the checkpoint is damaged") from None
     return {k: v for k, v in tensors.items() if not _KEY.match(k)}
+
+
+# ---- an adapter folder given where a model is expected ----------------------------------------------
+def base_of(d: Path) -> str:
+    """The base model an adapter folder names (base_model_name_or_path): a folder or file on this disk, or a
+    name `sol models list` knows. An error says to give the base with --model where neither is found."""
+    from .registry import resolve
+    want = str(read_config(d).get("base_model_name_or_path") or "").strip()
+    if not want:
+        raise SolError(f"{d / CONFIG}: base_model_name_or_path is empty; give the base model with --model and "
+                       "the adapter with --adapter")
+    if Path(want).expanduser().exists():
+        return want
+    try:
+        return str(resolve(want))
+    except SolError:
+        raise SolError(f"{d / CONFIG}: its base {want!r} is not on this disk; get it (sol models get) or give "
+                       "the base with --model and the adapter with --adapter") from None
+
+
+def load_with_adapter(name: str, loader):
+    """`loader(name)`, or where `name` is an adapter folder, loader(its base) with the adapter on and active
+    (its extra tensors, a reward head, become the model's)."""
+    from .registry import resolve
+    p = Path(name).expanduser()
+    if not is_adapter(p):
+        try:
+            p = resolve(name)
+        except SolError:
+            return loader(name)
+    if not is_adapter(p):
+        return loader(name)
+    lm = loader(base_of(p))
+    info = load_adapter(lm, p)
+    lm.extra_tensors = {**lm.extra_tensors, **info["extra"]}
+    lora.use(lm.model, lora.DEFAULT)
+    return lm

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..data import conversations, jsonl
 from ..data.corpus import describe_files
 from ..model.transformer import Transformer
+from . import adapters
 from .common import example_micro_batches, load_parent, pad, pad_id, parent_info, split_val
 from .loop import Stage
 
@@ -68,7 +69,8 @@ def pair_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
 
 def load_reward_model(name: str, device) -> tuple[RewardModel, object]:
     from ..errors import SolError
-    lm = load_parent(name, device, flag="--reward-model")
+    from ..formats.adapter import load_with_adapter
+    lm = load_with_adapter(name, lambda base: load_parent(base, device, flag="--reward-model"))
     if "reward_head.weight" not in lm.extra_tensors:
         raise SolError(f"--reward-model {name}: has no reward head (reward_head.weight); "
                        "train one with `sol train reward`")
@@ -85,8 +87,9 @@ class Reward(Stage):
     def prepare(self, cfg, device, dist):
         a = self.args
         pairs = jsonl.read_prefs(a.data)
-        self.parent = load_parent(a.model, device)
+        self.parent = load_parent(a.model, device, quantize=adapters.quantize_of(a))
         self.tokenizer = self.parent.tokenizer
+        self.lora = adapters.attach(self.parent, a)   # before the head, which stays trainable
         self.module = self.rm = RewardModel(self.parent.model, self.parent.extra_tensors or None)
         self.model = self.parent.model
         self.device, self.seed = device, cfg.seed
@@ -126,15 +129,24 @@ class Reward(Stage):
         return {"accuracy": correct / len(self.val_pairs), "val_loss": loss / len(self.val_pairs)}
 
     def export(self, out, meta):
+        if self.lora:   # the head beside the adapter's A and B, under its own name
+            return self.lora.save(out, meta, extra_tensors=self.rm.head_tensors())
         from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta, extra_tensors=self.rm.head_tensors())
 
     def restore(self, ckpt):
-        from ..formats.checkpoint import load_model
-        lm = load_model(ckpt)
-        self.model.load_state_dict(lm.model.state_dict())
-        self.rm.head.weight.data.copy_(lm.extra_tensors["reward_head.weight"])
-        self.rm.head.bias.data.copy_(lm.extra_tensors["reward_head.bias"])
+        if self.lora:
+            head = self.lora.restore(ckpt)
+        else:
+            from ..formats.checkpoint import load_model
+            lm = load_model(ckpt)
+            self.model.load_state_dict(lm.model.state_dict())
+            head = lm.extra_tensors
+        self.rm.head.weight.data.copy_(head["reward_head.weight"])
+        self.rm.head.bias.data.copy_(head["reward_head.bias"])
+
+    def config_summary(self):
+        return self.lora.summary() if self.lora else {}
 
     def lineage(self):
         return {"parent": parent_info(self.parent), "data": describe_files([self.args.data]),
@@ -145,3 +157,4 @@ def add_arguments(p):
     p.add_argument("--model", required=True, help="the SFT model to put a reward head on")
     p.add_argument("--data", required=True, help='preference JSONL: {"prompt", "chosen", "rejected"} per line')
     p.add_argument("--val-fraction", type=float, default=0.1, help="pairs held out for accuracy")
+    adapters.add_arguments(p)

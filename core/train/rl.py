@@ -26,6 +26,8 @@ from ..data import conversations, jsonl
 from ..data.corpus import describe_files
 from ..errors import SolError
 from ..generation.engine import end_of_turn_ids
+from ..model import lora
+from . import adapters
 from .common import chat_sample, epoch_indices, load_parent, pad, pad_id, parent_info, split_val
 from .loop import Stage
 from .rewards import REWARDS
@@ -135,10 +137,13 @@ class RL(Stage):
         records = jsonl.read_prompts(a.prompts, need_answer=need_answer, with_where=True)
         self.eval_records = (jsonl.read_prompts(a.eval_prompts, need_answer=need_answer, with_where=True)
                              if a.eval_prompts else None)
-        self.parent = load_parent(a.model, device)
+        self.parent = load_parent(a.model, device, quantize=adapters.quantize_of(a))
         self.tokenizer, self.model = self.parent.tokenizer, self.parent.model
         self.module = self.model
-        self.ref = load_parent(a.model, device).model.to(device).eval().requires_grad_(False)
+        self.lora = adapters.attach(self.parent, a)
+        # The frozen reference the KL penalty holds the policy to: with LoRA, the same model with its adapter
+        # off (no second copy of the weights); otherwise a second copy of the starting model.
+        self.ref = None if self.lora else load_parent(a.model, device).model.to(device).eval().requires_grad_(False)
         self.scorer = Scorer(a.reward, a.reward_model, device, self.tokenizer)
         self.device, self.seed = device, cfg.seed
         self.stops = end_of_turn_ids(self.tokenizer)
@@ -195,7 +200,11 @@ class RL(Stage):
         # The reference's log-probs here, in the loop's precision (bf16 autocast on GPUs and bf16 CPUs)
         # as the policy's: computed in another precision, their rounding alone would read as KL.
         with torch.no_grad():
-            ref = token_logprobs(self.ref, batch["x"])
+            if self.ref is None:
+                with lora.using(self.model, None):
+                    ref = token_logprobs(self.model, batch["x"])
+            else:
+                ref = token_logprobs(self.ref, batch["x"])
         logp = token_logprobs(module, batch["x"])
         per_token = -batch["adv"] * logp + self.args.beta * k3_kl(logp, ref)
         return (per_token * batch["mask"]).sum()
@@ -207,9 +216,12 @@ class RL(Stage):
         if result["accuracy"] > self.best:
             from ..formats.checkpoint import save_model
             self.best = result["accuracy"]
-            save_model(self.out / "best", self.model, self.tokenizer,
-                       {"name": "best", "stage": "rl", "step": self.step, "metrics": result,
-                        "note": "the RL step with the best eval accuracy so far"})
+            best = {"name": "best", "stage": "rl", "step": self.step, "metrics": result,
+                    "note": "the RL step with the best eval accuracy so far"}
+            if self.lora:
+                self.lora.save(self.out / "best", best)
+            else:
+                save_model(self.out / "best", self.model, self.tokenizer, best)
             result["best_step"] = self.step
         return result
 
@@ -217,10 +229,14 @@ class RL(Stage):
         return chat_sample(self.model, self.tokenizer)
 
     def export(self, out, meta):
+        if self.lora:
+            return self.lora.save(out, meta)
         from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta)
 
     def restore(self, ckpt):
+        if self.lora:
+            return self.lora.restore(ckpt)
         from ..formats.checkpoint import load_model
         self.model.load_state_dict(load_model(ckpt).model.state_dict())
 
@@ -233,7 +249,8 @@ class RL(Stage):
     def config_summary(self):
         a = self.args
         return {"samples": a.samples, "beta": a.beta, "reward": a.reward, "reward_model": a.reward_model,
-                "normalize_std": a.normalize_std, "temperature": a.temperature}
+                "normalize_std": a.normalize_std, "temperature": a.temperature,
+                **(self.lora.summary() if self.lora else {})}
 
 
 def best_accuracy(out: Path) -> float:
@@ -257,3 +274,4 @@ def add_arguments(p):
     p.add_argument("--normalize-std", action="store_true", help="divide advantages by the group's std")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    adapters.add_arguments(p)
