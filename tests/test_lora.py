@@ -181,3 +181,75 @@ def test_bad_lora_settings_are_one_error(tmp_path, flags, match):
                                          "--max-steps", 1, "--context", 16, *flags])
     with pytest.raises(SolError, match=match):
         spec.run(args, lambda e: None)
+
+
+def _trained_adapter(tmp_path, family, seed=0):
+    """A peft adapter with random (not zero) B on a tiny transformers model: (folder, adapter folder)."""
+    import peft
+    folder = tmp_path / family
+    hf = make_hf_model(family, folder, seed=seed)
+    hf.name_or_path = hf.config._name_or_path = str(folder)   # as from_pretrained(folder): peft writes it
+    targets = ["c_attn", "c_proj", "c_fc"] if family == "gpt2" else LLAMA_TARGETS
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                                 fan_in_fan_out=family == "gpt2"))
+    pm.save_pretrained(tmp_path / f"{family}-adapter")
+    return folder, tmp_path / f"{family}-adapter", pm.eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3", "gpt2"])
+def test_merge_writes_a_folder_transformers_loads_with_the_adapters_logits(tmp_path, family, capsys):
+    from sol.core.cli import main
+    folder, ad, pm = _trained_adapter(tmp_path, family)
+    out = tmp_path / "merged"
+    assert main(["models", "merge", str(ad), "--out", str(out)]) == 0
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    ids = torch.tensor([[3, 9, 27, 81, 243, 7, 1]])
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits
+        assert (merged(input_ids=ids).logits - ref).abs().max() < 1e-4
+        assert (load_model(out).model(ids) - ref).abs().max() < 1e-4
+    if family != "gemma3":   # this tiny Gemma's query_pre_attn_scalar has no GGUF key (export says so)
+        assert main(["models", "export", str(out), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    # An --out that holds something is never overwritten.
+    capsys.readouterr()
+    assert main(["models", "merge", str(ad), "--out", str(out)]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_adapter_flag_generates_what_the_merged_model_generates(tmp_path, capsys):
+    from sol.core.cli import main
+    folder, ad, _ = _trained_adapter(tmp_path, "qwen2")
+    main(["models", "merge", str(ad), "--out", str(tmp_path / "merged")])
+    capsys.readouterr()
+    runs = {}
+    for name, flags in (("adapter", ["--model", str(folder), "--adapter", str(ad)]),
+                        ("adapter-as-model", ["--model", str(ad)]),
+                        ("merged", ["--model", str(tmp_path / "merged")]), ("base", ["--model", str(folder)])):
+        assert main(["generate", *flags, "--prompt", "hello", "--temperature", "0", "--max-tokens", "12",
+                     "--json"]) == 0
+        runs[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+    assert runs["adapter"] == runs["merged"] == runs["adapter-as-model"] != runs["base"]
+
+
+def test_models_list_shows_adapters_under_their_base(tmp_path, capsys, isolated_home):
+    import shutil
+
+    from sol.core.cli import main
+    from sol.core.formats.registry import models_dir
+    folder, ad, _ = _trained_adapter(tmp_path, "qwen2")
+    models_dir().mkdir(parents=True, exist_ok=True)
+    shutil.copytree(folder, models_dir() / "tiny-qwen")
+    shutil.copytree(ad, models_dir() / "tiny-qwen-lora")
+    cfg = json.loads((models_dir() / "tiny-qwen-lora" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "someone/tiny-qwen"   # a hub id whose model name is the local folder's
+    (models_dir() / "tiny-qwen-lora" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert main(["models", "list", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    mine = [e for e in entries if e["name"] == "tiny-qwen-lora"]
+    assert len(mine) == 1 and {k: mine[0][k] for k in ("name", "path", "format", "base")} == {
+        "name": "tiny-qwen-lora", "path": str(models_dir() / "tiny-qwen-lora"), "format": "lora", "base": "tiny-qwen"}
+    assert main(["models", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith("tiny-qwen "))
+    assert lines[i + 1].startswith("  tiny-qwen-lora") and "lora r=4" in lines[i + 1]

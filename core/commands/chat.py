@@ -16,7 +16,7 @@ CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "re
 
 def register(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal (tools included)")
-    add_model_args(p)
+    add_model_args(p, adapter=True)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--message", action="extend", nargs="+", default=[],
                    help="user message(s) to send in turn, then exit (repeatable); without it, chat interactively")

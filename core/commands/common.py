@@ -5,8 +5,12 @@ import json
 import sys
 
 
-def add_model_args(p, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help="model directory, or a name from `sol models list`")
+def add_model_args(p, required: bool = True, adapter: bool = False) -> None:
+    p.add_argument("--model", required=required, help="model directory, or a name from `sol models list` (an "
+                   "adapter folder loads on the base it names)")
+    if adapter:
+        p.add_argument("--adapter", default=None, metavar="DIR",
+                       help="a LoRA adapter folder (PEFT's format: Sol's or one trained elsewhere) on the model")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
     p.add_argument("--dtype", default="auto", help="auto|float32|float16|bfloat16 (default auto)")
     p.add_argument("--quantize", choices=["int8"], default=None,
@@ -19,9 +23,20 @@ def load(args):
     from ..devices import pick_device, pick_dtype
     from ..formats.checkpoint import load_model
     from ..formats.registry import resolve
+    from ..formats.adapter import load_adapter, load_with_adapter
+    from ..model import lora
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    return load_model(resolve(args.model), device=device, dtype=dtype, quantize=quantize_arg(args))
+    lm = load_with_adapter(args.model, lambda name: load_model(resolve(name), device=device, dtype=dtype,
+                                                                   quantize=quantize_arg(args)))
+    if getattr(args, "adapter", None):
+        if lora.adapter_names(lm.model):
+            from ..errors import SolError
+            raise SolError(f"--adapter {args.adapter}: --model {args.model} is an adapter already; give its base "
+                           "with --model")
+        load_adapter(lm, args.adapter)
+        lora.use(lm.model, lora.DEFAULT)
+    return lm
 
 
 def quantize_arg(args) -> str | None:

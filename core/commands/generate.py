@@ -8,7 +8,7 @@ from .common import add_model_args, load, print_json
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="complete a prompt (raw, no chat template)")
-    add_model_args(p)
+    add_model_args(p, adapter=True)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")

@@ -8,7 +8,7 @@ from .common import add_model_args, load, print_json
 
 def register(sub) -> None:
     p = sub.add_parser("lens", help="each layer's prediction for every position (logit lens)")
-    add_model_args(p)
+    add_model_args(p, adapter=True)
     p.add_argument("--text", required=True)
     p.add_argument("--top", type=int, default=1, help="candidates per layer and position (default 1)")
     p.add_argument("--json", action="store_true")

@@ -23,6 +23,14 @@ def register(sub) -> None:
     ep.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"],
                     help="weight type: f32 (exact), f16, or q8_0 (a quarter of f32's bytes); default f32")
     ep.set_defaults(func=run_export)
+    mp = msub.add_parser("merge", help="fold a LoRA adapter into its base and write the merged model")
+    mp.add_argument("adapter", help="the adapter folder (or its name in `sol models list`)")
+    mp.add_argument("--model", default=None, help="the base (default: the one the adapter names)")
+    mp.add_argument("--out", required=True, help="the folder to write: a Hugging Face folder for a Hugging Face "
+                    "base, else a Sol model folder")
+    mp.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="the merged weights' type (auto: the base file's own float type, float32 for GGUF bases)")
+    mp.set_defaults(func=run_merge)
 
 
 def run_list(args) -> int:
@@ -33,14 +41,30 @@ def run_list(args) -> int:
         return 0
     if not models:
         sys.stdout.write("no models found\n")
-    for m in models:
+    adapters = [m for m in models if m.get("format") == "lora"]
+    bases = [m for m in models if m.get("format") != "lora"]
+    for m in bases:
         if "broken" in m:
             sys.stdout.write(f"{m['name']:<32} broken: {m['broken']}\n")
-            continue
-        fmt = f"{m['format']} {m['quantization']}" if m.get("quantization") else m["format"]
-        sys.stdout.write(f"{m['name']:<32} {fmt:<4} {m['architecture']:<12} "
-                         f"{m['parameters'] / 1e6:>9.2f}M  {m['path']}\n")
+        else:
+            fmt = f"{m['format']} {m['quantization']}" if m.get("quantization") else m["format"]
+            sys.stdout.write(f"{m['name']:<32} {fmt:<4} {m['architecture']:<12} "
+                             f"{m['parameters'] / 1e6:>9.2f}M  {m['path']}\n")
+        for a in adapters:   # a model's adapters under it
+            if a.get("base") == m["name"]:
+                _adapter_line(a, "  ")
+    for a in adapters:
+        if not any(a.get("base") == m["name"] for m in bases):
+            _adapter_line(a, "", f" (base {a.get('base') or 'unknown'})")
     return 0
+
+
+def _adapter_line(a: dict, indent: str, note: str = "") -> None:
+    if "broken" in a:
+        sys.stdout.write(f"{indent}{a['name']:<30} lora broken: {a['broken']}\n")
+        return
+    size = f"{a['parameters'] / 1e6:>9.2f}M" if a.get("parameters") is not None else " " * 10
+    sys.stdout.write(f"{indent}{a['name']:<{32 - len(indent)}} lora r={a.get('r')!s:<7} {size}  {a['path']}{note}\n")
 
 
 def run_info(args) -> int:
@@ -87,4 +111,41 @@ def run_export(args) -> int:
     lm = load_model(resolve(args.model))
     export_gguf(lm, out, args.type)
     sys.stdout.write(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})\n")
+    return 0
+
+
+def run_merge(args) -> int:
+    """Base + adapter -> one model in the base's layout, loadable by transformers where the base was."""
+    from pathlib import Path
+
+    import torch
+
+    from ..errors import SolError
+    from ..formats.adapter import base_of, is_adapter, load_adapter
+    from ..formats.checkpoint import load_model, save_model
+    from ..formats.hf_write import stored_float_dtype, write_hf_folder
+    from ..formats.registry import resolve
+    from ..model import lora
+    ad = Path(args.adapter).expanduser()
+    if not is_adapter(ad):
+        ad = resolve(args.adapter)
+        if not is_adapter(ad):
+            raise SolError(f"{args.adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()):   # never replace what the user has without asking
+        raise SolError(f"--out {args.out}: exists and is not empty; choose a new folder")
+    base = resolve(args.model) if args.model else Path(base_of(ad))
+    lm = load_model(base, dtype=torch.float32)
+    load_adapter(lm, ad)
+    lora.merge(lm.model)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    if lm.format == "hf":
+        write_hf_folder(lm.model, lm.path, out, dtype or stored_float_dtype(lm.path))
+    else:
+        if dtype is not None:
+            lm.model.to(dtype)
+        save_model(out, lm.model, lm.tokenizer, {"name": out.name, "stage": lm.meta.get("stage", "base"),
+                                                  "merged": {"base": str(lm.path), "adapter": str(ad.resolve())}})
+    sys.stdout.write(f"wrote {out} ({lm.format if lm.format == 'hf' else 'sol'} layout, base {lm.path.name} + "
+                     f"adapter {ad.name})\n")
     return 0

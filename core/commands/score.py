@@ -8,7 +8,7 @@ from .common import add_model_args, load, print_json
 
 def register(sub) -> None:
     p = sub.add_parser("score", help="score a sentence token by token (the chain rule)")
-    add_model_args(p)
+    add_model_args(p, adapter=True)
     p.add_argument("--text", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)

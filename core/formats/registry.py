@@ -61,11 +61,12 @@ def list_models(include_broken: bool = False) -> list[dict]:
     also the folders of Sol's models folder that cannot be read, as {"name", "path", "broken": why}."""
     from .checkpoint import inspect  # here, not at the top: it imports torch, which costs seconds
     found: list[dict] = []
+    adapters: list[dict] = []
     for root in (builtin_models_dir(), models_dir()):
         for d in _sol_model_dirs(root):
-            entry = _sol_entry(d)
+            entry = _adapter_entry(d) if (d / "adapter_config.json").is_file() else _sol_entry(d)
             if entry and (include_broken or "broken" not in entry):
-                found.append(entry)
+                (adapters if entry.get("format") == "lora" else found).append(entry)
     cache = hf_cache_dir()
     if cache.is_dir():
         for repo in sorted(cache.glob("models--*")):
@@ -78,7 +79,41 @@ def list_models(include_broken: bool = False) -> list[dict]:
         entry = _gguf_entry(name, path)
         if include_broken or "broken" not in entry:
             found.append(entry)
-    return found
+    return found + [_with_base(a, found) for a in adapters]
+
+
+def _adapter_entry(d: Path) -> dict:
+    """A LoRA adapter folder: {"name", "path", "format": "lora", "base", "parameters"}; base is what its
+    adapter_config.json names (base_model_name_or_path) until _with_base finds that model here."""
+    import json
+    try:
+        cfg = json.loads((d / "adapter_config.json").read_text(encoding="utf-8"))
+        base = str(cfg.get("base_model_name_or_path") or "")
+    except (OSError, ValueError, AttributeError) as e:
+        return {"name": d.name, "path": str(d), "format": "lora", "base": None, "architecture": None,
+                "parameters": None, "broken": f"{d / 'adapter_config.json'}: cannot be read ({e})"}
+    params = None
+    try:
+        from .checkpoint import safetensors_numel
+        params = safetensors_numel(d / "adapter_model.safetensors")
+    except Exception:   # a missing or damaged weights file: the adapter still lists, loading says why
+        pass
+    return {"name": d.name, "path": str(d), "format": "lora", "base": base, "architecture": None,
+            "parameters": params, "r": cfg.get("r")}
+
+
+def _with_base(entry: dict, models: list[dict]) -> dict:
+    """The adapter's base as `sol models list` names it, where that model is here (matched by path, or by its
+    last name part as a hub id's model name matches a local folder)."""
+    want = entry.get("base") or ""
+    if not want:
+        return entry
+    short = want.rstrip("/").split("/")[-1].lower()
+    for m in models:
+        if (str(Path(m["path"])) == str(Path(want).expanduser()) or m["name"] == want
+                or m["name"].split("/")[-1].lower() == short):
+            return {**entry, "base": m["name"]}
+    return entry
 
 
 # ---- GGUF files: Sol's folder, the HF cache, Ollama, LM Studio ------------------
