@@ -183,13 +183,14 @@ def test_bad_lora_settings_are_one_error(tmp_path, flags, match):
         spec.run(args, lambda e: None)
 
 
-def _trained_adapter(tmp_path, family, seed=0):
+def _trained_adapter(tmp_path, family, seed=0, adapter_seed=0):
     """A peft adapter with random (not zero) B on a tiny transformers model: (folder, adapter folder)."""
     import peft
     folder = tmp_path / family
     hf = make_hf_model(family, folder, seed=seed)
     hf.name_or_path = hf.config._name_or_path = str(folder)   # as from_pretrained(folder): peft writes it
     targets = ["c_attn", "c_proj", "c_fc"] if family == "gpt2" else LLAMA_TARGETS
+    torch.manual_seed(adapter_seed)
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
                                                  fan_in_fan_out=family == "gpt2"))
     pm.save_pretrained(tmp_path / f"{family}-adapter")
@@ -253,3 +254,52 @@ def test_models_list_shows_adapters_under_their_base(tmp_path, capsys, isolated_
     lines = capsys.readouterr().out.splitlines()
     i = next(n for n, line in enumerate(lines) if line.startswith("tiny-qwen "))
     assert lines[i + 1].startswith("  tiny-qwen-lora") and "lora r=4" in lines[i + 1]
+
+
+def test_serve_answers_each_adapter_id_with_its_own_adapter(tmp_path, capsys):
+    """`sol serve --model BASE --adapter a=DIR --adapter b=DIR`: three model ids from one copy of the base,
+    requests of all three decoded in one batch, each equal to `sol generate --adapter` (greedy)."""
+    import concurrent.futures
+    import shutil
+
+    import openai
+    from serve_helpers import ServerProcess
+
+    from sol.core.cli import main
+    folder, ad_a, _ = _trained_adapter(tmp_path / "a", "qwen2", seed=0)
+    _, ad_b, _ = _trained_adapter(tmp_path / "b", "qwen2", seed=0, adapter_seed=1)
+    shutil.rmtree(tmp_path / "b" / "qwen2")   # the same base; b's adapter has other random weights
+    want = {}
+    for name, flags in (("qwen2", []), ("a", ["--adapter", str(ad_a)]), ("b", ["--adapter", str(ad_b)])):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(folder), *flags, "--prompt", "hello there", "--temperature", "0",
+                     "--max-tokens", "16", "--json"]) == 0
+        events = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+        # The tokens' log-probabilities: a tiny random model repeats one character, but each adapter moves them.
+        want[name] = [e["logprob"] for e in events if e["type"] == "token"]
+    assert len({tuple(round(x, 2) for x in v) for v in want.values()}) == 3
+    srv = ServerProcess(["--model", str(folder), "--adapter", f"a={ad_a}", "--adapter", f"b={ad_b}"], tmp_path)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        assert sorted(m.id for m in client.models.list().data) == ["a", "b", "qwen2"]
+
+        def ask(model):
+            r = client.completions.create(model=model, prompt="hello there", max_tokens=16, temperature=0, logprobs=1)
+            return r.choices[0].logprobs.token_logprobs
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(ask, ["a", "b", "qwen2", "b", "a", "qwen2"]))
+        for model, lp in zip(["a", "b", "qwen2", "b", "a", "qwen2"], got):
+            assert len(lp) == 16 and max(abs(x - y) for x, y in zip(lp, want[model])) < 1e-3, model
+    finally:
+        srv.stop()
+
+
+def test_serve_refuses_an_adapter_that_fits_no_model(tmp_path):
+    import subprocess
+    import sys
+    _, ad, _ = _trained_adapter(tmp_path, "qwen2")
+    other = tmp_path / "gpt2"
+    make_hf_model("gpt2", other, seed=0)
+    r = subprocess.run([sys.executable, "-m", "sol.core.cli", "serve", "--model", str(other), "--port", "0",
+                        "--adapter", f"x={ad}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("error:") == 1 and "fits none of the served models" in r.stderr

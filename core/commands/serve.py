@@ -19,6 +19,9 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve models over the OpenAI API (chat, completions, embeddings)")
     p.add_argument("--model", action="append", required=True,
                    help="model directory or name from `sol models list` (repeatable)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="also serve a LoRA adapter as model id NAME, on the --model whose weights it fits (one "
+                        "copy of the base serves it and its adapters; repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set SOL_API_KEY)")
@@ -53,16 +56,50 @@ def load_all(args) -> list:
     from .common import quantize_arg
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    served = []
+    bases: list[tuple[str, object]] = []
     for name in args.model:
         path = resolve(name)
         lm = load_model(path, device=device, dtype=dtype, quantize=quantize_arg(args))
         label = model_name(path)
-        if any(s.name == label for s in served):
+        if any(label == b for b, _ in bases):
             raise SolError(f"--model {name}: {label} is already served; give each model once")
-        served.append(Served(label, lm, BatchEngine(lm.model, lm.tokenizer, max_batch=args.max_concurrent,
-                                                    max_queue=args.max_queue)))
+        bases.append((label, lm))
+    adapters = attach_adapters(args.adapter, bases)   # before the engines: they see the adapters a model has
+    served = []
+    for label, lm in bases:
+        engine = BatchEngine(lm.model, lm.tokenizer, max_batch=args.max_concurrent, max_queue=args.max_queue)
+        served.append(Served(label, lm, engine))
+        served += [Served(name, lm, engine, adapter=name) for name, on in adapters if on is lm]
     return served
+
+
+def attach_adapters(specs: list[str], bases: list) -> list[tuple[str, object]]:
+    """Each --adapter NAME=DIR put on the one served model whose weights it fits: [(NAME, its LoadedModel)]."""
+    from ..errors import SolError
+    from ..formats.adapter import load_adapter, read_adapter
+    out: list[tuple[str, object]] = []
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        name, folder = name.strip(), folder.strip()
+        if not sep or not name or not folder:
+            raise SolError(f"--adapter {spec}: give NAME=DIR, e.g. --adapter calc=./my-adapter")
+        if name in [b for b, _ in bases] + [n for n, _ in out]:
+            raise SolError(f"--adapter {spec}: the model id {name!r} is already served; choose another NAME")
+        fits, why = [], []
+        for label, lm in bases:
+            try:
+                read_adapter(lm, folder, check_name=False)
+                fits.append((label, lm))
+            except SolError as e:
+                why.append(f"{label}: {e}")
+        if not fits:
+            raise SolError(f"--adapter {spec}: fits none of the served models ({'; '.join(why)})")
+        if len(fits) > 1:
+            raise SolError(f"--adapter {spec}: fits several served models ({', '.join(b for b, _ in fits)}); serve "
+                           "it with one of them only")
+        load_adapter(fits[0][1], folder, name=name, check_name=False)
+        out.append((name, fits[0][1]))
+    return out
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -110,8 +147,11 @@ def run(args) -> int:
                 sys.stderr.write(f"warning: plugin {info.name} is broken and skipped: {info.error}\n")
     app = create_app(served, key, args.cors_origin, print_log(args.log_json), plugins)
     for s in served:
-        sys.stderr.write(f"{s.name}: {s.engine.describe()}\n")   # the memory N concurrent sequences take
-        s.engine.start()
+        if s.adapter is None:
+            sys.stderr.write(f"{s.name}: {s.engine.describe()}\n")   # the memory N concurrent sequences take
+            s.engine.start()
+        else:
+            sys.stderr.write(f"{s.name}: LoRA adapter {s.adapter} on {s.lm.path.name}, served by its engine\n")
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -138,8 +178,8 @@ def run(args) -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        for s in served:
-            s.engine.close(timeout=2.0)
+        for engine in {id(s.engine): s.engine for s in served}.values():
+            engine.close(timeout=2.0)
     if args.log_json:
         print_json({"stopped": True})
     else:

@@ -147,10 +147,11 @@ def _short(name: str) -> str:
     return re.split(r"[/\\]", name)[-1].lower()
 
 
-def load_adapter(lm, path: str | Path, name: str = lora.DEFAULT, check_name: bool = True) -> dict:
-    """Put the adapter folder `path` on the loaded model `lm` as adapter `name` (the model's projections are
-    wrapped once; the base's weights are shared by every adapter). Returns {"settings", "extra", "path"}:
-    extra holds whole tensors the adapter carries (a reward head). Errors name the file and the tensor."""
+def read_adapter(lm, path: str | Path, check_name: bool = True) -> dict:
+    """Read and check the adapter folder `path` against the loaded model `lm`, changing nothing: every tensor
+    must be a LoRA weight of a projection the model has, with shapes that fit it. Returns {"parts": {(Sol
+    module, PEFT part): (A, B, scaling)}, "settings", "extra", "path", "config"}. Errors name the file and
+    the tensor."""
     d = Path(path).expanduser().resolve()
     if not is_adapter(d):
         raise SolError(f"{d}: not a LoRA adapter folder (no {CONFIG})")
@@ -159,7 +160,8 @@ def load_adapter(lm, path: str | Path, name: str = lora.DEFAULT, check_name: boo
         check_base(d, cfg, lm)
     tensors, f = read_tensors(d)
     model = lm.model
-    where = {PREFIX + v: k for k, v in peft_keys(model.cfg).items()}
+    keys = peft_keys(model.cfg)
+    where = {PREFIX + v: k for k, v in keys.items()}
     found: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     extra = {}
     for key, t in tensors.items():
@@ -178,45 +180,52 @@ def load_adapter(lm, path: str | Path, name: str = lora.DEFAULT, check_name: boo
         found.setdefault(where[module], {})[m.group("ab")] = t
     if not found:
         raise SolError(f"{f}: holds no LoRA weights")
-    layers = lora.wrap(model)
-    r0 = int(cfg["r"])
-    alpha0 = float(cfg["lora_alpha"])
-    rslora = bool(cfg.get("use_rslora"))
+    r0, alpha0, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora"))
     ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    per_layer: dict[str, dict] = {}
+    parts = {}
     for (sol_name, part), ab in found.items():
-        key = f"{PREFIX}{peft_keys(model.cfg)[(sol_name, part)]}"
+        key = PREFIX + keys[(sol_name, part)]
         if set(ab) != {"A", "B"}:
             raise SolError(f"{f}: {key} has lora_{'A' if 'A' not in ab else 'B'} missing")
-        layer = layers[sol_name]
+        layer = model.get_submodule(sol_name)
+        size = dict(lora.projections(model.cfg, int(sol_name.split(".")[1]))[sol_name][1])[part]
         a, b = ab["A"], ab["B"]
-        size = dict(layer.parts)[part]
-        r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != layer.in_features or b.shape != (size, r):
+        r = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != layer.in_features or tuple(b.shape) != (size, r):
             raise SolError(f"{f}: {key}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit "
                            f"the model's {part} ({size} x {layer.in_features}); the adapter was made for "
                            "another model")
-        alpha = _pattern(alphas, key, alpha0)
         rank = _pattern(ranks, key, r0)
         if rank != r:
             raise SolError(f"{f}: {key}: rank {r} in the file, {rank} in {CONFIG}")
-        per_layer.setdefault(sol_name, {})[part] = (a, b, alpha / (r ** 0.5 if rslora else r))
-    for sol_name, parts in per_layer.items():
-        layer = layers[sol_name]
-        r = next(iter(parts.values()))[0].shape[0]
-        adapter = layer.add(name, set(parts), r, 1.0)
-        with torch.no_grad():
-            for part, (a, b, scaling) in parts.items():
-                if a.shape[0] != r:   # parts of one layer with different ranks (rank_pattern)
-                    adapter.lora_A[part] = torch.nn.Parameter(torch.empty_like(a, dtype=torch.float32))
-                    adapter.lora_B[part] = torch.nn.Parameter(torch.empty_like(b, dtype=torch.float32))
-                adapter.lora_A[part].copy_(a.float())
-                adapter.lora_B[part].copy_(b.float() * (scaling / 1.0))
-            adapter.scaling = 1.0
-        adapter.requires_grad_(False)
+        alpha = _pattern(alphas, key, alpha0)
+        parts[(sol_name, part)] = (a, b, alpha / (r ** 0.5 if rslora else r))
     settings = lora.LoraSettings(r=r0, alpha=alpha0, dropout=float(cfg.get("lora_dropout") or 0.0),
                                  targets=sorted({p for _, p in found}), rslora=rslora)
-    return {"settings": settings, "extra": extra, "path": d, "config": cfg}
+    return {"parts": parts, "settings": settings, "extra": extra, "path": d, "config": cfg}
+
+
+def load_adapter(lm, path: str | Path, name: str = lora.DEFAULT, check_name: bool = True) -> dict:
+    """Put the adapter folder `path` on the loaded model `lm` as adapter `name` (the model's projections are
+    wrapped once; the base's weights are shared by every adapter). Returns read_adapter's dict: "extra" holds
+    whole tensors the adapter carries (a reward head). Nothing changes where the adapter does not fit."""
+    info = read_adapter(lm, path, check_name)
+    layers = lora.wrap(lm.model)
+    by_layer: dict[str, dict] = {}
+    for (sol_name, part), abs_ in info["parts"].items():
+        by_layer.setdefault(sol_name, {})[part] = abs_
+    for sol_name, parts in by_layer.items():
+        layer = layers[sol_name]
+        if name in layer.adapters:
+            raise SolError(f"{info['path']}: the model already has an adapter named {name!r}; give another name")
+        # Each part's scaling (alpha_pattern, rank_pattern) is folded into its B, so one layer may mix ranks.
+        adapter = layer.add(name, set(), 1, 1.0)
+        with torch.no_grad():
+            for part, (a, b, scaling) in parts.items():
+                adapter.lora_A[part] = torch.nn.Parameter(a.float().clone(), requires_grad=False)
+                adapter.lora_B[part] = torch.nn.Parameter(b.float() * scaling, requires_grad=False)
+        adapter.to(lora._device_of(layer.base))
+    return info
 
 
 def _pattern(pattern: dict, key: str, default):

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import SolError
 from ..formats.tokenizer import Tokenizer
+from ..model import lora
 from ..model.transformer import Transformer
 from .decode_step import DecodeStep
 from .engine import Decoding, DoneEvent, Engine, GenerationParams, TokenEvent
@@ -41,10 +42,12 @@ class QueueFull(SolError):
 class Request:
     """One submitted prompt: its events arrive on a thread-safe queue as the engine makes them."""
 
-    def __init__(self, engine: "BatchEngine", prompt_ids: list[int], params: GenerationParams):
+    def __init__(self, engine: "BatchEngine", prompt_ids: list[int], params: GenerationParams,
+                 adapter: str | None = None):
         self.engine = engine
         self.prompt_ids = list(prompt_ids)
         self.params = params
+        self.adapter = adapter            # the LoRA adapter this request runs with (None: the base)
         self.finished = False             # the DoneEvent has been queued
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._cancel = threading.Event()
@@ -98,6 +101,7 @@ class BatchEngine:
         # One cache row per concurrent request; positions are allocated in buckets as rows need them.
         self.cache = model.new_cache(max_batch, self.max_len)
         self.step_fn = DecodeStep(model, self.cache)
+        self.adapters = set(lora.adapter_names(model))   # requests may name one (sol serve --adapter)
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
         self._lock = threading.Condition()
@@ -122,9 +126,12 @@ class BatchEngine:
         return (f"batched engine: {self.max_batch} concurrent sequences of up to {self.max_len} tokens; "
                 f"KV cache up to {mb:.1f} MB ({mb / self.max_batch:.1f} MB a sequence), allocated as they grow")
 
-    def submit(self, prompt_ids: list[int], params: GenerationParams) -> Request:
-        """Queue a prompt. Errors here name the numbers: an empty prompt, a prompt plus max_tokens longer
-        than the context, a full queue (QueueFull)."""
+    def submit(self, prompt_ids: list[int], params: GenerationParams, adapter: str | None = None) -> Request:
+        """Queue a prompt, run with the model's LoRA adapter `adapter` if given (requests of several adapters
+        share a batch: each row runs its own). Errors here name the numbers: an empty prompt, a prompt plus
+        max_tokens longer than the context, a full queue (QueueFull)."""
+        if adapter is not None and adapter not in self.adapters:
+            raise SolError(f"adapter {adapter!r}: the model has no adapter of that name")
         if not prompt_ids:
             raise SolError("the prompt is empty; give at least one token of text")
         params.sampling.validate()
@@ -135,7 +142,7 @@ class BatchEngine:
             raise SolError(f"the prompt's {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} = {need} "
                            f"do not fit the context window of {self.max_len}; shorten the prompt or ask for "
                            f"at most {max(self.max_len - len(prompt_ids), 0)} tokens")
-        request = Request(self, prompt_ids, params)
+        request = Request(self, prompt_ids, params, adapter)
         with self._lock:
             if self._closing:
                 raise SolError("the engine is shutting down")
@@ -193,6 +200,7 @@ class BatchEngine:
             self._keep(going)
             if going:
                 self.cache.reserve(max(r.length for r in going) + 1)
+                self._use([r.request.adapter for r in going])
                 logits = self.step_fn([r.decoding.token for r in going], [r.length for r in going])
                 logits = logits.float().cpu()   # one copy for the batch, not one per row
                 self._past_switch(going, logits)
@@ -218,6 +226,7 @@ class BatchEngine:
             row = len(self.rows)
             view = self.cache.rows(row, row + 1)
             x = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.model.device)
+            self._use([request.adapter])
             logits = self.model(x, cache=view, last_only=True)[0, -1]
             self.rows.append(_Row(request, decoding, n, logits))
 
@@ -227,8 +236,14 @@ class BatchEngine:
         switch = self.model.rope_switch
         for i, r in enumerate(going):
             if switch is not None and r.length == switch:
+                self._use([r.request.adapter])
                 x = torch.tensor([r.decoding.history], dtype=torch.long, device=self.model.device)
                 logits[i] = self.model(x, cache=self.cache.rows(i, i + 1), last_only=True)[0, -1].float().cpu()
+
+    def _use(self, adapters: list) -> None:
+        """The adapter of each batch row, on this (the engine's) thread; one name where the rows agree."""
+        if self.adapters:
+            lora.use_here(self.model, adapters[0] if len(set(adapters)) == 1 else adapters)
 
     def _choose(self, row: _Row) -> bool:
         """Sample the row's next token and hand its event over. True if the row goes on."""

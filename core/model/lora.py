@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,10 @@ from .half import HalfLinear
 from .quant import Int8Linear
 
 DEFAULT = "default"   # PEFT's name for the adapter a model is trained with
+_UNSET = object()
+# Per-thread choices of adapter, {id(layer): active}, over each layer's own `active`: `sol serve`'s engine thread
+# runs a batch mixing adapters while a route's thread scores a prompt with another, on one copy of the model.
+_here = threading.local()
 
 
 @dataclass
@@ -153,7 +158,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)   # Sol's own kernels pass the input's gradient through (core/model/frozen.py)
-        active = self.active
+        chosen = getattr(_here, "active", None)
+        active = self.active if not chosen else chosen.get(id(self), self.active)
         if active is None or not self.adapters:
             return y
         if isinstance(active, str):
@@ -249,6 +255,35 @@ def use(model: nn.Module, active: str | list | None) -> None:
     """Run the model with adapter `active` (None: the base alone; a list: one name per batch row)."""
     for layer in lora_layers(model).values():
         layer.active = active
+
+
+def use_here(model: nn.Module, active: str | list | None) -> None:
+    """Like use(), for this thread only (other threads keep theirs, or the model's own choice)."""
+    chosen = getattr(_here, "active", None)
+    if chosen is None:
+        chosen = _here.active = {}
+    for layer in lora_layers(model).values():
+        chosen[id(layer)] = active
+
+
+@contextlib.contextmanager
+def here(model: nn.Module, active: str | list | None):
+    """use_here() for a block of code, then back to what this thread had."""
+    layers = list(lora_layers(model).values())
+    chosen = getattr(_here, "active", None)
+    if chosen is None:
+        chosen = _here.active = {}
+    before = {id(layer): chosen.get(id(layer), _UNSET) for layer in layers}
+    for layer in layers:
+        chosen[id(layer)] = active
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is _UNSET:
+                chosen.pop(k, None)
+            else:
+                chosen[k] = v
 
 
 @contextlib.contextmanager

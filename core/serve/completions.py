@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
 from ..generation.engine import DoneEvent
+from ..model import lora
 from . import protocol as P
 from .generate import Choice, cancel_all, collect, engine_error, failed, relay, request_params, submit_all
 from .served import Served, serve_state
@@ -37,7 +38,9 @@ def completion_prompt(s: Served, prompt) -> list[int]:
 @torch.inference_mode()
 def prompt_logprobs(s: Served, ids: list[int], top_n: int) -> dict:
     """`echo` with `logprobs`: each prompt token's log-probability given the ones before (None for the first)."""
-    logp = torch.log_softmax(s.lm.model(torch.tensor([ids], device=s.lm.model.device))[0].float(), -1).cpu()
+    with lora.here(s.lm.model, s.adapter):   # this thread runs the served model id's own adapter
+        logits = s.lm.model(torch.tensor([ids], device=s.lm.model.device))[0]
+    logp = torch.log_softmax(logits.float(), -1).cpu()
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     offset = 0
     for k, i in enumerate(ids):

@@ -8,6 +8,7 @@ import time
 import torch
 from fastapi import APIRouter, Request
 
+from ..model import lora
 from . import protocol as P
 from .served import Served, serve_state
 
@@ -55,7 +56,10 @@ async def embeddings(request: Request):
             raise P.ApiError(400, f"input has {len(ids)} tokens, more than the model's context of {s.context}",
                              "input", "context_length_exceeded")
     t0 = time.perf_counter()
-    vectors = await asyncio.to_thread(embed, s.lm.model, inputs)   # off the event loop: /health still answers
+    def run():
+        with lora.here(s.lm.model, s.adapter):   # the served model id's own adapter, on this thread
+            return embed(s.lm.model, inputs)
+    vectors = await asyncio.to_thread(run)   # off the event loop: /health still answers
     data = []
     for i, v in enumerate(vectors):
         emb = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()

@@ -125,7 +125,7 @@ def submit(state: ServeState, s: Served, ids: list[int], params: GenerationParam
         raise P.ApiError(503, "the server is shutting down", None, "shutting_down", "server_error",
                          {"Retry-After": "5"})
     try:
-        req = s.engine.submit(ids, params)
+        req = s.engine.submit(ids, params, adapter=s.adapter)
     except QueueFull as e:
         raise P.ApiError(503, f"the server is busy: {e}", None, "queue_full", "server_error",
                          {"Retry-After": "1"}) from None

@@ -13,7 +13,7 @@ router = APIRouter()
 async def health(request: Request):
     st = serve_state(request)
     return {"status": "closing" if st.closing else "ok", "models": list(st.models),
-            "active": sum(s.engine.active for s in st.served), "queued": sum(s.engine.queued for s in st.served)}
+            "active": sum(e.active for e in st.engines()), "queued": sum(e.queued for e in st.engines())}
 
 
 @router.get("/v1/models")

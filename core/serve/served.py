@@ -22,6 +22,7 @@ class Served:
     name: str
     lm: object                      # checkpoint.LoadedModel
     engine: object                  # BatchEngine
+    adapter: str | None = None      # the LoRA adapter this model id runs (its base's engine and weights)
     _texts: dict = field(default_factory=dict)
     _ll: object = None
     _ll_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -68,6 +69,10 @@ class ServeState:
         self.log = log or (lambda entry: None)
         self.plugins = plugins      # a PluginManager when the server runs its plugin tools, else None
         self.inflight: set = set()  # engine requests still running, cancelled when the server stops
+
+    def engines(self) -> list:
+        """Each engine once (a base and its adapters share one)."""
+        return list({id(s.engine): s.engine for s in self.served}.values())
 
     @property
     def closing(self) -> bool:
