@@ -110,7 +110,8 @@ def interactive(chat, params, as_json: bool) -> int:
             return 0
         except UnicodeDecodeError:
             from ..errors import SolError
-            raise SolError("stdin: a line is not valid UTF-8; type or pipe UTF-8 text") from None
+            raise SolError("standard input: a line is not valid UTF-8; type or pipe UTF-8 text") from None
+        text = utf8_text(text, "standard input", as_json)
         if text.strip() in ("/exit", "/quit"):
             return 0
         if not text.strip():
@@ -122,6 +123,28 @@ def interactive(chat, params, as_json: bool) -> int:
             sys.stderr.write(f"system prompt {'set' if chat.system else 'cleared'}\n")
         else:
             show(chat.send(text, params), as_json)
+
+
+def utf8_text(text: str, where: str, as_json: bool) -> str:
+    """A line as Python read it from standard input, where bytes that are not UTF-8 arrive as lone
+    surrogates (surrogateescape): those bytes replaced by U+FFFD, and a note saying so. Passed on as they
+    came, they failed deep in the chat as `unexpected UnicodeEncodeError`. (The command line's arguments
+    are checked by core/cli.py before any command runs.)"""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        fixed = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:   # a surrogate that stands for no byte: replace it alone
+        fixed = text.encode("utf-8", "replace").decode("utf-8")
+    note = f"{where}: bytes that are not UTF-8 were replaced by \ufffd; type or pipe UTF-8 text"
+    if as_json:
+        print_json({"type": "notice", "text": note})
+    else:
+        sys.stderr.write(f"note: {note}\n")
+    return fixed
 
 
 # The chat session gives the template these itself.

@@ -1,6 +1,6 @@
 """Reading training JSONL, one record per line, with errors that name file:line.
 
-- chat (SFT):        {"messages": [{"role": "user", "content": "..."}, ...]}
+- chat (SFT):        {"messages": [{"role": "user", "content": "..."}, ...]}, optionally "tools": [...]
 - preferences (RM):  {"prompt": ..., "chosen": ..., "rejected": ...} where each is a string
                      or a list of messages (TRL's two formats)
 - prompts (RL):      {"prompt": "...", "answer": "84"}  (answer optional unless the reward checks it)
@@ -78,8 +78,9 @@ def read_chat(path: str | Path) -> list[list[dict]]:
     return [msgs for _, msgs in read_chat_lines(path)]
 
 
-def read_chat_lines(path: str | Path) -> list[tuple[str, list[dict]]]:
-    """("file:line", messages) per conversation, so later errors can name the line."""
+def read_chat_lines(path: str | Path, with_tools: bool = False) -> list[tuple]:
+    """("file:line", messages) per conversation, so later errors can name the line; with_tools:
+    ("file:line", messages, tools), `tools` being the line's optional OpenAI tool list (None without)."""
     convs = []
     for n, obj in read_lines(path):
         where = f"{path}:{n}"
@@ -88,8 +89,19 @@ def read_chat_lines(path: str | Path) -> list[tuple[str, list[dict]]]:
         msgs = check_messages(obj["messages"], where)
         if not any(m["role"] == "assistant" for m in msgs):
             raise SolError(f"{where}: no assistant message, so nothing to learn from this line")
-        convs.append((where, msgs))
+        convs.append((where, msgs, check_tools(obj.get("tools"), where)) if with_tools else (where, msgs))
     return convs
+
+
+def check_tools(tools, where: str) -> list[dict] | None:
+    """A line's "tools": the OpenAI tool list the chat template is shown, as the chat passes its plugins' tools."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                              and isinstance(t["function"].get("name"), str) for t in tools):
+        raise SolError(f'{where}: "tools" must be a list of {{"type": "function", "function": {{"name", '
+                       '"description", "parameters"}}}} objects')
+    return tools or None
 
 
 def _as_messages(value, role: str, where: str, key: str) -> list[dict]:
@@ -98,8 +110,9 @@ def _as_messages(value, role: str, where: str, key: str) -> list[dict]:
     return check_messages(value, where, key)
 
 
-def read_prefs(path: str | Path) -> list[dict]:
-    """[{"prompt": messages, "chosen": messages, "rejected": messages}]"""
+def read_prefs(path: str | Path, with_where: bool = False) -> list[dict]:
+    """[{"prompt": messages, "chosen": messages, "rejected": messages}] (with_where: and "where", the
+    record's "file:line")"""
     pairs = []
     for n, obj in read_lines(path):
         where = f"{path}:{n}"
@@ -109,7 +122,8 @@ def read_prefs(path: str | Path) -> list[dict]:
                                "{\"prompt\", \"chosen\", \"rejected\"}")
         pairs.append({"prompt": _as_messages(obj["prompt"], "user", where, "prompt"),
                       "chosen": _as_messages(obj["chosen"], "assistant", where, "chosen"),
-                      "rejected": _as_messages(obj["rejected"], "assistant", where, "rejected")})
+                      "rejected": _as_messages(obj["rejected"], "assistant", where, "rejected"),
+                      **({"where": where} if with_where else {})})
     return pairs
 
 

@@ -273,9 +273,11 @@ def _read_text(f: Path) -> str:
 
 # ---- rendering templates (the environment transformers' _compile_jinja_template builds) -----------------
 @lru_cache(maxsize=32)
-def compile_template(template: str):
+def compile_template(template: str, generation_marks: tuple[str, str] | None = None):
     """A template compiled in a sandbox with what transformers' chat templates may use: loop controls,
-    {% generation %}, raise_exception, strftime_now, tojson with json.dumps' options, dict, namespace."""
+    {% generation %}, raise_exception, strftime_now, tojson with json.dumps' options, dict, namespace.
+    `generation_marks`: two strings written around each {% generation %} body, so training can find
+    the assistant's text (core/train/chat_format.py); None writes the body alone."""
     from datetime import datetime
 
     import jinja2
@@ -294,7 +296,8 @@ def compile_template(template: str):
             return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
         def _body(self, caller):
-            return caller()
+            body = caller()
+            return f"{generation_marks[0]}{body}{generation_marks[1]}" if generation_marks else body
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -342,21 +345,36 @@ def compile_template(template: str):
         raise SolError(f"chat template line {e.lineno}: {e.message}") from None
 
 
-def render_template(template: str, **context) -> str:
+def render_template(template: str, generation_marks: tuple[str, str] | None = None, **context) -> str:
+    """The rendered text. A SolError it raises carries `template_line`: the template's line that failed,
+    when Jinja's traceback names it (else None)."""
     import jinja2
 
     from .template_limits import TemplateLimit, render_limited
-    compiled = compile_template(template)
+    compiled = compile_template(template, generation_marks)
     try:
         return render_limited(compiled, context)
     except jinja2.TemplateError as e:   # raise_exception, undefined values, the sandbox refusing something
-        raise SolError(f"chat template: {e}") from None
+        cause, err = e, SolError(f"chat template: {e}")
     except TemplateLimit as e:
-        raise SolError(f"chat template: {e}; the template is refused (fix chat_template in "
-                       "tokenizer_config.json)") from None
+        cause, err = e, SolError(f"chat template: {e}; the template is refused (fix chat_template in "
+                                 "tokenizer_config.json)")
     except Exception as e:   # a template is data: its TypeError ("str" + None) is a mismatch, not a crash of Sol
-        raise SolError(f"chat template: {type(e).__name__}: {e}; the messages do not have the form this "
-                       "template expects") from None
+        cause, err = e, SolError(f"chat template: {type(e).__name__}: {e}; the messages do not have the form "
+                                 "this template expects")
+    err.template_line = _template_line(cause)
+    raise err from None
+
+
+def _template_line(e: BaseException) -> int | None:
+    """The template line an error came from: Jinja maps its frames back to the template's own lines
+    (filename "<template>"); the innermost one is where it failed."""
+    line, tb = None, e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
 class StreamDecoder:

@@ -23,12 +23,31 @@ def load_base(name: str, flag: str = "--model", quantize: str | None = None):
 
 
 def load_parent(name: str, device, flag: str = "--model", quantize: str | None = None):
-    """The model a chat stage starts from: load_base, and it must know Sol's chat tokens."""
+    """The model a chat stage starts from: load_base, and it must have a chat format (Sol's, or a template)."""
     lm = load_base(name, flag, quantize)
-    if not lm.tokenizer.is_sol:
-        raise SolError(f"{flag} {name}: its tokenizer lacks Sol's chat tokens (<|user|>, <|assistant|>, <|end|>); "
-                       "start from a model Sol pretrained")
+    tok = lm.tokenizer
+    # A model trains in its own chat format (core/train/chat_format.py); nothing is added to its vocabulary.
+    if not tok.is_sol and not tok.templates:
+        raise SolError(f"{flag} {name}: has no chat template (no chat_template.jinja, chat_template.json or "
+                       "chat_template in tokenizer_config.json), so Sol cannot tell how it writes a conversation; "
+                       "copy the template from the original model's files, or start from a model Sol pretrained")
     return lm
+
+
+def save_chat_files(tok: Tokenizer, out) -> None:
+    """Beside a trained model's tokenizer.json, what makes it chat as its parent did: its chat templates
+    (chat_template.jinja, additional_chat_templates/NAME.jinja, as transformers 5 writes them) and
+    tokenizer_config.json (bos/eos tokens). Sol's own models have neither and get neither."""
+    import json
+
+    from ..atomic import write_text
+    out = Path(out)
+    for name, template in tok.templates.items():
+        f = out / "chat_template.jinja" if name == "default" else out / "additional_chat_templates" / f"{name}.jinja"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        write_text(f, template)
+    if tok.config:
+        write_text(out / "tokenizer_config.json", json.dumps(tok.config, indent=2, ensure_ascii=False) + "\n")
 
 
 def parent_info(lm) -> dict:
@@ -83,8 +102,8 @@ def split_val(items: list, fraction: float, minimum: int = 1) -> tuple[list, lis
 
 def chat_sample(model, tok: Tokenizer, question: str = SAMPLE_QUESTION, max_new: int = 64) -> str:
     """The model's greedy answer to a fixed question, with the calculator running, as the chat shows it."""
-    from ..data.conversations import encode
     from ..generation.engine import end_of_turn_ids
+    from .chat_format import encode
     from .rollout import rollout
     ids, _ = encode(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
     r = rollout(model, tok, [ids], max_new, 0.0, torch.Generator().manual_seed(0), end_of_turn_ids(tok))[0]

@@ -81,6 +81,10 @@ class ProgressBar:
                                         if isinstance(v, float)) + f" (step {e['step']})\n")
         elif t == "sample":
             w(f"\n--- sample at step {e['step']} ---\n{e['text']}\n---\n")
+        elif t == "progress":   # work before the first step: {"what", "done", "total"} in bytes
+            done, total = e.get("done", 0), e.get("total", 0)
+            w(f"\r{e.get('what', 'preparing')}: {100 * done / max(1, total):.0f} % "
+              f"({done / 1e6:,.1f} of {total / 1e6:,.1f} MB)" + ("\n" if done >= total else ""))
         elif t == "checkpoint":
             pass
         elif t == "done":

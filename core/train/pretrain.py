@@ -7,6 +7,7 @@ the training stream; inputs are the first T, targets the last T.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,9 @@ class Pretrain(Stage):
         elif ckpt is not None:   # the tokenizer the run started with, whatever --tokenizer says now
             self.tokenizer = Tokenizer.from_file(ckpt / "tokenizer.json")
         else:
+            total = sum(f["bytes"] for f in described)
+            if a.tokenizer == "char" or a.tokenizer.startswith("bpe:"):
+                self._report("training the tokenizer", 0, total)
             self.tokenizer = corpus.make_tokenizer(a.tokenizer, self.files, corpus.tokenizer_cache_dir(), described)
         if not a.model:
             self.cfg = model_config(a, self.tokenizer.id_limit)
@@ -85,7 +89,8 @@ class Pretrain(Stage):
         data_dir = out / "data"
         if dist.main:
             corpus.build(self.files, self.tokenizer, data_dir, self.T, a.val_fraction,
-                         cache=corpus.cache_dir(), described=described)
+                         cache=corpus.cache_dir(), described=described,
+                         progress=lambda done, total: self._report("tokenizing the corpus", done, total))
         ddp.barrier(dist)
         self.train_data, self.val_data, self.data_meta = corpus.load(data_dir)
         torch.manual_seed(cfg.seed)   # same initial weights on every rank
@@ -100,6 +105,16 @@ class Pretrain(Stage):
         eot = self.tokenizer.token_to_id(EOT)
         self.sample_ids = (self.tokenizer.encode_ids(a.sample_prompt) if a.sample_prompt
                            else [eot if eot is not None else 0])
+
+    def _report(self, what: str, done: int, total: int) -> None:
+        """A `progress` event (bytes of the corpus done), at most every half second and always the last one,
+        so a long tokenization shows it is moving."""
+        emit = getattr(self, "emit", None)   # set by the stage runner (core/train/stages.py)
+        now = time.monotonic()
+        if emit is None or (0 < done < total and now - getattr(self, "_reported", 0.0) < 0.5):
+            return
+        self._reported = now
+        emit({"type": "progress", "what": what, "done": done, "total": total})
 
     def _offsets(self, data, n: int, key) -> np.ndarray:
         rng = np.random.default_rng(key)

@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import conversations, jsonl
+from ..data import jsonl
 from ..data.corpus import describe_files
 from ..model.transformer import Transformer
-from . import adapters
-from .common import example_micro_batches, load_parent, pad, pad_id, parent_info, split_val
+from . import adapters, chat_format
+from .common import example_micro_batches, load_parent, pad, pad_id, parent_info, save_chat_files, split_val
 from .loop import Stage
 
 DEFAULTS = {"lr": 3e-4, "max_steps": 200, "warmup": 10, "batch_size": 16, "eval_every": 50,
@@ -62,6 +62,14 @@ class RewardModel(nn.Module):
         return self(x, last).float()
 
 
+def scored_ids(tok, messages: list[dict], where: str) -> list[int]:
+    """A conversation's ids in the model's chat format, ending with the last answer's end-of-turn token,
+    where an RL rollout ends (and the score is read): without what a template writes after it ("\n")."""
+    ids, mask = chat_format.encode(tok, messages, where=where)
+    last = max((i for i, m in enumerate(mask) if m), default=len(ids) - 1)
+    return ids[:last + 1]
+
+
 def pair_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """Summed -log sigmoid(r_c - r_r); logsigmoid is the stable form of log(1 / (1 + e^-x))."""
     return -F.logsigmoid(r_chosen - r_rejected).sum()
@@ -86,7 +94,7 @@ class Reward(Stage):
 
     def prepare(self, cfg, device, dist):
         a = self.args
-        pairs = jsonl.read_prefs(a.data)
+        pairs = jsonl.read_prefs(a.data, with_where=True)
         self.parent = load_parent(a.model, device, quantize=adapters.quantize_of(a))
         self.tokenizer = self.parent.tokenizer
         self.lora = adapters.attach(self.parent, a)   # before the head, which stays trainable
@@ -94,11 +102,8 @@ class Reward(Stage):
         self.model = self.parent.model
         self.device, self.seed = device, cfg.seed
         ctx = self.model.cfg.context
-        enc = []
-        for p in pairs:
-            c, _ = conversations.encode(self.tokenizer, p["prompt"] + p["chosen"])
-            r, _ = conversations.encode(self.tokenizer, p["prompt"] + p["rejected"])
-            enc.append((c[:ctx], r[:ctx]))
+        enc = [(scored_ids(self.tokenizer, p["prompt"] + p["chosen"], p["where"])[:ctx],
+                scored_ids(self.tokenizer, p["prompt"] + p["rejected"], p["where"])[:ctx]) for p in pairs]
         self.train_pairs, self.val_pairs = split_val(enc, a.val_fraction)
         self.pad = pad_id(self.tokenizer)
 
@@ -133,6 +138,7 @@ class Reward(Stage):
             return self.lora.save(out, meta, extra_tensors=self.rm.head_tensors())
         from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta, extra_tensors=self.rm.head_tensors())
+        save_chat_files(self.tokenizer, out)
 
     def restore(self, ckpt):
         if self.lora:

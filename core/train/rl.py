@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data import conversations, jsonl
+from ..data import jsonl
 from ..data.corpus import describe_files
 from ..errors import SolError
 from ..generation.engine import end_of_turn_ids
 from ..model import lora
-from . import adapters
-from .common import chat_sample, epoch_indices, load_parent, pad, pad_id, parent_info, split_val
+from . import adapters, chat_format
+from .common import chat_sample, epoch_indices, load_parent, pad, pad_id, parent_info, save_chat_files, split_val
 from .loop import Stage
 from .rewards import REWARDS
 from .rollout import rollout
@@ -92,6 +92,12 @@ class Scorer:
         return fn(self.tok.decode(out.ids), rec["answer"], out.tool_calls)
 
 
+def prompt_ids(tok, record: dict) -> list[int]:
+    """An RL prompt in the model's chat format, ending where the assistant's answer starts."""
+    return chat_format.encode(tok, record["messages"], add_generation_prompt=True,
+                              where=record.get("where", "a prompt"))[0]
+
+
 def check_prompt_fits(record: dict, n_tokens: int, context: int) -> None:
     """A prompt that fills the context leaves no room for an answer: name its line before training."""
     if n_tokens >= context:
@@ -116,7 +122,7 @@ def generate_grouped(model, tok, prompts: list[list[int]], k: int, max_new: int,
 
 def accuracy(model, tok, records: list[dict], scorer: "Scorer", max_new: int) -> dict:
     """Greedy answers (calculator running) to held-out prompts: mean reward and share answered right."""
-    prompts = [conversations.encode(tok, r["messages"], add_generation_prompt=True)[0] for r in records]
+    prompts = [prompt_ids(tok, r) for r in records]
     outs = generate_grouped(model, tok, prompts, 1, max_new, 0.0, torch.Generator().manual_seed(0),
                             end_of_turn_ids(tok))
     right = [scorer.verifiable(r, o) for r, o in zip(records, outs)]
@@ -151,12 +157,11 @@ class RL(Stage):
         self.train_rec, val = split_val(records, 0.0 if self.eval_records else a.val_fraction)
         if self.eval_records is None:
             self.eval_records = val
-        self.prompts = [conversations.encode(self.tokenizer, r["messages"], add_generation_prompt=True)[0]
-                        for r in self.train_rec]
+        self.prompts = [prompt_ids(self.tokenizer, r) for r in self.train_rec]
         for r, ids in zip(self.train_rec, self.prompts):
             check_prompt_fits(r, len(ids), self.model.cfg.context)
         for r in self.eval_records:
-            ids = conversations.encode(self.tokenizer, r["messages"], add_generation_prompt=True)[0]
+            ids = prompt_ids(self.tokenizer, r)
             check_prompt_fits(r, len(ids), self.model.cfg.context)
         self.out, self.step, self.best = Path(cfg.out), 0, best_accuracy(Path(cfg.out))
         if a.samples < 2:
@@ -222,6 +227,7 @@ class RL(Stage):
                 self.lora.save(self.out / "best", best)
             else:
                 save_model(self.out / "best", self.model, self.tokenizer, best)
+                save_chat_files(self.tokenizer, self.out / "best")
             result["best_step"] = self.step
         return result
 
@@ -233,6 +239,7 @@ class RL(Stage):
             return self.lora.save(out, meta)
         from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta)
+        save_chat_files(self.tokenizer, out)
 
     def restore(self, ckpt):
         if self.lora:

@@ -1,16 +1,17 @@
 """Supervised fine-tuning: learn to answer, from chat JSONL.
 
 Same next-token loss as pretraining, counted only where the assistant speaks
-(core/data/conversations.py builds the mask): the model learns to write
+(core/train/chat_format.py builds the mask, in the model's own chat format): the model learns to write
 answers and tool calls, not to imitate users or invent tool results.
 """
 from __future__ import annotations
 
-from ..data import conversations, jsonl
+from ..data import jsonl
 from ..data.corpus import describe_files
 from ..errors import SolError
-from . import adapters
-from .common import chat_sample, example_micro_batches, load_parent, pad, pad_id, parent_info, split_val
+from . import adapters, chat_format
+from .common import (chat_sample, example_micro_batches, load_parent, pad, pad_id,
+                     parent_info, save_chat_files, split_val)
 from .loop import Stage
 from .losses import IGNORE, cross_entropy_sum
 
@@ -19,16 +20,18 @@ DEFAULTS = {"lr": 5e-4, "max_steps": 500, "warmup": 20, "batch_size": 16, "eval_
 
 
 def encode_examples(tok, convs: list[list[dict]], context: int, source: str,
-                    wheres: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
-    """(input ids, target ids with IGNORE where no loss) per conversation, cut to the context window.
-    `wheres`: "file:line" of each conversation, for errors."""
+                    wheres: list[str] | None = None,
+                    tools: list[list | None] | None = None) -> list[tuple[list[int], list[int]]]:
+    """(input ids, target ids with IGNORE where no loss) per conversation, in the model's own chat format
+    (core/train/chat_format.py), cut to the context window. `wheres`: "file:line" of each conversation,
+    for errors; `tools`: each conversation's tool list, as the chat shows it to the template."""
     out = []
     for n, msgs in enumerate(convs):
-        ids, mask = conversations.encode(tok, msgs)
+        where = wheres[n] if wheres else f"{source}: conversation {n + 1}"
+        ids, mask = chat_format.encode(tok, msgs, tools=tools[n] if tools else None, where=where)
         ids, mask = ids[:context + 1], mask[:context + 1]
         targets = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
         if all(t == IGNORE for t in targets):
-            where = wheres[n] if wheres else f"{source}: conversation {n + 1}"
             raise SolError(f"{where}: no assistant tokens within the context window "
                            f"of {context}; shorten it or use a model with a longer context")
         out.append((ids[:-1], targets))
@@ -43,15 +46,15 @@ class SFT(Stage):
 
     def prepare(self, cfg, device, dist):
         a = self.args
-        lines = jsonl.read_chat_lines(a.data)     # errors name file:line, before anything heavy
-        convs = [msgs for _, msgs in lines]
+        lines = jsonl.read_chat_lines(a.data, with_tools=True)   # errors name file:line, before anything heavy
+        convs = [msgs for _, msgs, _ in lines]
         self.parent = load_parent(a.model, device, quantize=adapters.quantize_of(a))
         self.tokenizer, self.model = self.parent.tokenizer, self.parent.model
         self.lora = adapters.attach(self.parent, a)
         self.module = self.model
         self.device, self.seed = device, cfg.seed
         examples = encode_examples(self.tokenizer, convs, self.model.cfg.context, a.data,
-                                   [where for where, _ in lines])
+                                   [where for where, _, _ in lines], [tools for _, _, tools in lines])
         self.train_ex, self.val_ex = split_val(examples, a.val_fraction)
         self.pad = pad_id(self.tokenizer)
 
@@ -86,6 +89,7 @@ class SFT(Stage):
             return self.lora.save(out, meta)
         from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta)
+        save_chat_files(self.tokenizer, out)
 
     def restore(self, ckpt):
         if self.lora:
@@ -103,7 +107,8 @@ class SFT(Stage):
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="the pretrained model to start from")
-    p.add_argument("--data", required=True, help='chat JSONL: {"messages": [{"role", "content"}, ...]} per line')
+    p.add_argument("--data", required=True, help='chat JSONL: {"messages": [{"role", "content"}, ...]} per line, '
+                   'optionally with "tools": [...] (the OpenAI tool list the chat template shows)')
     p.add_argument("--val-fraction", type=float, default=0.05, help="conversations held out for val_loss")
     adapters.add_arguments(p)
 

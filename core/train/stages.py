@@ -11,7 +11,9 @@ def _runner(module_name: str, cls_name: str):
         from .loop import train
         from .options import train_config
         mod = importlib.import_module(f"{__package__}.{module_name}")
-        return train(getattr(mod, cls_name)(args), train_config(args), emit)
+        stage = getattr(mod, cls_name)(args)
+        stage.emit = emit   # for what prepare() reports before the run starts (pretrain: tokenizing its corpus)
+        return train(stage, train_config(args), emit)
     return run
 
 
