@@ -303,3 +303,39 @@ def test_serve_refuses_an_adapter_that_fits_no_model(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sol.core.cli", "serve", "--model", str(other), "--port", "0",
                         "--adapter", f"x={ad}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.count("error:") == 1 and "fits none of the served models" in r.stderr
+
+
+def test_a_lora_fine_tuned_model_chats_in_its_own_format(tmp_path, capsys):
+    """sft --lora on a Qwen2 folder with ChatML, then `sol chat --model BASE --adapter DIR`: the answer it
+    was taught, ended by the template's own end of turn (<|im_end|>), nothing added to the vocabulary."""
+    from test_chat_template_training import family_folder
+
+    from sol.core.cli import main
+    folder = tmp_path / "qwen"
+    hf = make_hf_model("qwen2", folder, seed=0)
+    # Random init's token table (std 0.02) caps every logit near 1: a frozen head that small cannot make any
+    # answer likely, whatever the adapter does. A table 30x as wide, as trained models' are.
+    with torch.no_grad():
+        for p in {id(p): p for p in (hf.get_input_embeddings().weight, hf.get_output_embeddings().weight)}.values():
+            p.mul_(30)
+    hf.save_pretrained(folder)
+    for f in family_folder(tmp_path, "chatml").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    chat = [{"role": "user", "content": "What is 12 times 7?"}, {"role": "assistant", "content": "It is 84."}]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for _ in range(8)), encoding="utf-8")
+    spec, args = stage_args("sft", ["--model", folder, "--data", data, "--out", tmp_path / "ad", "--lora",
+                                    "--lora-r", 8, "--lora-alpha", 16, "--lora-dropout", 0, "--lr", 3e-2,
+                                    "--min-lr", 3e-2, "--warmup", 0, "--max-steps", 40, "--batch-size", 4, "--val-fraction", 0,
+                                    "--eval-every", 0, "--sample-every", 0, "--threads", 1])
+    spec.run(args, lambda e: None)
+    assert main(["plugins", "disable", "calculator"]) == 0   # the conversation as trained: no tools offered
+    replies = {}
+    for name, flags in (("adapter", ["--adapter", str(tmp_path / "ad")]), ("base", [])):
+        capsys.readouterr()
+        assert main(["chat", "--model", str(folder), *flags, "--message", "What is 12 times 7?", "--temperature",
+                     "0", "--max-tokens", "12", "--json"]) == 0
+        events = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+        replies[name] = [e for e in events if e["type"] == "message" and e["role"] == "assistant"][-1]
+    assert replies["adapter"]["content"] == "It is 84." and replies["adapter"]["completion_tokens"] < 12
+    assert replies["base"]["content"] != "It is 84."
