@@ -88,8 +88,10 @@ class SFT(Stage):
         self.model.load_state_dict(load_model(ckpt).model.state_dict())
 
     def lineage(self):
+        from .tool_names import called_in, tools_field
         return {"parent": parent_info(self.parent), "data": describe_files([self.args.data]),
-                "examples": {"train": len(self.train_ex), "val": len(self.val_ex)}}
+                "examples": {"train": len(self.train_ex), "val": len(self.val_ex)},
+                **tools_field(called_in(self.args.data))}
 
 
 def add_arguments(p):
