@@ -29,8 +29,12 @@ def register(sub) -> None:
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser pages from this origin "
                    "(repeatable; * for any)")
     p.add_argument("--log-json", action="store_true", help="request log lines as JSON objects")
-    p.add_argument("--plugin-tools", action="store_true", help="offer Sol's plugin tools (the calculator, ...) "
-                   "to requests that bring no tools of their own, and run them here as the chat does")
+    p.add_argument("--plugin-tools", nargs="?", const="all", default="trained", choices=("trained", "all", "none"),
+                   help="for requests that bring no tools of their own, run plugin tools here as the chat does: "
+                        "trained (default) the ones the model's sol.json names, all (the bare flag) every plugin "
+                        "tool, none no tool (a call comes back as tool_calls)")
+    p.add_argument("--no-plugin-tools", dest="plugin_tools", action="store_const", const="none",
+                   help="the same as --plugin-tools none")
     p.set_defaults(func=run)
 
 
@@ -100,15 +104,14 @@ def run(args) -> int:
     served = load_all(args)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    plugins = None
-    if args.plugin_tools:
-        from ..plugins.manager import PluginManager
-        plugins = PluginManager()
-        plugins.load()
-        for info in plugins.plugins():
-            if info.status != "ok":
-                sys.stderr.write(f"warning: plugin {info.name} is broken and skipped: {info.error}\n")
-    app = create_app(served, key, args.cors_origin, print_log(args.log_json), plugins)
+    from ..plugins.manager import PluginManager
+    # With none, only Sol's built-in plugins are read, for their schemas: a call comes back named as they name it.
+    plugins = PluginManager(safe_mode=True) if args.plugin_tools == "none" else PluginManager()
+    plugins.load()
+    for info in plugins.plugins():
+        if info.status != "ok":
+            sys.stderr.write(f"warning: plugin {info.name} is broken and skipped: {info.error}\n")
+    app = create_app(served, key, args.cors_origin, print_log(args.log_json), plugins, args.plugin_tools)
     for s in served:
         sys.stderr.write(f"{s.name}: {s.engine.describe()}\n")   # the memory N concurrent sequences take
         s.engine.start()
