@@ -100,7 +100,9 @@ async def chat_completions(request: Request):
     stops = P.stop_strings(body)
     grammar = None
     if forced is not None:
-        parallel = P.flag(body, "parallel_tool_calls", True)
+        # "required" may write several calls (unless parallel_tool_calls is false); a named function one, as
+        # OpenAI and vLLM answer it.
+        parallel = P.flag(body, "parallel_tool_calls", True) and body.get("tool_choice") == "required"
         grammar = call_grammar(s.tokenizer, {n: t.parameters for n, t in tools.items()}, forced, parallel)
     params, n, explain, constrained = request_params(body, s, ids, stops, logprobs or top_n > 0, top_n,
                                                      s.end_ids, tools, grammar)
