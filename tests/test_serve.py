@@ -486,6 +486,20 @@ def test_the_readme_example_answers_84_and_without_plugin_tools_returns_the_call
         srv.stop()
 
 
+def test_a_conversation_reuses_its_earlier_turns_from_the_prefix_cache(client):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 3 plus 4?"}]
+    first = client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=8, temperature=0)
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "and 5 plus 6?"}]
+    second = client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=8, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens < cached < second.usage.prompt_tokens   # the first turn and some of its answer
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == second.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1   # all but one
+
+
 WEATHER = {"type": "function", "function": {
     "name": "weather", "description": "the weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},

@@ -33,6 +33,9 @@ def register(sub) -> None:
                    help="for requests that bring no tools of their own, run plugin tools here as the chat does: "
                         "trained (default) the ones the model's sol.json names, all (the bare flag) every plugin "
                         "tool, none no tool (a call comes back as tool_calls)")
+    p.add_argument("--prefix-cache-mb", type=float, default=512,
+                   help="memory for the KV rows of recent prompts, reused by requests that begin the same way "
+                        "(default 512; 0 turns the prefix cache off)")
     p.add_argument("--no-plugin-tools", dest="plugin_tools", action="store_const", const="none",
                    help="the same as --plugin-tools none")
     p.set_defaults(func=run)
@@ -55,8 +58,12 @@ def load_all(args) -> list:
     from ..generation.batch import BatchEngine
     from ..serve.served import Served
     from .common import quantize_arg
+    from ..generation.prefix_cache import PrefixCache
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    if args.prefix_cache_mb < 0:
+        raise SolError(f"--prefix-cache-mb {args.prefix_cache_mb:g}: must be 0 (off) or more")
+    prefix = PrefixCache(int(args.prefix_cache_mb * 2**20))   # one budget for every served model
     served = []
     for name in args.model:
         path = resolve(name)
@@ -65,7 +72,8 @@ def load_all(args) -> list:
         if any(s.name == label for s in served):
             raise SolError(f"--model {name}: {label} is already served; give each model once")
         served.append(Served(label, lm, BatchEngine(lm.model, lm.tokenizer, max_batch=args.max_concurrent,
-                                                    max_queue=args.max_queue)))
+                                                    max_queue=args.max_queue, prefix_cache=prefix,
+                                                    cache_key=label)))
     return served
 
 

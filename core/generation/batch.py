@@ -32,6 +32,7 @@ from ..formats.tokenizer import Tokenizer
 from ..model.transformer import Transformer
 from .decode_step import DecodeStep
 from .engine import Decoding, DoneEvent, Engine, GenerationParams, TokenEvent
+from .prefix_cache import PrefixCache
 
 
 class QueueFull(SolError):
@@ -46,6 +47,7 @@ class Request:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.finished = False             # the DoneEvent has been queued
+        self.cached_tokens = 0            # prompt tokens whose KV rows came from the prefix cache
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._cancel = threading.Event()
 
@@ -86,7 +88,7 @@ class _Row:
 
 class BatchEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 max_len: int | None = None):
+                 max_len: int | None = None, prefix_cache: PrefixCache | None = None, cache_key: str = ""):
         if max_batch < 1:
             raise SolError(f"max_batch {max_batch}: must be at least 1")
         self.model = model
@@ -103,6 +105,11 @@ class BatchEngine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
+        # Rows of recent sequences, reused by prompts that begin the same way (prefix_cache.py). Not for
+        # longrope models: past their switch length every cached key changes.
+        self.prefix = prefix_cache if prefix_cache is not None and prefix_cache.enabled \
+            and model.rope_switch is None else None
+        self.cache_key = cache_key
 
     # ---- what callers see ----------------------------------------------------
     @property
@@ -120,7 +127,9 @@ class BatchEngine:
     def describe(self) -> str:
         mb = self.kv_memory() / 2**20
         return (f"batched engine: {self.max_batch} concurrent sequences of up to {self.max_len} tokens; "
-                f"KV cache up to {mb:.1f} MB ({mb / self.max_batch:.1f} MB a sequence), allocated as they grow")
+                f"KV cache up to {mb:.1f} MB ({mb / self.max_batch:.1f} MB a sequence), allocated as they grow; "
+                + (self.prefix.describe() + " (shared by the served models)" if self.prefix is not None
+                   else "no prefix cache"))
 
     def submit(self, prompt_ids: list[int], params: GenerationParams) -> Request:
         """Queue a prompt. Errors here name the numbers: an empty prompt, a prompt plus max_tokens longer
@@ -217,7 +226,15 @@ class BatchEngine:
             self.cache.reserve(n + 1)
             row = len(self.rows)
             view = self.cache.rows(row, row + 1)
-            x = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.model.device)
+            # A prefix some earlier sequence had: copy its rows, prefill the rest (at least one token, for logits).
+            hit = self.prefix.lookup(self.cache_key, request.prompt_ids, n - 1) if self.prefix is not None else None
+            if hit is not None:
+                start, k, v = hit
+                for i in range(len(view.k)):
+                    view.k[i][0, :, :start].copy_(k[i][:, :start])
+                    view.v[i][0, :, :start].copy_(v[i][:, :start])
+                view.pos = request.cached_tokens = start
+            x = torch.tensor([request.prompt_ids[view.pos:]], dtype=torch.long, device=self.model.device)
             logits = self.model(x, cache=view, last_only=True)[0, -1]
             self.rows.append(_Row(request, decoding, n, logits))
 
@@ -241,6 +258,10 @@ class BatchEngine:
                 row.request._put(event)
         if d.reason is None:
             return True
+        if self.prefix is not None and d.reason != "cancelled":
+            i = self.rows.index(row)   # still in place: rows move only after every row has chosen
+            self.prefix.store(self.cache_key, d.history[:row.length],
+                              [t[i, :, :row.length] for t in self.cache.k], [t[i, :, :row.length] for t in self.cache.v])
         self._finish(row.request, d)
         return False
 

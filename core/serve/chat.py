@@ -141,7 +141,7 @@ async def chat_completions(request: Request):
                 item["sol_explain"] = [ev.explanation.to_dict() if ev.explanation else None for ev in c.events]
             out.append(item)
         done = sum(len(c.events) for c in choices)
-        return {**head, "object": "chat.completion", "choices": out, "usage": P.usage(len(ids), done)}
+        return {**head, "object": "chat.completion", "choices": out, "usage": P.usage(len(ids), done, reqs[0].cached_tokens)}
 
     def chunk(index, delta, finish=None, lp=None, **extra):
         d = {**head, "object": "chat.completion.chunk",
@@ -183,7 +183,7 @@ async def chat_completions(request: Request):
                     yield chunk(i, {"content": piece}, None, token_logprobs(c, [ev]), **extra)
             done_log(choices)
             if include_usage:
-                u = P.usage(len(ids), sum(len(c.events) for c in choices))
+                u = P.usage(len(ids), sum(len(c.events) for c in choices), reqs[0].cached_tokens)
                 yield json.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": u})
             yield "[DONE]"
         finally:

@@ -126,6 +126,9 @@ async def completions(request: Request):
             offset += len(ev.text)
         return out
 
+    def cached():   # each prompt's first choice: the others were prefilled beside it
+        return sum(r.cached_tokens for r in reqs[::n] if r is not None)
+
     def completion_tokens():
         return sum(c.done.completion_tokens + (1 if c.events and c.done.stop_reason == "eos" and params.emit_stop
                                                else 0) for c in choices if c.done is not None)
@@ -158,7 +161,7 @@ async def completions(request: Request):
         done = completion_tokens()
         st.log({"endpoint": "/v1/completions", "status": 200, "prompt_tokens": prompt_tokens,
                 "completion_tokens": done, "duration_s": time.perf_counter() - t0})
-        return {**head, "choices": out, "usage": P.usage(prompt_tokens, done)}
+        return {**head, "choices": out, "usage": P.usage(prompt_tokens, done, cached())}
 
     def chunk(index, text, finish=None, lp=None, **extra):
         d = {**head, "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}], **extra}
@@ -194,7 +197,7 @@ async def completions(request: Request):
             st.log({"endpoint": "/v1/completions", "status": 200, "prompt_tokens": prompt_tokens,
                     "completion_tokens": done, "duration_s": time.perf_counter() - t0})
             if include_usage:
-                yield json.dumps({**head, "choices": [], "usage": P.usage(prompt_tokens, done)})
+                yield json.dumps({**head, "choices": [], "usage": P.usage(prompt_tokens, done, cached())})
             yield "[DONE]"
         finally:
             cancel_all(st, [r for r in reqs if r is not None])

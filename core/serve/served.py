@@ -28,9 +28,10 @@ class Served:
     _ll_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
-        where = getattr(self.lm, "path", None)
         # The plugin tools the model was trained to call (its sol.json), and the markup never shown as content.
-        self.trained_tools = trained_tools(getattr(self.lm, "meta", None), f"{where / 'sol.json' if where else 'sol.json'}")
+        folder = getattr(self.lm, "path", None)
+        self.trained_tools = trained_tools(getattr(self.lm, "meta", None),
+                                           str(folder / "sol.json") if folder is not None else "sol.json")
         self.hidden = hidden_specials(self.tokenizer)
         extra = getattr(self.lm.config, "extra", None)
         self.end_ids = end_of_turn_ids(self.lm.tokenizer, extra)
