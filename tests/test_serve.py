@@ -546,5 +546,6 @@ def test_tool_choice_required_and_named_force_a_valid_call(client):
     assert call.function.name == "weather" and 1 <= len(json.loads(call.function.arguments)["city"]) <= 12
     for bad in ("required", {"type": "function", "function": {"name": "nope"}}):
         with pytest.raises(openai.BadRequestError) as e:
-            ask(client, "hi", model="tiny-chat", tool_choice=bad, **({"tools": [CALCULATOR]} if bad != "required" else {}))
+            ask(client, "hi", model="tiny-chat", tool_choice=bad,
+                **({"tools": [CALCULATOR]} if bad != "required" else {}))
         assert e.value.body["param"] == "tool_choice"

@@ -18,7 +18,7 @@ def test_the_tools_a_chat_file_calls_are_named_in_every_markup(tmp_path):
             {"messages": [{"role": "assistant", "content": None, "tool_calls": [
                 {"id": "a", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]}]},
             {"messages": [{"role": "assistant", "content": '<tool_call>{"name": "search", "arguments": {}}</tool_call>'},
-                          {"role": "user", "content": "<|tool_call|>not_the_assistant: x<|tool_end|>"}]}]
+                          {"role": "user", "content": "<|tool_call|>not_assistant: x<|tool_end|>"}]}]
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     assert called_in(f) == ["calculator", "search", "weather"]
     assert tools_field(["b", "a", "b"]) == {"tools": ["a", "b"]} and tools_field([]) == {}

@@ -56,9 +56,9 @@ def load_all(args) -> list:
     from ..formats.checkpoint import load_model
     from ..formats.registry import resolve
     from ..generation.batch import BatchEngine
+    from ..generation.prefix_cache import PrefixCache
     from ..serve.served import Served
     from .common import quantize_arg
-    from ..generation.prefix_cache import PrefixCache
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if args.prefix_cache_mb < 0:

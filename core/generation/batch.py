@@ -260,8 +260,9 @@ class BatchEngine:
             return True
         if self.prefix is not None and d.reason != "cancelled":
             i = self.rows.index(row)   # still in place: rows move only after every row has chosen
-            self.prefix.store(self.cache_key, d.history[:row.length],
-                              [t[i, :, :row.length] for t in self.cache.k], [t[i, :, :row.length] for t in self.cache.v])
+            n = row.length
+            self.prefix.store(self.cache_key, d.history[:n], [t[i, :, :n] for t in self.cache.k],
+                              [t[i, :, :n] for t in self.cache.v])
         self._finish(row.request, d)
         return False
 

@@ -22,7 +22,6 @@ from ..errors import SolError
 from ..generation.engine import DoneEvent, GenerationParams
 from . import protocol as P
 from .chat_prompt import chat_tools, render_chat, template_kwargs
-from .tools import call_grammar
 from .generate import (
     Choice,
     cancel_all,
@@ -36,6 +35,7 @@ from .generate import (
     submit_all,
 )
 from .served import Served, ServeState, serve_state
+from .tools import call_grammar
 
 router = APIRouter()
 
@@ -141,7 +141,8 @@ async def chat_completions(request: Request):
                 item["sol_explain"] = [ev.explanation.to_dict() if ev.explanation else None for ev in c.events]
             out.append(item)
         done = sum(len(c.events) for c in choices)
-        return {**head, "object": "chat.completion", "choices": out, "usage": P.usage(len(ids), done, reqs[0].cached_tokens)}
+        return {**head, "object": "chat.completion", "choices": out,
+                "usage": P.usage(len(ids), done, reqs[0].cached_tokens)}
 
     def chunk(index, delta, finish=None, lp=None, **extra):
         d = {**head, "object": "chat.completion.chunk",
