@@ -10,9 +10,9 @@ tokens/s over it. `transformers serve` is not used: it needs more packages and a
     python benchmarks/serve.py [--json] [--clients 1,4,16] [--only starter|gpt2_small]
     python benchmarks/serve.py --conversation [--json] [--only words|gpt2_124m] [--reps 3]
 
---conversation: a 10-turn chat over /v1/chat/completions (streamed, greedy), each turn sending every
-earlier turn again as clients do, once against `sol serve --prefix-cache-mb 0` and once with the
-prefix cache (the default 512 MB), for the trained words model and decode.py's GPT-2 124M shape
+--conversation: a 10-turn chat over /v1/chat/completions (streamed, greedy, a plain HTTP client),
+each turn sending every earlier turn again as clients do, once against `sol serve --prefix-cache-mb 0`
+and once with the prefix cache (the default 512 MB), for the trained words model and decode.py's GPT-2 124M shape
 (random weights, a ChatML template). Reports the time to first token of every turn (median of
 --reps conversations), turn 10's ratio with/without, the cached tokens usage reports, and whether
 the answers are identical. The last line with --json is
@@ -142,27 +142,40 @@ CONVERSATIONS = {
 
 
 def conversation(url: str, model: str, system: str, user, max_tokens: int) -> tuple[list[float], list[str], list]:
-    """One TURNS-turn chat, streamed: each turn's time to first token, its answer, its usage."""
-    from openai import OpenAI
-    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    """One TURNS-turn chat, streamed: each turn's time to first token, its answer, its usage. A plain HTTP
+    client on one keep-alive connection, so the times are the server's more than a client library's."""
+    import http.client
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
     messages = [{"role": "system", "content": system}]
     ttft, answers, usages = [], [], []
     for i in range(TURNS):
         messages.append({"role": "user", "content": user(i)})
+        body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                           "stream": True, "stream_options": {"include_usage": True}})
         t0 = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
         first, text, use = None, "", None
-        for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                    temperature=0, stream=True,
-                                                    stream_options={"include_usage": True}):
-            if chunk.choices and chunk.choices[0].delta.content:
+        while True:
+            line = resp.readline()
+            if not line or line.strip() == b"data: [DONE]":
+                break
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            piece = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
+            if piece:
                 first = first if first is not None else time.perf_counter() - t0
-                text += chunk.choices[0].delta.content
-            if chunk.usage:
-                use = chunk.usage
+                text += piece
+            if chunk.get("usage"):
+                use = chunk["usage"]
+        resp.read()
         ttft.append(first if first is not None else time.perf_counter() - t0)
         answers.append(text)
         usages.append(use)
         messages.append({"role": "assistant", "content": text})
+    conn.close()
     return ttft, answers, usages
 
 
@@ -184,9 +197,9 @@ def bench_conversation(folder: str, name: str, reps: int, log) -> dict:
         out["ttft_turn10_s"][label] = round(ttft[-1], 4)
         answers[label] = [r[1] for r in runs]
         last = runs[-1][2][-1]
-        out["prompt_turn10"] = last.prompt_tokens
+        out["prompt_turn10"] = last["prompt_tokens"]
         if label == "on":
-            out["cached_turn10"] = last.prompt_tokens_details.cached_tokens
+            out["cached_turn10"] = last["prompt_tokens_details"]["cached_tokens"]
         log(f"{name}: prefix cache {label}: time to first token per turn {out['ttft_s'][label]}")
     out["ratio_turn10"] = round(out["ttft_turn10_s"]["on"] / out["ttft_turn10_s"]["off"], 3)
     out["identical"] = answers["on"] == answers["off"]

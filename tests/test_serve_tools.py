@@ -84,3 +84,31 @@ def test_a_forced_call_is_the_models_own_markup_with_the_tools_schema():
     assert accepts("<|tool_call|>weather: paris<|tool_end|>" * 2, ["weather"], parallel=True)
     assert "%json" in call_grammar(tok, tools, ["pick"], False)   # no lone string: arguments as JSON, strict
     assert '"additionalProperties": false' in call_grammar(tok, tools, ["pick"], False)
+
+
+def test_plugin_tools_modes_and_their_flags():
+    import argparse
+
+    from sol.core.commands import serve
+    from sol.core.plugins.manager import PluginManager
+    from sol.core.serve.tools import ServerTools
+    p = argparse.ArgumentParser()
+    serve.register(p.add_subparsers())
+    mode = {tuple(a): p.parse_args(["serve", "--model", "m", *a]).plugin_tools
+            for a in ([], ["--plugin-tools"], ["--plugin-tools", "trained"], ["--plugin-tools", "none"],
+                      ["--no-plugin-tools"])}
+    assert mode == {(): "trained", ("--plugin-tools",): "all", ("--plugin-tools", "trained"): "trained",
+                    ("--plugin-tools", "none"): "none", ("--no-plugin-tools",): "none"}
+    plugins = PluginManager(safe_mode=True)
+    plugins.load()
+    assert "calculator" in plugins.tools()
+    assert set(ServerTools(plugins, "all").runs([])) == set(plugins.tools())
+    assert list(ServerTools(plugins, "trained").runs(["calculator", "not_a_plugin"])) == ["calculator"]
+    assert ServerTools(plugins, "trained").runs([]) == {} and ServerTools(plugins, "none").runs(["calculator"]) == {}
+    assert "calculator" in ServerTools(plugins, "none").known()   # its schema still reads the model's calls
+    with pytest.raises(SolError, match="--plugin-tools some"):
+        ServerTools(plugins, "some")
+    from sol.core.serve.tools import trained_tools
+    assert trained_tools({"tools": ["calculator"]}, "m/sol.json") == ["calculator"] and trained_tools({}, "x") == []
+    with pytest.raises(SolError, match=r"m/sol.json: \"tools\" must be a list"):
+        trained_tools({"tools": "calculator"}, "m/sol.json")
