@@ -473,6 +473,10 @@ def test_the_readme_example_answers_84_and_without_plugin_tools_returns_the_call
         for ch in whole.choices:
             assert ch.message.model_extra["sol_tool_rounds"][0]["name"] == "calculator"
             assert "<|" not in ch.message.content and streamed[ch.index] == ch.message.content
+        # A client's stop string inside the call cuts it: the server runs no half call.
+        cut = c.chat.completions.create(model="starter", messages=body["messages"], temperature=0, stop=["*"])
+        assert cut.choices[0].finish_reason == "stop" and "sol_tool_rounds" not in cut.choices[0].message.model_extra
+        assert cut.choices[0].message.content == "calculator: 12" and not cut.choices[0].message.tool_calls
     finally:
         srv.stop()
     srv = ServerProcess(["--model", "starter", "--no-plugin-tools"], tmp_path)

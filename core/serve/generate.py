@@ -36,6 +36,7 @@ class Choice:
         self._longest = max((len(h) for h in hidden), default=0)
         self.conversation = conversation   # this choice's own messages, when the server runs its tools
         self.text = ""          # the text of the token events so far
+        self.raw = ""           # ... all of it, once the DoneEvent came
         self.sent = 0           # characters of it already sent as content
         self.events = []        # TokenEvents
         self.done: DoneEvent | None = None
@@ -86,6 +87,7 @@ class Choice:
     def finish(self, done: DoneEvent) -> str:
         """The last content to send once the DoneEvent came."""
         self.done = done
+        self.raw = self.text    # every token's text, past where a stop string cut the answer
         self.text = self._segment() or ""
         return self._release(len(self.text))
 
@@ -93,19 +95,20 @@ class Choice:
         """Go on with a new engine request after the server ran the tool the model called."""
         self.before += self._visible(self._segment() or "")
         self.rounds.append({"name": call.name, "arguments": call.arguments, "result": result})
-        self.req, self.text, self.sent, self.done = req, "", 0, None
+        self.req, self.text, self.raw, self.sent, self.done = req, "", "", 0, None
 
     def calls(self) -> list:
         """The complete tool calls of the answer, in order (the last one may have lost its end marker
-        to the stop string that ended the answer)."""
+        to the stop string that ended the answer: that one, not a client's stop string inside a call)."""
         if self.tools is None or self.done is None:
             return []
         text = self.done.text
-        for end in ("",) + tuple(END_MARKERS.values()):
-            found = find_tool_calls(text + end, self.tools)
-            if found:
-                return found
-        return []
+        found = find_tool_calls(text, self.tools)
+        if found or self.done.stop_reason != "stop_string":
+            return found
+        cut = self.raw[len(text):]
+        end = next((e for e in END_MARKERS.values() if cut.startswith(e)), None)
+        return find_tool_calls(text + end, self.tools) if end else []
 
     def call(self):
         calls = self.calls()
