@@ -112,3 +112,5 @@ def test_plugin_tools_modes_and_their_flags():
     assert trained_tools({"tools": ["calculator"]}, "m/sol.json") == ["calculator"] and trained_tools({}, "x") == []
     with pytest.raises(SolError, match=r"m/sol.json: \"tools\" must be a list"):
         trained_tools({"tools": "calculator"}, "m/sol.json")
+    with pytest.raises(SolError, match="--prefix-cache-mb -1: must be 0"):
+        serve.load_all(p.parse_args(["serve", "--model", "starter", "--prefix-cache-mb", "-1"]))

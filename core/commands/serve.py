@@ -33,11 +33,11 @@ def register(sub) -> None:
                    help="for requests that bring no tools of their own, run plugin tools here as the chat does: "
                         "trained (default) the ones the model's sol.json names, all (the bare flag) every plugin "
                         "tool, none no tool (a call comes back as tool_calls)")
+    p.add_argument("--no-plugin-tools", dest="plugin_tools", action="store_const", const="none",
+                   help="the same as --plugin-tools none")
     p.add_argument("--prefix-cache-mb", type=float, default=512,
                    help="memory for the KV rows of recent prompts, reused by requests that begin the same way "
                         "(default 512; 0 turns the prefix cache off)")
-    p.add_argument("--no-plugin-tools", dest="plugin_tools", action="store_const", const="none",
-                   help="the same as --plugin-tools none")
     p.set_defaults(func=run)
 
 
