@@ -8,6 +8,16 @@ another (what a server without batching does), 64 greedy tokens each; ratios are
 tokens/s over it. `transformers serve` is not used: it needs more packages and a model hub.
 
     python benchmarks/serve.py [--json] [--clients 1,4,16] [--only starter|gpt2_small]
+    python benchmarks/serve.py --conversation [--json] [--only words|gpt2_124m] [--reps 3]
+
+--conversation: a 10-turn chat over /v1/chat/completions (streamed, greedy, a plain HTTP client),
+each turn sending every earlier turn again as clients do, once against `sol serve --prefix-cache-mb 0`
+and once with the prefix cache (the default 512 MB), for the trained words model and decode.py's GPT-2 124M shape
+(random weights, a ChatML template). Reports the time to first token of every turn (median of
+--reps conversations), turn 10's ratio with/without, the cached tokens usage reports, and whether
+the answers are identical. The last line with --json is
+{"words": {"ttft_turn10_s": {"off", "on"}, "ratio_turn10", "cached_turn10", "prompt_turn10",
+           "identical", "ttft_s": {"off": [...], "on": [...]}}, "gpt2_124m": {...}}
 
 The last line with --json is
 {"starter": {"1": {"tok_s", "ttft_p50_s", "ttft_p99_s"}, ..., "health_p99_ms"},
@@ -118,6 +128,101 @@ def bench_model(model: str, name: str, clients: list[int], log) -> dict:
     return out
 
 
+# ---- --conversation: the prefix cache over a 10-turn chat ---------------------------------------
+TURNS = 10
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# (system prompt, user text of turn i, max_tokens): the words model's context is 128 tokens, so its turns are short.
+CONVERSATIONS = {
+    "words": ("Speak.", lambda i: "Go on.", 4),
+    # Its 300-token BPE vocabulary spends about a token a character: turn 10 is ~600 tokens of its 1024.
+    "gpt2_124m": ("You are a careful assistant. Answer briefly and plainly, in one sentence. " * 2,
+                  lambda i: f"And fact {i + 1}?", 8),
+}
+
+
+def conversation(url: str, model: str, system: str, user, max_tokens: int) -> tuple[list[float], list[str], list]:
+    """One TURNS-turn chat, streamed: each turn's time to first token, its answer, its usage. A plain HTTP
+    client on one keep-alive connection, so the times are the server's more than a client library's."""
+    import http.client
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    messages = [{"role": "system", "content": system}]
+    ttft, answers, usages = [], [], []
+    for i in range(TURNS):
+        messages.append({"role": "user", "content": user(i)})
+        body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                           "stream": True, "stream_options": {"include_usage": True}})
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        first, text, use = None, "", None
+        while True:
+            line = resp.readline()
+            if not line or line.strip() == b"data: [DONE]":
+                break
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            piece = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
+            if piece:
+                first = first if first is not None else time.perf_counter() - t0
+                text += piece
+            if chunk.get("usage"):
+                use = chunk["usage"]
+        resp.read()
+        ttft.append(first if first is not None else time.perf_counter() - t0)
+        answers.append(text)
+        usages.append(use)
+        messages.append({"role": "assistant", "content": text})
+    conn.close()
+    return ttft, answers, usages
+
+
+def bench_conversation(folder: str, name: str, reps: int, log) -> dict:
+    system, user, max_tokens = CONVERSATIONS[name]
+    out = {"ttft_s": {}, "ttft_turn10_s": {}}
+    answers = {}
+    for label, mb in (("off", "0"), ("on", "512")):
+        home = Path(tempfile.mkdtemp(prefix="sol-serve-conv-"))
+        from serve_helpers import ServerProcess
+        srv = ServerProcess(["--model", folder, "--device", "cpu", "--prefix-cache-mb", mb], home)
+        try:
+            conversation(srv.url, name, "warm up", lambda i: "hello", 2)   # first requests pay one-time costs
+            runs = [conversation(srv.url, name, system, user, max_tokens) for _ in range(reps)]
+        finally:
+            srv.stop()
+        ttft = [statistics.median(r[0][i] for r in runs) for i in range(TURNS)]
+        out["ttft_s"][label] = [round(t, 4) for t in ttft]
+        out["ttft_turn10_s"][label] = round(ttft[-1], 4)
+        answers[label] = [r[1] for r in runs]
+        last = runs[-1][2][-1]
+        out["prompt_turn10"] = last["prompt_tokens"]
+        if label == "on":
+            out["cached_turn10"] = last["prompt_tokens_details"]["cached_tokens"]
+        log(f"{name}: prefix cache {label}: time to first token per turn {out['ttft_s'][label]}")
+    out["ratio_turn10"] = round(out["ttft_turn10_s"]["on"] / out["ttft_turn10_s"]["off"], 3)
+    out["identical"] = answers["on"] == answers["off"]
+    log(f"{name}: turn 10 ({out['prompt_turn10']} prompt tokens, {out['cached_turn10']} cached): "
+        f"{out['ttft_turn10_s']['on']} s with the prefix cache, {out['ttft_turn10_s']['off']} s without "
+        f"(ratio {out['ratio_turn10']}); answers identical: {out['identical']}")
+    return out
+
+
+def main_conversation(args, log) -> dict:
+    result = {}
+    if args.only in (None, "words"):
+        result["words"] = bench_conversation(str(ROOT / "resources" / "models" / "words"), "words", args.reps, log)
+    if args.only in (None, "gpt2_124m"):
+        from decode import SHAPES, write_hf_model
+        folder = Path(tempfile.mkdtemp(prefix="sol-serve-gpt2-")) / "gpt2_124m"
+        folder.mkdir(parents=True)
+        write_hf_model(folder, SHAPES["gpt2_124m"])
+        (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+        result["gpt2_124m"] = bench_conversation(str(folder), "gpt2_124m", args.reps, log)
+    return result
+
+
 def fill_vocabulary(folder: Path, size: int) -> None:
     """decode.py's tokenizer has ~300 tokens for the model's 8192: ids past it decode to nothing, and
     a stream of empty pieces would hide when the first token came. Name the rest `<tN>`."""
@@ -152,7 +257,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--only", choices=["starter", "gpt2_small"])
+    ap.add_argument("--only", choices=["starter", "gpt2_small", "words", "gpt2_124m"])
+    ap.add_argument("--conversation", action="store_true", help="the 10-turn chat, prefix cache on and off")
+    ap.add_argument("--reps", type=int, default=3, help="conversations per setting (--conversation)")
     args = ap.parse_args(argv)
     clients = [int(x) for x in args.clients.split(",")]
 
@@ -160,6 +267,11 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
     log(f"load average: {os.getloadavg()}")
     result = {}
+    if args.conversation:
+        result = main_conversation(args, log)
+        log(f"load average: {os.getloadavg()}")
+        print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        return 0
     if args.only in (None, "starter"):
         result["starter"] = bench_model(str(ROOT / "resources" / "models" / "starter"), "starter", clients, log)
     if args.only in (None, "gpt2_small"):

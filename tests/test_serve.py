@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import openai  # noqa: E402
 import pytest
@@ -102,13 +104,16 @@ def test_seed_reproduces_and_n_gives_choices(client):
 def test_max_tokens_ends_with_length_and_stop_cuts(client):
     r = ask(client, "tell me a story", temperature=0, max_tokens=3)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
-    full = ask(client, "tell me a story", temperature=0, max_tokens=40).choices[0].message.content
+    # tool_choice none: the starter answers this with a calculator call, which the server would run
+    # (its sol.json names the calculator); stop strings are about the text.
+    full = ask(client, "tell me a story", temperature=0, max_tokens=40, tool_choice="none").choices[0].message.content
     word = full.split()[2]
-    cut = ask(client, "tell me a story", temperature=0, max_tokens=40, stop=[word, "zzz"])
+    cut = ask(client, "tell me a story", temperature=0, max_tokens=40, stop=[word, "zzz"], tool_choice="none")
     assert cut.choices[0].message.content == full[:full.index(word)]
     assert cut.choices[0].finish_reason == "stop"
     streamed = "".join(c.choices[0].delta.content or "" for c in
-                       ask(client, "tell me a story", temperature=0, max_tokens=40, stop=word, stream=True))
+                       ask(client, "tell me a story", temperature=0, max_tokens=40, stop=word, stream=True,
+                                   tool_choice="none"))
     assert streamed == full[:full.index(word)]   # a stop string split across tokens is never streamed
 
 
@@ -172,6 +177,37 @@ def test_json_schema_output_validates(client):
     assert e.value.body["param"] == "response_format"
 
 
+def test_schemas_are_strict_as_openai_and_vllm_read_them(client):
+    import jsonschema
+    # pydantic's schema names no additionalProperties: only the listed keys may be written, no whitespace.
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "title": "Person"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "Person", "schema": person}}
+    for seed in range(4):
+        kw = dict(model="tiny-chat", seed=seed, max_tokens=60, response_format=fmt)
+        r = ask(client, "who?", **kw)
+        text = r.choices[0].message.content
+        got = json.loads(text)
+        assert set(got) == {"name", "age"} and r.choices[0].finish_reason == "stop"
+        jsonschema.validate(got, person)
+        assert text == json.dumps(got, separators=(",", ":"), ensure_ascii=False)   # compact: no whitespace
+        streamed = "".join(c.choices[0].delta.content or "" for c in ask(client, "who?", stream=True, **kw))
+        assert streamed == text
+    # strict: true, as OpenAI would refuse it: a 400 naming the keyword.
+    for schema, keyword in ((person, "additionalProperties"),
+                            (person | {"additionalProperties": False, "required": ["name"]}, "required"),
+                            (person | {"additionalProperties": False, "allOf": [{}]}, "allOf")):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(client, "who?", model="tiny-chat", response_format={"type": "json_schema", "json_schema": {
+                "name": "Person", "strict": True, "schema": schema}})
+        assert e.value.body["param"] == "response_format" and f"`{keyword}`" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "who?", model="tiny-chat", tools=[{"type": "function", "function": {
+            "name": "p", "strict": True, "parameters": person}}])
+    assert e.value.body["param"] == "tools[0].function.parameters" and "additionalProperties" in e.value.body["message"]
+
+
 def test_imported_template_renders_the_prompt(client, server):
     from sol.core.formats.tokenizer import Tokenizer
     tok = Tokenizer.from_file(server.tiny / "tokenizer.json")
@@ -219,6 +255,43 @@ def test_completions_echo_embeddings_and_tokenize(client, server):
     cli = subprocess.run([sys.executable, "-m", "sol.core.cli", "tokenize", "--model", "starter", "--text", "hi you",
                           "--json"], capture_output=True, text=True, check=True)
     assert t.status_code == 200 and t.json() == json.loads(cli.stdout)
+
+
+def test_completions_take_every_prompt_form_one_choice_each_in_order(client, server):
+    from sol.core.formats.registry import resolve
+    from sol.core.formats.tokenizer import Tokenizer
+    tok = Tokenizer.from_file(resolve("starter") / "tokenizer.json")
+    texts = ["12 times 7", "hello", "what is 3"]
+    ids = [tok.encode_ids(t) for t in texts]
+    alone = [client.completions.create(model="starter", prompt=t, max_tokens=6, temperature=0).choices[0].text
+             for t in texts]
+    for prompt in (texts, ids):
+        r = client.completions.create(model="starter", prompt=prompt, max_tokens=6, temperature=0, n=2)
+        assert [c.index for c in r.choices] == list(range(6))
+        assert [c.text for c in r.choices] == [a for a in alone for _ in range(2)]   # prompt k: choices 2k, 2k+1
+        assert r.usage.prompt_tokens == sum(map(len, ids))
+        streamed = [""] * 6
+        for chunk in client.completions.create(model="starter", prompt=prompt, max_tokens=6, temperature=0, n=2,
+                                               stream=True):
+            for c in chunk.choices:
+                streamed[c.index] += c.text
+        assert streamed == [c.text for c in r.choices]
+    r = client.completions.create(model="starter", prompt=ids[0], max_tokens=6, temperature=0)
+    assert r.choices[0].text == alone[0]
+    # Scoring, as lm-evaluation-harness asks: echo, logprobs 1, max_tokens 1 (or 0): every prompt token's
+    # log-probability, None for the first, then the generated token's, the end of text included.
+    for max_tokens in (0, 1):
+        r = client.completions.create(model="starter", prompt=ids, max_tokens=max_tokens, temperature=0, echo=True,
+                                      logprobs=1)
+        for c, p in zip(r.choices, ids):
+            lp = c.logprobs
+            assert len(lp.token_logprobs) == len(p) + max_tokens and lp.token_logprobs[0] is None
+            assert all(x <= 0 for x in lp.token_logprobs[1:]) and lp.tokens[:len(p)] == [tok.decode([i]) for i in p]
+            assert all(lp.token_logprobs[k] <= max(lp.top_logprobs[k].values()) + 1e-6 for k in range(1, len(p)))
+        assert r.usage.completion_tokens == max_tokens * len(ids)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="starter", prompt=[[1, 2], "x", 5], max_tokens=1)
+    assert e.value.body["param"] == "prompt"
 
 
 def test_sol_explain_rides_on_every_streamed_token(client):
@@ -378,9 +451,105 @@ def test_plugin_tools_run_on_the_server(tmp_path):
         srv.stop()
 
 
-def test_a_tool_choice_sol_cannot_keep_is_refused_not_ignored(client):
-    for choice in ("required", {"type": "function", "function": {"name": "calculator"}}):
-        with pytest.raises(openai.BadRequestError, match="tool_choice"):
-            ask(client, "what is 2 plus 2?", model="tiny-chat", tools=[CALCULATOR], tool_choice=choice, max_tokens=4)
-    r = ask(client, "what is 2 plus 2?", model="tiny-chat", tools=[CALCULATOR], tool_choice="auto", max_tokens=4)
-    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+def test_the_readme_example_answers_84_and_without_plugin_tools_returns_the_call(tmp_path):
+    """README: `sol serve --model starter`, then its curl request. The starter's sol.json names the
+    calculator, so by default the server runs it; with --no-plugin-tools the call comes back."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = json.loads(re.search(r"curl http://127.0.0.1:8000/v1/chat/completions .*?-d '(.*?)'", readme, re.S).group(1))
+    assert body["messages"][0]["content"] == "what is 12 times 7?" and "client.chat.completions.create" in readme
+    srv = ServerProcess(["--model", "starter"], tmp_path)
+    try:
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60).json()
+        msg = r["choices"][0]["message"]
+        assert "84" in msg["content"] and "<|" not in msg["content"] and r["choices"][0]["finish_reason"] == "stop"
+        # Server-side tool rounds run per choice, for any n; streamed, each choice says the same.
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        kw = dict(model="starter", messages=body["messages"], n=3, seed=5, temperature=0.7)
+        whole = c.chat.completions.create(**kw)
+        streamed = {}
+        for chunk in c.chat.completions.create(**kw, stream=True):
+            for ch in chunk.choices:
+                streamed[ch.index] = streamed.get(ch.index, "") + (ch.delta.content or "")
+        for ch in whole.choices:
+            assert ch.message.model_extra["sol_tool_rounds"][0]["name"] == "calculator"
+            assert "<|" not in ch.message.content and streamed[ch.index] == ch.message.content
+        # A client's stop string inside the call cuts it: the server runs no half call.
+        cut = c.chat.completions.create(model="starter", messages=body["messages"], temperature=0, stop=["*"])
+        assert cut.choices[0].finish_reason == "stop" and "sol_tool_rounds" not in cut.choices[0].message.model_extra
+        assert cut.choices[0].message.content == "calculator: 12" and not cut.choices[0].message.tool_calls
+    finally:
+        srv.stop()
+    srv = ServerProcess(["--model", "starter", "--no-plugin-tools"], tmp_path)
+    try:
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60).json()
+        choice = r["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        assert choice["message"]["tool_calls"][0]["function"] == {"name": "calculator",
+                                                                  "arguments": '{"expression": "12*7"}'}
+    finally:
+        srv.stop()
+
+
+def test_a_conversation_reuses_its_earlier_turns_from_the_prefix_cache(client):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 3 plus 4?"}]
+    first = client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=8, temperature=0)
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "and 5 plus 6?"}]
+    second = client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=8, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens < cached < second.usage.prompt_tokens   # the first turn and some of its answer
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == second.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1   # all but one
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "weather", "description": "the weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"]}}}
+
+
+def test_tool_choice_required_and_named_force_a_valid_call(client):
+    import jsonschema
+    msgs = [{"role": "user", "content": "hello there"}]
+    # The tiny model (random weights) never writes a call on its own ...
+    for seed in range(3):
+        r = client.chat.completions.create(model="tiny-chat", messages=msgs, tools=[CALCULATOR, WEATHER], seed=seed,
+                                           max_tokens=60)
+        assert r.choices[0].finish_reason != "tool_calls" and not r.choices[0].message.tool_calls
+    # ... named, it writes one to that tool, with arguments its schema validates; streamed the same.
+    named = {"type": "function", "function": {"name": "weather"}}
+    for seed in range(3):
+        kw = dict(model="tiny-chat", messages=msgs, tools=[CALCULATOR, WEATHER], tool_choice=named, seed=seed,
+                  max_tokens=80, parallel_tool_calls=False)
+        r = client.chat.completions.create(**kw)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [call] = choice.message.tool_calls
+        assert call.function.name == "weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"] |
+                            {"additionalProperties": False})
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        [streamed] = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
+        assert streamed[0].function.arguments == call.function.arguments and chunks[-1].choices[0].finish_reason == \
+            "tool_calls" and "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+    # "required": a call to one of the tools; the starter's calls are Sol's markup, a lone string bare.
+    r = client.chat.completions.create(model="tiny-chat", messages=msgs, tools=[CALCULATOR, WEATHER],
+                                       tool_choice="required", seed=0, max_tokens=80)
+    assert r.choices[0].finish_reason == "tool_calls"
+    for call in r.choices[0].message.tool_calls:
+        tool = {"calculator": CALCULATOR, "weather": WEATHER}[call.function.name]
+        jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    r = ask(client, "hello!", tools=[WEATHER | {"function": WEATHER["function"] | {"parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}],
+        tool_choice={"type": "function", "function": {"name": "weather"}}, temperature=0, max_tokens=40,
+        parallel_tool_calls=False)
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "weather" and 1 <= len(json.loads(call.function.arguments)["city"]) <= 12
+    for bad in ("required", {"type": "function", "function": {"name": "nope"}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(client, "hi", model="tiny-chat", tool_choice=bad,
+                **({"tools": [CALCULATOR]} if bad != "required" else {}))
+        assert e.value.body["param"] == "tool_choice"

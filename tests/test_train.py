@@ -90,6 +90,7 @@ def test_sft_loss_falls_and_keeps_lineage(pipeline):
     meta = json.loads((pipeline["dir"] / "sft" / "sol.json").read_text())
     assert meta["stage"] == "sft" and meta["parent"]["path"] == str((pipeline["dir"] / "base").resolve())
     assert meta["parent"]["sha256"] and meta["data"][0]["sha256"]
+    assert meta["tools"] == ["calculator"]   # the data's chats call it: `sol serve` runs it for this model
 
 
 def test_reward_loss_equals_formula():

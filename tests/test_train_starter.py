@@ -13,7 +13,7 @@ def test_starter_is_listed_small_and_has_its_lineage():
     size = sum(f.stat().st_size for f in STARTER.iterdir() if f.is_file())
     assert size <= 25 * 2**20
     meta = json.loads((STARTER / "sol.json").read_text())
-    assert meta["stage"] == "rl" and meta["recipe"] == "starter"
+    assert meta["stage"] == "rl" and meta["recipe"] == "starter" and meta["tools"] == ["calculator"]
     held = meta["held_out"]
     assert held["prompts"] == 200 and held["rl_accuracy"] > held["sft_accuracy"]
     assert {"pretrain", "sft", "reward", "rl"} <= set(meta["stages"])

@@ -32,8 +32,15 @@ def register(sub) -> None:
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser pages from this origin "
                    "(repeatable; * for any)")
     p.add_argument("--log-json", action="store_true", help="request log lines as JSON objects")
-    p.add_argument("--plugin-tools", action="store_true", help="offer Sol's plugin tools (the calculator, ...) "
-                   "to requests that bring no tools of their own, and run them here as the chat does")
+    p.add_argument("--plugin-tools", nargs="?", const="all", default="trained", choices=("trained", "all", "none"),
+                   help="for requests that bring no tools of their own, run plugin tools here as the chat does: "
+                        "trained (default) the ones the model's sol.json names, all (the bare flag) every plugin "
+                        "tool, none no tool (a call comes back as tool_calls)")
+    p.add_argument("--no-plugin-tools", dest="plugin_tools", action="store_const", const="none",
+                   help="the same as --plugin-tools none")
+    p.add_argument("--prefix-cache-mb", type=float, default=512,
+                   help="memory for the KV rows of recent prompts, reused by requests that begin the same way "
+                        "(default 512; 0 turns the prefix cache off)")
     p.set_defaults(func=run)
 
 
@@ -52,10 +59,14 @@ def load_all(args) -> list:
     from ..formats.checkpoint import load_model
     from ..formats.registry import resolve
     from ..generation.batch import BatchEngine
+    from ..generation.prefix_cache import PrefixCache
     from ..serve.served import Served
     from .common import quantize_arg
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    if args.prefix_cache_mb < 0:
+        raise SolError(f"--prefix-cache-mb {args.prefix_cache_mb:g}: must be 0 (off) or more")
+    prefix = PrefixCache(int(args.prefix_cache_mb * 2**20))   # one budget for every served model
     bases: list[tuple[str, object]] = []
     for name in args.model:
         path = resolve(name)
@@ -67,7 +78,8 @@ def load_all(args) -> list:
     adapters = attach_adapters(args.adapter, bases)   # before the engines: they see the adapters a model has
     served = []
     for label, lm in bases:
-        engine = BatchEngine(lm.model, lm.tokenizer, max_batch=args.max_concurrent, max_queue=args.max_queue)
+        engine = BatchEngine(lm.model, lm.tokenizer, max_batch=args.max_concurrent, max_queue=args.max_queue,
+                             prefix_cache=prefix, cache_key=label)
         served.append(Served(label, lm, engine))
         served += [Served(name, lm, engine, adapter=name) for name, on in adapters if on is lm]
     return served
@@ -137,15 +149,14 @@ def run(args) -> int:
     served = load_all(args)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    plugins = None
-    if args.plugin_tools:
-        from ..plugins.manager import PluginManager
-        plugins = PluginManager()
-        plugins.load()
-        for info in plugins.plugins():
-            if info.status != "ok":
-                sys.stderr.write(f"warning: plugin {info.name} is broken and skipped: {info.error}\n")
-    app = create_app(served, key, args.cors_origin, print_log(args.log_json), plugins)
+    from ..plugins.manager import PluginManager
+    # With none, only Sol's built-in plugins are read, for their schemas: a call comes back named as they name it.
+    plugins = PluginManager(safe_mode=True) if args.plugin_tools == "none" else PluginManager()
+    plugins.load()
+    for info in plugins.plugins():
+        if info.status != "ok":
+            sys.stderr.write(f"warning: plugin {info.name} is broken and skipped: {info.error}\n")
+    app = create_app(served, key, args.cors_origin, print_log(args.log_json), plugins, args.plugin_tools)
     for s in served:
         if s.adapter is None:
             sys.stderr.write(f"{s.name}: {s.engine.describe()}\n")   # the memory N concurrent sequences take

@@ -33,6 +33,7 @@ from ..model import lora
 from ..model.transformer import Transformer
 from .decode_step import DecodeStep
 from .engine import Decoding, DoneEvent, Engine, GenerationParams, TokenEvent
+from .prefix_cache import PrefixCache
 
 
 class QueueFull(SolError):
@@ -49,6 +50,7 @@ class Request:
         self.params = params
         self.adapter = adapter            # the LoRA adapter this request runs with (None: the base)
         self.finished = False             # the DoneEvent has been queued
+        self.cached_tokens = 0            # prompt tokens whose KV rows came from the prefix cache
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._cancel = threading.Event()
 
@@ -89,7 +91,7 @@ class _Row:
 
 class BatchEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 max_len: int | None = None):
+                 max_len: int | None = None, prefix_cache: PrefixCache | None = None, cache_key: str = ""):
         if max_batch < 1:
             raise SolError(f"max_batch {max_batch}: must be at least 1")
         self.model = model
@@ -107,6 +109,11 @@ class BatchEngine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
+        # Rows of recent sequences, reused by prompts that begin the same way (prefix_cache.py). Not for
+        # longrope models: past their switch length every cached key changes.
+        self.prefix = prefix_cache if prefix_cache is not None and prefix_cache.enabled \
+            and model.rope_switch is None else None
+        self.cache_key = cache_key
 
     # ---- what callers see ----------------------------------------------------
     @property
@@ -124,7 +131,9 @@ class BatchEngine:
     def describe(self) -> str:
         mb = self.kv_memory() / 2**20
         return (f"batched engine: {self.max_batch} concurrent sequences of up to {self.max_len} tokens; "
-                f"KV cache up to {mb:.1f} MB ({mb / self.max_batch:.1f} MB a sequence), allocated as they grow")
+                f"KV cache up to {mb:.1f} MB ({mb / self.max_batch:.1f} MB a sequence), allocated as they grow; "
+                + (self.prefix.describe() + " (shared by the served models)" if self.prefix is not None
+                   else "no prefix cache"))
 
     def submit(self, prompt_ids: list[int], params: GenerationParams, adapter: str | None = None) -> Request:
         """Queue a prompt, run with the model's LoRA adapter `adapter` if given (requests of several adapters
@@ -225,7 +234,15 @@ class BatchEngine:
             self.cache.reserve(n + 1)
             row = len(self.rows)
             view = self.cache.rows(row, row + 1)
-            x = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.model.device)
+            # A prefix some earlier sequence had: copy its rows, prefill the rest (at least one token, for logits).
+            hit = self.prefix.lookup(self._key(request), request.prompt_ids, n - 1) if self.prefix is not None else None
+            if hit is not None:
+                start, k, v = hit
+                for i in range(len(view.k)):
+                    view.k[i][0, :, :start].copy_(k[i][:, :start])
+                    view.v[i][0, :, :start].copy_(v[i][:, :start])
+                view.pos = request.cached_tokens = start
+            x = torch.tensor([request.prompt_ids[view.pos:]], dtype=torch.long, device=self.model.device)
             self._use([request.adapter])
             logits = self.model(x, cache=view, last_only=True)[0, -1]
             self.rows.append(_Row(request, decoding, n, logits))
@@ -239,6 +256,11 @@ class BatchEngine:
                 self._use([r.request.adapter])
                 x = torch.tensor([r.decoding.history], dtype=torch.long, device=self.model.device)
                 logits[i] = self.model(x, cache=self.cache.rows(i, i + 1), last_only=True)[0, -1].float().cpu()
+
+    def _key(self, request: Request) -> str:
+        """The prefix cache's key: an adapter changes every layer's keys and values, so a base and each of its
+        adapters keep their own entries."""
+        return self.cache_key if request.adapter is None else f"{self.cache_key}\x00{request.adapter}"
 
     def _use(self, adapters: list) -> None:
         """The adapter of each batch row, on this (the engine's) thread; one name where the rows agree."""
@@ -256,6 +278,11 @@ class BatchEngine:
                 row.request._put(event)
         if d.reason is None:
             return True
+        if self.prefix is not None and d.reason != "cancelled":
+            i = self.rows.index(row)   # still in place: rows move only after every row has chosen
+            n = row.length
+            self.prefix.store(self._key(row.request), d.history[:n], [t[i, :, :n] for t in self.cache.k],
+                              [t[i, :, :n] for t in self.cache.v])
         self._finish(row.request, d)
         return False
 

@@ -67,6 +67,9 @@ class GenerationParams:
     # Called with (ids generated so far, 1-D float32 CPU logits) before sampling; returns the logits
     # to sample from (e.g. -inf where a grammar forbids a token). Log-probabilities stay the model's.
     logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
+    # The end-of-text id that ends the answer comes as a last TokenEvent too (text "", not part of the
+    # answer's ids or text), so its log-probability is known: what the completions API reports with echo.
+    emit_stop: bool = False
 
 
 class Session:
@@ -152,7 +155,7 @@ class Decoding:
         token, expl = choose(sample_from, p.sampling, self.gen, history, p.explain)
         if token in self.stops:
             self.reason = "eos"
-            return None
+            return self.engine.event(logits, token, "", expl, p.explain, p.top_n) if p.emit_stop else None
         self.new_ids.append(token)
         self.history.append(token)
         piece = self.decoder.step(token)
@@ -239,7 +242,9 @@ class Engine:
                     d.cancel()
                     break
                 event = d.step(session.logits)
-                if event is None:
+                if event is None or d.reason == "eos":   # an end-of-text id is never fed
+                    if event is not None:
+                        yield event
                     break
                 # The token stays in the sequence: feed it so ids, cache and logits agree and a later
                 # force() or generate() continues from a consistent state.

@@ -62,12 +62,12 @@ async def validation_error(request, e):
 
 # ---- the application ---------------------------------------------------------------------
 def create_app(served: list[Served], api_key: str | None = None, cors_origins: list[str] | None = None,
-               log=None, plugins=None):
+               log=None, plugins=None, plugin_tools: str = "trained"):
     """`plugins`: a PluginManager whose tools the server offers to the model and runs itself when a
-    request brings no tools of its own (`sol serve --plugin-tools`)."""
+    request brings no tools of its own; `plugin_tools` says which (tools.py: trained, all, none)."""
     app = FastAPI(title="Sol", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.closing = False   # `sol serve` sets it on SIGINT/SIGTERM: new requests get 503
-    state = app.state.serve = ServeState(app.state, served, log, plugins)
+    state = app.state.serve = ServeState(app.state, served, log, plugins, plugin_tools)
     # ... and calls this then, so what is still generating ends now rather than after it finishes
     app.state.cancel_inflight = lambda: cancel_all(state, list(state.inflight))
 

@@ -9,6 +9,7 @@ import json
 from ..chat.session import TESTS_NONE, json_string_arguments
 from ..errors import SolError
 from . import protocol as P
+from .schema import check_openai_strict
 from .served import Served
 
 
@@ -20,20 +21,42 @@ class _Tool:
 
 
 def chat_tools(body: dict):
-    """({name: _Tool} or None when tools are off, the OpenAI tool list for the template)."""
+    """({name: _Tool} or None when tools are off, the OpenAI tool list for the template, the names of
+    the tools a call is forced to (tool_choice "required": any of them; a named function: that one)
+    or None when the model chooses)."""
     tools = body.get("tools")
     choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        # "required" and a named function would force a call; Sol's sampler cannot yet force one in
-        # every chat template's format, and answering as "auto" would break the promise silently.
-        raise P.ApiError(400, f"tool_choice {choice!r}: not supported; Sol lets the model choose (\"auto\", the "
-                              "default) or offers no tools (\"none\")", "tool_choice", "unsupported_parameter")
+    named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
+        and isinstance(choice["function"].get("name"), str)
+    if choice not in (None, "auto", "none", "required") and not named:
+        raise P.bad("tool_choice", 'give "auto", "none", "required" or {"type": "function", "function": {"name": ...}}')
     if tools is None or choice == "none":
-        return None, []
+        if choice == "required" or named:
+            raise P.bad("tool_choice", "forces a call, but the request has no `tools`; send the tools to choose from")
+        return None, [], None
     if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
                                               and isinstance(t["function"].get("name"), str) for t in tools):
         raise P.bad("tools", 'give a list of {"type": "function", "function": {"name", "parameters"}}')
-    return {t["function"]["name"]: _Tool(t["function"].get("parameters") or {}) for t in tools}, tools
+    for k, t in enumerate(tools):
+        f = t["function"]
+        if f.get("strict") is True:
+            try:
+                check_openai_strict(f.get("parameters") or {}, f"tools[{k}].function.parameters")
+            except SolError as e:
+                raise P.ApiError(400, str(e), f"tools[{k}].function.parameters", "invalid_value") from None
+    by_name = {t["function"]["name"]: _Tool(t["function"].get("parameters") or {}) for t in tools}
+    forced = None
+    if choice == "required":
+        forced = list(by_name)
+    elif named:
+        name = choice["function"]["name"]
+        if name not in by_name:
+            raise P.bad("tool_choice", f"names the function {name!r}, which is not in `tools` "
+                                       f"({', '.join(by_name) or 'none'})")
+        forced = [name]
+    if forced == []:
+        raise P.bad("tool_choice", "\"required\" needs at least one tool in `tools`")
+    return by_name, tools, forced
 
 
 # What the server itself gives every chat template; a request's chat_template_kwargs cannot replace them.

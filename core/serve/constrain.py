@@ -12,6 +12,7 @@ import torch
 
 from ..errors import SolError
 from ..formats.tokenizer import UNK, Tokenizer
+from .schema import check_openai_strict, strict_schema
 
 
 class _Vocabulary:
@@ -39,7 +40,10 @@ def ll_tokenizer(tok: Tokenizer, n_vocab: int):
 
 
 def grammar_for(response_format: dict) -> str | None:
-    """The llguidance grammar for an OpenAI `response_format`, or None for plain text."""
+    """The llguidance grammar for an OpenAI `response_format`, or None for plain text. Schemas are
+    read as OpenAI's strict mode and vLLM read them (schema.py): objects allow only their listed
+    properties unless they say otherwise, no whitespace between tokens, and with `strict: true` what
+    OpenAI would refuse is refused, naming the keyword."""
     import llguidance
     kind = response_format.get("type")
     if kind in (None, "text"):
@@ -51,16 +55,34 @@ def grammar_for(response_format: dict) -> str | None:
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise SolError("response_format.json_schema: give an object with a `schema` object")
         schema = spec.get("schema") or {}
+        if spec.get("strict") is True:
+            check_openai_strict(schema, "response_format.json_schema.schema")
+        schema = strict_schema(schema)
     else:
         raise SolError(f"response_format.type {kind!r}: use text, json_object or json_schema")
+    return checked(lambda: llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=COMPACT),
+                   "response_format.json_schema.schema")
+
+
+# No whitespace between JSON tokens: a small model's runs of spaces or newlines would eat max_tokens.
+COMPACT = {"whitespace_flexible": False}
+
+
+def lark_grammar(lark: str, where: str) -> str:
+    """A Lark grammar (llguidance's dialect; `%json {schema}` inside it is compact as above)."""
+    import llguidance
+    return checked(lambda: llguidance.LLMatcher.grammar_from_lark(lark), where)
+
+
+def checked(make, where: str) -> str:
+    import llguidance
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
-                                                                defaults={"whitespace_flexible": False})
+        grammar = make()
     except ValueError as e:
-        raise SolError(f"response_format.json_schema.schema: {e}") from None
+        raise SolError(f"{where}: {e}") from None
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
-        raise SolError(f"response_format.json_schema.schema: {error.splitlines()[0]}")
+        raise SolError(f"{where}: {error.splitlines()[0]}")
     return grammar
 
 
@@ -68,7 +90,8 @@ class Constraint:
     """A logits processor for one request: tokens outside the grammar get -inf.
     When the grammar is complete, the request's end-of-turn tokens are what is left."""
 
-    def __init__(self, ll_tok, grammar: str, end_ids: tuple[int, ...], tok: Tokenizer, vocab_size: int):
+    def __init__(self, ll_tok, grammar: str, end_ids: tuple[int, ...], tok: Tokenizer, vocab_size: int,
+                 specials: bool = False):
         import llguidance
         self.matcher = llguidance.LLMatcher(ll_tok, grammar, log_level=0)
         if self.matcher.is_error():
@@ -77,8 +100,10 @@ class Constraint:
         self.vocab_size = vocab_size
         self.consumed = 0
         unk = tok.token_to_id(UNK)
-        # Special tokens are markup, never JSON; <|unk|> stands for characters the vocabulary lacks.
-        self.never = [i for i in set(tok.special_tokens().values()) | ({unk} if unk is not None else set())
+        # Special tokens are markup, never JSON (unless the grammar writes them: `specials`, a tool call's
+        # markers); <|unk|> stands for characters the vocabulary lacks.
+        marks = set() if specials else set(tok.special_tokens().values())
+        self.never = [i for i in marks | ({unk} if unk is not None else set())
                       if i < vocab_size and i not in self.end_ids]
 
     def allowed(self) -> torch.Tensor:

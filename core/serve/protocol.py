@@ -117,8 +117,10 @@ def now() -> int:
 FINISH = {"eos": "stop", "stop_string": "stop", "cancelled": "stop", "max_tokens": "length", "context": "length"}
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    """`cached`: prompt tokens whose keys and values came from the prefix cache, not a prefill."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _logprob(p: float) -> float:

@@ -14,6 +14,7 @@ from ..errors import SolError
 from ..generation.engine import end_of_turn_ids, stop_ids_for
 from . import protocol as P
 from .constrain import ll_tokenizer
+from .tools import ServerTools, hidden_specials, trained_tools
 
 
 @dataclass
@@ -28,6 +29,11 @@ class Served:
     _ll_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
+        # The plugin tools the model was trained to call (its sol.json), and the markup never shown as content.
+        folder = getattr(self.lm, "path", None)
+        self.trained_tools = trained_tools(getattr(self.lm, "meta", None),
+                                           str(folder / "sol.json") if folder is not None else "sol.json")
+        self.hidden = hidden_specials(self.tokenizer)
         extra = getattr(self.lm.config, "extra", None)
         self.end_ids = end_of_turn_ids(self.lm.tokenizer, extra)
         self.stop_ids = stop_ids_for(self.lm.tokenizer, extra)
@@ -62,12 +68,12 @@ class Served:
 class ServeState:
     """What every route shares, kept on `app.state.serve`."""
 
-    def __init__(self, app_state, served: list[Served], log=None, plugins=None):
+    def __init__(self, app_state, served: list[Served], log=None, plugins=None, plugin_tools: str = "trained"):
         self.app_state = app_state
         self.served = served
         self.models = {s.name: s for s in served}
         self.log = log or (lambda entry: None)
-        self.plugins = plugins      # a PluginManager when the server runs its plugin tools, else None
+        self.tools = ServerTools(plugins, plugin_tools)   # which plugin tools the server runs for a model
         self.inflight: set = set()  # engine requests still running, cancelled when the server stops
 
     def engines(self) -> list:

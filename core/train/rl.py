@@ -249,9 +249,11 @@ class RL(Stage):
 
     def lineage(self):
         files = [self.args.prompts] + ([self.args.eval_prompts] if self.args.eval_prompts else [])
+        from .tool_names import tools_field
         return {"parent": parent_info(self.parent), "data": describe_files(files),
                 "reward": {"function": self.args.reward, "model": self.args.reward_model, "beta": self.args.beta,
-                           "samples": self.args.samples}}
+                           "samples": self.args.samples},
+                **tools_field(self.parent.meta.get("tools") or [])}   # the policy calls what its SFT data taught
 
     def config_summary(self):
         a = self.args

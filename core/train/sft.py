@@ -101,8 +101,10 @@ class SFT(Stage):
         return self.lora.summary() if self.lora else {}
 
     def lineage(self):
+        from .tool_names import called_in, tools_field
         return {"parent": parent_info(self.parent), "data": describe_files([self.args.data]),
-                "examples": {"train": len(self.train_ex), "val": len(self.val_ex)}}
+                "examples": {"train": len(self.train_ex), "val": len(self.val_ex)},
+                **tools_field(called_in(self.args.data))}
 
 
 def add_arguments(p):
