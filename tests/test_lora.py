@@ -339,3 +339,33 @@ def test_a_lora_fine_tuned_model_chats_in_its_own_format(tmp_path, capsys):
         replies[name] = [e for e in events if e["type"] == "message" and e["role"] == "assistant"][-1]
     assert replies["adapter"]["content"] == "It is 84." and replies["adapter"]["completion_tokens"] < 12
     assert replies["base"]["content"] != "It is 84."
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_frozen_head_loss_equals_the_plain_loss_and_its_gradient(int8):
+    """The chunked loss through a frozen head (core/train/losses.py) gives cross_entropy_sum's value and dL/dh,
+    with ignored positions and a vocabulary limit, for a float and an int8 head."""
+    from sol.core.model.quant import Int8Linear
+    from sol.core.train import losses
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 300, bias=False).requires_grad_(False)
+    if int8:
+        head = Int8Linear.from_linear(head)
+    h = torch.randn(70, 24, requires_grad=True)
+    targets = torch.randint(0, 250, (70,))
+    targets[::7] = losses.IGNORE
+    old = losses.CHUNK_ELEMENTS
+    losses.CHUNK_ELEMENTS = 300 * 16   # several chunks of rows, and of vocabulary for the int8 head
+    try:
+        fused = losses.FrozenHeadLoss.apply(h, head, targets, losses.IGNORE, 250)
+    finally:
+        losses.CHUNK_ELEMENTS = old
+    (2 * fused).backward()
+    h2 = h.detach().clone().requires_grad_(True)
+    w = head.weight.float() if not int8 else head.float_rows()(0, 300)
+    logits = h2 @ w.T
+    logits[:, 250:] = float("-inf")
+    plain = losses.cross_entropy_sum(logits, targets)
+    (2 * plain).backward()
+    assert abs(float(fused) - float(plain)) < 1e-4 * float(plain)
+    assert torch.allclose(h.grad, h2.grad, atol=1e-5)

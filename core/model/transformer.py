@@ -329,6 +329,11 @@ class Transformer(nn.Module):
         if limit is not None and limit < logits.shape[-1]:
             # In training too: a padded id then takes no probability and gets no gradient, so the loss is
             # exactly the unpadded model's, and the padded rows never learn anything to sample.
+            if logits.requires_grad and type(self.lm_head) is not nn.Linear:
+                # A frozen int8 or block head's output comes from a custom autograd node, which torch does not
+                # let a view of be changed in place (a LoRA run's RL and reward stages): a new tensor then.
+                cols = torch.arange(logits.shape[-1], device=logits.device) >= limit
+                return logits.masked_fill(cols, float("-inf"))
             logits[..., limit:] = float("-inf")
         return logits
 

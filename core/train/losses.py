@@ -52,3 +52,74 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             g[torch.arange(e - s, device=g.device), safe[s:e]] -= 1.0             # minus the one-hot target
             grad[s:e] = (g * scale[s:e, None]).to(logits.dtype)
         return grad, None, None, None
+
+
+def lm_loss_sum(module, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+    """cross_entropy_sum(module(x), targets), without the (B, T, V) logits where the LM head is frozen (a LoRA
+    run): the head's products, softmax and gradient are done a chunk of positions at a time inside one
+    autograd node (FrozenHeadLoss). For a 151,936-token vocabulary and a batch of 4 x 256 that is ~1.9 GB of
+    logits, their log-softmax and its gradient never held at once. Elsewhere (a head that learns, Gemma's
+    soft-capped logits, a wrapped module) the plain path."""
+    from ..model.transformer import Transformer
+    head = getattr(module, "lm_head", None)
+    if (type(module) is not Transformer or module.cfg.logit_softcap is not None
+            or any(p.requires_grad for p in head.parameters())):
+        return cross_entropy_sum(module(x), targets, ignore_index)
+    h = module.hidden(x)
+    return FrozenHeadLoss.apply(h.reshape(-1, h.size(-1)), head, targets.reshape(-1), ignore_index,
+                                module.vocab_limit)
+
+
+class FrozenHeadLoss(torch.autograd.Function):
+    """Summed next-token cross-entropy of hidden states h (N, d) through a frozen LM head, whose only
+    gradient is h's: per chunk of rows, logits -> log-sum-exp and the target's logit -> (softmax - one-hot)
+    -> that chunk of dL/dh, kept for the backward pass (N x d, small). The logits live one chunk at a time,
+    and the head's two products are the two an unfused loss makes (forward, and dL/dh)."""
+
+    @staticmethod
+    def forward(ctx, h, head, targets, ignore_index: int, limit: int | None):
+        V = head.out_features
+        rows = max(1, CHUNK_ELEMENTS // V)
+        keep = targets != ignore_index
+        safe = torch.where(keep, targets, torch.zeros_like(targets))
+        weight = _head_rows(head)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        for s in range(0, h.size(0), rows):
+            e = min(s + rows, h.size(0))
+            z = head(h[s:e]).float()
+            if limit is not None and limit < V:   # ids no token owns take no probability (Transformer.logits)
+                z[:, limit:] = float("-inf")
+            lse = torch.logsumexp(z, dim=-1)
+            k = keep[s:e]
+            loss += ((lse - z.gather(1, safe[s:e, None]).squeeze(1)) * k).sum()
+            z.sub_(lse[:, None]).exp_()                                        # softmax, in place
+            z[torch.arange(e - s, device=z.device), safe[s:e]] -= 1.0           # minus the one-hot target
+            z.mul_(k[:, None].float())
+            grad[s:e] = weight(z)
+        ctx.save_for_backward(grad)
+        ctx.dtype = h.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out.float()).to(ctx.dtype), None, None, None, None
+
+
+def _head_rows(head):
+    """g (n, V) -> g W (n, d) for the head's weight W, whatever form it is held in (float rows, or Sol's int8
+    and block layers dequantized a slice of the vocabulary at a time)."""
+    import torch.nn as nn
+    if type(head) is nn.Linear:
+        return lambda g: g @ head.weight.float()
+    rows = head.float_rows()
+    V, step = head.out_features, max(1, CHUNK_ELEMENTS // max(head.in_features, 1))
+
+    def product(g):
+        out = None
+        for s in range(0, V, step):
+            part = g[:, s:s + step] @ rows(s, min(s + step, V))
+            out = part if out is None else out.add_(part)
+        return out
+    return product

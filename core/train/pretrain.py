@@ -21,7 +21,7 @@ from ..model.transformer import Transformer
 from . import adapters, checkpointing, ddp
 from .loop import Stage, TrainConfig
 from .common import load_base, parent_info
-from .losses import cross_entropy_sum
+from .losses import lm_loss_sum
 from .rollout import complete
 
 DEFAULT_PRESET = "shakespeare-cpu"   # trains on a laptop CPU in minutes
@@ -132,7 +132,7 @@ class Pretrain(Stage):
 
     def loss(self, module, batch):
         r = batch["rows"]
-        return cross_entropy_sum(module(r[:, :-1]), r[:, 1:])
+        return lm_loss_sum(module, r[:, :-1], r[:, 1:])
 
     def evaluate(self) -> dict:
         a = self.args

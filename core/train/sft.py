@@ -13,7 +13,7 @@ from . import adapters, chat_format
 from .common import (chat_sample, example_micro_batches, load_parent, pad, pad_id,
                      parent_info, save_chat_files, split_val)
 from .loop import Stage
-from .losses import IGNORE, cross_entropy_sum
+from .losses import IGNORE, lm_loss_sum
 
 DEFAULTS = {"lr": 5e-4, "max_steps": 500, "warmup": 20, "batch_size": 16, "eval_every": 100,
             "sample_every": 100, "checkpoint_every": 200}
@@ -69,7 +69,7 @@ class SFT(Stage):
         return example_micro_batches(self.train_ex, self._batch, step, cfg, dist, self.seed)
 
     def loss(self, module, batch):
-        return cross_entropy_sum(module(batch["x"]), batch["y"], ignore_index=IGNORE)
+        return lm_loss_sum(module, batch["x"], batch["y"], IGNORE)
 
     def evaluate(self):
         if not self.val_ex:
