@@ -369,3 +369,26 @@ def test_frozen_head_loss_equals_the_plain_loss_and_its_gradient(int8):
     (2 * plain).backward()
     assert abs(float(fused) - float(plain)) < 1e-4 * float(plain)
     assert torch.allclose(h.grad, h2.grad, atol=1e-5)
+
+
+def test_bad_adapters_are_one_error_line(tmp_path, capsys):
+    """An adapter made for another model, by its name or by its shapes, is one `error:` line naming it."""
+    from sol.core.cli import main
+    folder, ad, _ = _trained_adapter(tmp_path, "qwen2")
+    other = tmp_path / "other"
+    make_hf_model("llama-untied", other, seed=0)     # another name, other shapes (4 key-value heads, not 2)
+    same_shape = tmp_path / "twin"
+    make_hf_model("qwen2", same_shape, seed=3)       # another name, the same shapes
+    for model, why in ((other, "base_model_name_or_path"), (same_shape, "base_model_name_or_path")):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(model), "--adapter", str(ad), "--prompt", "hi",
+                     "--max-tokens", "2"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and why in err[0] and str(ad) in err[0]
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(other)   # the name fits, the shapes do not
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(other), "--adapter", str(ad), "--prompt", "hi", "--max-tokens", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "do not fit the model's" in err[0] and "adapter_model.safetensors" in err[0]
