@@ -56,7 +56,11 @@ alike; plus "sol_vs_llama_default", "llama_default_vs_llama" (llama.cpp's defaul
 attention: how far llama.cpp moves its own greedy tokens), "llama_default_vs_f32"; "sol_vs_sol_jitter" (Sol
 on the file against itself with its token embeddings times 1 + 1e-6 N(0, 1): what a float32-rounding-sized
 difference does); and "sol_llama_dlogprob", "sol_f32_dlogprob", "llama_f32_dlogprob": mean |log p - log p'|
-over llama.cpp's 10 most likely tokens per position.
+over llama.cpp's 10 most likely tokens per position; "sol_products_rel_diff": Sol's products fed llama.cpp's
+own inputs (benchmarks/llamacpp_dump.cpp, built against the llama.cpp build's libraries, decodes the first
+9 held-out tokens one at a time and writes its graph's tensors at the last; each of Sol's layers takes the
+product's input, attn_norm, ffn_norm, ffn_gelu or result_norm, and its output less the bias is held to
+llama.cpp's, wqkv, ffn_up, ffn_down or result_output): the largest max |Δ| / max |y| over the model's products.
 Why these: Sol's block products equal llama.cpp's to float32 rounding (~1e-7 relative, layer by layer, every
 type here), but a model whose activations are rounded to int8 codes at every product is chaotic: a 1e-6
 nudge flips codes near a rounding boundary, each flip is a whole step (~1 % of a block's largest value), and
@@ -99,6 +103,8 @@ DATA = ROOT.parent / "shared" / "data" / "shakespeare_complete.txt"
 WORDS = ROOT / "resources" / "models" / "words"
 SERVER_ARGS: list[str] = []   # --server-args
 FLOAT_ATTENTION = "-fa off -ctk f32 -ctv f32"
+DUMP_SRC = ROOT / "benchmarks" / "llamacpp_dump.cpp"
+DUMP_STEP = 8   # the decode step whose tensors the products check reads (8 earlier tokens in the cache)
 TOP = 10   # llama-server's most likely tokens per position (n_probs), for the log-probability differences
 TIMEOUT = 3600   # one child: low-bit files are decoded to float32 by Sol for now, which can take minutes
 
@@ -222,6 +228,36 @@ for name, path in files.items():
 print(json.dumps(out))
 """
 
+
+PRODUCTS_CHILD = r"""
+import json, sys
+import numpy as np
+import torch
+from sol.core.formats.checkpoint import load_model
+tensors_path, model_path = sys.argv[1], sys.argv[2]
+raw = open(tensors_path, "rb").read()
+found, i = {}, 0
+while i < len(raw):   # llamacpp_dump.cpp's records: name, NUL, int64 ne[4], float32 data
+    j = raw.index(b"\0", i)
+    n = int(np.prod(np.frombuffer(raw[j + 1:j + 33], dtype=np.int64)))
+    found.setdefault(raw[i:j].decode(), np.frombuffer(raw[j + 33:j + 33 + 4 * n], dtype=np.float32))
+    i = j + 33 + 4 * n
+model = load_model(model_path, dtype=None, quantize="auto").model
+pairs = [("result_norm", "result_output", model.lm_head)]
+for k, block in enumerate(model.blocks):   # GPT-2's products: llama.cpp's input and output names
+    pairs += [(f"attn_norm-{k}", f"wqkv-{k}", block.attn.qkv), (f"ffn_norm-{k}", f"ffn_up-{k}", block.mlp.fc),
+              (f"ffn_gelu-{k}", f"ffn_down-{k}", block.mlp.proj)]
+worst, types = 0.0, set()
+for x_name, y_name, layer in pairs:
+    with torch.inference_mode():
+        y = layer(torch.from_numpy(found[x_name].copy())[None])[0]
+        if layer.bias is not None:
+            y = y - layer.bias
+    want = found[y_name].astype(np.float64)
+    worst = max(worst, float(np.abs(y.numpy() - want).max() / np.abs(want).max()))
+    types.update(getattr(layer, "type_names", ["float32"]))
+print(json.dumps({"worst": worst, "products": len(pairs), "types": sorted(types)}))
+"""
 
 def log(*a) -> None:
     print(*a, flush=True)
@@ -498,6 +534,37 @@ def llama_server_tokens(bin_dir: Path, path: Path, ids: list[int], row: int, ser
         logf.close()
 
 
+def dump_tool() -> Path:
+    """benchmarks/llamacpp_dump.cpp built against the llama.cpp build's static libraries (seconds), cached."""
+    exe = BUILD / "bin" / "sol-llama-dump"
+    if exe.is_file() and exe.stat().st_mtime >= DUMP_SRC.stat().st_mtime:
+        return exe
+    src = llama_source()
+    libs = [BUILD / "src" / "libllama.a", *(BUILD / "ggml" / "src" / f"lib{n}.a" for n in ("ggml", "ggml-cpu", "ggml-base"))]
+    r = subprocess.run([os.environ.get("CXX", "g++"), "-O2", "-std=c++17", f"-I{src / 'include'}",
+                        f"-I{src / 'ggml' / 'include'}", str(DUMP_SRC), *map(str, libs), "-fopenmp", "-lpthread", "-ldl",
+                        "-o", str(exe)], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"building {DUMP_SRC.name} failed:\n{r.stderr[-2000:]}")
+    return exe
+
+
+def products_check(path: Path, ids: list[int]) -> dict:
+    """Sol's products fed llama.cpp's own inputs: llama.cpp decodes ids[:DUMP_STEP + 1] one at a time (float32
+    attention) and writes its graph's tensors at the last step; Sol's layers take each product's input
+    (attn_norm, ffn_norm, ffn_gelu, result_norm) and their outputs, less the bias, are held to llama.cpp's
+    (wqkv, ffn_up, ffn_down, result_output): {"worst": max |Δ| / max |y| over the products, ...}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        id_file, out = Path(tmp) / "ids.txt", Path(tmp) / "tensors.bin"
+        id_file.write_text(" ".join(map(str, ids[:DUMP_STEP + 1])))
+        subprocess.run([str(dump_tool()), str(path), str(id_file), str(out), str(DUMP_STEP), "0", "f32"], check=True,
+                       capture_output=True, timeout=600)
+        r = subprocess.run([sys.executable, "-c", PRODUCTS_CHILD, str(out), str(path)], capture_output=True, text=True,
+                           timeout=TIMEOUT, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"Sol's products child exited {r.returncode}:\n{r.stderr[-2000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
 def agree(a, b):
     if a is None or b is None:
         return None
@@ -561,6 +628,12 @@ def accuracy(bin_dir: Path, types: list[str], positions: int) -> dict:
                       "sol_llama_dlogprob": dlogprob(sol_lp, top_lp, top_ids),
                       "sol_f32_dlogprob": dlogprob(sol_lp, ref_lp, top_ids),
                       "llama_f32_dlogprob": dlogprob(np.asarray(top_lp) if top_lp else None, ref_lp, top_ids)}
+            try:
+                check = products_check(f, ids)
+                res[t]["sol_products_rel_diff"] = float(f"{check['worst']:.2g}")
+            except Exception as e:
+                warn(f"products check on {f.name}: {e}")
+                res[t]["sol_products_rel_diff"] = None
             if "default" in runs:
                 default = runs["default"][0]
                 res[t].update({"sol_vs_llama_default": agree(sol[t], default),
