@@ -23,7 +23,8 @@ Speed: for Qwen2.5-0.5B's shape (benchmarks/load.py's random-weight folder) and 
 Values are medians over the rounds; tg_ratio and pp_ratio (Sol / llama.cpp) are medians of the rounds' ratios.
 
     python benchmarks/llamacpp.py [--json] [--reps 3] [--inner 5] [--shapes qwen2.5-0.5b smollm2-360m]
-                                  [--types F16 Q8_0 Q4_0 Q4_K_M Q5_K_M Q6_K] [--accuracy [--positions 1024]]
+                                  [--types F16 Q8_0 Q4_0 Q4_K_M Q5_K_M Q6_K]
+                                  [--accuracy [--positions 1024] [--ggml-gelu] [--server-args ARGS]]
 
 With --json the last line is {SHAPE: {TYPE: {"llama_tg", "sol_tg", "tg_ratio", "llama_pp", "sol_pp",
 "pp_ratio", "llama_load_s", "sol_load_s", "llama_rss_mb", "sol_rss_mb", "sol_rss_over_torch_mb"}}} (tok/s,
@@ -660,7 +661,8 @@ def markdown(results: dict) -> str:
                 ("llama_vs_f32", "llama.cpp vs Sol f32"), ("sol_vs_llama_default", "Sol vs llama.cpp (its defaults)"),
                 ("llama_default_vs_llama", "llama.cpp (defaults) vs llama.cpp"),
                 ("sol_vs_sol_jitter", "Sol vs Sol (1e-6 jitter)"), ("sol_llama_dlogprob", "mean |Δ log p| Sol, llama.cpp"),
-                ("sol_f32_dlogprob", "Sol, Sol f32"), ("llama_f32_dlogprob", "llama.cpp, Sol f32"), ("positions", "positions")]
+                ("sol_f32_dlogprob", "Sol, Sol f32"), ("llama_f32_dlogprob", "llama.cpp, Sol f32"),
+                ("sol_products_rel_diff", "Sol's products on llama.cpp's inputs"), ("positions", "positions")]
         lines += ["", "| words model | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for t, v in results["accuracy"].items():
             lines.append(f"| {t} | " + " | ".join(f(v.get(k)) for k, _ in cols) + " |")
