@@ -660,7 +660,7 @@ def markdown(results: dict) -> str:
         cols = [("sol_vs_llama", "Sol vs llama.cpp"), ("sol_vs_f32", "Sol vs Sol f32"),
                 ("llama_vs_f32", "llama.cpp vs Sol f32"), ("sol_vs_llama_default", "Sol vs llama.cpp (its defaults)"),
                 ("llama_default_vs_llama", "llama.cpp (defaults) vs llama.cpp"),
-                ("sol_vs_sol_jitter", "Sol vs Sol (1e-6 jitter)"), ("sol_llama_dlogprob", "mean |Δ log p| Sol, llama.cpp"),
+                ("sol_vs_sol_jitter", "Sol vs Sol (1e-6 jitter)"), ("sol_llama_dlogprob", "mean Δ log p: Sol, llama.cpp"),
                 ("sol_f32_dlogprob", "Sol, Sol f32"), ("llama_f32_dlogprob", "llama.cpp, Sol f32"),
                 ("sol_products_rel_diff", "Sol's products on llama.cpp's inputs"), ("positions", "positions")]
         lines += ["", "| words model | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
