@@ -23,7 +23,8 @@ Speed: for Qwen2.5-0.5B's shape (benchmarks/load.py's random-weight folder) and 
 Values are medians over the rounds; tg_ratio and pp_ratio (Sol / llama.cpp) are medians of the rounds' ratios.
 
     python benchmarks/llamacpp.py [--json] [--reps 3] [--inner 5] [--shapes qwen2.5-0.5b smollm2-360m]
-                                  [--types F16 Q8_0 Q4_0 Q4_K_M Q5_K_M Q6_K] [--accuracy [--positions 1024]]
+                                  [--types F16 Q8_0 Q4_0 Q4_K_M Q5_K_M Q6_K]
+                                  [--accuracy [--positions 1024] [--ggml-gelu] [--server-args ARGS]]
 
 With --json the last line is {SHAPE: {TYPE: {"llama_tg", "sol_tg", "tg_ratio", "llama_pp", "sol_pp",
 "pp_ratio", "llama_load_s", "sol_load_s", "llama_rss_mb", "sol_rss_mb", "sol_rss_over_torch_mb"}}} (tok/s,
@@ -45,9 +46,29 @@ text: the tail of ../shared/data/shakespeare_complete.txt (the model trained on 
 Next-token argmax per position: Sol on the quantized file
 (one forward over each row, loaded as `sol` loads it), Sol on the F32 file in float32, and llama.cpp's
 llama-server on the quantized file (POST /completion with the token-id prefix, n_predict 1, temperature 0,
-top_k 1, cache_prompt: one new token evaluated per request). "accuracy": {TYPE: {"sol_vs_llama",
-"sol_vs_f32", "llama_vs_f32", "positions"}} (fractions of positions that agree), with an "F32" row first:
-llama.cpp and Sol on the same float32 weights, the check that both sides read the file alike.
+top_k 1, cache_prompt: one new token evaluated per request; n_probs 10 with post_sampling_probs false: its 10
+most likely tokens and their log-probabilities from the logits). llama-server runs twice per file: with
+`--server-args` (default `-fa off -ctk f32 -ctv f32`: attention in float32, as Sol's) and with its own
+defaults (flash attention on the CPU, which casts K and V to float16 and sums V in float16 whatever the
+cache type, so -ctk f32 alone changes nothing). "accuracy": {TYPE: {"sol_vs_llama", "sol_vs_f32",
+"llama_vs_f32", "positions"}} (fractions of positions that agree; llama: the --server-args run), with an
+"F32" row first: llama.cpp and Sol on the same float32 weights, the check that both sides read the file
+alike; plus "sol_vs_llama_default", "llama_default_vs_llama" (llama.cpp's defaults against its float32
+attention: how far llama.cpp moves its own greedy tokens), "llama_default_vs_f32"; "sol_vs_sol_jitter" (Sol
+on the file against itself with its token embeddings times 1 + 1e-6 N(0, 1): what a float32-rounding-sized
+difference does); and "sol_llama_dlogprob", "sol_f32_dlogprob", "llama_f32_dlogprob": mean |log p - log p'|
+over llama.cpp's 10 most likely tokens per position; "sol_products_rel_diff": Sol's products fed llama.cpp's
+own inputs (benchmarks/llamacpp_dump.cpp, built against the llama.cpp build's libraries, decodes the first
+9 held-out tokens one at a time and writes its graph's tensors at the last; each of Sol's layers takes the
+product's input, attn_norm, ffn_norm, ffn_gelu or result_norm, and its output less the bias is held to
+llama.cpp's, wqkv, ffn_up, ffn_down or result_output): the largest max |Δ| / max |y| over the model's products.
+Why these: Sol's block products equal llama.cpp's to float32 rounding (~1e-7 relative, layer by layer, every
+type here), but a model whose activations are rounded to int8 codes at every product is chaotic: a 1e-6
+nudge flips codes near a rounding boundary, each flip is a whole step (~1 % of a block's largest value), and
+the layers after amplify it, so its greedy token moves wherever the top two are close (mean |Δ log p| ~0.01
+between two such runs, against ~1e-6 in float32). Two implementations agree on a quantized model only as far
+as their float work agrees: ggml's GELU (a float16 table, `--ggml-gelu` for Sol to use it too) and flash
+attention's float16 K and V are such differences.
 `--shapes` with no names skips the speed rows (accuracy only).
 """
 from __future__ import annotations
@@ -82,6 +103,10 @@ TYPES = ("F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 DATA = ROOT.parent / "shared" / "data" / "shakespeare_complete.txt"
 WORDS = ROOT / "resources" / "models" / "words"
 SERVER_ARGS: list[str] = []   # --server-args
+FLOAT_ATTENTION = "-fa off -ctk f32 -ctv f32"
+DUMP_SRC = ROOT / "benchmarks" / "llamacpp_dump.cpp"
+DUMP_STEP = 8   # the decode step whose tensors the products check reads (8 earlier tokens in the cache)
+TOP = 10   # llama-server's most likely tokens per position (n_probs), for the log-probability differences
 TIMEOUT = 3600   # one child: low-bit files are decoded to float32 by Sol for now, which can take minutes
 
 # Hugging Face configs of the two shapes (random weights, written by transformers in float32)
@@ -145,19 +170,27 @@ print(json.dumps({"load_s": load_s, "pp": pp[len(pp) // 2], "tg": tg[len(tg) // 
                   "rss_over_torch_mb": peak - base, "quantization": lm.meta.get("quantization")}))
 '''
 
-ACC_CHILD = r'''
+ACC_CHILD = r"""
 import json, os, sys
+import numpy as np
 import torch
 torch.set_num_threads(%(threads)d)
 if os.environ.get("SOL_BENCH_GGML_GELU"):   # --ggml-gelu: GELU as ggml's float16 table gives it (vec.h)
+    import ctypes
     import torch.nn.functional as F
-    exact = F.gelu
+    libm = ctypes.CDLL("libm.so.6")
+    libm.tanhf.restype, libm.tanhf.argtypes = ctypes.c_float, [ctypes.c_float]
+    f = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):   # ggml_gelu_f32 in float32, tanhf from libm, as ggml fills its table
+        inner = (np.float32(0.7978845608028654) * f) * (np.float32(1) + (np.float32(0.044715) * f) * f)
+        th = np.array([libm.tanhf(float(v)) for v in inner], dtype=np.float32)
+        table = torch.from_numpy(((np.float32(0.5) * f) * (np.float32(1) + th)).astype(np.float16).astype(np.float32))
     def table_gelu(x, approximate="none"):
-        y = exact(x.half().float(), approximate=approximate).half().float()
+        y = table[x.half().view(torch.int16).long() & 0xffff]
         return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
     F.gelu = table_gelu
 from sol.core.formats.checkpoint import load_model
-text_path, n_pos, f32 = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+text_path, n_pos, f32, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[5]
 files = json.loads(sys.argv[4])
 ref = load_model(f32, dtype=torch.float32)
 row = ref.config.context - 1   # llama-server refuses a prompt as long as the context (it needs room for the answer)
@@ -165,22 +198,67 @@ text = open(text_path, encoding="utf-8").read()
 ids = ref.tokenizer.encode_ids(text[-len(text) // 20:], add_special_tokens=False)   # the last 5 %%
 ids = ids[-n_pos:][: n_pos // row * row]
 rows = torch.tensor(ids).view(-1, row)
-def argmax(lm):
+def forward(lm, name):
+    # greedy tokens; the log-probabilities go to out_dir/name.npy (float32, positions x vocab)
     with torch.inference_mode():
-        return lm.model(rows).argmax(-1).flatten().tolist()
-out = {"row": row, "ids": ids, "f32": argmax(ref)}
+        y = lm.model(rows).float()
+    np.save(os.path.join(out_dir, name + ".npy"), torch.log_softmax(y, -1).flatten(0, 1).numpy())
+    return y.argmax(-1).flatten().tolist()
+def jittered(lm):
+    # the same file, its token embeddings times (1 + 1e-6 N(0, 1)): a float32-rounding-sized difference
+    g = torch.Generator().manual_seed(0)
+    embed = lm.model.embed
+    plain = embed.forward
+    embed.forward = lambda idx: (lambda e: e * (1 + 1e-6 * torch.randn(e.shape, generator=g)))(plain(idx))
+    try:
+        with torch.inference_mode():
+            return lm.model(rows).argmax(-1).flatten().tolist()
+    finally:
+        embed.forward = plain
+out = {"row": row, "ids": ids, "f32": forward(ref, "f32"), "jitter": {}}
 del ref
 for name, path in files.items():
     try:
         lm = load_model(path, dtype=None, quantize="auto")   # as `sol` loads it (--dtype auto)
-        out[name] = argmax(lm)
+        out[name] = forward(lm, name)
+        out["jitter"][name] = jittered(lm)
         del lm
     except Exception as e:
         print(f"sol on {name}: {type(e).__name__}: {e}", file=sys.stderr)
         out[name] = None
 print(json.dumps(out))
-'''
+"""
 
+
+PRODUCTS_CHILD = r"""
+import json, sys
+import numpy as np
+import torch
+from sol.core.formats.checkpoint import load_model
+tensors_path, model_path = sys.argv[1], sys.argv[2]
+raw = open(tensors_path, "rb").read()
+found, i = {}, 0
+while i < len(raw):   # llamacpp_dump.cpp's records: name, NUL, int64 ne[4], float32 data
+    j = raw.index(b"\0", i)
+    n = int(np.prod(np.frombuffer(raw[j + 1:j + 33], dtype=np.int64)))
+    found.setdefault(raw[i:j].decode(), np.frombuffer(raw[j + 33:j + 33 + 4 * n], dtype=np.float32))
+    i = j + 33 + 4 * n
+model = load_model(model_path, dtype=None, quantize="auto").model
+pairs = [("result_norm", "result_output", model.lm_head)]
+for k, block in enumerate(model.blocks):   # GPT-2's products: llama.cpp's input and output names
+    pairs += [(f"attn_norm-{k}", f"wqkv-{k}", block.attn.qkv), (f"ffn_norm-{k}", f"ffn_up-{k}", block.mlp.fc),
+              (f"ffn_gelu-{k}", f"ffn_down-{k}", block.mlp.proj)]
+worst, types = 0.0, set()
+for x_name, y_name, layer in pairs:
+    with torch.inference_mode():
+        y = layer(torch.from_numpy(found[x_name].copy())[None])[0]
+        if layer.bias is not None:
+            y = y - layer.bias
+    want = found[y_name].astype(np.float64)
+    worst = max(worst, float(np.abs(y.numpy() - want).max() / np.abs(want).max()))
+    types.update(getattr(layer, "type_names", ["float32"]))
+print(json.dumps({"worst": worst, "products": len(pairs), "types": sorted(types)}))
+"""
 
 def log(*a) -> None:
     print(*a, flush=True)
@@ -403,12 +481,14 @@ def post(url: str, body: dict, timeout: float = 120) -> dict:
         raise RuntimeError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
 
 
-def llama_server_argmax(bin_dir: Path, path: Path, ids: list[int], row: int) -> list[int]:
-    """llama.cpp's greedy next token after every prefix of each row of `row` ids, from llama-server."""
+def llama_server_tokens(bin_dir: Path, path: Path, ids: list[int], row: int, server_args: list[str]):
+    """llama.cpp's greedy next token after every prefix of each row of `row` ids, from llama-server, with its
+    10 most likely tokens and their log-probabilities (from the logits, before sampling): (tokens, top ids,
+    top log-probabilities)."""
     port = free_port()
     logf = tempfile.TemporaryFile()
     server = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(path), "-t", str(THREADS), "-c", str(row + 1),
-                               "-np", "1", "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS],
+                               "-np", "1", "--host", "127.0.0.1", "--port", str(port), *server_args],
                               stdout=logf, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -426,18 +506,25 @@ def llama_server_argmax(bin_dir: Path, path: Path, ids: list[int], row: int) -> 
             if time.time() > deadline:
                 raise RuntimeError("llama-server did not become healthy in 300 s")
             time.sleep(0.2)
-        out = []
+        out, top_ids, top_lp = [], [], []
         for r0 in range(0, len(ids), row):
             for p in range(row):
                 res = post(base + "/completion", {
-                    "prompt": ids[r0:r0 + p + 1], "n_predict": 1, "n_probs": 1, "temperature": 0, "top_k": 1,
+                    "prompt": ids[r0:r0 + p + 1], "n_predict": 1, "n_probs": TOP, "post_sampling_probs": False,
+                    "temperature": 0, "top_k": 1,
                     "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "dry_multiplier": 0.0,
                     "cache_prompt": True, "return_tokens": True})
-                toks = res.get("tokens") or [c["id"] for c in res.get("completion_probabilities") or []]
+                probs = res.get("completion_probabilities") or []
+                toks = res.get("tokens") or [c["id"] for c in probs]
                 if not toks:
                     raise RuntimeError(f"llama-server gave no token: {json.dumps(res)[:500]}")
                 out.append(int(toks[0]))
-        return out
+                top = probs[0].get("top_logprobs") if probs else None
+                if top and len(top) == TOP:
+                    top_ids.append([int(c["id"]) for c in top])
+                    top_lp.append([float(c["logprob"]) for c in top])
+        complete = len(top_ids) == len(out)
+        return out, top_ids if complete else None, top_lp if complete else None
     finally:
         server.terminate()
         try:
@@ -448,13 +535,59 @@ def llama_server_argmax(bin_dir: Path, path: Path, ids: list[int], row: int) -> 
         logf.close()
 
 
+def dump_tool() -> Path:
+    """benchmarks/llamacpp_dump.cpp built against the llama.cpp build's static libraries (seconds), cached."""
+    exe = BUILD / "bin" / "sol-llama-dump"
+    if exe.is_file() and exe.stat().st_mtime >= DUMP_SRC.stat().st_mtime:
+        return exe
+    src = llama_source()
+    libs = [BUILD / "src" / "libllama.a", *(BUILD / "ggml" / "src" / f"lib{n}.a" for n in ("ggml", "ggml-cpu", "ggml-base"))]
+    r = subprocess.run([os.environ.get("CXX", "g++"), "-O2", "-std=c++17", f"-I{src / 'include'}",
+                        f"-I{src / 'ggml' / 'include'}", str(DUMP_SRC), *map(str, libs), "-fopenmp", "-lpthread", "-ldl",
+                        "-o", str(exe)], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"building {DUMP_SRC.name} failed:\n{r.stderr[-2000:]}")
+    return exe
+
+
+def products_check(path: Path, ids: list[int]) -> dict:
+    """Sol's products fed llama.cpp's own inputs: llama.cpp decodes ids[:DUMP_STEP + 1] one at a time (float32
+    attention) and writes its graph's tensors at the last step; Sol's layers take each product's input
+    (attn_norm, ffn_norm, ffn_gelu, result_norm) and their outputs, less the bias, are held to llama.cpp's
+    (wqkv, ffn_up, ffn_down, result_output): {"worst": max |Δ| / max |y| over the products, ...}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        id_file, out = Path(tmp) / "ids.txt", Path(tmp) / "tensors.bin"
+        id_file.write_text(" ".join(map(str, ids[:DUMP_STEP + 1])))
+        subprocess.run([str(dump_tool()), str(path), str(id_file), str(out), str(DUMP_STEP), "0", "f32"], check=True,
+                       capture_output=True, timeout=600)
+        r = subprocess.run([sys.executable, "-c", PRODUCTS_CHILD, str(out), str(path)], capture_output=True, text=True,
+                           timeout=TIMEOUT, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"Sol's products child exited {r.returncode}:\n{r.stderr[-2000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
 def agree(a, b):
     if a is None or b is None:
         return None
     return round(sum(x == y for x, y in zip(a, b)) / len(a), 4)
 
 
+def dlogprob(a, b, top_ids) -> float | None:
+    """Mean |log p_a - log p_b| over llama.cpp's TOP tokens at each position; a, b: (positions, vocab) arrays
+    or (positions, TOP) arrays already taken at top_ids."""
+    import numpy as np
+    if a is None or b is None or top_ids is None:
+        return None
+    ids = np.asarray(top_ids)
+
+    def take(x):
+        x = np.asarray(x, dtype=np.float64)
+        return x if x.shape == ids.shape else np.take_along_axis(x, ids, 1)
+    return round(float(np.abs(take(a) - take(b)).mean()), 5)
+
+
 def accuracy(bin_dir: Path, types: list[str], positions: int) -> dict:
+    import numpy as np
     st = WORDS / "model.safetensors"
     tag = hashlib.sha256(f"{st.stat().st_size}:{st.stat().st_mtime_ns}".encode()).hexdigest()[:8]
     f32 = sol_export(WORDS, "f32", CACHE / f"words-{tag}-f32.gguf")
@@ -466,25 +599,49 @@ def accuracy(bin_dir: Path, types: list[str], positions: int) -> dict:
             warn(f"words {t}: {e}")
     for t, f in files.items():
         log(f"words {t}: {f.name}: {tensor_types(f)}")
-    r = subprocess.run([sys.executable, "-c", ACC_CHILD % {"threads": THREADS}, str(DATA), str(positions), str(f32),
-                        json.dumps({t: str(f) for t, f in files.items()})],
-                       capture_output=True, text=True, timeout=TIMEOUT)
-    if r.returncode != 0:
-        raise RuntimeError(f"Sol's accuracy child exited {r.returncode}:\n{r.stderr[-3000:]}")
-    if r.stderr.strip():
-        warn(r.stderr.strip()[-3000:])
-    sol = json.loads(r.stdout.strip().splitlines()[-1])
-    ids, row, ref = sol["ids"], sol["row"], sol["f32"]
-    res = {}
-    for t, f in files.items():
-        try:
-            llama = llama_server_argmax(bin_dir, f, ids, row)
-        except Exception as e:
-            warn(f"llama-server on {f.name}: {e}")
-            llama = None
-        res[t] = {"sol_vs_llama": agree(sol[t], llama), "sol_vs_f32": agree(sol[t], ref),
-                  "llama_vs_f32": agree(llama, ref), "positions": len(ids)}
-        log(f"accuracy {t}: {res[t]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([sys.executable, "-c", ACC_CHILD % {"threads": THREADS}, str(DATA), str(positions),
+                            str(f32), json.dumps({t: str(f) for t, f in files.items()}), tmp],
+                           capture_output=True, text=True, timeout=TIMEOUT)
+        if r.returncode != 0:
+            raise RuntimeError(f"Sol's accuracy child exited {r.returncode}:\n{r.stderr[-3000:]}")
+        if r.stderr.strip():
+            warn(r.stderr.strip()[-3000:])
+        sol = json.loads(r.stdout.strip().splitlines()[-1])
+        ids, row, ref = sol["ids"], sol["row"], sol["f32"]
+        ref_lp = np.load(Path(tmp) / "f32.npy")
+        res = {}
+        for t, f in files.items():
+            runs = {}
+            for which, args in (("llama", SERVER_ARGS), ("default", [])):
+                if which == "default" and not SERVER_ARGS:
+                    continue
+                try:
+                    runs[which] = llama_server_tokens(bin_dir, f, ids, row, args)
+                except Exception as e:
+                    warn(f"llama-server {' '.join(args)} on {f.name}: {e}")
+                    runs[which] = (None, None, None)
+            llama, top_ids, top_lp = runs["llama"]
+            sol_lp = np.load(Path(tmp) / f"{t}.npy") if sol[t] is not None else None
+            res[t] = {"sol_vs_llama": agree(sol[t], llama), "sol_vs_f32": agree(sol[t], ref),
+                      "llama_vs_f32": agree(llama, ref), "positions": len(ids),
+                      "sol_vs_sol_jitter": agree(sol[t], sol["jitter"].get(t)),
+                      "sol_llama_dlogprob": dlogprob(sol_lp, top_lp, top_ids),
+                      "sol_f32_dlogprob": dlogprob(sol_lp, ref_lp, top_ids),
+                      "llama_f32_dlogprob": dlogprob(np.asarray(top_lp) if top_lp else None, ref_lp, top_ids)}
+            try:
+                check = products_check(f, ids)
+                res[t]["sol_products_rel_diff"] = float(f"{check['worst']:.2g}")
+            except Exception as e:
+                warn(f"products check on {f.name}: {e}")
+                res[t]["sol_products_rel_diff"] = None
+            if "default" in runs:
+                default = runs["default"][0]
+                res[t].update({"sol_vs_llama_default": agree(sol[t], default),
+                               "llama_default_vs_llama": agree(default, llama),
+                               "llama_default_vs_f32": agree(default, ref)})
+            del sol_lp
+            log(f"accuracy {t}: {res[t]}")
     return res
 
 
@@ -500,11 +657,15 @@ def markdown(results: dict) -> str:
         for t, v in rows.items():
             lines.append(f"| {shape} | {t} | " + " | ".join(f(v[k]) for k in KEYS) + " |")
     if "accuracy" in results:
-        lines += ["", "| words model | Sol vs llama.cpp | Sol vs Sol f32 | llama.cpp vs Sol f32 | positions |",
-                  "|---|---|---|---|---|"]
+        cols = [("sol_vs_llama", "Sol vs llama.cpp"), ("sol_vs_f32", "Sol vs Sol f32"),
+                ("llama_vs_f32", "llama.cpp vs Sol f32"), ("sol_vs_llama_default", "Sol vs llama.cpp (its defaults)"),
+                ("llama_default_vs_llama", "llama.cpp (defaults) vs llama.cpp"),
+                ("sol_vs_sol_jitter", "Sol vs Sol (1e-6 jitter)"), ("sol_llama_dlogprob", "mean Δ log p: Sol, llama.cpp"),
+                ("sol_f32_dlogprob", "Sol, Sol f32"), ("llama_f32_dlogprob", "llama.cpp, Sol f32"),
+                ("sol_products_rel_diff", "Sol's products on llama.cpp's inputs"), ("positions", "positions")]
+        lines += ["", "| words model | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for t, v in results["accuracy"].items():
-            lines.append(f"| {t} | {f(v['sol_vs_llama'])} | {f(v['sol_vs_f32'])} | {f(v['llama_vs_f32'])} | "
-                         f"{v['positions']} |")
+            lines.append(f"| {t} | " + " | ".join(f(v.get(k)) for k, _ in cols) + " |")
     return "\n".join(lines)
 
 
@@ -517,10 +678,12 @@ def main() -> None:
     p.add_argument("--types", nargs="+", default=list(TYPES), type=str.upper)
     p.add_argument("--accuracy", action="store_true", help="also the words model's greedy agreement per type")
     p.add_argument("--positions", type=int, default=1024, help="held-out positions for --accuracy")
-    p.add_argument("--ggml-gelu", action="store_true", help="--accuracy with Sol's GELU rounded as ggml's float16 "
-                   "table rounds it (a diagnostic: how much of the disagreement GELU makes)")
-    p.add_argument("--server-args", default="", help="more llama-server arguments for --accuracy, e.g. "
-                   "'-ctk f32 -ctv f32' (its KV cache is float16 by default; Sol's is float32)")
+    p.add_argument("--ggml-gelu", action="store_true", help="--accuracy with Sol's GELU looked up in ggml's float16 "
+                   "table, as llama.cpp's CPU backend computes it (a diagnostic: how much of the disagreement GELU makes)")
+    p.add_argument("--server-args", default=FLOAT_ATTENTION, help="llama-server arguments for --accuracy's main "
+                   f"comparison (default '{FLOAT_ATTENTION}': attention in float32, as Sol's; llama.cpp's own default, "
+                   "flash attention, casts K and V to float16 whatever the cache type, and is compared as well); "
+                   "'' for llama-server's defaults alone")
     args = p.parse_args()
     SERVER_ARGS[:] = args.server_args.split()
     if args.ggml_gelu:
