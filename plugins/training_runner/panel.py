@@ -85,7 +85,7 @@ class TrainingPanel(QWidget):
         lay.addWidget(split)
         split.addWidget(self._setup_column())
         split.addWidget(self._run_column())
-        split.setSizes([380, 900])
+        split.setSizes([400, 900])
 
         self._plot_timer = QTimer(self, interval=120)   # one plot per tick: each plot ~2 times a second
         self._plot_timer.timeout.connect(self._redraw)
@@ -153,7 +153,9 @@ class TrainingPanel(QWidget):
         self.ckpt_every = self._spin(0, 1_000_000, 100)
         self.out = QLineEdit(str(models_dir() / f"run-{time.strftime('%Y%m%d-%H%M')}"))
         # LoRA: train a small adapter on the frozen model (sft, reward, rl); --out becomes an adapter folder.
-        self.lora = QCheckBox("train a LoRA adapter (the model stays frozen)")
+        self.lora = QCheckBox("train an adapter")
+        self.lora.setToolTip("LoRA: the model stays frozen and a small adapter learns; the run writes a PEFT "
+                             "adapter folder, listed under its base in the Models panel")
         self.lora_r = self._spin(1, 4096, 16)
         self.lora_alpha = QDoubleSpinBox()
         self.lora_alpha.setRange(0.01, 100_000)
@@ -167,7 +169,8 @@ class TrainingPanel(QWidget):
         self.lora_targets.addItems(["attention,mlp", "attention", "mlp", "q,v", "all"])
         self.lora_targets.setToolTip("projections to adapt: attention, mlp, all, Sol's short names (q,k,v,o,gate,"
                                      "up,down) or PEFT's (q_proj, …)")
-        self.lora_int8 = QCheckBox("hold the base in int8 (a quarter of the memory)")
+        self.lora_int8 = QCheckBox("int8 base")
+        self.lora_int8.setToolTip("hold the frozen model in int8: about a quarter of float32's memory")
         self.estimate = QLabel()
         self.estimate.setObjectName("stat")
         self.estimate.setWordWrap(True)
@@ -182,7 +185,6 @@ class TrainingPanel(QWidget):
         form.addRow("Dropout", self.lora_dropout)
         form.addRow("Targets", self.lora_targets)
         form.addRow("", self.lora_int8)
-        form.addRow("Estimate", self.estimate)
         form.addRow("Reward", self.reward)
         form.addRow("Tokenizer", self.tokenizer)
         form.addRow("Preset", self.preset)
@@ -204,6 +206,7 @@ class TrainingPanel(QWidget):
         for b in (self.start_btn, self.stop_btn, self.resume_btn):
             buttons.addWidget(b)
         col.addLayout(buttons)
+        col.addWidget(self.estimate)
         col.addStretch(1)
         self.start_btn.clicked.connect(lambda: self.start(resume=False))
         self.resume_btn.clicked.connect(lambda: self.start(resume=True))
@@ -217,7 +220,15 @@ class TrainingPanel(QWidget):
                     self.data.editingFinished):
             sig.connect(lambda *_: self._estimate_timer.start())
         self._buttons()
-        return w
+        # The form is taller than a small window: it scrolls rather than squeezing its rows.
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setWidget(w)
+        scroll.setMinimumWidth(396)   # the form's 380 and a scroll bar
+        scroll.setMaximumWidth(400)
+        return scroll
 
     def _spin(self, lo, hi, v) -> QSpinBox:
         s = QSpinBox()
@@ -302,12 +313,14 @@ class TrainingPanel(QWidget):
         pre = stage == "pretrain"
         # Only the fields this stage reads are shown (a greyed-out field still reads as a setting).
         lora = not pre and self.lora.isChecked()
-        for widget, shown in ((self.base, not pre), (self.tokenizer, pre), (self.preset, pre),
+        # (--context is pretraining's: the chat stages cut conversations to the model's own context)
+        for widget, shown in ((self.base, not pre), (self.tokenizer, pre), (self.preset, pre), (self.context, pre),
                               (self.reward, stage == "rl"), (self.lora, not pre), (self.lora_r, lora),
                               (self.lora_alpha, lora), (self.lora_dropout, lora), (self.lora_targets, lora),
-                              (self.lora_int8, lora), (self.estimate, lora)):
+                              (self.lora_int8, lora)):
             widget.setEnabled(shown)
             self.form.setRowVisible(widget, shown)
+        self.estimate.setVisible(lora)
         if lora:
             self._estimate_timer.start()
         self.data_hint.setText(spec.get("data", ""))
@@ -396,25 +409,29 @@ class TrainingPanel(QWidget):
         def work():
             if self._flops is None:
                 self._flops = matmul_flops(device)
-            return lora_estimate(*args, flops=self._flops)
+            return args, lora_estimate(*args, flops=self._flops)
 
         self._estimate_args = args
-        self.ctx.run(work, on_done=lambda e, a=args: self._show_estimate(e, a),
-                     on_error=lambda e: self.estimate.setText(f"✗ {e}"))
+        # Bound methods, not lambdas: a panel closed meanwhile is disconnected, not painted after its deletion.
+        self.ctx.run(work, on_done=self._show_estimate, on_error=self._estimate_failed)
 
-    def _show_estimate(self, e, args):
+    def _estimate_failed(self, e):
+        self.estimate.setText(f"✗ {e}")
+
+    def _show_estimate(self, result):
+        args, e = result
         if args != getattr(self, "_estimate_args", None):   # the form changed meanwhile: a newer one is coming
             return
         self.estimate_result = e
         base_kind = "int8" if args[3] else "float32"
         when = f"about {fmt_eta(e.seconds)} for {e.steps:,} steps" if e.seconds is not None else "unknown"
         self.estimate.setText(
-            f"<b>memory ≈ {fmt_bytes(e.total_bytes)}</b> (an estimate): base {fmt_bytes(e.base_bytes)} "
-            f"({base_kind}) + adapter {e.adapter_params:,} parameters × 16 B = {fmt_bytes(e.adapter_bytes)} "
-            f"+ activations ≈ {fmt_bytes(e.activation_bytes)} (batch {e.batch} × {e.seq_len} tokens, "
-            f"{e.seq_from})<br><b>time ≥ {when}</b> at ≤ {e.tokens_per_s or 0:,.0f} tokens/s, from this "
-            f"machine's matrix-product speed; small models run slower than that, and the first steps "
-            f"measure it")
+            f"Estimate, before it runs:<br><b>memory ≈ {fmt_bytes(e.total_bytes)}</b>: base "
+            f"{fmt_bytes(e.base_bytes)} ({base_kind}) + adapter {e.adapter_params:,} parameters × 16 B = "
+            f"{fmt_bytes(e.adapter_bytes)} + activations ≈ {fmt_bytes(e.activation_bytes)} (batch {e.batch} × "
+            f"{e.seq_len} tokens, {e.seq_from}) + Python and torch ≈ {fmt_bytes(e.runtime_bytes)}<br>"
+            f"<b>time ≥ {when}</b> at ≤ {e.tokens_per_s or 0:,.0f} tokens/s, from this machine's matrix-product "
+            f"speed; small models run slower, and the first steps measure it")
 
     def browse_data(self):
         filt = "Text (*.txt *.md);;All (*)" if self.stage.currentData() == "pretrain" else "JSONL (*.jsonl);;All (*)"

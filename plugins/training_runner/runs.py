@@ -156,6 +156,9 @@ def lineage(models: list[dict]) -> list[Node]:
 # ---- a LoRA fine-tune's memory and time, before it starts --------------------------------------------------
 ADAPTER_BYTES_PER_PARAM = 16   # float32 weight, its gradient, AdamW's two moments
 TRAIN_EFFICIENCY = 0.4         # the share of a plain matrix product's speed a training step reaches, at best
+# Python, torch and the data before any model (measured: `import torch` and Sol's trainer, ~0.23 GB resident, and
+# a starter-sized run's fixed part, ~0.3 GB in all, on x86-64 Linux)
+RUNTIME_BYTES = 300 * 2 ** 20
 
 
 @dataclass
@@ -165,6 +168,7 @@ class LoraEstimate:
     base_bytes: int             # the frozen model: float32 4 bytes a parameter, int8 about 1
     adapter_bytes: int          # adapter parameters x 16 bytes
     activation_bytes: int       # what backpropagation keeps for one batch x seq_len tokens (a rough count)
+    runtime_bytes: int          # Python and torch themselves
     batch: int
     seq_len: int
     seq_from: str               # where seq_len comes from: the data's longest conversation, or the context
@@ -174,7 +178,7 @@ class LoraEstimate:
 
     @property
     def total_bytes(self) -> int:
-        return self.base_bytes + self.adapter_bytes + self.activation_bytes
+        return self.base_bytes + self.adapter_bytes + self.activation_bytes + self.runtime_bytes
 
     @property
     def seconds(self) -> float | None:
@@ -219,8 +223,9 @@ def longest_conversation(model_path: str, data: str, context: int, limit: int = 
     return min(longest, context) if longest else None
 
 
-def matmul_flops(device: str = "cpu", seconds: float = 0.15) -> float:
-    """This machine's speed at a plain float32 matrix product (bfloat16 on a CUDA GPU), in FLOP/s."""
+def matmul_flops(device: str = "cpu", seconds: float = 0.2) -> float:
+    """This machine's speed at a plain float32 matrix product (bfloat16 on a CUDA GPU), in FLOP/s: the fastest
+    of the products timed for `seconds` (what the machine can do, not what a busy moment leaves of it)."""
     import time as _time
 
     import torch
@@ -229,21 +234,24 @@ def matmul_flops(device: str = "cpu", seconds: float = 0.15) -> float:
     n = 1024
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     a @ b   # warm-up
-    done, t0 = 0, _time.perf_counter()
-    while _time.perf_counter() - t0 < seconds:
+    best, start = float("inf"), _time.perf_counter()
+    while _time.perf_counter() - start < seconds:
+        t0 = _time.perf_counter()
         a @ b
-        done += 1
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * done / (_time.perf_counter() - t0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, _time.perf_counter() - t0)
+    return 2 * n ** 3 / best
 
 
 def lora_estimate(model_path: str, r: int, targets: str, int8: bool, batch: int, steps: int,
                   data: str | None = None, flops: float | None = None) -> LoraEstimate:
     """Memory and time of a LoRA fine-tune, before it runs (an estimate, and labelled so):
     memory = frozen base (float32 4 bytes a parameter, int8 about 1) + adapter parameters x 16 bytes (weight,
-    gradient, AdamW's two moments) + activations for batch x sequence (per token and layer: ~10 d_model +
-    2-4 d_ff floats, the attention weights, and the logits with their gradient); time = tokens / (this machine's
+    gradient, AdamW's two moments) + activations for batch x sequence (float32, per token and layer: ~18 d_model
+    + 3 d_ff (5 gated) for the norms, projections, residuals and the adapters' inputs, 2 x heads x sequence for
+    the attention's scores and weights; then the logits with their gradient) + Python and torch themselves (on
+    the starter, batch 4 to 32, within 10 % of the run's peak resident memory); time = tokens / (this machine's
     matrix-product FLOP/s x TRAIN_EFFICIENCY / (4 x parameters + attention)): forward and the input's gradient
     through the frozen model, the adapter's own products on top. Small models are slower than that (Python's
     per-step cost dominates): the first steps' measured speed is the figure to trust."""
@@ -257,12 +265,12 @@ def lora_estimate(model_path: str, r: int, targets: str, int8: bool, batch: int,
         seq_from = "the longest conversation in the data"
     if not seq:
         seq, seq_from = cfg.context, "the model's context window"
-    per_token_layer = 10 * cfg.d_model + (4 if cfg.gated else 2) * cfg.d_ff + 2 * cfg.n_head * seq
+    per_token_layer = 18 * cfg.d_model + (5 if cfg.gated else 3) * cfg.d_ff + 2 * cfg.n_head * seq
     activations = 4 * batch * seq * (cfg.n_layer * per_token_layer + 3 * cfg.vocab_size)
     fpt = 4 * params + 6 * adapter + 6 * cfg.n_layer * seq * cfg.n_head * cfg.head_dim
     tps = flops * TRAIN_EFFICIENCY / fpt if flops else None
     return LoraEstimate(params, adapter, params * (1 if int8 else 4), adapter * ADAPTER_BYTES_PER_PARAM,
-                        activations, batch, seq, seq_from, fpt, tps, steps)
+                        activations, RUNTIME_BYTES, batch, seq, seq_from, fpt, tps, steps)
 
 
 def fmt_bytes(n: float) -> str:
