@@ -192,7 +192,7 @@ class ModelsPanel(QWidget):
         self.table.itemDoubleClicked.connect(lambda *_: self.load_selected())
         ctx.model_changed.connect(self._on_model)
         ctx.models_changed.connect(self.refresh)        # a training run wrote a model or an adapter
-        ctx.adapter_changed.connect(lambda _: self._on_model(ctx.loaded))
+        ctx.adapter_changed.connect(self._on_adapter)
         self._on_model(ctx.loaded)
         self.refresh()
 
@@ -330,8 +330,11 @@ class ModelsPanel(QWidget):
         if loaded is not None and self._ready and not any(Path(m["path"]) == Path(loaded.path) for m in self.models):
             self.refresh()
         self.unload_btn.setEnabled(loaded is not None)
-        adapter = f"  with adapter {self.ctx.active_adapter}" if loaded and self.ctx.active_adapter else ""
+        adapter = f" with adapter {self.ctx.active_adapter}" if loaded and self.ctx.active_adapter else ""
         self.loaded_label.setText(f"Loaded: {loaded.name}{adapter}  ({loaded.path})" if loaded else "No model loaded.")
+
+    def _on_adapter(self, _name):
+        self._on_model(self.ctx.loaded)
 
     def import_clicked(self):
         d = QFileDialog.getExistingDirectory(self, "Model folder to import")

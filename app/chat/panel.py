@@ -229,10 +229,14 @@ class ChatPanel(QWidget):
         if loaded is None:
             return
         from sol.core.formats.registry import list_models
-        self.ctx.run(list_models, on_done=lambda models, lm=loaded: self._fill_adapters(models, lm),
-                     on_error=lambda e: self.ctx.status_message.emit(f"adapters: {e}"))
+        # Bound methods, not lambdas: a panel closed meanwhile is disconnected, not painted after its deletion.
+        self.ctx.run(lambda: (list_models(), loaded), on_done=self._fill_adapters, on_error=self._adapters_failed)
 
-    def _fill_adapters(self, models: list[dict], lm):
+    def _adapters_failed(self, e):
+        self.ctx.status_message.emit(f"adapters: {e}")
+
+    def _fill_adapters(self, result):
+        models, lm = result
         if lm is not self.ctx.loaded:     # another model was loaded meanwhile
             return
         self.adapter.blockSignals(True)
