@@ -10,6 +10,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QDialog, QDialogBut
                                QHBoxLayout, QHeaderView, QLabel, QLineEdit, QMessageBox, QPushButton, QSpinBox,
                                QTableWidget, QTableWidgetItem, QWidget)
 
+from .adapters import base_entry, is_adapter, with_adapters_under_bases
 from .kit import page, table
 
 COLUMNS = ["Name", "Format", "Architecture", "Parameters", "Stage", "Path"]
@@ -29,6 +30,24 @@ def model_details(path: str) -> dict:
         meta = read_json(d / "sol.json")
         info["parameters"] = meta.get("parameters", info["parameters"])
         info["stage"] = meta.get("stage", "base")
+        info["parent"] = describe_parent(meta.get("parent"))
+    return info
+
+
+def adapter_details(path: str) -> dict:
+    """What a LoRA adapter folder says about itself: its base, rank, scaling, targets, and sol.json's lineage."""
+    from sol.core.formats.adapter import read_config
+    from sol.core.formats.loaded import read_json
+    d = Path(path)
+    cfg = read_config(d)
+    targets = cfg.get("target_modules")
+    info = {"format": "lora (PEFT adapter)", "base": cfg.get("base_model_name_or_path"), "r": cfg.get("r"),
+            "lora_alpha": cfg.get("lora_alpha"), "lora_dropout": cfg.get("lora_dropout"),
+            "targets": ", ".join(targets) if isinstance(targets, list) else str(targets)}
+    if (d / "sol.json").is_file():
+        meta = read_json(d / "sol.json")
+        info["stage"] = meta.get("stage", "?")
+        info["steps"] = meta.get("steps", "?")
         info["parent"] = describe_parent(meta.get("parent"))
     return info
 
@@ -135,8 +154,11 @@ class ModelsPanel(QWidget):
         self.unload_btn = QPushButton("Unload")
         self.import_btn = QPushButton("Import folder…")
         self.new_btn = QPushButton("New from preset…")
+        self.fine_tune_btn = QPushButton("Fine-tune…")
+        self.fine_tune_btn.setToolTip("Train a LoRA adapter on this model with a chat JSONL (the Training panel); "
+                                      "the adapter appears under the model here")
         self.refresh_btn = QPushButton("Refresh")
-        for b in (self.load_btn, self.unload_btn, self.import_btn, self.new_btn):
+        for b in (self.load_btn, self.unload_btn, self.fine_tune_btn, self.import_btn, self.new_btn):
             bar.addWidget(b)
         bar.addStretch(1)
         bar.addWidget(self.refresh_btn)
@@ -165,9 +187,12 @@ class ModelsPanel(QWidget):
         self.import_btn.clicked.connect(self.import_clicked)
         self.new_btn.clicked.connect(self.new_clicked)
         self.refresh_btn.clicked.connect(self.refresh)
+        self.fine_tune_btn.clicked.connect(self.fine_tune_selected)
         self.table.itemSelectionChanged.connect(self.show_details)
         self.table.itemDoubleClicked.connect(lambda *_: self.load_selected())
         ctx.model_changed.connect(self._on_model)
+        ctx.models_changed.connect(self.refresh)        # a training run wrote a model or an adapter
+        ctx.adapter_changed.connect(self._on_adapter)
         self._on_model(ctx.loaded)
         self.refresh()
 
@@ -188,14 +213,18 @@ class ModelsPanel(QWidget):
             info = inspect(Path(loaded.path))   # loaded from elsewhere (--model PATH): list it too
             if info:
                 models = [{"name": loaded.name, "path": str(loaded.path), **info}] + models
-        self.models = models
-        self.table.setRowCount(len(models))
-        for r, m in enumerate(models):
+        rows = with_adapters_under_bases(models)
+        self.models = [m for m, _ in rows]
+        self.table.setRowCount(len(rows))
+        for r, (m, depth) in enumerate(rows):
             if "broken" in m:
-                for c, v in enumerate([m["name"], "", "broken", "", "", m["path"]]):
+                for c, v in enumerate([("    └ " if depth else "") + m["name"], "", "broken", "", "", m["path"]]):
                     item = QTableWidgetItem(v)
                     item.setToolTip(m["broken"])
                     self.table.setItem(r, c, item)
+                continue
+            if is_adapter(m):
+                self._adapter_row(r, m, models)
                 continue
             stage = ""
             if m["format"] == "sol":
@@ -210,6 +239,7 @@ class ModelsPanel(QWidget):
                 if c == 3:
                     item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
                 self.table.setItem(r, c, item)
+        models = self.models
         loaded = self.ctx.loaded
         for r, m in enumerate(models):
             if loaded is not None and Path(m["path"]) == Path(loaded.path):
@@ -220,6 +250,28 @@ class ModelsPanel(QWidget):
                 self.table.selectRow(0)
         self._ready = True
 
+    def _adapter_row(self, r: int, m: dict, models: list[dict]):
+        """An adapter, indented under its base: `lora r16`, what it adapts, its own parameters, its stage."""
+        from sol.core.formats.loaded import read_json
+        base = base_entry(m, models)
+        what = f"adapter of {base['name']}" if base else f"adapter; base not here: {m.get('base') or '?'}"
+        stage, meta = "", Path(m["path"]) / "sol.json"
+        try:
+            stage = read_json(meta).get("stage", "") if meta.is_file() else ""
+        except Exception:
+            stage = "?"
+        fmt = f"lora r{m['r']}" if m.get("r") else "lora"
+        params = human(m["parameters"]) if m.get("parameters") else "?"
+        for c, v in enumerate(["    └ " + m["name"], fmt, what, params, stage, m["path"]]):
+            item = QTableWidgetItem(v)
+            item.setForeground(QColor("#b8bdc8"))
+            if c == 3:
+                item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
+            if c == 2 and base is None:
+                item.setToolTip("Its adapter_config.json names a base model that is not in this list; get that "
+                                "model (or import its folder) to use the adapter")
+            self.table.setItem(r, c, item)
+
     def selected(self) -> dict | None:
         rows = self.table.selectionModel().selectedRows()
         return self.models[rows[0].row()] if rows else None
@@ -229,9 +281,10 @@ class ModelsPanel(QWidget):
         if m is None:
             return
         try:
-            info = model_details(m["path"])
+            info = adapter_details(m["path"]) if is_adapter(m) else model_details(m["path"])
         except Exception as e:
             info = {"error": str(e)}
+        self.fine_tune_btn.setEnabled(not is_adapter(m) and "broken" not in m)
         info = {"name": m["name"], **info, "path": m["path"]}
         items = list(info.items())
         half = (len(items) + 1) // 2
@@ -248,14 +301,40 @@ class ModelsPanel(QWidget):
     # ---- actions -----------------------------------------------------------
     def load_selected(self):
         m = self.selected()
-        if m is not None:
+        if m is None:
+            return
+        if not is_adapter(m):
             self.ctx.load_model(m["path"])
+            return
+        # An adapter: its base (loaded once; kept when it is the loaded model), then the adapter on it.
+        base = base_entry(m, self.models)
+        base_path = base["path"] if base else m.get("base") or ""
+        if not base_path or (base is None and not Path(base_path).expanduser().exists()):
+            self._error(f"{m['path']}: its base model {m.get('base')!r} is not on this disk; get that model "
+                        "(or import its folder), then load the adapter")
+            return
+        loaded = self.ctx.loaded
+        if loaded is not None and Path(loaded.path).resolve() == Path(base_path).expanduser().resolve():
+            self.ctx.use_adapter(m["path"])
+        else:
+            self.ctx.load_model(base_path, on_done=lambda _lm: self.ctx.use_adapter(m["path"]))
+
+    def fine_tune_selected(self):
+        """Open the Training panel set up to train a LoRA adapter on the selected model."""
+        m = self.selected()
+        if m is None or is_adapter(m) or "broken" in m:
+            return
+        self.ctx.fine_tune(m)
 
     def _on_model(self, loaded):
         if loaded is not None and self._ready and not any(Path(m["path"]) == Path(loaded.path) for m in self.models):
             self.refresh()
         self.unload_btn.setEnabled(loaded is not None)
-        self.loaded_label.setText(f"Loaded: {loaded.name}  ({loaded.path})" if loaded else "No model loaded.")
+        adapter = f" with adapter {self.ctx.active_adapter}" if loaded and self.ctx.active_adapter else ""
+        self.loaded_label.setText(f"Loaded: {loaded.name}{adapter}  ({loaded.path})" if loaded else "No model loaded.")
+
+    def _on_adapter(self, _name):
+        self._on_model(self.ctx.loaded)
 
     def import_clicked(self):
         d = QFileDialog.getExistingDirectory(self, "Model folder to import")

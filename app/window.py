@@ -108,6 +108,7 @@ class MainWindow(QMainWindow):
 
         self._build_status_bar()
         ctx.model_changed.connect(self._on_model)
+        ctx.adapter_changed.connect(self._on_adapter)
         ctx.model_loading.connect(self._on_model_loading)
         ctx.model_load_progress.connect(self._on_load_progress)
         ctx.model_failed.connect(self._on_model_failed)
@@ -232,6 +233,9 @@ class MainWindow(QMainWindow):
         bar.setToolTip(what)
         bar.show()
 
+    def _on_adapter(self, _name):
+        self._on_model(self.ctx.loaded)
+
     def _on_model(self, loaded):
         self.load_bar.hide()
         if loaded is None:
@@ -244,7 +248,8 @@ class MainWindow(QMainWindow):
         held = block_types(loaded.model)   # a GGUF file run in its own blocks: its types (Q4_K + Q6_K ...)
         kind = "+".join(held) if held else "int8" if is_quantized(loaded.model) else \
             str(loaded.model.dtype).replace("torch.", "")
-        self.model_label.setText(f"model: {loaded.name} · {n / 1e6:.2f}M params · "
+        adapter = f" + adapter {self.ctx.active_adapter}" if self.ctx.active_adapter else ""
+        self.model_label.setText(f"model: {loaded.name}{adapter} · {n / 1e6:.2f}M params · "
                                  f"{memory_bytes(loaded.model) / 2**20:.1f} MB ({kind})")
         self.settings.setValue("model/last", str(loaded.path))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -462,3 +463,186 @@ def test_load_progress_reaches_the_gui_thread_about_30_times_a_second_and_the_la
     relay(1.0, "late")
     qtbot.wait(100)
     assert got[-1][1:] == (1.0, "ready")
+
+
+def test_fine_tune_from_the_models_panel_lists_the_adapter_under_its_base_and_the_chat_runs_it(
+        window, qtbot, tmp_path):
+    """Models panel → Fine-tune → the Training panel (LoRA, an estimate) → `sol train sft --lora` → the adapter
+    under its base in the Models panel → the chat's selector puts it on the loaded base, and answers with it."""
+    from sol.core.data.synthetic import write
+    from sol.core.formats.registry import builtin_models_dir, models_dir
+    from sol.core.model import lora
+    win, ctx = window
+    data = write("sft", 40, 0, tmp_path / "chat.jsonl")
+    models = win.panel("models")
+    qtbot.waitUntil(models.is_ready, timeout=20_000)
+    starter = str(builtin_models_dir() / "starter")
+    row = next(r for r, m in enumerate(models.models) if m["path"] == starter)
+    models.table.selectRow(row)
+    assert models.fine_tune_btn.isEnabled()
+    models.fine_tune_btn.click()
+    training = win.current_panel()
+    assert training is win.panel("training")
+    assert training.stage.currentData() == "sft" and training.base.currentData() == starter
+    assert training.lora.isChecked() and training.form.isRowVisible(training.lora_r)
+    out = Path(training.out.text())
+    assert out.parent == models_dir() and out.name.startswith("starter-lora-")
+    training.data.setText(str(data))
+    training.steps.setValue(3)
+    training.batch.setValue(4)
+    training.eval_every.setValue(0)
+    training.sample_every.setValue(0)
+    training.ckpt_every.setValue(0)
+    training.lora_r.setValue(4)
+    training.update_estimate()
+    qtbot.waitUntil(lambda: training.estimate_result is not None and training.estimate_result.steps == 3
+                    and training.estimate_result.adapter_params == 4 * 131072 // 16, timeout=30_000)
+    e = training.estimate_result
+    assert e.seq_from == "the longest conversation in the data" and 0 < e.seq_len <= 128
+    assert e.total_bytes == e.base_bytes + e.adapter_bytes + e.activation_bytes + e.runtime_bytes
+    assert e.base_bytes == 4 * e.base_params and e.adapter_bytes == 16 * e.adapter_params
+    assert "memory ≈" in training.estimate.text() and training.estimate.text().startswith("Estimate")
+    training.start_btn.click()
+    argv = training.argv
+    assert "--lora" in argv and argv[argv.index("--lora-r") + 1] == "4" and "--quantize" not in argv
+    qtbot.waitUntil(lambda: training.state in ("done", "failed"), timeout=90_000)
+    assert training.state == "done", training.log.toPlainText()[-2000:]
+    assert (out / "adapter_config.json").is_file()
+
+    # the Models panel refreshed on the run's end: the adapter is the row under its base, indented
+    def listed():
+        rows = [m["path"] for m in models.models]
+        return str(out) in rows and rows.index(str(out)) > rows.index(starter)
+    qtbot.waitUntil(listed, timeout=20_000)
+    rows = [m["path"] for m in models.models]
+    r = rows.index(str(out))
+    base_row = rows.index(starter)
+    assert all(models.models[i]["format"] == "lora" for i in range(base_row + 1, r + 1))
+    assert models.table.item(r, 0).text().strip() == f"└ {out.name}"
+    assert models.table.item(r, 1).text() == "lora r4" and models.table.item(r, 2).text() == "adapter of starter"
+    models.table.selectRow(r)
+    assert not models.fine_tune_btn.isEnabled()           # an adapter is fine-tuned through its base
+
+    # the chat: load the base, answer once without the adapter, switch, answer again (greedy, same prompt)
+    models.table.selectRow(base_row)
+    models.load_selected()
+    qtbot.waitUntil(lambda: ctx.loaded is not None, timeout=30_000)
+    chat = win.panel("chat")
+    qtbot.waitUntil(lambda: chat.adapter.findData(str(out)) >= 0, timeout=20_000)
+    assert chat.adapter.isVisible() or not chat.isVisible()
+    chat.params.temperature.setValue(0.0)
+    chat.params.max_tokens.setValue(6)
+    model = ctx.loaded.model
+
+    def answer():
+        chat.new_chat()
+        chat.send("what is 3 times 4?")
+        qtbot.waitUntil(lambda: not chat.busy, timeout=30_000)
+        a = [b for b in chat.bubbles if type(b).__name__ == "AnswerBubble"][-1]
+        return [t["logprob"] for t in a.tokens]
+    before = answer()
+    i = chat.adapter.findData(str(out))
+    chat.adapter.setCurrentIndex(i)
+    chat.adapter.activated.emit(i)
+    qtbot.waitUntil(lambda: ctx.active_adapter == out.name, timeout=20_000)
+    assert ctx.loaded.model is model                          # the base was not reloaded
+    assert lora.adapter_names(model) == [out.name]
+    assert all(layer.active == out.name for layer in lora.lora_layers(model).values())
+    assert f"adapter {out.name}" in chat.model_hint.text()
+    after = answer()
+    assert len(before) == len(after) and before != after     # the answer ran with the adapter's weights
+    # back to the base: the same answer as before, and the adapter stays on the model for the next switch
+    chat.adapter.setCurrentIndex(0)
+    chat.adapter.activated.emit(0)
+    qtbot.waitUntil(lambda: ctx.active_adapter is None, timeout=20_000)
+    assert answer() == pytest.approx(before, abs=1e-5)
+    assert lora.adapter_names(model) == [out.name]
+
+
+def _random_adapter(base_dir, out, seed=1):
+    """A LoRA adapter folder for the model at base_dir whose B is not zero (it changes the model's answers)."""
+    import torch
+
+    from sol.core.formats.adapter import save_adapter
+    from sol.core.model import lora
+    lm = loaded(base_dir)
+    settings = lora.LoraSettings(r=2, alpha=4.0, dropout=0.0)
+    torch.manual_seed(seed)
+    for p in lora.add_adapter(lm.model, settings):
+        torch.nn.init.normal_(p, std=0.5)
+    return save_adapter(out, lm.model, settings, str(base_dir), {"name": Path(out).name, "stage": "sft"})
+
+
+def test_an_adapter_switch_waits_for_the_answer_being_generated(window, qtbot, tmp_path):
+    import threading
+
+    from sol.core.model import lora
+    win, ctx = window
+    base = make_tiny_model(tmp_path / "m")
+    adapter = _random_adapter(base, tmp_path / "ad")
+    ctx.set_model(loaded(base))
+    release, seen = threading.Event(), []
+
+    def slow(cancel):       # a generation in flight: records which adapter each of its steps ran with
+        for _ in range(3):
+            layers = lora.lora_layers(ctx.loaded.model)
+            seen.append(next(iter(layers.values())).active if layers else None)
+            release.wait(10)
+            yield {"type": "token"}
+    worker = ctx.stream(slow, lambda ev: None)
+    qtbot.waitUntil(lambda: len(seen) == 1, timeout=10_000)
+    ctx.use_adapter(str(adapter))
+    qtbot.wait(300)
+    assert ctx.active_adapter is None and ctx.adapter_busy     # waiting for the answer to end
+    assert lora.adapter_names(ctx.loaded.model) == []          # not even put on the model yet
+    release.set()
+    qtbot.waitUntil(lambda: ctx.active_adapter == "ad", timeout=20_000)
+    assert seen == [None, None, None] and not worker.running and not ctx.adapter_busy
+    # a generation started while an adapter is being put on waits for it, and runs with it
+    adapter2 = _random_adapter(base, tmp_path / "ad2", seed=2)
+    ctx.use_adapter(str(adapter2))
+    got = []
+    ctx.stream(lambda cancel: iter([next(iter(lora.lora_layers(ctx.loaded.model).values())).active]), got.append)
+    qtbot.waitUntil(lambda: bool(got), timeout=20_000)
+    assert got == ["ad2"] and ctx.active_adapter == "ad2"
+    assert sorted(lora.adapter_names(ctx.loaded.model)) == ["ad", "ad2"]
+    # a folder that does not fit the model: one message naming it, the model keeps its adapter
+    other = make_tiny_model(tmp_path / "other", d_model=48)
+    bad = _random_adapter(other, tmp_path / "bad")
+    failures = []
+    ctx.adapter_failed.connect(failures.append)
+    ctx.use_adapter(str(bad))
+    qtbot.waitUntil(lambda: bool(failures), timeout=20_000)
+    assert str(bad) in failures[0] and ctx.active_adapter == "ad2"
+
+
+def test_models_panel_loads_an_adapter_onto_its_base(window, qtbot, tmp_path, isolated_home):
+    from sol.core.formats.registry import list_models
+    win, ctx = window
+    base = make_tiny_model(isolated_home / "models" / "tiny")
+    _random_adapter(base, isolated_home / "models" / "tiny-ad")
+    panel = win.panel("models")
+    panel._fill(list_models(True))
+    names = [m["name"] for m in panel.models]
+    r = names.index("tiny-ad")
+    assert names[r - 1] == "tiny" and panel.table.item(r, 2).text() == "adapter of tiny"
+    panel.table.selectRow(r)
+    assert "r" in [panel.details.item(i, c).text() for i in range(panel.details.rowCount()) for c in (0, 2)
+                   if panel.details.item(i, c)]
+    panel.load_selected()                  # the base first, then the adapter on it
+    qtbot.waitUntil(lambda: ctx.active_adapter == "tiny-ad", timeout=30_000)
+    assert ctx.loaded.path == base and "with adapter tiny-ad" in panel.loaded_label.text()
+
+
+def test_training_panel_shows_tokenizing_progress_then_steps(window):
+    win, ctx = window
+    panel = win.panel("training")
+    panel.handle({"type": "progress", "what": "tokenizing the corpus", "done": 25 * 2 ** 20, "total": 100 * 2 ** 20})
+    assert panel.progress.value() == 250 and panel.progress.text() == "tokenizing the corpus: 25%"
+    panel.handle({"type": "progress", "what": "tokenizing the corpus", "done": 100 * 2 ** 20,
+                  "total": 100 * 2 ** 20})
+    assert panel.log.toPlainText().endswith("tokenizing the corpus: 100.0 MB done")
+    panel.handle({"type": "start", "stage": "pretrain", "max_steps": 10})
+    panel.handle({"type": "step", "step": 2, "loss": 3.0, "tokens_per_s": 100.0, "eta_s": 8})
+    panel._redraw()
+    assert panel.progress.text() == "2 / 10 steps"

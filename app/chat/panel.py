@@ -4,10 +4,11 @@ stop flag; tokens arrive as signals and are painted at most every 50 ms."""
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, QTimer
-from PySide6.QtWidgets import (QHBoxLayout, QInputDialog, QLabel, QLineEdit, QListWidget, QListWidgetItem,
+from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QInputDialog, QLabel, QLineEdit, QListWidget, QListWidgetItem,
                                QMessageBox, QPlainTextEdit, QPushButton, QScrollArea, QSizePolicy, QSplitter,
                                QVBoxLayout, QWidget)
 
+from ..adapters import adapters_for
 from .explain import ExplainView
 from .messages import AnswerBubble, Bubble, Notice, ToolCard, UserBubble
 from .params import ParamsView
@@ -42,6 +43,10 @@ class ChatPanel(QWidget):
         self._flush = QTimer(self, interval=FLUSH_MS)
         self._flush.timeout.connect(self._paint)
         ctx.model_changed.connect(self._on_model)
+        ctx.models_changed.connect(self.refresh_adapters)
+        ctx.adapter_changed.connect(self._on_adapter)
+        ctx.adapter_loading.connect(self._on_adapter_loading)
+        ctx.adapter_failed.connect(self._on_adapter_failed)
         self._on_model(ctx.loaded)
         # One bubble of each kind built and styled now, at start-up, rather than at the first message.
         for w in (self._new_user(), self._new_answer(), ToolCard("", "")):
@@ -102,6 +107,16 @@ class ChatPanel(QWidget):
         self.model_hint = QLabel()
         self.model_hint.setObjectName("stat")
         top.addWidget(self.model_hint)
+        # The loaded model's LoRA adapters (those in the models list made for it): switching puts the adapter on
+        # the model already loaded, once, and the next answer runs with it; the base is never reloaded.
+        self.adapter = QComboBox()
+        self.adapter.setToolTip("LoRA adapter: the loaded model's fine-tunes (Models panel); switching keeps the "
+                                "model loaded and applies from the next answer")
+        self.adapter.setMinimumContentsLength(12)
+        self.adapter.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.adapter.addItem("no adapter", None)
+        self.adapter.activated.connect(self._adapter_chosen)
+        top.addWidget(self.adapter)
         lay.addLayout(top)
         self.system = QLineEdit()
         self.system.setPlaceholderText("System prompt (optional): how the assistant should behave")
@@ -181,6 +196,8 @@ class ChatPanel(QWidget):
 
     def _buttons(self):
         has_model = self.ctx.loaded is not None
+        self.adapter.setEnabled(has_model and not self.busy and not self.ctx.adapter_busy)
+        self.adapter.setVisible(has_model and self.adapter.count() > 1)
         self.send_btn.setEnabled(has_model and not self.busy)
         self.regen_btn.setEnabled(has_model and not self.busy and any(
             isinstance(b, AnswerBubble) for b in self.bubbles))
@@ -190,10 +207,87 @@ class ChatPanel(QWidget):
         if self.busy:
             self.stop()
         self.session = None      # a new model answers the next message of the same conversation
-        self.model_hint.setText(f"model: {loaded.name}" if loaded else "no model loaded — open Models")
+        self._hint()
+        self.adapter.clear()
+        self.adapter.addItem("no adapter", None)
+        if loaded is not None:
+            self.refresh_adapters()
         self.params.model_defaults(getattr(loaded, "sampling", None))
         if loaded is not None:
             import sol.core.chat.session  # noqa: F401  now, not at the first message: ~20 ms of GUI thread
+        self._buttons()
+
+    # ---- LoRA adapters ---------------------------------------------------------
+    def _hint(self):
+        loaded = self.ctx.loaded
+        adapter = f" + adapter {self.ctx.active_adapter}" if loaded is not None and self.ctx.active_adapter else ""
+        self.model_hint.setText(f"model: {loaded.name}{adapter}" if loaded else "no model loaded — open Models")
+
+    def refresh_adapters(self):
+        """List the loaded model's adapters (the models list's LoRA entries whose base is this model)."""
+        loaded = self.ctx.loaded
+        if loaded is None:
+            return
+        from sol.core.formats.registry import list_models
+        # Bound methods, not lambdas: a panel closed meanwhile is disconnected, not painted after its deletion.
+        self.ctx.run(lambda: (list_models(), loaded), on_done=self._fill_adapters, on_error=self._adapters_failed)
+
+    def _adapters_failed(self, e):
+        self.ctx.status_message.emit(f"adapters: {e}")
+
+    def _fill_adapters(self, result):
+        models, lm = result
+        if lm is not self.ctx.loaded:     # another model was loaded meanwhile
+            return
+        self.adapter.blockSignals(True)
+        self.adapter.clear()
+        self.adapter.addItem("no adapter", None)
+        for a in adapters_for(models, str(lm.path), lm.name):
+            self.adapter.addItem(f"adapter: {a['name']}", a["path"])
+            self.adapter.setItemData(self.adapter.count() - 1, a["path"], Qt.ToolTipRole)
+        self._show_active()
+        self.adapter.blockSignals(False)
+        self._buttons()
+
+    def _show_active(self):
+        active = self.ctx.active_adapter
+        for i in range(self.adapter.count()):
+            path = self.adapter.itemData(i)
+            if (path is None and active is None) or (path is not None and active is not None
+                                                     and self.ctx.adapter_name(path) == active):
+                self.adapter.setCurrentIndex(i)
+                return
+
+    def _adapter_chosen(self, index: int):
+        """The user picked an adapter (or none): put it on the loaded model between answers."""
+        if self.busy:       # the selector is disabled while answering; a queued click waits its turn anyway
+            self._show_active()
+            return
+        self.select_adapter(self.adapter.itemData(index))
+
+    def select_adapter(self, folder: str | None):
+        self.ctx.use_adapter(folder)
+        self._buttons()
+
+    def _on_adapter_loading(self, folder: str):
+        self.status.setText(f"putting the adapter {folder} on the model …")
+        self._buttons()
+
+    def _on_adapter(self, name):
+        self.session = None     # the cached prefix was computed without it: the next answer starts afresh
+        self.adapter.blockSignals(True)
+        self._show_active()
+        self.adapter.blockSignals(False)
+        self._hint()
+        self.status.setText(f"adapter {name} on" if name else "no adapter: the base model answers")
+        self._buttons()
+
+    def _on_adapter_failed(self, message: str):
+        self._append(Notice(f"error: {message}", error=True))
+        self.status.setText("")
+        self.adapter.blockSignals(True)
+        self._show_active()
+        self.adapter.blockSignals(False)
         self._buttons()
 
     def _session(self):

@@ -10,11 +10,12 @@ from pathlib import Path
 import pyqtgraph as pg
 from PySide6.QtCore import QProcess, Qt, QTimer
 from PySide6.QtGui import QColor, QFont, QTextCharFormat, QTextCursor
-from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel,
                                QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSpinBox, QSplitter,
                                QTabWidget, QTextEdit, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
 
-from .runs import STAGES, batch_preview, command, fmt_eta, lineage, parse_line, preview_records
+from .runs import (STAGES, batch_preview, command, fmt_bytes, fmt_eta, lineage, lora_estimate, matmul_flops,
+                   parse_line, preview_records)
 
 PLOTS = [("loss", "loss", "#f5a524"), ("lr", "learning rate", "#5aa9e6"), ("grad_norm", "gradient norm", "#e66ab2"),
          ("tokens_per_s", "tokens / s", "#4cc38a")]
@@ -73,6 +74,10 @@ class TrainingPanel(QWidget):
         self._buf = b""
         self._dirty = False
         self.argv: list[str] = []
+        self._want_base: str | None = None   # a model asked for (Fine-tune) before the list of models came
+        self._flops: float | None = None     # this machine's matrix-product speed, measured once for estimates
+        self.estimate_result = None          # the last LoraEstimate shown
+        self.lora_run = False                # the shown run trains an adapter
 
         lay = QHBoxLayout(self)
         lay.setContentsMargins(24, 20, 24, 20)
@@ -80,7 +85,7 @@ class TrainingPanel(QWidget):
         lay.addWidget(split)
         split.addWidget(self._setup_column())
         split.addWidget(self._run_column())
-        split.setSizes([380, 900])
+        split.setSizes([400, 900])
 
         self._plot_timer = QTimer(self, interval=120)   # one plot per tick: each plot ~2 times a second
         self._plot_timer.timeout.connect(self._redraw)
@@ -89,6 +94,7 @@ class TrainingPanel(QWidget):
         self._stage_changed()
         self.refresh_models()
         ctx.model_changed.connect(lambda _: self.refresh_models())
+        ctx.fine_tune_requested.connect(self.fine_tune)
         last = ctx.setting("training.last_out")
         if last:
             self.replay(last)
@@ -146,10 +152,39 @@ class TrainingPanel(QWidget):
         self.sample_every = self._spin(0, 1_000_000, 50)
         self.ckpt_every = self._spin(0, 1_000_000, 100)
         self.out = QLineEdit(str(models_dir() / f"run-{time.strftime('%Y%m%d-%H%M')}"))
+        # LoRA: train a small adapter on the frozen model (sft, reward, rl); --out becomes an adapter folder.
+        self.lora = QCheckBox("train an adapter")
+        self.lora.setToolTip("LoRA: the model stays frozen and a small adapter learns; the run writes a PEFT "
+                             "adapter folder, listed under its base in the Models panel")
+        self.lora_r = self._spin(1, 4096, 16)
+        self.lora_alpha = QDoubleSpinBox()
+        self.lora_alpha.setRange(0.01, 100_000)
+        self.lora_alpha.setValue(32.0)
+        self.lora_dropout = QDoubleSpinBox()
+        self.lora_dropout.setRange(0.0, 0.95)
+        self.lora_dropout.setSingleStep(0.05)
+        self.lora_dropout.setValue(0.05)
+        self.lora_targets = QComboBox()
+        self.lora_targets.setEditable(True)
+        self.lora_targets.addItems(["attention,mlp", "attention", "mlp", "q,v", "all"])
+        self.lora_targets.setToolTip("projections to adapt: attention, mlp, all, Sol's short names (q,k,v,o,gate,"
+                                     "up,down) or PEFT's (q_proj, …)")
+        self.lora_int8 = QCheckBox("int8 base")
+        self.lora_int8.setToolTip("hold the frozen model in int8: about a quarter of float32's memory")
+        self.estimate = QLabel()
+        self.estimate.setObjectName("stat")
+        self.estimate.setWordWrap(True)
+        self.estimate.setTextInteractionFlags(Qt.TextSelectableByMouse)
         form.addRow("Stage", self.stage)
         form.addRow("Base model", self.base)
         form.addRow("Data", row)
         form.addRow("", self.data_hint)
+        form.addRow("LoRA", self.lora)
+        form.addRow("Rank r", self.lora_r)
+        form.addRow("Alpha", self.lora_alpha)
+        form.addRow("Dropout", self.lora_dropout)
+        form.addRow("Targets", self.lora_targets)
+        form.addRow("", self.lora_int8)
         form.addRow("Reward", self.reward)
         form.addRow("Tokenizer", self.tokenizer)
         form.addRow("Preset", self.preset)
@@ -171,13 +206,29 @@ class TrainingPanel(QWidget):
         for b in (self.start_btn, self.stop_btn, self.resume_btn):
             buttons.addWidget(b)
         col.addLayout(buttons)
+        col.addWidget(self.estimate)
         col.addStretch(1)
         self.start_btn.clicked.connect(lambda: self.start(resume=False))
         self.resume_btn.clicked.connect(lambda: self.start(resume=True))
         self.stop_btn.clicked.connect(self.stop)
         self.data.editingFinished.connect(self.preview)
+        self._estimate_timer = QTimer(self, singleShot=True, interval=250)
+        self._estimate_timer.timeout.connect(self.update_estimate)
+        self.lora.toggled.connect(lambda _: self._stage_changed())
+        for sig in (self.lora_r.valueChanged, self.lora_int8.toggled, self.lora_targets.currentTextChanged,
+                    self.batch.valueChanged, self.steps.valueChanged, self.base.currentIndexChanged,
+                    self.data.editingFinished):
+            sig.connect(lambda *_: self._estimate_timer.start())
         self._buttons()
-        return w
+        # The form is taller than a small window: it scrolls rather than squeezing its rows.
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setWidget(w)
+        scroll.setMinimumWidth(396)   # the form's 380 and a scroll bar
+        scroll.setMaximumWidth(400)
+        return scroll
 
     def _spin(self, lo, hi, v) -> QSpinBox:
         s = QSpinBox()
@@ -261,10 +312,17 @@ class TrainingPanel(QWidget):
         spec = STAGES.get(stage, {})
         pre = stage == "pretrain"
         # Only the fields this stage reads are shown (a greyed-out field still reads as a setting).
-        for widget, shown in ((self.base, not pre), (self.tokenizer, pre), (self.preset, pre),
-                              (self.reward, stage == "rl")):
+        lora = not pre and self.lora.isChecked()
+        # (--context is pretraining's: the chat stages cut conversations to the model's own context)
+        for widget, shown in ((self.base, not pre), (self.tokenizer, pre), (self.preset, pre), (self.context, pre),
+                              (self.reward, stage == "rl"), (self.lora, not pre), (self.lora_r, lora),
+                              (self.lora_alpha, lora), (self.lora_dropout, lora), (self.lora_targets, lora),
+                              (self.lora_int8, lora)):
             widget.setEnabled(shown)
             self.form.setRowVisible(widget, shown)
+        self.estimate.setVisible(lora)
+        if lora:
+            self._estimate_timer.start()
         self.data_hint.setText(spec.get("data", ""))
         if self.data.text():
             self.preview()
@@ -276,7 +334,8 @@ class TrainingPanel(QWidget):
     def _fill_models(self, models):
         self.base.clear()
         for m in models:
-            self.base.addItem(m["name"], m["path"])
+            if m.get("format") != "lora":     # an adapter is not a model to start from: its base is
+                self.base.addItem(m["name"], m["path"])
         for i in reversed(range(self.reward.count())):   # reward models change as runs finish
             if self.reward.itemData(i)[0] == "reward_model":
                 self.reward.removeItem(i)
@@ -288,6 +347,8 @@ class TrainingPanel(QWidget):
             i = self.base.findData(str(loaded.path))
             if i >= 0:
                 self.base.setCurrentIndex(i)
+        if self._want_base:
+            self._select_base(self._want_base)
         self.ctx.run(lineage, models, on_done=self._fill_tree, on_error=lambda e: None)
 
     def _fill_tree(self, roots):
@@ -303,12 +364,82 @@ class TrainingPanel(QWidget):
         self.tree.expandAll()
         self.tree.resizeColumnToContents(0)
 
+    # ---- fine-tuning a model with LoRA ---------------------------------------------
+    def fine_tune(self, model: dict):
+        """Set the form up to train a LoRA adapter on `model` (a list_models entry, from the Models panel's
+        Fine-tune) with a chat JSONL; the adapter goes into Sol's models folder, so it lists under its base."""
+        from sol.core.formats.registry import models_dir
+        if self.proc is not None:
+            self.ctx.status_message.emit("a training run is going on; stop it or wait for it before fine-tuning")
+            return
+        self.stage.setCurrentIndex(self.stage.findData("sft"))
+        self._want_base = model["path"]
+        self._select_base(model["path"], model.get("name"))
+        self.lora.setChecked(True)
+        short = model["name"].replace("\\", "/").rstrip("/").split("/")[-1]
+        if short.lower().endswith(".gguf"):
+            short = short[:-5]
+        self.out.setText(str(models_dir() / f"{short}-lora-{time.strftime('%Y%m%d-%H%M%S')}"))
+        self.data.setPlaceholderText("choose a chat JSONL: {\"messages\": [...]} a line")
+        self._stage_changed()
+        if not self.data.text().strip():
+            self.data_hint.setText("choose a chat JSONL (…), then Start")
+        self.ctx.status_message.emit(f"fine-tune {model['name']}: choose a chat JSONL, check the estimate, Start")
+
+    def _select_base(self, path: str, name: str | None = None):
+        i = self.base.findData(path)
+        if i < 0 and name:               # not (yet) in the list: loaded from elsewhere
+            self.base.addItem(name, path)
+            i = self.base.count() - 1
+        if i >= 0:
+            self.base.setCurrentIndex(i)
+
+    def update_estimate(self):
+        """Memory and time of the LoRA run the form describes, computed off the GUI thread."""
+        if not self.lora.isChecked() or self.stage.currentData() == "pretrain":
+            return
+        base = self.base.currentData()
+        if not base:
+            self.estimate.setText("choose the base model")
+            return
+        args = (base, self.lora_r.value(), self.lora_targets.currentText(), self.lora_int8.isChecked(),
+                self.batch.value(), self.steps.value(), self.data.text().strip() or None)
+        device = str(self.ctx.device or "cpu")
+
+        def work():
+            if self._flops is None:
+                self._flops = matmul_flops(device)
+            return args, lora_estimate(*args, flops=self._flops)
+
+        self._estimate_args = args
+        # Bound methods, not lambdas: a panel closed meanwhile is disconnected, not painted after its deletion.
+        self.ctx.run(work, on_done=self._show_estimate, on_error=self._estimate_failed)
+
+    def _estimate_failed(self, e):
+        self.estimate.setText(f"✗ {e}")
+
+    def _show_estimate(self, result):
+        args, e = result
+        if args != getattr(self, "_estimate_args", None):   # the form changed meanwhile: a newer one is coming
+            return
+        self.estimate_result = e
+        base_kind = "int8" if args[3] else "float32"
+        when = f"about {fmt_eta(e.seconds)} for {e.steps:,} steps" if e.seconds is not None else "unknown"
+        self.estimate.setText(
+            f"Estimate, before it runs:<br><b>memory ≈ {fmt_bytes(e.total_bytes)}</b>: base "
+            f"{fmt_bytes(e.base_bytes)} ({base_kind}) + adapter {e.adapter_params:,} parameters × 16 B = "
+            f"{fmt_bytes(e.adapter_bytes)} + activations ≈ {fmt_bytes(e.activation_bytes)} (batch {e.batch} × "
+            f"{e.seq_len} tokens, {e.seq_from}) + Python and torch ≈ {fmt_bytes(e.runtime_bytes)}<br>"
+            f"<b>time ≥ {when}</b> at ≤ {e.tokens_per_s or 0:,.0f} tokens/s, from this machine's matrix-product "
+            f"speed; small models run slower, and the first steps measure it")
+
     def browse_data(self):
         filt = "Text (*.txt *.md);;All (*)" if self.stage.currentData() == "pretrain" else "JSONL (*.jsonl);;All (*)"
         path, _ = QFileDialog.getOpenFileName(self, "Training data", "", filt)
         if path:
             self.data.setText(path)
             self.preview()
+            self._estimate_timer.start()
 
     def preview(self):
         path, stage = self.data.text().strip(), self.stage.currentData()
@@ -366,6 +497,10 @@ class TrainingPanel(QWidget):
         if self.stage.currentData() == "rl" and self.reward.currentData():
             key, value = self.reward.currentData()
             o[key] = value
+        if self.stage.currentData() != "pretrain" and self.lora.isChecked():
+            o.update(lora=True, lora_r=self.lora_r.value(), lora_alpha=self.lora_alpha.value(),
+                     lora_dropout=self.lora_dropout.value(), lora_targets=self.lora_targets.currentText().strip(),
+                     quantize="int8" if self.lora_int8.isChecked() else None)
         return o
 
     def start(self, resume: bool = False):
@@ -388,6 +523,7 @@ class TrainingPanel(QWidget):
             while self.samples_box.count() > 1:
                 self.samples_box.takeAt(0).widget().deleteLater()
         self.log.appendPlainText("$ " + " ".join(argv[1:]))
+        self.lora_run = "--lora" in argv
         self.run_out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
         self.stopped = False
         if self.run_out is not None:
@@ -483,6 +619,17 @@ class TrainingPanel(QWidget):
         context = (cfg.get("model") or {}).get("context")
         if isinstance(context, int):
             self.context.setValue(context)
+        lora = cfg.get("lora")
+        self.lora_run = isinstance(lora, dict)
+        self.lora.setChecked(self.lora_run)
+        if self.lora_run:
+            if isinstance(lora.get("r"), int):
+                self.lora_r.setValue(lora["r"])
+            for spin, key in ((self.lora_alpha, "alpha"), (self.lora_dropout, "dropout")):
+                if isinstance(lora.get(key), (int, float)):
+                    spin.setValue(lora[key])
+            if isinstance(lora.get("targets"), list):
+                self.lora_targets.setCurrentText(",".join(lora["targets"]))
 
     def _read_stderr(self):
         text = bytes(self.proc.readAllStandardError()).decode("utf-8", "replace").rstrip()
@@ -496,11 +643,14 @@ class TrainingPanel(QWidget):
         if t == "start":
             self.started = ev
             self.max_steps = int(ev.get("max_steps") or self.steps.value())
+            self.progress.setFormat("%v / %m steps")
             self.progress.setMaximum(self.max_steps)
             dev = ev.get("device") or {}
             precision = f", {ev['precision']} matrix products" if ev.get("precision") else ""
             self.log.appendPlainText(f"start: {ev.get('stage', '')} on {dev.get('type', '?')} "
                                      f"({dev.get('name', '')}), {ev.get('parameters', 0):,} parameters{precision}")
+        elif t == "progress":
+            self.show_progress(ev)
         elif t == "step":
             s = ev.get("step", 0)
             for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
@@ -530,6 +680,19 @@ class TrainingPanel(QWidget):
             self.last_error = ev.get("message", "unknown error")
             self.log.appendPlainText(f"error: {self.last_error}")
 
+    def show_progress(self, ev: dict):
+        """Work before the first step (tokenizing a corpus): {"what", "done", "total"} in the progress bar, and
+        one log line when a piece of it is over."""
+        what, done, total = str(ev.get("what") or "preparing"), ev.get("done") or 0, ev.get("total") or 0
+        if not total:
+            return
+        # %p, %v and %m are the bar's placeholders: a word joiner after the text's own % keeps it as written
+        self.progress.setFormat(what.replace("%", "%\u2060") + ": %p%")
+        self.progress.setMaximum(1000)
+        self.progress.setValue(int(1000 * min(done, total) / total))
+        if done >= total:
+            self.log.appendPlainText(f"{what}: {fmt_bytes(total)} done")
+
     def add_sample(self, step: int, text: str):
         card = QFrame()
         card.setObjectName("card")
@@ -551,6 +714,11 @@ class TrainingPanel(QWidget):
         ev = self.last_step
         if ev is not None:
             s, loss = ev.get("step", 0), ev.get("loss")
+            if self.progress.format() != "%v / %m steps":    # after a `progress` phase
+                self.progress.setFormat("%v / %m steps")
+            if self.lora_run and s >= 2 and ev.get("tokens_per_s"):
+                self.estimate.setText(f"<b>measured</b> at step {s}: {ev['tokens_per_s']:,.0f} tokens/s, "
+                                      f"{fmt_eta(ev.get('eta_s'))} to go")
             self.progress.setMaximum(max(self.max_steps, s))
             self.progress.setValue(s)
             self.eta.setText(f"step {s}  ·  loss {loss:.4f}  ·  {ev.get('tokens_per_s') or 0:,.0f} tok/s  ·  "
@@ -596,6 +764,7 @@ class TrainingPanel(QWidget):
         elif code == 0 and not self.last_error:
             self._set_state("done")
             self.refresh_models()
+            self.ctx.models_changed.emit()    # the Models panel lists the new model or adapter
         else:
             self._set_state("failed")
             self.error_label.setText(f"Training failed: {self.last_error or f'exit code {code}'} — see the Log tab.")

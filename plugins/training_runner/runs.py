@@ -151,3 +151,130 @@ def lineage(models: list[dict]) -> list[Node]:
             p = by_key.get(n.parent) or by_key.get(str(Path(n.parent).expanduser().resolve()))
         (p.children if p is not None and p is not n else roots).append(n)
     return roots
+
+
+# ---- a LoRA fine-tune's memory and time, before it starts --------------------------------------------------
+ADAPTER_BYTES_PER_PARAM = 16   # float32 weight, its gradient, AdamW's two moments
+TRAIN_EFFICIENCY = 0.4         # the share of a plain matrix product's speed a training step reaches, at best
+# Python, torch and the data before any model (measured: `import torch` and Sol's trainer, ~0.23 GB resident, and
+# a starter-sized run's fixed part, ~0.3 GB in all, on x86-64 Linux)
+RUNTIME_BYTES = 300 * 2 ** 20
+
+
+@dataclass
+class LoraEstimate:
+    base_params: int
+    adapter_params: int
+    base_bytes: int             # the frozen model: float32 4 bytes a parameter, int8 about 1
+    adapter_bytes: int          # adapter parameters x 16 bytes
+    activation_bytes: int       # what backpropagation keeps for one batch x seq_len tokens (a rough count)
+    runtime_bytes: int          # Python and torch themselves
+    batch: int
+    seq_len: int
+    seq_from: str               # where seq_len comes from: the data's longest conversation, or the context
+    flops_per_token: float
+    tokens_per_s: float | None = None   # compute-bound: from this machine's matrix-product speed
+    steps: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.base_bytes + self.adapter_bytes + self.activation_bytes + self.runtime_bytes
+
+    @property
+    def seconds(self) -> float | None:
+        if not self.tokens_per_s:
+            return None
+        return self.steps * self.batch * self.seq_len / self.tokens_per_s
+
+
+def adapter_parameters(cfg, r: int, targets: str) -> int:
+    """How many parameters a rank-r adapter on `targets` (as --lora-targets takes them) has on this model:
+    r x (inputs + outputs) for each adapted projection of every block. Raises SolError for unknown targets."""
+    from sol.core.errors import SolError
+    from sol.core.model import lora
+    if r < 1:
+        raise SolError(f"rank {r}: must be at least 1 (16 is usual)")
+    chosen = lora.expand_targets(cfg, [t for t in targets.split(",")])
+    q = cfg.n_head * cfg.head_dim
+    inputs = {"attn.qkv": cfg.d_model, "attn.proj": q, "mlp.fc": cfg.d_model, "mlp.proj": cfg.d_ff}
+    n = 0
+    for block in range(cfg.n_layer):
+        for name, (_, parts) in lora.projections(cfg, block).items():
+            fan_in = inputs[name.split(".", 2)[2]]
+            n += sum(r * (fan_in + size) for part, size in parts if part in chosen)
+    return n
+
+
+def longest_conversation(model_path: str, data: str, context: int, limit: int = 2000) -> int | None:
+    """Tokens in the longest of the first `limit` conversations of a chat JSONL, by the model's tokenizer
+    (contents only, plus a few tokens a message for its role markers), cut to the context; None if unreadable."""
+    from sol.core.data import jsonl
+    from sol.core.formats.checkpoint import load_tokenizer
+    try:
+        convs = jsonl.read_chat(data)[:limit]
+        tok = load_tokenizer(model_path)
+    except Exception:   # the data preview and the run say what is wrong with the file
+        return None
+    longest = 0
+    for conv in convs:
+        messages = conv if isinstance(conv, list) else conv.get("messages", [])
+        n = sum(len(tok.encode_ids(str(m.get("content") or ""), add_special_tokens=False)) + 4 for m in messages)
+        longest = max(longest, n)
+    return min(longest, context) if longest else None
+
+
+def matmul_flops(device: str = "cpu", seconds: float = 0.2) -> float:
+    """This machine's speed at a plain float32 matrix product (bfloat16 on a CUDA GPU), in FLOP/s: the fastest
+    of the products timed for `seconds` (what the machine can do, not what a busy moment leaves of it)."""
+    import time as _time
+
+    import torch
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    n = 1024
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    a @ b   # warm-up
+    best, start = float("inf"), _time.perf_counter()
+    while _time.perf_counter() - start < seconds:
+        t0 = _time.perf_counter()
+        a @ b
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, _time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def lora_estimate(model_path: str, r: int, targets: str, int8: bool, batch: int, steps: int,
+                  data: str | None = None, flops: float | None = None) -> LoraEstimate:
+    """Memory and time of a LoRA fine-tune, before it runs (an estimate, and labelled so):
+    memory = frozen base (float32 4 bytes a parameter, int8 about 1) + adapter parameters x 16 bytes (weight,
+    gradient, AdamW's two moments) + activations for batch x sequence (float32, per token and layer: ~18 d_model
+    + 3 d_ff (5 gated) for the norms, projections, residuals and the adapters' inputs, 2 x heads x sequence for
+    the attention's scores and weights; then the logits with their gradient) + Python and torch themselves (on
+    the starter, batch 4 to 32, within 10 % of the run's peak resident memory); time = tokens / (this machine's
+    matrix-product FLOP/s x TRAIN_EFFICIENCY / (4 x parameters + attention)): forward and the input's gradient
+    through the frozen model, the adapter's own products on top. Small models are slower than that (Python's
+    per-step cost dominates): the first steps' measured speed is the figure to trust."""
+    from sol.core.formats.checkpoint import load_config
+    cfg, _ = load_config(Path(model_path))
+    params = cfg.n_params_estimate
+    adapter = adapter_parameters(cfg, r, targets)
+    seq, seq_from = None, ""
+    if data:
+        seq = longest_conversation(model_path, data, cfg.context)
+        seq_from = "the longest conversation in the data"
+    if not seq:
+        seq, seq_from = cfg.context, "the model's context window"
+    per_token_layer = 18 * cfg.d_model + (5 if cfg.gated else 3) * cfg.d_ff + 2 * cfg.n_head * seq
+    activations = 4 * batch * seq * (cfg.n_layer * per_token_layer + 3 * cfg.vocab_size)
+    fpt = 4 * params + 6 * adapter + 6 * cfg.n_layer * seq * cfg.n_head * cfg.head_dim
+    tps = flops * TRAIN_EFFICIENCY / fpt if flops else None
+    return LoraEstimate(params, adapter, params * (1 if int8 else 4), adapter * ADAPTER_BYTES_PER_PARAM,
+                        activations, RUNTIME_BYTES, batch, seq, seq_from, fpt, tps, steps)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, div in (("GB", 2 ** 30), ("MB", 2 ** 20), ("KB", 2 ** 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)} B"
