@@ -326,7 +326,7 @@ def test_chat_stdin_that_is_not_utf8_is_one_error_line(isolated_home):
                        input=b"caf\xe9\n", capture_output=True, timeout=120,
                        env={**os.environ, "SOL_HOME": str(isolated_home), "PYTHONIOENCODING": "utf-8"})
     assert r.returncode == 1
-    assert "stdin" in one_error(r.stderr.decode())
+    assert "standard input" in one_error(r.stderr.decode())
 
 
 def test_an_sft_conversation_longer_than_the_context_names_its_line(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 
 from sol.core.errors import SolError
 from sol.core.serve.schema import check_openai_strict, strict_schema
-from sol.core.train.tool_names import called_in, tools_field
+from sol.core.train.chat_format import called_in, tools_field
 
 
 def test_the_tools_a_chat_file_calls_are_named_in_every_markup(tmp_path):

@@ -27,10 +27,12 @@ def stage_args(name: str, argv: list) -> argparse.Namespace:
 
 
 def run_stage(name: str, argv: list) -> tuple[dict, list[dict]]:
+    """The run's events from `start` on (the `progress` events of preparing the data come before it;
+    tests/test_hostile_training_inputs.py checks them)."""
     spec, args = stage_args(name, [*argv, "--threads", "1"])
     events = []
     done = spec.run(args, events.append)
-    return done, events
+    return done, [e for e in events if e["type"] != "progress"]
 
 
 def losses(events):
@@ -179,7 +181,9 @@ def sol(*args, env=None, **kw):
 
 
 def read_events(path):
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    """An --events file's events, `progress` ones left out (as run_stage)."""
+    events = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    return [e for e in events if e["type"] != "progress"]
 
 
 def pretrain_argv(corpus, out, steps=40, extra=()):

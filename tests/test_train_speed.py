@@ -116,7 +116,7 @@ def test_resume_with_prefetch_lands_on_the_same_step_lr_and_batches(tmp_path, ti
 def test_second_run_on_the_same_data_skips_tokenizing(tmp_path, tiny_text_file, monkeypatch, isolated_home):
     calls = []
     encode = corpus.encode_file
-    monkeypatch.setattr(corpus, "encode_file", lambda tok, f: calls.append(f) or encode(tok, f))
+    monkeypatch.setattr(corpus, "encode_file", lambda tok, f, *a, **k: calls.append(f) or encode(tok, f, *a, **k))
     _, first = pretrain(tiny_text_file, tmp_path / "one", 2)
     assert len(calls) == 1
     _, second = pretrain(tiny_text_file, tmp_path / "two", 2)
@@ -131,7 +131,7 @@ def test_second_run_on_the_same_data_skips_tokenizing(tmp_path, tiny_text_file, 
 def test_corpus_cache_misses_on_a_changed_file_tokenizer_or_split(tmp_path, monkeypatch):
     calls = []
     encode = corpus.encode_file
-    monkeypatch.setattr(corpus, "encode_file", lambda tok, f: calls.append(f) or encode(tok, f))
+    monkeypatch.setattr(corpus, "encode_file", lambda tok, f, *a, **k: calls.append(f) or encode(tok, f, *a, **k))
     cache = tmp_path / "cache"
     text = tmp_path / "a.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 40, encoding="utf-8")

@@ -27,6 +27,7 @@ error naming the line, unless the template has {% generation %} marks.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -190,3 +191,46 @@ def template_source(tok: Tokenizer, template: str) -> str:
     if "chat_template" in tok.config or not (d / "chat_template.json").is_file():
         return str(d / "tokenizer_config.json")
     return str(d / "chat_template.json")
+
+
+# ---- the plugin tools a model is trained to call, for its sol.json "tools" (what `sol serve` runs for it by
+# default): the names of the calls in the SFT data, and for RL its parent's.
+SOL_CALL_NAME = re.compile(r"<\|tool_call\|>\s*([^:<]+?)\s*:")
+JSON_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+def called_in(path: str | Path) -> list[str]:
+    """Names of the tools the assistant messages of a chat JSONL call, sorted: structured
+    `tool_calls`, Sol's inline `<|tool_call|>name: ...` and `<tool_call>{"name": ...}</tool_call>`."""
+    names: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line).get("messages") or []
+            except (ValueError, AttributeError):
+                raise SolError(f"{path}, line {n}: not a JSON object with `messages`; fix the line") from None
+            for m in messages:
+                if not isinstance(m, dict) or m.get("role") != "assistant":
+                    continue
+                for c in m.get("tool_calls") or []:
+                    name = (c.get("function") or {}).get("name") if isinstance(c, dict) else None
+                    if isinstance(name, str) and name:
+                        names.add(name)
+                text = m.get("content") if isinstance(m.get("content"), str) else ""
+                names.update(SOL_CALL_NAME.findall(text))
+                for body in JSON_CALL.findall(text):
+                    try:
+                        name = json.loads(body).get("name")
+                    except (ValueError, AttributeError):
+                        continue
+                    if isinstance(name, str) and name:
+                        names.add(name)
+    return sorted(names)
+
+
+def tools_field(names) -> dict:
+    """{"tools": [...]} for sol.json, or nothing when the model calls no tool."""
+    names = sorted(set(names))
+    return {"tools": names} if names else {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import time
@@ -27,7 +28,17 @@ from ..devices import describe, pick_device, training_precision
 from ..errors import SolError
 from . import checkpointing, compiled, ddp
 from .prefetch import Prefetcher
-from .schedule import lr_at
+
+
+def lr_at(step: int, lr: float, warmup: int, total: int, min_lr: float) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to min_lr
+    (nanoGPT's schedule)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= total:
+        return min_lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 @dataclass

@@ -249,7 +249,7 @@ class RL(Stage):
 
     def lineage(self):
         files = [self.args.prompts] + ([self.args.eval_prompts] if self.args.eval_prompts else [])
-        from .tool_names import tools_field
+        from .chat_format import tools_field
         return {"parent": parent_info(self.parent), "data": describe_files(files),
                 "reward": {"function": self.args.reward, "model": self.args.reward_model, "beta": self.args.beta,
                            "samples": self.args.samples},

@@ -101,7 +101,7 @@ class SFT(Stage):
         return self.lora.summary() if self.lora else {}
 
     def lineage(self):
-        from .tool_names import called_in, tools_field
+        from .chat_format import called_in, tools_field
         return {"parent": parent_info(self.parent), "data": describe_files([self.args.data]),
                 "examples": {"train": len(self.train_ex), "val": len(self.val_ex)},
                 **tools_field(called_in(self.args.data))}
