@@ -392,3 +392,14 @@ def test_bad_adapters_are_one_error_line(tmp_path, capsys):
     assert main(["generate", "--model", str(other), "--adapter", str(ad), "--prompt", "hi", "--max-tokens", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "do not fit the model's" in err[0] and "adapter_model.safetensors" in err[0]
+
+
+def test_recomputed_activations_train_the_same_adapter(tmp_path, monkeypatch):
+    """--recompute (activation checkpointing, dropout included) takes the same steps as keeping them."""
+    folder = tmp_path / "qwen2"
+    make_hf_model("qwen2", folder, seed=0)
+    kept, _, _ = _train_sol(tmp_path / "a", folder, monkeypatch, steps=4, extra=["--lora-dropout", "0.1"])
+    monkeypatch.undo()
+    again, _, _ = _train_sol(tmp_path / "b", folder, monkeypatch, steps=4, extra=["--lora-dropout", "0.1",
+                                                                                  "--recompute"])
+    assert max(abs(a - b) for a, b in zip(kept, again)) < 1e-5, (kept, again)

@@ -104,8 +104,15 @@ def check_regular(path: Path) -> None:
 def place(model: Transformer, device, dtype, int8: bool) -> None:
     """Quantize (from the float32 weights) then move: int8 weights stay int8 whatever the dtype."""
     if int8:
+        import torch.nn as nn
+
         from ..model.quant import quantize_model
+        floats = [m.weight for m in model.modules() if type(m) is nn.Linear]
+        if type(model.embed) is nn.Embedding:
+            floats.append(model.embed.weight)
         quantize_model(model)
+        for w in floats:   # read once into int8: the file's float pages leave this process's memory
+            release(w)
     if dtype is not None or str(device) != "cpu":
         model.to(device=device, dtype=dtype)
     if int8 and str(device) == "cpu":

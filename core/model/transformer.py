@@ -24,6 +24,7 @@ import threading
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from .config import ModelConfig
 from .half import HalfLinear
@@ -68,6 +69,9 @@ class Transformer(nn.Module):
         # linear layers run in fbgemm (core/model/half.py), which takes and gives float32. Any move or cast of
         # the model (_apply) puts it back to None, the weights' own dtype.
         self.act_dtype: torch.dtype | None = None
+        # Training: recompute each block's activations in the backward pass instead of keeping them (activation
+        # checkpointing): about a third more time for the memory of one block's activations instead of all.
+        self.recompute_blocks = False
         # RoPE tables: ("full",) or, for Gemma 3, ("full", "local"); each layer's index into them.
         local = cfg.rope_local_theta is not None
         self._rope_kinds = ("full", "local") if local else ("full",)
@@ -219,8 +223,13 @@ class Transformer(nn.Module):
         x, ropes = self._embed(idx, start)
         if cache is not None:
             cache.reserve(start + idx.shape[1])
+        again = self.recompute_blocks and cache is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x, _ = block(x, ropes and ropes[self._rope_of[i]], cache, i)
+            rope = ropes and ropes[self._rope_of[i]]
+            if again:   # keep only each block's input; its activations are made again in the backward pass
+                x, _ = torch.utils.checkpoint.checkpoint(block, x, rope, None, i, use_reentrant=False)
+            else:
+                x, _ = block(x, rope, cache, i)
         if cache is not None:
             cache.pos = start + idx.shape[1]
         return self.norm(x)

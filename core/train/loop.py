@@ -234,6 +234,22 @@ def mark_command_start() -> None:
     _command_started = time.perf_counter() - (process_age() or 0.0)
 
 
+def keep_freed_memory_returned() -> None:
+    """Have glibc's malloc give every large block (1 MB and up) back to the system when torch frees it.
+
+    By default glibc raises its mmap threshold each time a large block is freed (up to 32 MB), so a
+    training step's activations end up in the heap, where freed blocks of one size are not reused for
+    another: measured on a LoRA run of Qwen2.5-0.5B's shape (4 x 256 tokens), peak RSS grew 7.0 -> 8.3 ->
+    8.9 GB over three steps, against 5.8 -> 5.9 -> 5.9 GB with a fixed threshold. Other C libraries: nothing."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):   # not glibc (macOS, musl, Windows): their allocators decide
+        pass
+
+
 def train(stage: Stage, cfg: TrainConfig, emit) -> dict:
     """Run the stage to cfg.max_steps (or until stopped). Returns the `done` event."""
     global _command_started
@@ -241,6 +257,7 @@ def train(stage: Stage, cfg: TrainConfig, emit) -> dict:
     out = Path(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory_returned()
     device = pick_device(cfg.device)
     dist = ddp.setup(device)
     device = ddp.device_for(dist, device)
