@@ -80,23 +80,23 @@ class FrozenHeadLoss(torch.autograd.Function):
     def forward(ctx, h, head, targets, ignore_index: int, limit: int | None):
         V = head.out_features
         rows = max(1, CHUNK_ELEMENTS // V)
-        keep = targets != ignore_index
-        safe = torch.where(keep, targets, torch.zeros_like(targets))
+        # Positions without a target (an SFT prompt's tokens) add nothing to the loss or its gradient: the
+        # head never runs on them.
+        scored = (targets != ignore_index).nonzero().squeeze(1)
         weight = _head_rows(head)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad = torch.empty(h.shape, dtype=torch.float32, device=h.device)
-        for s in range(0, h.size(0), rows):
-            e = min(s + rows, h.size(0))
-            z = head(h[s:e]).float()
+        grad = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        for s in range(0, scored.numel(), rows):
+            at = scored[s:s + rows]
+            z = head(h[at]).float()
             if limit is not None and limit < V:   # ids no token owns take no probability (Transformer.logits)
                 z[:, limit:] = float("-inf")
             lse = torch.logsumexp(z, dim=-1)
-            k = keep[s:e]
-            loss += ((lse - z.gather(1, safe[s:e, None]).squeeze(1)) * k).sum()
+            t = targets[at]
+            loss += (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
             z.sub_(lse[:, None]).exp_()                                        # softmax, in place
-            z[torch.arange(e - s, device=z.device), safe[s:e]] -= 1.0           # minus the one-hot target
-            z.mul_(k[:, None].float())
-            grad[s:e] = weight(z)
+            z[torch.arange(at.numel(), device=z.device), t] -= 1.0             # minus the one-hot target
+            grad[at] = weight(z)
         ctx.save_for_backward(grad)
         ctx.dtype = h.dtype
         return loss
