@@ -21,70 +21,52 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 
 def hf_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model's weights under the names (and GPT-2's Conv1D orientation) transformers reads."""
-    sd = {k: v for k, v in model.state_dict().items()}
+    sd = model.state_dict()
     cfg = model.cfg
+    gpt2 = lora.layout(cfg) == "gpt2"
     out = {}
 
     def put(name, t):
         out[name] = t.detach().to(dtype).contiguous()
 
-    if lora.layout(cfg) == "gpt2":
+    if gpt2:
         put("transformer.wte.weight", sd["embed.weight"])
         put("transformer.wpe.weight", sd["pos_embed.weight"])
         put("transformer.ln_f.weight", sd["norm.weight"])
         put("transformer.ln_f.bias", sd["norm.bias"])
-        if not cfg.tie_embeddings:
-            put("lm_head.weight", sd["lm_head.weight"])
-        for i in range(cfg.n_layer):
-            b, h = f"blocks.{i}.", f"transformer.h.{i}."
+    else:
+        put("model.embed_tokens.weight", sd["embed.weight"])
+        put("model.norm.weight", sd["norm.weight"])
+    if not cfg.tie_embeddings:
+        put("lm_head.weight", sd["lm_head.weight"])
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}."
+        if gpt2:
+            h = f"transformer.h.{i}."
             for src, dst in (("ln1", "ln_1"), ("ln2", "ln_2")):
                 put(h + dst + ".weight", sd[b + src + ".weight"])
                 put(h + dst + ".bias", sd[b + src + ".bias"])
-            for src, dst in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                             ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                put(h + dst + ".weight", sd[b + src + ".weight"].t())
-                put(h + dst + ".bias", sd[b + src + ".bias"])
-        return out
-    phi3 = lora.layout(cfg) == "phi3"
-    put("model.embed_tokens.weight", sd["embed.weight"])
-    put("model.norm.weight", sd["norm.weight"])
-    if not cfg.tie_embeddings:
-        put("lm_head.weight", sd["lm_head.weight"])
-    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-    for i in range(cfg.n_layer):
-        b, h = f"blocks.{i}.", f"model.layers.{i}."
-        put(h + "input_layernorm.weight", sd[b + "ln1.weight"])
-        if cfg.post_norms:
-            put(h + "post_attention_layernorm.weight", sd[b + "post_attn_norm.weight"])
-            put(h + "pre_feedforward_layernorm.weight", sd[b + "ln2.weight"])
-            put(h + "post_feedforward_layernorm.weight", sd[b + "post_mlp_norm.weight"])
         else:
-            put(h + "post_attention_layernorm.weight", sd[b + "ln2.weight"])
-        a = h + "self_attn."
-        qkv = sd[b + "attn.qkv.weight"]
-        if phi3:
-            put(a + "qkv_proj.weight", qkv)
-        else:
-            for name, t in zip("qkv", qkv.split([q, kv, kv])):
-                put(a + f"{name}_proj.weight", t)
-        if cfg.qkv_bias:
-            for name, t in zip("qkv", sd[b + "attn.qkv.bias"].split([q, kv, kv])):
-                put(a + f"{name}_proj.bias", t)
-        put(a + "o_proj.weight", sd[b + "attn.proj.weight"])
-        if cfg.proj_bias:
-            put(a + "o_proj.bias", sd[b + "attn.proj.bias"])
-        if cfg.qk_norm:
-            put(a + "q_norm.weight", sd[b + "attn.q_norm.weight"])
-            put(a + "k_norm.weight", sd[b + "attn.k_norm.weight"])
-        m = h + "mlp."
-        fc = sd[b + "mlp.fc.weight"]
-        if phi3:
-            put(m + "gate_up_proj.weight", fc)
-        else:
-            gate, up = fc.chunk(2)
-            put(m + "gate_proj.weight", gate)
-            put(m + "up_proj.weight", up)
-        put(m + "down_proj.weight", sd[b + "mlp.proj.weight"])
+            h = f"model.layers.{i}."
+            put(h + "input_layernorm.weight", sd[b + "ln1.weight"])
+            if cfg.post_norms:
+                put(h + "post_attention_layernorm.weight", sd[b + "post_attn_norm.weight"])
+                put(h + "pre_feedforward_layernorm.weight", sd[b + "ln2.weight"])
+                put(h + "post_feedforward_layernorm.weight", sd[b + "post_mlp_norm.weight"])
+            else:
+                put(h + "post_attention_layernorm.weight", sd[b + "ln2.weight"])
+            if cfg.qk_norm:
+                put(h + "self_attn.q_norm.weight", sd[b + "attn.q_norm.weight"])
+                put(h + "self_attn.k_norm.weight", sd[b + "attn.k_norm.weight"])
+        # The projections, Sol's fused q/k/v and gate/up cut into the modules the layout has (the names and
+        # sizes LoRA's adapters use too); GPT-2's Conv1D stores (in, out).
+        for name, (prefix, parts) in lora.projections(cfg, i).items():
+            for kind in ("weight", "bias"):
+                t = sd.get(f"{name}.{kind}")
+                if t is None:
+                    continue
+                for (part, _), piece in zip(parts, t.split([size for _, size in parts])):
+                    put(f"{prefix}{part}.{kind}", piece.t() if gpt2 and kind == "weight" else piece)
     return out
 
 
