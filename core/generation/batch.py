@@ -104,6 +104,8 @@ class BatchEngine:
         self.cache = model.new_cache(max_batch, self.max_len)
         self.step_fn = DecodeStep(model, self.cache)
         self.adapters = set(lora.adapter_names(model))   # requests may name one (sol serve --adapter)
+        self._lora_layers = list(lora.lora_layers(model).values())
+        self._active = None   # (thread, choice) last made: the choice is per thread (lora.use_here)
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
         self._lock = threading.Condition()
@@ -265,7 +267,10 @@ class BatchEngine:
     def _use(self, adapters: list) -> None:
         """The adapter of each batch row, on this (the engine's) thread; one name where the rows agree."""
         if self.adapters:
-            lora.use_here(self.model, adapters[0] if len(set(adapters)) == 1 else adapters)
+            active = (threading.get_ident(), adapters[0] if len(set(adapters)) == 1 else adapters)
+            if active != self._active:   # most steps run the same rows as the step before
+                lora.use_here(self.model, active[1], self._lora_layers)
+                self._active = active
 
     def _choose(self, row: _Row) -> bool:
         """Sample the row's next token and hand its event over. True if the row goes on."""

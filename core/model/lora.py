@@ -257,12 +257,13 @@ def use(model: nn.Module, active: str | list | None) -> None:
         layer.active = active
 
 
-def use_here(model: nn.Module, active: str | list | None) -> None:
-    """Like use(), for this thread only (other threads keep theirs, or the model's own choice)."""
+def use_here(model: nn.Module, active: str | list | None, layers: list | None = None) -> None:
+    """Like use(), for this thread only (other threads keep theirs, or the model's own choice). `layers`:
+    the model's lora_layers, where the caller keeps them (a decode loop: no walk over the modules a step)."""
     chosen = getattr(_here, "active", None)
     if chosen is None:
         chosen = _here.active = {}
-    for layer in lora_layers(model).values():
+    for layer in lora_layers(model).values() if layers is None else layers:
         chosen[id(layer)] = active
 
 
@@ -288,12 +289,16 @@ def here(model: nn.Module, active: str | list | None):
 
 @contextlib.contextmanager
 def using(model: nn.Module, active: str | list | None):
-    before = next(iter(lora_layers(model).values())).active if lora_layers(model) else None
-    use(model, active)
+    """use() for a block of code, then back to the model's choice before it."""
+    layers = list(lora_layers(model).values())
+    before = layers[0].active if layers else None
+    for layer in layers:
+        layer.active = active
     try:
         yield
     finally:
-        use(model, before)
+        for layer in layers:
+            layer.active = before
 
 
 def adapter_names(model: nn.Module) -> list[str]:
