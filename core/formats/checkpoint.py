@@ -528,12 +528,25 @@ def save_model(out_dir: str | Path, model: Transformer, tokenizer: Tokenizer, me
     replace(tmp, d / "model.safetensors")
     model.cfg.save(d / "config.json")
     tokenizer.save(d / "tokenizer.json")
+    save_chat_files(tokenizer, d)
     meta = dict(meta or {})
     meta.setdefault("format", "sol")
     meta.setdefault("stage", "base")
     meta["parameters"] = model.num_parameters()
     write_text(d / "sol.json", json.dumps(meta, indent=2) + "\n")
     return d
+
+
+def save_chat_files(tok: Tokenizer, out: Path) -> None:
+    """Beside a trained model's tokenizer.json, what makes it chat as its parent did: its chat templates
+    (chat_template.jinja, additional_chat_templates/NAME.jinja, as transformers 5 writes them) and
+    tokenizer_config.json (bos/eos tokens). Sol's own models have neither and get neither."""
+    for name, template in tok.templates.items():
+        f = out / "chat_template.jinja" if name == "default" else out / "additional_chat_templates" / f"{name}.jinja"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        write_text(f, template)
+    if tok.config:
+        write_text(out / "tokenizer_config.json", json.dumps(tok.config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:

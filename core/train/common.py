@@ -34,22 +34,6 @@ def load_parent(name: str, device, flag: str = "--model", quantize: str | None =
     return lm
 
 
-def save_chat_files(tok: Tokenizer, out) -> None:
-    """Beside a trained model's tokenizer.json, what makes it chat as its parent did: its chat templates
-    (chat_template.jinja, additional_chat_templates/NAME.jinja, as transformers 5 writes them) and
-    tokenizer_config.json (bos/eos tokens). Sol's own models have neither and get neither."""
-    import json
-
-    from ..atomic import write_text
-    out = Path(out)
-    for name, template in tok.templates.items():
-        f = out / "chat_template.jinja" if name == "default" else out / "additional_chat_templates" / f"{name}.jinja"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        write_text(f, template)
-    if tok.config:
-        write_text(out / "tokenizer_config.json", json.dumps(tok.config, indent=2, ensure_ascii=False) + "\n")
-
-
 def parent_info(lm) -> dict:
     from ..data.corpus import sha256
     weights = Path(lm.path) / "model.safetensors"

@@ -18,7 +18,7 @@ from ..data import jsonl
 from ..data.corpus import describe_files
 from ..model.transformer import Transformer
 from . import adapters, chat_format
-from .common import example_micro_batches, load_parent, pad, pad_id, parent_info, save_chat_files, split_val
+from .common import example_micro_batches, load_parent, pad, pad_id, parent_info, split_val
 from .loop import Stage
 
 DEFAULTS = {"lr": 3e-4, "max_steps": 200, "warmup": 10, "batch_size": 16, "eval_every": 50,
@@ -138,7 +138,6 @@ class Reward(Stage):
             return self.lora.save(out, meta, extra_tensors=self.rm.head_tensors())
         from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta, extra_tensors=self.rm.head_tensors())
-        save_chat_files(self.tokenizer, out)
 
     def restore(self, ckpt):
         if self.lora:

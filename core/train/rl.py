@@ -28,7 +28,7 @@ from ..errors import SolError
 from ..generation.engine import end_of_turn_ids
 from ..model import lora
 from . import adapters, chat_format
-from .common import chat_sample, epoch_indices, load_parent, pad, pad_id, parent_info, save_chat_files, split_val
+from .common import chat_sample, epoch_indices, load_parent, pad, pad_id, parent_info, split_val
 from .loop import Stage
 from .rewards import REWARDS
 from .rollout import rollout
@@ -227,7 +227,6 @@ class RL(Stage):
                 self.lora.save(self.out / "best", best)
             else:
                 save_model(self.out / "best", self.model, self.tokenizer, best)
-                save_chat_files(self.tokenizer, self.out / "best")
             result["best_step"] = self.step
         return result
 
@@ -239,7 +238,6 @@ class RL(Stage):
             return self.lora.save(out, meta)
         from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta)
-        save_chat_files(self.tokenizer, out)
 
     def restore(self, ckpt):
         if self.lora:

@@ -11,7 +11,7 @@ from ..data.corpus import describe_files
 from ..errors import SolError
 from . import adapters, chat_format
 from .common import (chat_sample, example_micro_batches, load_parent, pad, pad_id,
-                     parent_info, save_chat_files, split_val)
+                     parent_info, split_val)
 from .loop import Stage
 from .losses import IGNORE, lm_loss_sum
 
@@ -89,7 +89,6 @@ class SFT(Stage):
             return self.lora.save(out, meta)
         from ..formats.checkpoint import save_model
         save_model(out, self.model, self.tokenizer, meta)
-        save_chat_files(self.tokenizer, out)
 
     def restore(self, ckpt):
         if self.lora:
