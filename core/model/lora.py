@@ -130,9 +130,9 @@ class Adapter(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        a = self.lora_A.get(name) if name in self.lora_A else None
-        if a is None:
+        if name not in self.lora_A:
             return None
+        a = self.lora_A[name]
         return F.linear(F.linear(x, a.to(x.dtype)), self.lora_B[name].to(x.dtype)) * self.scaling
 
 
