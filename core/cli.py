@@ -79,8 +79,22 @@ def check_arguments(argv: list[str]) -> None:
             raise SolError(f"argument {i + 1} ({shown}): not valid UTF-8; retype it or set a UTF-8 locale") from None
 
 
+# Commands that run another program: what follows their first standalone `--` is that program's command
+# line, untouched (argparse would stop reading options there but could not tell it from Sol's arguments
+# once options come between the name and the `--`; nor may --debug be taken out of it).
+TRAILING_COMMAND = {("mcp", "add")}
+
+
+def _split_trailing(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    if tuple(argv[:2]) in TRAILING_COMMAND and "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, trailing = _split_trailing(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     argv = _global_safe_mode(argv)
@@ -90,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(argv)
         first = next((a for a in argv if not a.startswith("-")), None)
         args = build_parser(first).parse_args(argv)
+        if trailing is not None:
+            args.command = trailing
         if not getattr(args, "func", None):
             build_parser().print_help()
             return 2

@@ -9,6 +9,7 @@ from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QInputDialog, QLabel, QLi
                                QVBoxLayout, QWidget)
 
 from ..adapters import adapters_for
+from .consent import Consent, ConsentBar
 from .explain import ExplainView
 from .messages import AnswerBubble, Bubble, Notice, ToolCard, UserBubble
 from .params import ParamsView
@@ -138,6 +139,9 @@ class ChatPanel(QWidget):
         self.scroll.setWidget(inner)
         self.scroll.verticalScrollBar().rangeChanged.connect(self._stick_to_bottom)
         lay.addWidget(self.scroll, 1)
+        self.consent = Consent(self)
+        self.consent_bar = ConsentBar(self.consent)
+        lay.addWidget(self.consent_bar)
         self.input = QPlainTextEdit()
         self.input.setPlaceholderText("Message the model — Ctrl+Enter to send")
         self.input.setFixedHeight(78)
@@ -294,7 +298,8 @@ class ChatPanel(QWidget):
         if self.session is None:
             from sol.core.chat.session import ChatSession
             self.session = ChatSession(self.ctx.loaded, plugins=self.ctx.plugins, store=self.ctx.store,
-                                       conversation_id=self.conversation_id, system=self.system.text() or None)
+                                       conversation_id=self.conversation_id, system=self.system.text() or None,
+                                       consent=self.consent)
             self.ctx.set_chat_session(self.session)
         return self.session
 
@@ -525,6 +530,7 @@ class ChatPanel(QWidget):
         self.status.setText("generating …")
         self.worker = self.ctx.stream(make_iter, self._on_event, self._on_finished, self._on_error,
                                       may_wait=lambda ev: isinstance(ev, dict) and ev.get("type") == "token")
+        self.consent.cancel = self.worker.cancel   # Stop while a tool waits for consent answers Deny
         self._flush.start()
         self._buttons()
 
@@ -575,6 +581,7 @@ class ChatPanel(QWidget):
 
     def _on_finished(self):
         self._flush.stop()
+        self.consent_bar.hide()
         stopped = self.worker is not None and self.worker.cancel.is_set()
         self.worker = None
         if self.answer is not None:      # cut off before its message event (stop, error)

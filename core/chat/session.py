@@ -172,14 +172,17 @@ def trace_entry(token: dict) -> dict:
 
 class ChatSession:
     def __init__(self, lm, plugins=None, store: Store | None = None, conversation_id: int | None = None,
-                 system: str | None = None, template_vars: dict | None = None):
+                 system: str | None = None, template_vars: dict | None = None, consent=None):
         """`lm` is a LoadedModel (model, tokenizer, config). Without a store the conversation lives in memory.
-        `template_vars`: extra variables for the chat template (Qwen3's {"enable_thinking": False})."""
+        `template_vars`: extra variables for the chat template (Qwen3's {"enable_thinking": False}).
+        `consent(name, arguments)`: asked before a tool that needs the user's yes (an MCP tool trusted
+        `ask`) runs; answers "allow", "always" or "deny". Without it such calls are denied."""
         self.lm = lm
         self.template_vars = dict(template_vars or {})
         self.tokenizer = lm.tokenizer
         self.engine = Engine(lm.model, lm.tokenizer)
         self.plugins = plugins
+        self.consent = consent
         self.store = store if store is not None else Store(":memory:")
         self.context = lm.config.context
         self.end_ids = end_of_turn_ids(lm.tokenizer, getattr(lm.config, "extra", None))
@@ -264,6 +267,8 @@ class ChatSession:
     # ---- one assistant turn, with its tool rounds ---------------------------------------------
     def _answer(self, params: GenerationParams, cancel):
         prompt_ids, dropped = self._fit_prompt(params)
+        for note in getattr(self.plugins, "tool_notes", lambda: [])():   # an MCP server that failed to start
+            yield {"type": "notice", "text": note}
         if dropped:
             yield {"type": "notice", "text": f"The conversation is longer than the model's context window "
                                              f"({self.context} tokens): the oldest {dropped} message"
@@ -300,7 +305,7 @@ class ChatSession:
         elif self.plugins is None:
             result = {"ok": False, "error": "no tools are available (plugins are not loaded)"}
         else:
-            result = self.plugins.call_tool(call.name, call.arguments)
+            result = self.plugins.call_tool(call.name, call.arguments, consent=self.consent)
         key = "result" if result.get("ok") else "error"
         yield {"type": "tool_result", "name": call.name, key: result.get(key)}
         text = result_text(result)

@@ -33,6 +33,8 @@ def register(sub) -> None:
                    help="a variable for the chat template, e.g. enable_thinking=false for Qwen3 (repeatable; "
                         "the value is read as JSON when it is JSON: false, 3, \"text\")")
     p.add_argument("--json", action="store_true", help="one JSON event per line")
+    p.add_argument("--yes", action="store_true", help="allow every tool call that needs consent (MCP tools "
+                   "trusted `ask`) without asking; without a terminal to ask on, such calls are denied")
     add_safe_mode(p)
     p.set_defaults(func=run)
 
@@ -65,13 +67,35 @@ def run(args) -> int:
     for info in plugins.plugins():
         if info.status != "ok" and not args.json:
             sys.stderr.write(f"warning: plugin {info.name} is broken and skipped: {info.error}\n")
-    chat = ChatSession(lm, plugins, Store(), args.conversation, args.system, tvars)
+    chat = ChatSession(lm, plugins, Store(), args.conversation, args.system, tvars, consent=consent(args.yes))
     if args.message:
         ok = True
         for text in args.message:
             ok = show(chat.send(text, params), args.json) and ok
         return 0 if ok else 1
     return interactive(chat, params, args.json)
+
+
+def consent(yes: bool):
+    """The chat's answer when a tool needs the user's yes: --yes allows; a terminal asks; else deny."""
+    import json
+
+    def ask(name: str, arguments: dict) -> str:
+        if yes:
+            return "allow"
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            sys.stderr.write(f"\nnote: {name} needs your consent and there is no terminal to ask on: denied "
+                             "(--yes allows such calls)\n")
+            return "deny"
+        sys.stderr.write(f"\nThe model wants to call {name} {json.dumps(arguments, ensure_ascii=False)}\n")
+        while True:
+            try:
+                answer = input("Allow? [y]es, [a]lways for this tool, [n]o: ").strip().lower()
+            except EOFError:
+                return "deny"
+            if answer in ("y", "yes", "a", "always", "n", "no", ""):
+                return {"y": "allow", "yes": "allow", "a": "always", "always": "always"}.get(answer, "deny")
+    return ask
 
 
 def show(events, as_json: bool) -> bool:

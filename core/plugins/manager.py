@@ -10,6 +10,10 @@ raises is marked broken, with a one-line error and the traceback kept for
 the GUI, and is skipped from then on; everything else keeps working.
 Which plugins are disabled is kept in `plugins.json` in the data directory.
 Safe mode (`--safe-mode`, or SOL_SAFE_MODE=1) loads no third-party plugin.
+
+The tools of MCP servers (core/mcp, configured in mcp.json) join the plugins' tools here as
+`SERVER.TOOL`, so the chat, `sol serve` and `sol tools` see one list; a call to one passes its trust
+first (ask the user, allow, deny). Safe mode starts no MCP server either.
 """
 from __future__ import annotations
 
@@ -49,6 +53,15 @@ def sol_version() -> str:
         return metadata.version(PROJECT_DIST)
     except metadata.PackageNotFoundError:
         return "0+unknown"
+
+
+@dataclass
+class McpToolSpec(ToolSpec):
+    """A tool of an MCP server, named SERVER.TOOL; `plugin` is "mcp:SERVER"."""
+    server: str = ""
+    tool: str = ""
+    trust: str = "ask"
+    annotations: dict = field(default_factory=dict)
 
 
 def safe_mode_from_env() -> bool:
@@ -110,8 +123,9 @@ def _one_line(e: BaseException) -> str:
 
 class PluginManager:
     def __init__(self, safe_mode: bool | None = None, state_path: Path | None = None,
-                 extra_modules: list[str | ModuleType] | None = None):
-        """`extra_modules`: module names (or modules) loaded as third-party plugins; for tests and embedding."""
+                 extra_modules: list[str | ModuleType] | None = None, mcp=None):
+        """`extra_modules`: module names (or modules) loaded as third-party plugins; for tests and embedding.
+        `mcp`: the MCP servers (core/mcp's McpServers); by default those of mcp.json in the data folder."""
         self.safe_mode = safe_mode_from_env() if safe_mode is None else bool(safe_mode)
         self.state_path = Path(state_path) if state_path else default_state_path()
         self.extra_modules = list(extra_modules or [])
@@ -122,6 +136,8 @@ class PluginManager:
         self._panels: list[PanelSpec] = []
         self._stages: list[StageSpec] = []
         self._loaded = False
+        self._mcp = mcp
+        self._noted: set[str] = set()
 
     # ---- state ---------------------------------------------------------------------
     def _disabled(self) -> set[str]:
@@ -349,19 +365,73 @@ class PluginManager:
         return info
 
     def tools(self) -> dict[str, ToolSpec]:
+        """Every enabled plugin's tools, then the MCP servers' (their servers started on first need)."""
         self._ensure_loaded()
-        return {k: t for k, t in self._tools.items() if self._infos[t.plugin].status == "ok"}
+        tools = {k: t for k, t in self._tools.items() if self._infos[t.plugin].status == "ok"}
+        for name, spec in self._mcp_tools().items():
+            tools.setdefault(name, spec)
+        return tools
+
+    # ---- MCP servers' tools --------------------------------------------------------------------
+    @property
+    def mcp(self):
+        """The MCP servers of mcp.json beside sol.db (core/mcp), or None in safe mode."""
+        if self._mcp is None and not self.safe_mode:
+            from ..mcp.servers import McpServers
+            self._mcp = McpServers()
+        return self._mcp
+
+    def _mcp_tools(self) -> dict[str, McpToolSpec]:
+        if self.mcp is None or not self.mcp.names():
+            return {}
+        return {name: McpToolSpec(t.name, t.description, t.parameters, func=None, plugin=f"mcp:{t.server}",
+                                  server=t.server, tool=t.tool, trust=t.trust, annotations=t.annotations)
+                for name, t in self.mcp.tools().items()}
+
+    def unattended(self, name: str) -> bool:
+        """May this tool run with no one to ask (`sol serve`)? Plugin tools, and MCP tools trusted `allow`."""
+        tool = self.tools().get(name)
+        return tool is not None and (not isinstance(tool, McpToolSpec) or tool.trust == "allow")
+
+    def tool_notes(self) -> list[str]:
+        """Lines the user should see once: an MCP server that failed, an mcp.json that could not be read."""
+        if self.mcp is None:
+            return []
+        notes = self.mcp.failures()
+        if self.mcp.error and self.mcp.error not in self._noted:
+            self._noted.add(self.mcp.error)
+            notes.insert(0, f"MCP servers are off: {self.mcp.error}")
+        return notes
+
+    def _call_mcp(self, tool: McpToolSpec, arguments: dict, consent, override_deny: bool) -> dict:
+        """Trust first: `deny` is never sent, `ask` goes to `consent(name, arguments)` ("allow", "always" or
+        "deny"; no one to ask is a deny), "always" is remembered in mcp.json."""
+        if tool.trust == "deny" and not override_deny:
+            return {"ok": False, "error": f"{tool.name}: the user's trust setting denies this tool "
+                                          f"(`sol mcp trust {tool.name} ask` lets the model ask)"}
+        if tool.trust == "ask":
+            try:
+                answer = consent(tool.name, arguments) if consent is not None else "deny"
+            except Exception:   # a consent prompt that broke is a no
+                answer = "deny"
+            if answer == "always":
+                self.mcp.config.set_trust(tool.name, "allow")
+            elif answer != "allow":
+                return {"ok": False, "error": f"{tool.name}: the user did not allow this call"}
+        return self.mcp.call(tool.server, tool.tool, arguments)
 
     def tool_schemas(self) -> list[dict]:
         """The tools in the OpenAI/Hugging Face form chat templates take as `tools=`."""
         return [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                   "parameters": t.parameters}} for t in self.tools().values()]
 
-    def call_tool(self, name: str, arguments: dict, timeout_s: float = TOOL_TIMEOUT_S) -> dict:
+    def call_tool(self, name: str, arguments: dict, timeout_s: float = TOOL_TIMEOUT_S, consent=None,
+                  override_deny: bool = False) -> dict:
         """{"ok": True, "result": ...} or {"ok": False, "error": "..."}. Never raises.
 
         The tool runs on its own daemon thread so one that hangs cannot hang the chat: after
-        `timeout_s` we answer with an error and leave it behind."""
+        `timeout_s` we answer with an error and leave it behind. An MCP tool passes its trust first
+        (`consent`, `override_deny`: see _call_mcp) and runs under its server's own timeout."""
         tool = self.tools().get(name)
         if tool is None:
             return {"ok": False, "error": f"no tool named {name!r}; available: {', '.join(self.tools()) or 'none'}"}
@@ -370,6 +440,8 @@ class PluginManager:
         missing = [p for p in tool.parameters.get("required", []) if p not in arguments]
         if missing:
             return {"ok": False, "error": f"{name}: missing argument {missing[0]!r}"}
+        if isinstance(tool, McpToolSpec):
+            return self._call_mcp(tool, arguments, consent, override_deny)
         box: dict = {}
 
         def run():

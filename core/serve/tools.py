@@ -5,7 +5,9 @@
 - `trained` (the default): for a request that brings no tools of its own, the server runs the
   plugin tools the model was trained to call (its sol.json `"tools"`, written by `sol train sft`
   and `rl`), as `sol chat` does;
-- `all`: every enabled plugin tool;
+- `all`: every enabled plugin tool, and the MCP servers' tools whose trust is `allow` (set by the
+  user, or read-only by the server's annotation): a server has no one to ask, so a tool that needs
+  consent is never offered;
 - `none`: none. A call the model writes anyway comes back as a `tool_calls` message.
 The plugins' schemas are read in every mode, so a call the server will not run still comes back
 with its arguments named as the tool's schema names them (`{"expression": "12*7"}`).
@@ -38,9 +40,9 @@ class ServerTools:
         if self.mode == "none" or self.plugins is None:
             return {}
         tools = self.plugins.tools()
-        if self.mode == "all":
-            return tools
-        return {n: tools[n] for n in trained if n in tools}
+        unattended = getattr(self.plugins, "unattended", lambda name: True)
+        names = tools if self.mode == "all" else [n for n in trained if n in tools]
+        return {n: tools[n] for n in names if unattended(n)}
 
     @staticmethod
     def schemas(tools: dict) -> list[dict]:

@@ -1,4 +1,5 @@
-"""The Plugins panel: list, details, enable/disable, install with pip's log live, restart offer."""
+"""The Plugins panel: list, details, enable/disable, install with pip's log live, restart offer; and
+a tab for MCP servers (mcp_tab.py)."""
 from __future__ import annotations
 
 import sys
@@ -6,9 +7,11 @@ import sys
 from PySide6.QtCore import QProcess, Qt
 from PySide6.QtGui import QColor, QFont
 from PySide6.QtWidgets import (QApplication, QFileDialog, QFrame, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
-                               QPushButton, QSplitter, QTableWidgetItem, QVBoxLayout, QWidget)
+                               QPushButton, QSplitter, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from sol.app.kit import page, table
+
+from .mcp_tab import McpTab
 
 COLUMNS = ["Plugin", "Version", "Kind", "State", "Hooks", "Error"]
 
@@ -23,8 +26,19 @@ class PluginsPanel(QWidget):
         self.ctx = ctx
         self.infos = []
         self.proc: QProcess | None = None
-        lay = page(self, "Plugins", "Plugins add tools to the chat, panels to this window, training stages and "
-                                    "commands. A plugin that fails is marked broken and left out; Sol keeps working.")
+        outer = page(self, "Plugins", "Plugins add tools to the chat, panels to this window, training stages and "
+                                      "commands; MCP servers add tools. One that fails is marked and left out; "
+                                      "Sol keeps working.")
+        self.tabs = QTabWidget()
+        outer.addWidget(self.tabs, 1)
+        plugins_page = QWidget()
+        lay = QVBoxLayout(plugins_page)
+        lay.setContentsMargins(0, 8, 0, 0)
+        self.tabs.addTab(plugins_page, "Plugins")
+        self.mcp_tab = McpTab(ctx)
+        self.tabs.addTab(self.mcp_tab, "MCP servers")
+        # Servers start when their tab is first shown, not when the window opens.
+        self.tabs.currentChanged.connect(lambda i: i == 1 and not self.mcp_tab.rows and self.mcp_tab.refresh())
 
         bar = QHBoxLayout()
         self.toggle_btn = QPushButton("Disable")
