@@ -54,7 +54,8 @@ def _train_sol(tmp_path, folder, monkeypatch, steps=10, extra=()):
         "--model", folder, "--corpus", _corpus(tmp_path), "--out", tmp_path / "adapter", "--lora",
         "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0, "--context", 32, "--batch-size", 4,
         "--max-steps", steps, "--lr", 1e-2, "--min-lr", 1e-2, "--warmup", 0, "--weight-decay", 0,
-        "--grad-clip", 0, "--eval-every", 0, "--sample-every", 0, "--threads", 1, *extra])
+        "--grad-clip", 0, "--eval-every", 0, "--sample-every", 0, "--threads", 1,
+        "--precision", "fp32", *extra])   # peft runs in float32; a CPU with bf16 would pick bf16 products
     events = []
     spec.run(args, events.append)
     return [e["loss"] for e in events if e["type"] == "step"], seen["init"], seen["batches"]

@@ -96,7 +96,7 @@ class FrozenHeadLoss(torch.autograd.Function):
             loss += (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
             z.sub_(lse[:, None]).exp_()                                        # softmax, in place
             z[torch.arange(at.numel(), device=z.device), t] -= 1.0             # minus the one-hot target
-            grad[at] = weight(z)
+            grad[at] = weight(z).float()   # under bf16 autocast the product comes back in bf16
         ctx.save_for_backward(grad)
         ctx.dtype = h.dtype
         return loss
