@@ -263,6 +263,36 @@ def test_fault_cases_end_in_one_message_and_leave_the_calculator_working(isolate
     assert pm2.call_tool("garbage.echo", {"text": "through the noise"}) == {"ok": True, "result": "through the noise"}
 
 
+def test_sol_stops_its_servers_when_it_exits(isolated_home, tmp_path):
+    """A `sol` process that started servers (one of them busy in a call that hangs) leaves none behind."""
+    marker = f"sol-exit-test-{os.getpid()}-{time.time_ns()}"
+    write_config(isolated_home, {"srv": {**faulty("ok", timeout=2), "args": [FAULTY, "ok", marker]},
+                                 "other": {**faulty("ok"), "args": [FAULTY, "ok", marker]}})
+    env = {**os.environ, "SOL_HOME": str(isolated_home)}
+    r = subprocess.run([sys.executable, "-m", "sol.core.cli", "tools", "call", "srv.hang", "--yes"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and r.stderr == "error: srv.hang: no answer after 2 s\n"
+
+    def alive():
+        out = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and marker in (d / "cmdline").read_text() and \
+                        (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(d.name)
+            except OSError:
+                pass
+        return out
+    assert alive() == []
+
+
+def test_a_call_to_a_failed_servers_tool_says_why(isolated_home, capsys):
+    write_config(isolated_home, {"missing": {"command": "no-such-program-for-sol"}})
+    code, _, err = sol(capsys, "tools", "call", "missing.anything", "--args", "{}")
+    assert code == 1 and err.endswith("error: missing.anything: MCP server 'missing' is not available: cannot start "
+                                      "'no-such-program-for-sol': no such program (is it installed, and on PATH?)\n")
+
+
 def test_a_server_that_crashes_is_started_again_on_the_next_call(isolated_home):
     write_config(isolated_home, {"srv": faulty("ok", timeout=5)})
     servers = McpServers()
@@ -430,3 +460,24 @@ def test_serve_offers_and_runs_only_the_mcp_tools_trusted_allow(roomy_model, iso
         server.should_exit = True
         engine.close()
         t.join(10)
+
+
+def test_sol_chat_asks_on_a_terminal(monkeypatch):
+    import io
+
+    from sol.core.commands.chat import consent
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    err = Terminal()
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr(sys, "stderr", err)
+    answers = iter(["maybe", "a", "", "y"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    ask = consent(yes=False)
+    assert ask("srv.write", {"text": "hi"}) == "always"      # "maybe" is asked again
+    assert 'The model wants to call srv.write {"text": "hi"}' in err.getvalue()
+    assert ask("srv.write", {}) == "deny"                     # Enter is no
+    assert ask("srv.write", {}) == "allow"
+    assert consent(yes=True)("srv.write", {}) == "allow"

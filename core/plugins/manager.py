@@ -432,9 +432,14 @@ class PluginManager:
         The tool runs on its own daemon thread so one that hangs cannot hang the chat: after
         `timeout_s` we answer with an error and leave it behind. An MCP tool passes its trust first
         (`consent`, `override_deny`: see _call_mcp) and runs under its server's own timeout."""
-        tool = self.tools().get(name)
+        tools = self.tools()
+        tool = tools.get(name)
         if tool is None:
-            return {"ok": False, "error": f"no tool named {name!r}; available: {', '.join(self.tools()) or 'none'}"}
+            server = name.partition(".")[0]
+            if "." in name and self.mcp is not None and server in self.mcp.names():
+                why = self.mcp.connection(server).error or "it is disabled (sol mcp enable " + server + ")"
+                return {"ok": False, "error": f"{name}: MCP server {server!r} is not available: {why}"}
+            return {"ok": False, "error": f"no tool named {name!r}; available: {', '.join(tools) or 'none'}"}
         if not isinstance(arguments, dict):
             return {"ok": False, "error": f"{name}: arguments must be a JSON object, not {type(arguments).__name__}"}
         missing = [p for p in tool.parameters.get("required", []) if p not in arguments]
