@@ -85,8 +85,9 @@ async def chat_completions(request: Request):
     if tools is None and body.get("tool_choice") != "none":
         # The request brings no tools: the server runs the model's own (sol serve --plugin-tools), and a
         # call to any other comes back as tool_calls, its arguments named by the plugin's schema.
-        runs = st.tools.runs(s.trained_tools)
-        tools, tool_list = ({**st.tools.known(), **runs}, st.tools.schemas(runs)) if runs else (st.tools.known(), [])
+        # On a thread: the first request starts the MCP servers (core/mcp), which may take their timeout.
+        runs, known = await asyncio.to_thread(lambda: (st.tools.runs(s.trained_tools), st.tools.known()))
+        tools, tool_list = ({**known, **runs}, st.tools.schemas(runs)) if runs else (known, [])
     conversation = list(body.get("messages") or []) if isinstance(body.get("messages"), list) else None
     try:
         prompt = render_chat(s, body.get("messages"), tool_list or None, template_kwargs(body))
