@@ -200,11 +200,14 @@ def _handler(hub: StandIn):
                 self.close_connection = True
                 return
             pause = hub.pauses.get(key, 0.0)
-            for i in range(0, len(body), 1 << 16):
-                self.wfile.write(body[i:i + (1 << 16)])
-                if pause:
-                    self.wfile.flush()
-                    time.sleep(pause)
+            try:
+                for i in range(0, len(body), 1 << 16):
+                    self.wfile.write(body[i:i + (1 << 16)])
+                    if pause:
+                        self.wfile.flush()
+                        time.sleep(pause)
+            except (BrokenPipeError, ConnectionResetError):   # the client stopped reading (a Cancel)
+                self.close_connection = True
 
         # ---- answers ------------------------------------------------------------------------------
         def _json(self, obj):

@@ -264,3 +264,74 @@ def test_no_network_search_fails_in_one_line(hub, monkeypatch):
     r = sol("models", "search", "tiny", env={"HF_ENDPOINT": url})
     assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
     assert "cannot reach" in r.stderr
+
+
+# ---- the Get models view --------------------------------------------------------------------------
+def test_get_models_view_searches_downloads_with_progress_cancels_one_and_completes_another(hub, qtbot,
+                                                                                              isolated_home):
+    from PySide6.QtCore import Qt
+
+    from sol.app.main import build_window
+    win, ctx = build_window()
+    qtbot.addWidget(win)
+    win.show()
+    assert win.show_panel("get")
+    panel = win.panel("get")
+    panel.query.setText("tiny")
+    qtbot.mouseClick(panel.search_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: panel.table.rowCount() == 4 and panel.is_ready(), timeout=30_000)
+    repos = [e["repo"] for e in panel.results]
+    row = repos.index(GGUF_REPO)
+    cells = [panel.table.item(row, c).text() for c in range(panel.table.columnCount())]
+    assert cells[1] == "llama" and cells[3] == "gguf" and cells[4] == "Q8_0, F32" and cells[6] == "✓ fits"
+    assert cells[7] == "200" and cells[8] == "3"
+    assert panel.table.item(repos.index(MAMBA_REPO), 6).text() == "✗ Sol cannot run it"
+
+    panel.table.selectRow(row)
+    assert panel.file.count() == 2            # the two files Sol reads, not IQ4_XS
+    hub.slow(GGUF_REPO, F32, 0.05)            # ~1.3 MB/s: the 4 MB file takes a few seconds
+    panel.file.setCurrentIndex(panel.file.findData(F32))
+    qtbot.mouseClick(panel.download_btn, Qt.LeftButton)
+    big = ctx.downloads.items[-1]
+    bar, buttons = panel.row_widgets(big)
+    qtbot.waitUntil(lambda: 0 < bar.value() < bar.maximum(), timeout=30_000)   # progress, visible mid-file
+    assert big.state == "running" and "MiB" in panel.downloads.item(0, 2).text()
+
+    assert win.show_panel("models")           # another panel: the queue goes on
+    panel.file.setCurrentIndex(panel.file.findData(Q8))
+    panel.download_selected()
+    small = ctx.downloads.items[-1]
+    assert small.state == "queued"            # one at a time
+    qtbot.mouseClick(buttons.cancel, Qt.LeftButton)
+    qtbot.waitUntil(lambda: big.state == "cancelled", timeout=30_000)
+    qtbot.waitUntil(lambda: small.state == "done", timeout=60_000)
+    assert win.show_panel("get") and win.panel("get") is panel
+    _, small_buttons = panel.row_widgets(small)
+    assert not small_buttons.load.isHidden() and buttons.load.isHidden() and buttons.cancel.isHidden()
+    assert panel.row_widgets(small)[0].value() == 1000
+
+    blobs = cache(isolated_home) / "models--sol-test--tiny-llama-GGUF" / "blobs"
+    assert not list(blobs.glob("*.incomplete"))    # the cancelled file is not kept
+    from sol.core.formats.registry import list_models
+    names = {m["name"] for m in list_models()}
+    assert f"{GGUF_REPO}/{Q8}" in names and f"{GGUF_REPO}/{F32}" not in names
+    qtbot.mouseClick(small_buttons.load, Qt.LeftButton)
+    qtbot.waitUntil(lambda: ctx.loaded is not None, timeout=120_000)
+    assert ctx.loaded.name == Q8 and ctx.loaded.path == Path(small.result["path"]).resolve()
+
+
+def test_get_models_view_asks_a_gated_repository_for_a_token(hub, qtbot, monkeypatch):
+    from PySide6.QtWidgets import QInputDialog
+
+    from sol.app.main import build_window
+    asked = []
+    monkeypatch.setattr(QInputDialog, "getText", staticmethod(lambda *a, **k: (asked.append(a[2]), ("hf_x", True))[1]))
+    win, ctx = build_window()
+    qtbot.addWidget(win)
+    win.show()
+    win.show_panel("get")
+    panel = win.panel("get")
+    item = ctx.downloads.add(GATED_REPO)
+    qtbot.waitUntil(lambda: item.state == "done", timeout=60_000)
+    assert asked and f"{hub.url}/{GATED_REPO}" in asked[0]     # where to accept the licence
+    assert item.token == "hf_x"

@@ -149,8 +149,9 @@ def _link(repo: str, f: dict, revision: str, token, bar) -> Path:
     """hf_hub_download: links a blob Sol fetched into the snapshot, or downloads a small file itself."""
     from huggingface_hub import hf_hub_download
     with calling(f"get {repo}/{f['name']}", repo, token):
+        # cache_dir: Sol's reading of HF_HOME now; the library's was fixed when it was imported.
         return Path(hf_hub_download(repo, f["name"], revision=revision, token=token, endpoint=endpoint(),
-                                    tqdm_class=bar))
+                                    cache_dir=hf_cache_dir(), tqdm_class=bar))
 
 
 def _from_cache(repo: str, file: str | None, quant: str | None, why: str) -> dict:

@@ -152,3 +152,17 @@ def check(repo: str, need: dict, device) -> None:
                        f"KV cache for {need['context']:,} tokens) and {size_text(mem)} is free "
                        f"({FREE_MEMORY_ENV} overrides the measure); nothing was downloaded. Try a smaller --quant, "
                        "--context or --dtype")
+
+
+def rough(files: list[dict], device) -> str | None:
+    """Why `files` will not fit, judged from their sizes alone (for a list of search results: their bytes on
+    the disk, and their weights as stored in memory; `get` also counts the KV cache), or None."""
+    size = sum(f["size"] or 0 for f in files)
+    disk = free_disk()
+    if size > disk:
+        return f"needs {size_text(size)} of disk, {size_text(disk)} free"
+    weights = sum(f["size"] or 0 for f in files if f["name"].endswith((".gguf", ".safetensors")))
+    mem = free_memory(device)
+    if mem is not None and weights > mem:
+        return f"needs {size_text(weights)} of memory, {size_text(mem)} free"
+    return None
