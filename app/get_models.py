@@ -94,6 +94,11 @@ class GetModelsPanel(QWidget):
         lay.addWidget(title)
         self.downloads = table(QUEUE_COLUMNS)
         self.downloads.setSelectionMode(self.downloads.SelectionMode.NoSelection)
+        head = self.downloads.horizontalHeader()   # the status text takes the room; bar and buttons keep theirs
+        head.setStretchLastSection(False)
+        head.setSectionResizeMode(1, head.ResizeMode.Fixed)
+        head.setSectionResizeMode(2, head.ResizeMode.Stretch)
+        self.downloads.setColumnWidth(1, 180)
         lay.addWidget(self.downloads, 2)
 
         self.query.returnPressed.connect(self.search)
@@ -134,14 +139,14 @@ class GetModelsPanel(QWidget):
         for r, e in enumerate(found):
             quants = ", ".join(f["quant"] or "?" for f in e["files"] if f["why_not"] is None) \
                 if e["format"] == "gguf" else "—"
-            sizes = [f["size"] or 0 for f in e["files"]]
+            sizes = [f["size"] or 0 for f in e["files"] if f["why_not"] is None]
             if e["format"] == "gguf":
                 size = f"{size_text(min(sizes))} – {size_text(max(sizes))}" if len(sizes) > 1 else \
                     size_text(sizes[0]) if sizes else "?"
             else:
                 size = size_text(sum(sizes))
             fit, color, tip = self._fit_mark(e)
-            cells = [e["repo"] + ("  🔒" if e["gated"] else ""), e["family"] or "?", params_text(e["parameters"]),
+            cells = [e["repo"] + ("  (gated)" if e["gated"] else ""), e["family"] or "?", params_text(e["parameters"]),
                      e["format"] or "?", quants, size, fit, f"{e['downloads'] or 0:,}", f"{e['likes'] or 0:,}"]
             for c, v in enumerate(cells):
                 item = QTableWidgetItem(v)
