@@ -190,6 +190,33 @@ def test_a_cut_download_fails_then_the_next_get_resumes_it_with_the_right_checks
     assert f"{GGUF_REPO}/{F32}" in listed()
 
 
+def test_ctrl_c_keeps_the_part_fetched_and_the_next_get_resumes_it(hub, repos, isolated_home):
+    import signal
+    import time
+    data = repos[GGUF_REPO].files[F32]
+    hub.slow(GGUF_REPO, F32, 0.05)     # ~1.3 MB/s: time to press Ctrl-C mid-file
+    partial = (cache(isolated_home) / "models--sol-test--tiny-llama-GGUF" / "blobs" /
+               (hashlib.sha256(data).hexdigest() + ".incomplete"))
+    p = subprocess.Popen([sys.executable, "-m", "sol.core.cli", "models", "get", GGUF_REPO, "--quant", "F32"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 60
+    while not (partial.is_file() and partial.stat().st_size >= 2**20) and time.monotonic() < end:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.splitlines()[-1] == "error: interrupted", err
+    kept = partial.stat().st_size
+    assert 2**20 <= kept < len(data) and data[:kept] == partial.read_bytes()
+
+    hub.pauses.clear()
+    before = len(hub.log)
+    r = sol("models", "get", GGUF_REPO, "--quant", "F32")
+    assert r.returncode == 0, r.stderr
+    assert [g["range"] for g in hub.gets(GGUF_REPO, F32, since=before) if g["range"] != "bytes=0-1048575"] == \
+        [f"bytes={kept}-"]
+    assert f"{GGUF_REPO}/{F32}" in listed()
+
+
 def test_a_corrupt_download_is_removed_and_never_listed(hub, isolated_home):
     hub.spoil(FOLDER_REPO, "model.safetensors")
     r = sol("models", "get", FOLDER_REPO)
@@ -258,12 +285,16 @@ def test_offline_search_and_an_uncached_get_fail_in_one_line_and_a_cached_model_
     assert len(hub.log) == before        # offline: the Hub was never asked
 
 
-def test_no_network_search_fails_in_one_line(hub, monkeypatch):
-    url = hub.url
+def test_without_a_network_get_fails_in_one_line_unless_the_model_is_cached(hub, isolated_home):
+    assert sol("models", "get", GGUF_REPO, "--quant", "Q8_0").returncode == 0
+    gone = {"HF_ENDPOINT": hub.url}
     hub.close()                          # nothing listens there any more
-    r = sol("models", "search", "tiny", env={"HF_ENDPOINT": url})
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
-    assert "cannot reach" in r.stderr
+    r = sol("models", "get", FOLDER_REPO, env=gone)
+    line = one_error(r)
+    assert "cannot reach" in line and "not in the Hugging Face cache" in line
+    r = sol("models", "get", GGUF_REPO, "--quant", "Q8_0", env=gone)
+    assert r.returncode == 0 and "cannot reach" in r.stderr and "using the cached copy" in r.stderr, r.stderr
+    assert r.stdout.split()[0] == f"{GGUF_REPO}/{Q8}"
 
 
 # ---- the Get models view --------------------------------------------------------------------------

@@ -70,6 +70,8 @@ def get(repo: str, file: str | None = None, quant: str | None = None, revision: 
     Returns {"name", "path", "files", "downloaded"}."""
     from ..devices import pick_device
     say = say or (lambda line: None)
+    if context is not None and context < 1:
+        raise SolError(f"--context {context}: must be at least 1")
     if offline():
         return _from_cache(repo, file, quant, f"get {repo}: HF_HUB_OFFLINE=1 is set, so the Hub is not asked")
     try:

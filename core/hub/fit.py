@@ -132,8 +132,6 @@ def needs(entry: dict, files: list[dict], cfg, dtype: str, context: int | None, 
     else:
         weights = weight_bytes(cfg, kind)
     ctx = min(cfg.context, CONTEXT_CAP) if context is None else context
-    if ctx < 1:
-        raise SolError(f"--context {context}: must be at least 1")
     kv = cfg.kv_cache_bytes(1, ctx, 2 if kind == "bfloat16" else 4)
     return {"weights": weights, "kv_cache": kv, "memory": weights + kv, "context": ctx,
             "dtype": kind or "as stored"}
