@@ -40,6 +40,15 @@ def sol(*args, env: dict | None = None, timeout: int = 120) -> subprocess.Comple
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def run(capsys, *args) -> subprocess.CompletedProcess:
+    """`sol ARGS` in this process (no interpreter to start): for the checks that need no fresh process."""
+    from sol.core.cli import main
+    capsys.readouterr()
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
+
+
 def one_error(r) -> str:
     """The failure's one `error:` line (what get said it was doing may come before it, on stderr too)."""
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
@@ -142,19 +151,19 @@ def test_get_quant_downloads_that_one_gguf_file_and_it_generates(hub, repos, iso
     generates(name)
 
 
-def test_get_refuses_what_it_cannot_load_or_choose(hub):
+def test_get_refuses_what_it_cannot_load_or_choose(hub, capsys):
     for args, words in [((MAMBA_REPO,), "model_type 'mamba' is not supported"),
                         ((GGUF_REPO, "--quant", "IQ4_XS"), "Sol reads GGUF files of the types"),
                         ((GGUF_REPO, "--quant", "Q5_K_M"), "no file of that quantization"),
                         ((FOLDER_REPO, "--quant", "Q8_0"), "safetensors repository"),
                         (("sol-test/nope",), "no repository 'sol-test/nope'")]:
-        r = sol("models", "get", *args)
+        r = run(capsys, "models", "get", *args)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
         assert words in r.stderr, r.stderr
 
 
-def test_a_gated_repository_says_where_to_accept_its_licence(hub, isolated_home):
-    r = sol("models", "get", GATED_REPO)
+def test_a_gated_repository_says_where_to_accept_its_licence(hub, isolated_home, capsys):
+    r = run(capsys, "models", "get", GATED_REPO)
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
     assert "gated" in r.stderr and f"{hub.url}/{GATED_REPO}" in r.stderr and "HF_TOKEN" in r.stderr
     assert GATED_REPO not in listed()
@@ -236,8 +245,9 @@ def written(isolated_home) -> list:
 
 @pytest.mark.parametrize("knob, words", [("SOL_HUB_FREE_MEMORY", "of memory"), ("SOL_HUB_FREE_DISK", "on the disk")])
 def test_a_model_that_does_not_fit_is_refused_with_the_numbers_and_nothing_is_written(hub, isolated_home, knob,
-                                                                                      words):
-    r = sol("models", "get", GGUF_REPO, "--quant", "F32", env={knob: "1000"})
+                                                                                      words, capsys, monkeypatch):
+    monkeypatch.setenv(knob, "1000")
+    r = run(capsys, "models", "get", GGUF_REPO, "--quant", "F32")
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
     assert words in r.stderr and "1000 B is free" in r.stderr and "nothing was downloaded" in r.stderr
     if knob == "SOL_HUB_FREE_DISK":
