@@ -61,6 +61,16 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "").rstrip("/") or constants.ENDPOINT
 
 
+def headers_for(url: str, location: str, token=None) -> dict:
+    """The request headers for fetching a file's bytes from `location` (where the Hub's `url` redirects): the
+    token goes to the Hub's own host only, never to a CDN, as huggingface_hub's own downloads do."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub.utils import build_hf_headers
+    same = urlsplit(url).netloc == urlsplit(location).netloc
+    return build_hf_headers(token=token if same else False)
+
+
 def api():
     from huggingface_hub import HfApi
     return HfApi(endpoint=endpoint())

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import SolError
 from ..formats.registry import hf_cache_dir
 from .catalog import choose, quant_of, repository
-from .client import Cancelled, Silent, Unreachable, calling, endpoint, offline
+from .client import Cancelled, Silent, Unreachable, calling, endpoint, headers_for, offline
 from .fit import check, model_config, needs, size_text
 
 # huggingface_hub reads a download in pieces of DOWNLOAD_CHUNK_SIZE (10 MiB) and writes, reports and checks for
@@ -34,10 +34,13 @@ def partial_path(repo: str, f: dict) -> Path:
     return repo_dir(repo) / "blobs" / f"{f['sha256']}.incomplete"
 
 
-def missing_bytes(repo: str, files: list[dict]) -> int:
-    """Bytes still to download: files not in the cache's blob store, less what partial downloads hold."""
+def missing_bytes(repo: str, files: list[dict], commit: str | None) -> int:
+    """Bytes still to download: files neither in the snapshot of `commit` nor (weights) in the blob store,
+    less what partial downloads hold."""
     total = 0
     for f in files:
+        if commit and (repo_dir(repo) / "snapshots" / commit / f["name"]).is_file():
+            continue
         if f["sha256"] and (repo_dir(repo) / "blobs" / f["sha256"]).is_file():
             continue
         part = partial_path(repo, f) if f["sha256"] else None
@@ -81,7 +84,7 @@ def get(repo: str, file: str | None = None, quant: str | None = None, revision: 
     files = choose(entry, file, quant)
     dev = pick_device(device)
     need = needs(entry, files, model_config(entry, files, token), dtype, context, dev)
-    need["disk"] = missing_bytes(repo, files)
+    need["disk"] = missing_bytes(repo, files, entry["sha"])
     check(repo, need, dev)
     total = sum(f["size"] or 0 for f in files)
     say(f"{repo}: {len(files)} file{'s' * (len(files) > 1)}, {size_text(total)} ({size_text(need['disk'])} to "
@@ -103,12 +106,12 @@ def _fetch_verified(repo: str, f: dict, revision: str, token, bar, cancel) -> No
     """The LFS file `f` into the blob store, resumed from its partial file, its sha256 checked."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
     blobs = repo_dir(repo) / "blobs"
     if (blobs / f["sha256"]).is_file():
         return
+    url = hf_hub_url(repo, f["name"], revision=revision, endpoint=endpoint())
     with calling(f"get {repo}", repo, token):
-        meta = get_hf_file_metadata(hf_hub_url(repo, f["name"], revision=revision, endpoint=endpoint()), token=token)
+        meta = get_hf_file_metadata(url, token=token)
     from huggingface_hub import constants
     constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, CHUNK)
     blob = blobs / (meta.etag or f["sha256"])   # the name hf_hub_download looks for (an LFS file's etag: its sha256)
@@ -122,7 +125,7 @@ def _fetch_verified(repo: str, f: dict, revision: str, token, bar, cancel) -> No
         have = 0
     try:
         with open(part, "ab") as out, calling(f"get {repo}/{f['name']}", repo, token):
-            http_get(meta.location, out, resume_size=have, headers=build_hf_headers(token=token),
+            http_get(meta.location, out, resume_size=have, headers=headers_for(url, meta.location, token),
                      expected_size=f["size"], displayed_filename=f["name"], tqdm_class=bar)
     except Cancelled:
         part.unlink(missing_ok=True)  # cancelled: the user does not want it (Ctrl-C keeps it to resume)

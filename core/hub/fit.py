@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import SolError
 from ..formats.registry import hf_cache_dir
-from .client import Silent, calling, endpoint
+from .client import Silent, calling, endpoint, headers_for
 
 FREE_MEMORY_ENV = "SOL_HUB_FREE_MEMORY"
 FREE_DISK_ENV = "SOL_HUB_FREE_DISK"
@@ -83,11 +83,11 @@ def read_head(repo: str, name: str, revision: str, n: int, token=None) -> bytes:
     """The first `n` bytes of a file of the repository, kept in memory (nothing is written to the cache)."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
     buf = io.BytesIO()
+    url = hf_hub_url(repo, name, revision=revision, endpoint=endpoint())
     with calling(f"get {repo}", repo, token):
-        meta = get_hf_file_metadata(hf_hub_url(repo, name, revision=revision, endpoint=endpoint()), token=token)
-        headers = {**build_hf_headers(token=token), "Range": f"bytes=0-{n - 1}"}
+        meta = get_hf_file_metadata(url, token=token)
+        headers = {**headers_for(url, meta.location, token), "Range": f"bytes=0-{n - 1}"}
         http_get(meta.location, buf, headers=headers, expected_size=n, displayed_filename=name, tqdm_class=Silent)
     return buf.getvalue()
 
