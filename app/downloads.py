@@ -86,13 +86,15 @@ class DownloadQueue(QObject):
         item.state, item.text = "running", "starting…"
         self.changed.emit(item)
         relay = ProgressRelay(lambda fraction, what: self._progress(item, fraction, what))
-        started = time.monotonic()
+        first: dict = {}    # file name -> (when, bytes) at its first report: a resumed file starts past 0
 
         def report(done: int, total: int | None, name: str) -> None:   # the worker thread
             from sol.core.hub.fit import size_text
-            rate = done / max(time.monotonic() - started, 1e-3)
+            when, start = first.setdefault(name, (time.monotonic(), done))
+            rate = (done - start) / max(time.monotonic() - when, 1e-3)
             of = f" of {size_text(total)}" if total else ""
-            relay(done / total if total else 0.0, f"{name}: {size_text(done)}{of} · {size_text(int(rate))}/s")
+            left = f" · {(total - done) / rate:.0f} s left" if total and rate > 0 and done < total else ""
+            relay(done / total if total else 0.0, f"{name}: {size_text(done)}{of} · {size_text(int(rate))}/s{left}")
 
         def done(result):
             relay.close()
