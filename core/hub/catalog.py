@@ -153,7 +153,7 @@ def choose(entry: dict, file: str | None = None, quant: str | None = None) -> li
         if not entry["loadable"]:
             raise SolError(f"{repo}: Sol cannot load it: {entry['why_not']}")
         return entry["files"]
-    if entry["why_not"] and not any(f["name"] == file for f in entry["files"]):
+    if entry["why_not"]:
         raise SolError(f"{repo}: Sol cannot load it: {entry['why_not']}")
     names = ", ".join(f"{f['name']} ({f['quant'] or '?'})" for f in entry["files"])
     if file:

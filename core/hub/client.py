@@ -84,7 +84,7 @@ def calling(what: str, repo: str | None = None, token: str | None = None):
         yield
     except hf.OfflineModeIsEnabled:
         raise Unreachable(f"{what}: HF_HUB_OFFLINE=1 is set, so the Hub is not asked; unset it to reach "
-                       f"{endpoint()}") from None
+                          f"{endpoint()}") from None
     except hf.GatedRepoError:
         raise Gated(repo or "?", f"{endpoint()}/{repo}", bool(token)) from None
     except hf.RepositoryNotFoundError:
@@ -100,7 +100,7 @@ def calling(what: str, repo: str | None = None, token: str | None = None):
         if not _network(e):
             raise
         raise Unreachable(f"{what}: cannot reach {endpoint()} ({type(e).__name__}: {_first_line(e)}); check the "
-                       "network, or set HF_HUB_OFFLINE=1 to use only what is cached") from None
+                          "network, or set HF_HUB_OFFLINE=1 to use only what is cached") from None
 
 
 NETWORK = ("ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "RemoteProtocolError",

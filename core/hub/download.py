@@ -69,7 +69,8 @@ def get(repo: str, file: str | None = None, quant: str | None = None, revision: 
         bar=None, say=None, cancel=None) -> dict:
     """Download what `repo` needs to run (one GGUF file: `file`, or one of quantization `quant`) unless it is
     cached; refuse, before any weight byte, a model that will not fit. `bar`: the progress-bar class
-    (huggingface_hub's own by default); `say(line)`: what is happening; `cancel`: see reporting().
+    (huggingface_hub's own by default); `say(line)`: what is happening; `cancel`: a threading.Event that
+    stops it (between files here, within one through a reporting() bar).
     Returns {"name", "path", "files", "downloaded"}."""
     from ..devices import pick_device
     say = say or (lambda line: None)
@@ -92,8 +93,10 @@ def get(repo: str, file: str | None = None, quant: str | None = None, revision: 
         "tokens of KV cache")
     paths = {}
     for f in sorted(files, key=lambda f: f["name"] == "config.json"):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("download cancelled")
         if f["sha256"]:
-            _fetch_verified(repo, f, revision or "main", token, bar, cancel)
+            _fetch_verified(repo, f, revision or "main", token, bar)
         paths[f["name"]] = _link(repo, f, revision or "main", token, bar)
     if entry["format"] == "gguf":
         name, path = f"{repo}/{files[0]['name']}", paths[files[0]["name"]]
@@ -102,7 +105,7 @@ def get(repo: str, file: str | None = None, quant: str | None = None, revision: 
     return {"name": name, "path": str(path), "files": [f["name"] for f in files], "downloaded": need["disk"]}
 
 
-def _fetch_verified(repo: str, f: dict, revision: str, token, bar, cancel) -> None:
+def _fetch_verified(repo: str, f: dict, revision: str, token, bar) -> None:
     """The LFS file `f` into the blob store, resumed from its partial file, its sha256 checked."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import http_get
