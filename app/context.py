@@ -54,6 +54,17 @@ class PanelContext(QObject):
         self._adapter_idle = threading.Event()   # set while no adapter is being put on the model
         self._adapter_idle.set()
         self._streams: set = set()
+        self._downloads = None
+
+    # ---- models from the Hub -------------------------------------------------
+    @property
+    def downloads(self):
+        """The app's one download queue (app/downloads.py): the Get models view adds to it and shows it; the
+        downloads go on while other panels are shown."""
+        if self._downloads is None:
+            from .downloads import DownloadQueue
+            self._downloads = DownloadQueue(self)
+        return self._downloads
 
     # ---- the model ---------------------------------------------------------
     @property

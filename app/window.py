@@ -1,7 +1,7 @@
 """The main window: navigation on the left, one panel at a time on the right,
 device and model in the status bar.
 
-Chat and Models are the app's own panels; every other panel comes from a
+Chat, Models, Get models and Server are the app's own panels; every other panel comes from a
 plugin's `sol_panels()` hook. Panels are built the first time they are shown,
 and one that raises is replaced by its error, never taking the window down.
 """
@@ -29,12 +29,17 @@ def app_panels() -> list[PanelSpec]:
         from .models_panel import ModelsPanel
         return ModelsPanel(ctx)
 
+    def get_models(ctx):
+        from .get_models import GetModelsPanel
+        return GetModelsPanel(ctx)
+
     def server(ctx):
         from .server_panel import ServerPanel
         return ServerPanel(ctx)
 
     return [PanelSpec("chat", "Chat", chat, "chat.svg", 0, "sol"),
             PanelSpec("models", "Models", models, "models.svg", 10, "sol"),
+            PanelSpec("get", "Get models", get_models, "download.svg", 11, "sol"),
             PanelSpec("server", "Server", server, "server.svg", 15, "sol")]
 
 

@@ -1,4 +1,5 @@
-"""`sol models list`: Sol models and loadable Hugging Face models on this disk."""
+"""`sol models list/info/export/merge`: the models on this disk; `sol models search/get`: models from the
+Hugging Face Hub (core/hub)."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +8,7 @@ from .common import print_json
 
 
 def register(sub) -> None:
-    p = sub.add_parser("models", help="models on this disk")
+    p = sub.add_parser("models", help="models on this disk, and getting them from the Hugging Face Hub")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     lp = msub.add_parser("list", help="list Sol models and Hugging Face models Sol can load")
     lp.add_argument("--json", action="store_true")
@@ -31,6 +32,28 @@ def register(sub) -> None:
     mp.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                     help="the merged weights' type (auto: the base file's own float type, float32 for GGUF bases)")
     mp.set_defaults(func=run_merge)
+    sp = msub.add_parser("search", help="search the Hugging Face Hub for models Sol can run")
+    sp.add_argument("query", help="words of the repository's name (e.g. qwen2.5 0.5b instruct)")
+    kind = sp.add_mutually_exclusive_group()
+    kind.add_argument("--gguf", action="store_true", help="only repositories of GGUF files")
+    kind.add_argument("--safetensors", action="store_true", help="only repositories of safetensors weights")
+    sp.add_argument("--limit", type=int, default=20, help="at most this many repositories (default 20)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=run_search)
+    gp = msub.add_parser("get", help="download a model from the Hugging Face Hub into its cache")
+    gp.add_argument("repo", help="OWNER/REPO")
+    which = gp.add_mutually_exclusive_group()
+    which.add_argument("--file", default=None, metavar="NAME", help="the GGUF file to download")
+    which.add_argument("--quant", default=None, metavar="Q", help="the GGUF quantization to download (Q4_K_M, "
+                       "Q8_0, ...; default Q4_K_M where there is one, else the smallest file Sol reads)")
+    gp.add_argument("--revision", default=None, help="branch, tag or commit (default main)")
+    gp.add_argument("--dtype", default="auto", help="auto|float32|float16|bfloat16: the weights' type the memory "
+                    "check counts (default auto: as Sol would load it)")
+    gp.add_argument("--context", type=int, default=None, metavar="N", help="tokens of KV cache the memory check "
+                    "counts (default: the model's context, at most 4096)")
+    gp.add_argument("--device", default="auto", help="auto|cpu|cuda|mps: whose memory the check counts")
+    gp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    gp.set_defaults(func=run_get)
 
 
 def run_list(args) -> int:
@@ -149,3 +172,60 @@ def run_merge(args) -> int:
     sys.stdout.write(f"wrote {out} ({lm.format if lm.format == 'hf' else 'sol'} layout, base {lm.path.name} + "
                      f"adapter {ad.name})\n")
     return 0
+
+
+def run_search(args) -> int:
+    from ..hub.catalog import public, search
+    from ..hub.fit import size_text
+    if args.limit < 1:
+        from ..errors import SolError
+        raise SolError(f"--limit {args.limit}: must be at least 1")
+    fmt = "gguf" if args.gguf else "safetensors" if args.safetensors else None
+    _quiet_library()
+    found = search(args.query, fmt, args.limit)
+    if args.json:
+        print_json([public(e) for e in found])
+        return 0
+    if not found:
+        sys.stdout.write(f"no repositories match {args.query!r}\n")
+    for e in found:
+        params = f"{e['parameters'] / 1e9:.2f}B" if e["parameters"] and e["parameters"] >= 1e8 else \
+            f"{e['parameters'] / 1e6:.1f}M" if e["parameters"] else "?"
+        gated = "  gated" if e["gated"] else ""
+        sys.stdout.write(f"{e['repo']}  {e['format'] or '-'}  {e['family'] or '?'}  {params} params  "
+                         f"{e['downloads'] or 0:,} downloads  {e['likes'] or 0:,} likes{gated}\n")
+        if not e["loadable"]:
+            sys.stdout.write(f"    not loadable: {e['why_not']}\n")
+        if e["format"] == "gguf":
+            for f in e["files"]:
+                note = f"  not loadable: {f['why_not']}" if f["why_not"] else ""
+                sys.stdout.write(f"    {f['quant'] or '?':<9} {size_text(f['size']):>10}  {f['name']}{note}\n")
+        elif e["files"]:
+            weights = ", ".join(f"{f['name']} {size_text(f['size'])}" for f in e["files"]
+                                if f["name"].endswith(".safetensors"))
+            sys.stdout.write(f"    {len(e['files'])} files, {size_text(sum(f['size'] or 0 for f in e['files']))} "
+                             f"({weights})\n")
+    return 0
+
+
+def run_get(args) -> int:
+    from ..hub.download import get
+    say = (lambda line: None) if args.json else (lambda line: sys.stderr.write(line + "\n"))
+    _quiet_library()
+    got = get(args.repo, file=args.file, quant=args.quant, revision=args.revision, dtype=args.dtype,
+              context=args.context, device=args.device, say=say)
+    if args.json:
+        print_json(got)
+        return 0
+    if got.get("cached"):
+        sys.stderr.write(f"{got['cached']}; using the cached copy\n")
+    sys.stdout.write(f"{got['name']}  {got['path']}\n")
+    sys.stderr.write(f"run it: sol chat --model {got['name']}   (sol models list shows it)\n")
+    return 0
+
+
+def _quiet_library() -> None:
+    """huggingface_hub's own warnings (a retry, a dropped connection) would add lines to Sol's one-line errors;
+    its progress bars stay."""
+    from huggingface_hub.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()

@@ -461,8 +461,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     d = Path(path).expanduser().resolve()   # one name per model, whatever the cwd later
     if not d.exists():
         raise SolError(f"{d}: no such model directory")
-    if is_gguf(d):
-        return load_gguf(d, device=device, dtype=dtype, quantize=quantize, progress=progress)
+    if is_gguf(d):   # by the name given: a GGUF file of the Hugging Face cache links to a blob named by its hash
+        return load_gguf(Path(path).expanduser(), device=device, dtype=dtype, quantize=quantize, progress=progress)
     if d.is_file():
         raise SolError(f"{d}: a model is a directory (config.json, model.safetensors, tokenizer.json); give its folder")
     report(progress, 0.0, f"opening {d.name}")

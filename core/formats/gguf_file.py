@@ -39,11 +39,31 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.data = np.memmap(self.path, mode="r")
-        buf = memoryview(self.data)
+        self.buf = memoryview(self.data)
+        infos = self._header()
+        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise ValueError(f"general.alignment {align!r} is not a power of two")
+        start = -(-self.offset // align) * align
+        self.tensors = [self._tensor(start, *info) for info in infos]
+        del self.buf   # the memoryview would pin the mapping open
+
+    @classmethod
+    def header(cls, head: bytes) -> tuple[dict, dict]:
+        """(metadata, {tensor name: torch shape}) from a file's first bytes, no tensor data: what a download
+        needs to know before it starts (core/hub/fit.py). struct.error or ValueError where `head` ends before
+        the header does."""
+        self = cls.__new__(cls)
+        self.buf = memoryview(head)
+        infos = self._header()
+        return self.metadata, {name: tuple(reversed(dims)) for name, dims, _kind, _at in infos}
+
+    # ---- the header, field by field ------------------------------------------------------------
+    def _header(self) -> list:
+        """Reads magic, version, key/values (into self.metadata) and the tensor infos, which it returns."""
         self.offset = 0
-        if bytes(buf[:4]) != MAGIC:
+        if bytes(self.buf[:4]) != MAGIC:
             raise ValueError("GGUF magic invalid")
-        self.buf = buf
         (version,) = self._unpack("<I", 4)
         if version not in VERSIONS:
             raise ValueError(f"version {version}, which this reader does not handle (it reads {VERSIONS})")
@@ -57,14 +77,8 @@ class GGUFFile:
         names = [info[0] for info in infos]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicated tensor {next(n for n in names if names.count(n) > 1)!r}")
-        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise ValueError(f"general.alignment {align!r} is not a power of two")
-        start = -(-self.offset // align) * align
-        self.tensors = [self._tensor(start, *info) for info in infos]
-        del self.buf   # the memoryview would pin the mapping open
+        return infos
 
-    # ---- the header, field by field ------------------------------------------------------------
     def _unpack(self, fmt: str, at: int | None = None):
         if at is not None:
             self.offset = at

@@ -735,8 +735,10 @@ def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, 
               progress=None):
     """A LoadedModel from a .gguf file, with the same checks as a model directory. progress(fraction, what)
     as its tensors are read (core/formats/loaded.report), ending with (1.0, "ready")."""
+    # The name is the one given: a file of the Hugging Face cache is a link to a blob named by its sha256.
+    name = Path(path).expanduser().name
     path = Path(path).expanduser().resolve()
-    report(progress, 0.0, f"reading {path.name}")
+    report(progress, 0.0, f"reading {name}")
     reader = open_gguf(path)
     meta = metadata(reader)
     cfg = _config(reader, meta, path)
@@ -763,7 +765,7 @@ def load_gguf(path: str | Path, device="cpu", dtype: torch.dtype | None = None, 
         report(progress, 0.98, "placing the weights" if str(device) == "cpu" else f"moving to {device}")
         place(model, device, dtype, int8)
     report(progress, 1.0, "ready")
-    info = {"name": path.name, "quantization": quant}
+    info = {"name": name, "quantization": quant}
     return LoadedModel(model, tokenizer, cfg, path, "gguf", info)
 
 
