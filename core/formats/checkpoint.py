@@ -496,7 +496,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                            "(check config.json, or this variant is not supported)") from None
     extra = {k: sd.pop(k) for k in [k for k in sd if k.startswith(EXTRA_PREFIXES)]}
     check_size(cfg, sd, d / "config.json", d / source)
-    check_finite(sd, d / source, span(progress, renamed, checked))
+    check_finite(sd, d / source, span(progress, renamed, checked), give_back=int8)
     limit = check_vocab(tokenizer, cfg, tok_path, d / "config.json")
     # int8 is quantized from float32 weights; otherwise each tensor goes straight to the dtype it runs in.
     run = stored_dtype(sd, device) if dtype is None else dtype

@@ -104,15 +104,11 @@ def check_regular(path: Path) -> None:
 def place(model: Transformer, device, dtype, int8: bool) -> None:
     """Quantize (from the float32 weights) then move: int8 weights stay int8 whatever the dtype."""
     if int8:
-        import torch.nn as nn
-
         from ..model.quant import quantize_model
-        floats = [m.weight for m in model.modules() if type(m) is nn.Linear]
-        if type(model.embed) is nn.Embedding:
-            floats.append(model.embed.weight)
-        quantize_model(model)
-        for w in floats:   # read once into int8: the file's float pages leave this process's memory
-            release(w)
+        # One layer at a time, each float matrix given back as soon as its int8 rows exist: the file's pages
+        # (release) and the fused q/k/v and gate/up copies (their last reference goes with the layer), so the
+        # float32 model is never in memory whole (a Qwen2.5-0.5B load peaked at 2.7 GB holding it all).
+        quantize_model(model, release)
     if dtype is not None or str(device) != "cpu":
         model.to(device=device, dtype=dtype)
     if int8 and str(device) == "cpu":
@@ -160,11 +156,13 @@ def available_memory() -> int | None:
     return None
 
 
-def check_finite(sd: dict, source: Path, progress: Progress | None = None) -> None:
+def check_finite(sd: dict, source: Path, progress: Progress | None = None, give_back: bool = False) -> None:
     """NaN or infinity anywhere in the weights is refused, named. Each slice of a tensor is summed once in
     float32 (a NaN or infinity makes the sum non-finite), so a mapped tensor is read, never copied whole;
     only a slice whose sum is not finite is looked at number by number, since finite numbers can also
-    add up past float32's range."""
+    add up past float32's range. `give_back`: a mapped tensor's pages leave this process once checked
+    (an int8 load reads each one once more to quantize it; otherwise the whole file would be resident at
+    once, 2 GB for a float32 Qwen2.5-0.5B)."""
     for n, (name, t) in enumerate(sd.items()):
         report(progress, n / max(len(sd), 1), f"checking {name}")
         if not t.is_floating_point():
@@ -175,6 +173,8 @@ def check_finite(sd: dict, source: Path, progress: Progress | None = None) -> No
             if not bool(torch.isfinite(part.sum(dtype=torch.float32))) and not bool(torch.isfinite(part).all()):
                 raise SolError(f"{source}: tensor {name!r} holds NaN or infinite values; the weights are damaged "
                                "(a diverged training run?): use an earlier checkpoint")
+            if give_back:
+                release(part)
 
 
 def check_shapes(model: Transformer, sd: dict, source: Path) -> None:

@@ -358,16 +358,28 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
-def quantize_model(model: nn.Module) -> nn.Module:
+def quantize_model(model: nn.Module, done=None) -> nn.Module:
     """Every nn.Linear of the model (the LM head included, tied or not) replaced by an Int8Linear, and the
     token embedding by an Int8Embedding, in place. Learned position tables stay float (context x d_model:
-    small, and added to every token)."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear.from_linear(child))
+    small, and added to every token). `done(weight)`, if given, is called with each float weight once its
+    int8 copy is in place (the loader gives a mapped file's pages back there)."""
+    # (parent, name) pairs, not the layers: a list holding every nn.Linear would keep each float matrix alive
+    # until the last one is quantized (the float32 model whole, beside its int8 copy).
+    # The blocks' layers first: the LM head (vocabulary x d_model, the largest matrix) last, once the blocks'
+    # float weights are gone.
+    places = sorted([(parent, name) for parent in model.modules() for name, child in parent.named_children()
+                     if type(child) is nn.Linear], key=lambda p: p[0] is model)
+    for parent, name in places:
+        child = getattr(parent, name)
+        setattr(parent, name, Int8Linear.from_linear(child))
+        if done is not None:
+            done(child.weight)
+        del child
     if type(getattr(model, "embed", None)) is nn.Embedding:
+        weight = model.embed.weight
         model.embed = Int8Embedding.from_embedding(model.embed)
+        if done is not None:
+            done(weight)
     return model
 
 
