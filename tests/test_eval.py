@@ -22,7 +22,8 @@ ROWS = [{"question": "The cat sat on the", "choices": ["mat", "moon", "dog"], "a
         {"question": "Red green", "choices": ["blue", "cat", "seven and eight"], "answer": 2},
         {"question": "To be or not to ", "choices": ["be", "go"], "answer": 0},
         {"question": "Hello", "choices": ["world", "there", "you"], "answer": 1},
-        {"question": "A rose by any other name would smell as", "choices": ["sweet", "sour", "café 世界"], "answer": 0},
+        {"question": "A rose by any other name would smell as", "choices": ["sweet", "sour", "café 世界"],
+         "answer": 0},
         {"question": "Olá", "choices": ["naïve", "coöperation", "Juliet is the sun"], "answer": 2},
         # a long choice: lowest in total, highest per character (acc and acc_norm part)
         {"question": "Romeo:", "choices": ["q", "It is the east, and Juliet is the sun."], "answer": 1}]
@@ -164,7 +165,8 @@ def test_bad_input_gets_one_error_line(hf_folder, tmp_path, capsys):
     bad = write_rows(tmp_path / "nochoices.jsonl", [ROWS[0], {"question": "x", "answer": 0}])
     rc, _, err = sol(["eval", "choice", "--model", str(folder), "--data", str(bad)], capsys)
     assert rc == 1 and f"{bad}:2" in one_error(err) and "choices" in err
-    bad = write_rows(tmp_path / "range.jsonl", [ROWS[0], ROWS[1], {"question": "x", "choices": ["a", "b"], "answer": 2}])
+    bad = write_rows(tmp_path / "range.jsonl", [ROWS[0], ROWS[1],
+                                                {"question": "x", "choices": ["a", "b"], "answer": 2}])
     rc, _, err = sol(["eval", "choice", "--model", str(folder), "--data", str(bad)], capsys)
     assert rc == 1 and f"{bad}:3" in one_error(err) and "out of range" in err
     short = tmp_path / "short.txt"

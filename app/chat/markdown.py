@@ -3,9 +3,9 @@
 Qt's Markdown (md4c) passes raw HTML through, so text that looks like a tag vanished from answers: a model
 that wrote `<unused42205>` 256 times left an empty bubble, and `<div>`, `List<String>` or a special token
 written as text lost those words. Outside code, `<` and `&` become entities, which Markdown shows as the
-characters themselves (`>` opens no tag, and at a line's start it is a quote); inside code spans and fenced or indented code blocks they are left alone (there
-Markdown shows text as written, and an entity would show as `&lt;`). Emphasis, lists, links and code keep
-working: no other character changes.
+characters themselves (`>` opens no tag, and at a line's start it is a quote); inside code spans and fenced or
+indented code blocks they are left alone (there Markdown shows text as written, and an entity would show as
+`&lt;`). Emphasis, lists, links and code keep working: no other character changes.
 """
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ def register(sub) -> None:
             t.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default 256)")
         t.add_argument("--no-save", action="store_true", help="do not keep the result with the model")
         t.add_argument("--json", action="store_true", help="one JSON line per question, then the summary")
-        t.add_argument("--events", default=None, metavar="FILE|-", help="progress as JSON lines to a file or stdout (-)")
+        t.add_argument("--events", default=None, metavar="FILE|-",
+                       help="progress as JSON lines to a file or stdout (-)")
         t.set_defaults(func=run)
 
 
