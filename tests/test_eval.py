@@ -143,6 +143,33 @@ def test_perplexity_equals_transformers(hf_folder, tmp_path, capsys, window, str
           f"relative {abs(got['perplexity'] / want - 1):.1e}")
 
 
+def test_an_adapters_perplexity_is_peft_s_and_is_kept_beside_the_adapter(tmp_path, capsys):
+    """--model ADAPTER (loaded on its base) and --model BASE --adapter ADAPTER: the perplexity of peft's model,
+    the result in the adapter's folder, none in the base's."""
+    import peft
+    folder = tmp_path / "base"
+    hf = make_hf_model("gpt2", folder, seed=4)
+    hf.name_or_path = hf.config._name_or_path = str(folder)   # as from_pretrained(folder): peft writes it
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                 init_lora_weights=False, fan_in_fan_out=True)).eval()
+    pm.save_pretrained(tmp_path / "adapter")
+    text = tmp_path / "held.txt"
+    text.write_text("It is the east, and Juliet is the sun. Olá, café! 世界 🌍 naïve coöperation. " * 4)
+    from sol.core.formats.tokenizer import Tokenizer
+    ids = Tokenizer.from_file(folder / "tokenizer.json").encode_ids(text.read_text())
+    nll, count = hf_strided_nll(pm, ids, 40, 16)
+    adapter = str(tmp_path / "adapter")
+    for args in (["--model", adapter], ["--model", str(folder), "--adapter", adapter]):
+        rc, lines, err = sol(["eval", "perplexity", *args, "--data", str(text), "--window", "40", "--stride", "16",
+                              "--json"], capsys)
+        assert rc == 0, err
+        got = json.loads(lines[-1])
+        assert got["tokens"] == count and abs(got["perplexity"] / math.exp(nll / count) - 1) < 1e-4
+    assert (tmp_path / "adapter" / "evals" / "perplexity-held.json").is_file()
+    assert not (folder / "evals").exists()
+
+
 def test_windows_score_every_token_once():
     from sol.core.evaluate.perplexity import windows
     for n, w, s in [(10, 4, 2), (100, 48, 20), (7, 7, 3), (50, 8, 7), (9, 3, 1), (9, 2, 1)]:

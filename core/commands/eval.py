@@ -61,7 +61,7 @@ def run(args) -> int:
                 bar(done, total)
         item = question_line if args.json and args.task == "choice" else None
         summary = evaluation.evaluate(
-            args.task, lm, args.data, model_name=name, result_path=args.adapter or lm.path,
+            args.task, lm, args.data, model_name=name, result_path=results_folder(args, lm),
             window=getattr(args, "window", None), stride=getattr(args, "stride", None),
             plugins=plugins_for(args.task), max_tokens=getattr(args, "max_tokens", 256),
             progress=progress, item=item, cancel=cancel, save=not args.no_save)
@@ -97,6 +97,23 @@ def model_name(args, lm) -> str:
     from pathlib import Path
     name = lm.name if Path(args.model).expanduser().exists() else args.model
     return f"{name}+{Path(args.adapter).name}" if args.adapter else name
+
+
+def results_folder(args, lm):
+    """Whose results these are: the adapter's (--adapter, or --model naming an adapter folder, which loads
+    on its base: lm.path is then the base's), else the model's."""
+    from pathlib import Path
+
+    from ..errors import SolError
+    from ..formats.adapter import is_adapter
+    from ..formats.registry import resolve
+    if args.adapter:
+        return Path(args.adapter).expanduser()
+    try:
+        given = resolve(args.model)
+    except SolError:
+        return lm.path
+    return given if is_adapter(given) else lm.path
 
 
 def plugins_for(task: str):
