@@ -185,7 +185,7 @@ def test_a_version_1_database_gains_the_token_traces_table(tmp_path):
     db.commit()
     db.close()
     s = Store(p)
-    assert s.schema_version == len(MIGRATIONS) == 2
+    assert s.schema_version == len(MIGRATIONS) == 3
     assert [r["title"] for r in s.list_conversations()] == ["kept"]
     a = s.add_message(1, "assistant", "x", tokens=[{"text": "x", "id": 1, "logprob": 0.0, "top": []}])
     assert s.tokens(a)[0]["id"] == 1

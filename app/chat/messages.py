@@ -9,6 +9,8 @@ from PySide6.QtGui import QColor, QGuiApplication, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QPlainTextEdit, QPushButton, QSizePolicy, QTextBrowser,
                                QToolButton, QVBoxLayout, QWidget)
 
+from .markdown import escape_html
+
 
 class AutoText(QTextBrowser):
     """A QTextBrowser as tall as its content, so messages stack in one scrolling column."""
@@ -95,7 +97,7 @@ class Bubble(QFrame):
     def set_text(self, text: str):
         self.text = text
         if self.role == "assistant":
-            self.body.setMarkdown(keep_newlines(text))
+            self.body.setMarkdown(keep_newlines(escape_html(text)))
         else:
             self.body.setPlainText(text)
 
@@ -212,7 +214,7 @@ class AnswerBubble(Bubble):
             self._append_plain()
         else:
             self.shown = None
-            self.body.setMarkdown(keep_newlines(self.text) if self.text else "…")
+            self.body.setMarkdown(keep_newlines(escape_html(self.text)) if self.text else "…")
 
     def _append_plain(self):
         """While streaming, add only the new text, as plain text: re-rendering the whole answer as

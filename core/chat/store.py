@@ -55,9 +55,37 @@ MIGRATIONS = [
         data BLOB NOT NULL
     );
     """,
+    # Side-by-side comparisons (issue 30): each column's model, its lineage and answer (and the conversation
+    # a chat comparison kept), and at most one vote: a column's label, "tie" or "both_bad".
+    """
+    CREATE TABLE comparisons (
+        id INTEGER PRIMARY KEY,
+        prompt TEXT NOT NULL,
+        settings TEXT NOT NULL DEFAULT '{}',
+        blind INTEGER NOT NULL DEFAULT 1,
+        created REAL NOT NULL
+    );
+    CREATE TABLE comparison_answers (
+        comparison_id INTEGER NOT NULL REFERENCES comparisons(id) ON DELETE CASCADE,
+        slot INTEGER NOT NULL,
+        label TEXT NOT NULL,
+        model TEXT NOT NULL,
+        lineage TEXT NOT NULL DEFAULT '{}',
+        conversation_id INTEGER REFERENCES conversations(id) ON DELETE SET NULL,
+        text TEXT NOT NULL,
+        PRIMARY KEY (comparison_id, slot)
+    );
+    CREATE TABLE votes (
+        comparison_id INTEGER PRIMARY KEY REFERENCES comparisons(id) ON DELETE CASCADE,
+        outcome TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    """,
 ]
 
 ROLES = ("system", "user", "assistant", "tool")
+LABELS = "ABCD"                      # a comparison's columns
+NOT_A_WINNER = ("tie", "both_bad")   # the votes that name no column
 BUSY_TIMEOUT_S = 10
 
 
@@ -285,6 +313,85 @@ class Store:
         with self._tx() as db:
             db.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
                        "value = excluded.value", (key, json.dumps(value, ensure_ascii=False)))
+
+    # ---- comparisons and blind votes ------------------------------------------------------
+    def add_comparison(self, prompt: str, answers: list[dict], settings: dict | None = None,
+                       blind: bool = True) -> int:
+        """Keep a comparison: `answers` in the order the columns show them (labelled A, B, ...), each
+        {"model": name, "text", "lineage": dict (optional), "conversation_id": int (optional)}."""
+        if not 2 <= len(answers) <= len(LABELS):
+            raise SolError(f"a comparison has 2 to {len(LABELS)} answers, not {len(answers)}")
+        now = time.time()
+        with self._tx() as db:
+            cid = db.execute("INSERT INTO comparisons (prompt, settings, blind, created) VALUES (?, ?, ?, ?)",
+                             (prompt, json.dumps(settings or {}, ensure_ascii=False), int(blind), now)).lastrowid
+            for slot, a in enumerate(answers):
+                db.execute("INSERT INTO comparison_answers (comparison_id, slot, label, model, lineage, "
+                           "conversation_id, text) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (cid, slot, LABELS[slot], str(a["model"]),
+                            json.dumps(a.get("lineage") or {}, ensure_ascii=False), a.get("conversation_id"),
+                            str(a.get("text", ""))))
+            return cid
+
+    def vote(self, comparison_id: int, outcome: str) -> dict:
+        """Record the vote (a column's label, "tie" or "both_bad"; once per comparison) and return the
+        comparison with its models revealed."""
+        c = self.comparison(comparison_id, reveal=True)
+        labels = [a["label"] for a in c["answers"]]
+        if outcome not in labels and outcome not in NOT_A_WINNER:
+            raise SolError(f"vote {outcome!r}: must be one of {', '.join(labels + list(NOT_A_WINNER))}")
+        if c["vote"] is not None:
+            raise SolError(f"comparison {comparison_id}: already voted ({c['vote']})")
+        with self._tx() as db:
+            db.execute("INSERT INTO votes (comparison_id, outcome, created) VALUES (?, ?, ?)",
+                       (comparison_id, outcome, time.time()))
+        return {**c, "vote": outcome}
+
+    def comparison(self, comparison_id: int, reveal: bool | None = None) -> dict:
+        """{"id", "prompt", "settings", "blind", "created", "vote", "answers": [{"slot", "label", "model",
+        "lineage", "conversation_id", "text"}]}. A blind comparison not yet voted on hides each answer's
+        model and lineage (None) unless `reveal`."""
+        rows = self._query("SELECT c.*, v.outcome AS vote FROM comparisons c LEFT JOIN votes v "
+                           "ON v.comparison_id = c.id WHERE c.id = ?", (comparison_id,))
+        if not rows:
+            raise SolError(f"comparison {comparison_id}: no such comparison in {self.path}")
+        c = dict(rows[0])
+        c["settings"], c["blind"] = json.loads(c["settings"] or "{}"), bool(c["blind"])
+        hide = c["blind"] and c["vote"] is None and not reveal
+        c["answers"] = []
+        for r in self._query("SELECT * FROM comparison_answers WHERE comparison_id = ? ORDER BY slot",
+                             (comparison_id,)):
+            a = {k: r[k] for k in ("slot", "label", "model", "conversation_id", "text")}
+            a["lineage"] = json.loads(r["lineage"] or "{}")
+            if hide:
+                a["model"] = a["lineage"] = None
+            c["answers"].append(a)
+        return c
+
+    def comparisons(self) -> list[dict]:
+        """Every comparison, newest first (as comparison())."""
+        return [self.comparison(r["id"]) for r in self._query("SELECT id FROM comparisons ORDER BY id DESC")]
+
+    def battles(self) -> list[tuple[str, str, str]]:
+        """The votes as pairwise results, oldest first: (model a, model b, "a" | "b" | "tie" | "both_bad").
+        A column that won beat each other column; a tie or "both bad" holds for every pair; pairs the vote
+        says nothing about (two losers of three) are left out."""
+        out = []
+        rows = self._query("SELECT v.outcome, a.comparison_id, a.label, a.model FROM votes v "
+                           "JOIN comparison_answers a ON a.comparison_id = v.comparison_id "
+                           "ORDER BY v.created, v.comparison_id, a.slot")
+        by_comparison: dict[int, tuple[str, list]] = {}
+        for r in rows:
+            by_comparison.setdefault(r["comparison_id"], (r["outcome"], []))[1].append((r["label"], r["model"]))
+        for outcome, cols in by_comparison.values():
+            for i in range(len(cols)):
+                for j in range(i + 1, len(cols)):
+                    (la, ma), (lb, mb) = cols[i], cols[j]
+                    if outcome in NOT_A_WINNER:
+                        out.append((ma, mb, outcome))
+                    elif outcome in (la, lb):
+                        out.append((ma, mb, "a" if outcome == la else "b"))
+        return out
 
     # ---- export ---------------------------------------------------------------------
     def export_json(self, conversation_id: int) -> str:

@@ -5,9 +5,11 @@ import json
 import sys
 
 
-def add_model_args(p, required: bool = True, adapter: bool = False) -> None:
-    p.add_argument("--model", required=required, help="model directory, or a name from `sol models list` (an "
-                   "adapter folder loads on the base it names)")
+def add_model_args(p, required: bool = True, adapter: bool = False, many: str | None = None) -> None:
+    """`many`: --model is repeatable (a list), and this says how many, for its help (`sol compare`)."""
+    p.add_argument("--model", required=required, action="append" if many else "store",
+                   help="model directory, or a name from `sol models list` (an adapter folder loads on the base "
+                   "it names)" + (f"; give {many}" if many else ""))
     if adapter:
         p.add_argument("--adapter", default=None, metavar="DIR",
                        help="a LoRA adapter folder (PEFT's format: Sol's or one trained elsewhere) on the model")
