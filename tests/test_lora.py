@@ -372,6 +372,32 @@ def test_frozen_head_loss_equals_the_plain_loss_and_its_gradient(int8):
     assert torch.allclose(h.grad, h2.grad, atol=1e-5)
 
 
+def test_frozen_head_loss_under_bf16_autocast_equals_the_plain_loss():
+    """With bf16 products (a CPU with native bf16, or a GPU) the head's weight is cast once for all chunks: the
+    same value and dL/dh as the plain path under the same autocast (logits in bf16, the loss in float32)."""
+    from sol.core.train import losses
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 300, bias=False).requires_grad_(False)
+    h = torch.randn(70, 24, requires_grad=True)
+    targets = torch.randint(0, 250, (70,))
+    targets[::7] = losses.IGNORE
+    old = losses.CHUNK_ELEMENTS
+    losses.CHUNK_ELEMENTS = 300 * 16
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = losses.FrozenHeadLoss.apply(h, head, targets, losses.IGNORE, 250)
+            h2 = h.detach().clone().requires_grad_(True)
+            logits = head(h2).float()
+            logits[:, 250:] = float("-inf")
+            plain = losses.cross_entropy_sum(logits, targets)
+    finally:
+        losses.CHUNK_ELEMENTS = old
+    fused.backward()
+    plain.backward()
+    assert abs(float(fused) - float(plain)) < 1e-4 * float(plain)
+    assert torch.allclose(h.grad, h2.grad, atol=1e-6)   # dL/dh: the same bf16 product on both sides
+
+
 def test_bad_adapters_are_one_error_line(tmp_path, capsys):
     """An adapter made for another model, by its name or by its shapes, is one `error:` line naming it."""
     from sol.core.cli import main
