@@ -133,7 +133,8 @@ class Adapter(nn.Module):
         if name not in self.lora_A:
             return None
         a = self.lora_A[name]
-        return F.linear(F.linear(x, a.to(x.dtype)), self.lora_B[name].to(x.dtype)) * self.scaling
+        # Scaled at rank r, not at the output's width: the same sum (PEFT scales B's output), a fraction of the work.
+        return F.linear(F.linear(x, a.to(x.dtype)) * self.scaling, self.lora_B[name].to(x.dtype))
 
 
 class LoraLinear(nn.Module):
