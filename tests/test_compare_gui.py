@@ -133,3 +133,67 @@ def test_a_model_that_is_not_there_gets_one_error(window, qtbot, two_models):
     assert panel.comparison_id is None and not panel.vote_btns["A"].isEnabled()
     panel.pickers[1].setEditText("—")
     assert not panel.start() and panel.error.text().startswith("error: 1 model chosen: choose 2 to 4 models")
+
+
+def test_evaluate_runs_perplexity_to_the_end_and_charts_it(window, qtbot, tmp_path, tiny_text_file):
+    from sol.plugins.evaluate.eval_panel import command
+    win, ctx = window
+    model = make_tiny_model(tmp_path / "m")
+    panel = win.panel("evaluate")
+    panel.model.setEditText(str(model))
+    panel.data.setText(str(tiny_text_file))
+    assert panel.run_argv(command("perplexity", str(model), str(tiny_text_file), extra=["--window", "32"]))
+    qtbot.waitUntil(lambda: panel.state != "running", timeout=60_000)
+    assert panel.state == "done", panel.error.text()
+    assert panel.progress.value() == panel.progress.maximum() > 1
+    assert panel.result.text().startswith("m: perplexity ") and "kept in" in panel.result.text()
+    assert (model / "evals" / "perplexity-tiny.json").is_file()
+    qtbot.waitUntil(lambda: len(panel.rows) == 1, timeout=10_000)
+    kept = json.loads((model / "evals" / "perplexity-tiny.json").read_text())
+    assert panel.rows == [("m", kept["perplexity"])] and panel.bars is not None
+
+
+def test_evaluate_cancel_ends_the_run_and_keeps_nothing(window, qtbot, tmp_path):
+    from sol.plugins.evaluate.eval_panel import command
+    win, ctx = window
+    model = make_tiny_model(tmp_path / "m")
+    text = tmp_path / "long.txt"
+    text.write_text("Before we proceed any further, hear me speak. " * 400, encoding="utf-8")
+    panel = win.panel("evaluate")
+    panel.run_argv(command("perplexity", str(model), str(text), extra=["--window", "64", "--stride", "1"]))
+    qtbot.waitUntil(lambda: panel.progress.value() >= 3, timeout=60_000)
+    assert panel.cancel_btn.isEnabled()
+    panel.cancel()
+    qtbot.waitUntil(lambda: panel.proc is None, timeout=30_000)
+    assert panel.state == "cancelled" and panel.result.text() == "cancelled: nothing was kept"
+    assert panel.progress.value() < panel.progress.maximum()
+    assert not (model / "evals").exists() and panel.run_btn.isEnabled()
+
+
+def test_evaluate_a_model_that_is_not_there_gets_one_error(window, qtbot, tiny_text_file):
+    win, ctx = window
+    panel = win.panel("evaluate")
+    panel.model.setEditText("")
+    assert not panel.start()
+    assert panel.error.text() == "error: no model: load one in the Models panel or choose one here"
+    panel.model.setEditText("no-such-model")
+    panel.data.setText(str(tiny_text_file))
+    assert panel.start()
+    qtbot.waitUntil(lambda: panel.proc is None, timeout=60_000)
+    assert panel.state == "failed"
+    text = panel.error.text()
+    assert text.count("error:") == 1 and "no-such-model" in text and "no such directory" in text
+
+
+def test_the_training_lineage_shows_each_stages_eval_results(tmp_path, tiny_text_file):
+    from sol.core.evaluate.run import evaluate
+    from sol.core.formats.checkpoint import load_model
+    from sol.plugins.training_runner.runs import lineage
+    base, sft = make_tiny_model(tmp_path / "base"), make_tiny_model(tmp_path / "sft")
+    meta = json.loads((sft / "sol.json").read_text())
+    (sft / "sol.json").write_text(json.dumps({**meta, "stage": "sft", "parent": {"path": str(base), "name": "base"}}))
+    kept = evaluate("perplexity", load_model(sft), tiny_text_file, window=32)
+    roots = lineage([{"name": "base", "path": str(base), "format": "sol"}, {"name": "sft", "path": str(sft),
+                                                                            "format": "sol"}])
+    assert [r.name for r in roots] == ["base"] and roots[0].evals == ""
+    assert roots[0].children[0].evals == f"perplexity {kept['perplexity']:.2f} (tiny)"
