@@ -84,7 +84,7 @@ def test_a_blind_vote_is_kept_reveals_the_models_and_counts_in_the_win_rates(win
     qtbot.waitUntil(lambda: panel.wins.rowCount() == 1, timeout=10_000)
     a, b = sorted(names)
     assert panel.wins.item(0, 0).text() == f"{a} vs {b}" and panel.wins.item(0, 1).text() == "1"
-    assert panel.wins.item(0, 2).text() == ("1–0 (100% / 0%)" if winner == a else "0–1 (0% / 100%)")
+    assert panel.wins.item(0, 2).text() == ("100% – 0%" if winner == a else "0% – 100%")
     assert "after 10 votes (1 so far)" in panel.elo_note.text() and panel.elo.isHidden()
 
 

@@ -89,7 +89,7 @@ class ComparePanel(QWidget):
         split.addWidget(self._main())
         split.addWidget(self._side())
         split.setStretchFactor(0, 1)
-        split.setSizes([1000, 320])
+        split.setSizes([1000, 360])
         lay = QHBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(split)
@@ -179,8 +179,10 @@ class ComparePanel(QWidget):
         head = QLabel("Votes")
         head.setObjectName("h2")
         lay.addWidget(head)
-        self.wins = table(["pair", "votes", "wins", "tie", "both bad"])
+        self.wins = table(["pair", "votes", "win rate", "tie / bad"])
         self.wins.setMinimumHeight(120)
+        self.wins.setMaximumHeight(200)
+        self.wins.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)   # a long pair's name is cut, not scrolled
         lay.addWidget(self.wins)
         self.elo_note = QLabel()
         self.elo_note.setObjectName("muted")
@@ -188,6 +190,8 @@ class ComparePanel(QWidget):
         lay.addWidget(self.elo_note)
         self.elo = table(["model", "Elo", "95 % interval", "votes"])
         self.elo.setMinimumHeight(100)
+        self.elo.setMaximumHeight(200)
+        self.elo.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         lay.addWidget(self.elo)
         lay.addStretch(1)
         scroll = QScrollArea()
@@ -234,8 +238,12 @@ class ComparePanel(QWidget):
             if not text or text == NONE:
                 continue
             i = p.findText(text)
-            value = p.itemData(i) if i >= 0 else text
-            out.append((text, value or text))
+            if i < 0:     # a typed folder that the list holds: its listed name
+                i = next((j for j in range(p.count()) if p.itemData(j) and same_path(p.itemData(j), text)), -1)
+            value = p.itemData(i) if i >= 0 else None
+            if value:
+                p.setCurrentIndex(i)
+            out.append((p.itemText(i) if value else text, value or text))
         return out
 
     # ---- a comparison ------------------------------------------------------------
@@ -448,11 +456,13 @@ class ComparePanel(QWidget):
         for p in pairs:
             r = self.wins.rowCount()
             self.wins.insertRow(r)
-            cells = [f"{p['a']} vs {p['b']}", str(p["n"]),
-                     f"{p['a_wins']}–{p['b_wins']} ({p['a_rate']:.0%} / {p['b_rate']:.0%})", str(p["ties"]),
-                     str(p["both_bad"])]
+            cells = [f"{p['a']} vs {p['b']}", str(p["n"]), f"{p['a_rate']:.0%} – {p['b_rate']:.0%}",
+                     f"{p['ties']} / {p['both_bad']}"]
             for c, text in enumerate(cells):
-                self.wins.setItem(r, c, QTableWidgetItem(text))
+                item = QTableWidgetItem(text)
+                item.setToolTip(f"{p['a']} won {p['a_wins']}, {p['b']} won {p['b_wins']} of {p['n']} votes; "
+                                f"{p['ties']} ties, {p['both_bad']} both bad")
+                self.wins.setItem(r, c, item)
         self.elo.setRowCount(0)
         if ratings is None:
             self.elo_note.setText(f"Elo with its 95 % interval after {MIN_VOTES} votes ({n} so far)."
