@@ -4,11 +4,10 @@ and a model that is not there gets one error."""
 from __future__ import annotations
 
 import json
-import sys
 import threading
 
 import pytest
-from conftest import TINY_TEXT, make_tiny_model
+from conftest import make_tiny_model
 
 
 @pytest.fixture

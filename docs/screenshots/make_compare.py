@@ -27,6 +27,12 @@ def spin(seconds, until=lambda: False):
         time.sleep(0.01)
 
 
+def column_of(model: str) -> str:
+    """The label of the blind column that shows `model`."""
+    return next(label for label, m in zip("AB", panel.run["order"])
+                if Path(panel.run["models"][m][1]).resolve() == Path(model).resolve())
+
+
 ctx.set_model(load_model(a))
 win.show_panel("compare")
 panel = win.panel("compare")
@@ -45,13 +51,7 @@ for k, prompt in enumerate(prompts):
     spin(60, lambda: not panel.busy)
     if panel.error.isVisible():
         sys.exit(f"compare failed: {panel.error.text()}")
-    if k == len(prompts) - 1:
-        break
-    starter = next(label for label, m in zip("AB", panel.run["order"]) if Path(panel.run["models"][m][1]).resolve() == Path(a).resolve())
-    panel.vote(starter)
-spin(1)
-starter = next(label for label, m in zip("AB", panel.run["order"]) if Path(panel.run["models"][m][1]).resolve() == Path(a).resolve())
-panel.vote(starter)
+    panel.vote(column_of(a))             # the starter is better at sums; the last vote is the one shown
 spin(3, lambda: panel.wins.rowCount() > 0)
 spin(1)
 win.grab().save("docs/screenshots/compare.png")

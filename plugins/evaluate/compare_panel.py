@@ -277,6 +277,8 @@ class ComparePanel(QWidget):
         params = replace(self.params.generation_params(), explain=False)
         if params.sampling.seed is None:     # one seed for every column, so they sample alike
             params = replace(params, sampling=replace(params.sampling, seed=random.randrange(2**31)))
+        # Keep only the copies this comparison uses: a model left out of it gives its memory back.
+        self.cache = {v: lm for v, lm in self.cache.items() if any(v == value for _, value in models)}
         n, blind = len(models), self.blind.isChecked()
         order = blind_order(n) if blind else list(range(n))
         self.run = {"models": models, "prompt": prompt, "blind": blind, "chat": self.chat.isChecked(),
@@ -291,9 +293,9 @@ class ComparePanel(QWidget):
             self.ctx.set_setting(key, value)
         self.status.setText("loading the models …")
         chat, plugins, store = self.run["chat"], self.ctx.plugins, self.ctx.store
-        self.worker = self.ctx.stream(lambda cancel: self._answers(models, prompt, params, chat, plugins, store, cancel),
-                                      self._on_event, self._on_finished, self._on_error,
-                                      may_wait=lambda ev: ev.get("type") == "token")
+        answers = (lambda cancel: self._answers(models, prompt, params, chat, plugins, store, cancel))
+        self.worker = self.ctx.stream(answers, self._on_event, self._on_finished, self._on_error,
+                                      may_wait=lambda ev: ev.get("type") == "token")   # tokens come in batches
         self._flush.start()
         self._buttons()
         return True
@@ -446,8 +448,11 @@ class ComparePanel(QWidget):
             return
         self.ratings = None
         # Elo's bootstrap refits a few hundred times: off the GUI thread.
-        self.ctx.run(lambda: (win_rates(battles), elo(battles), len(battles)), on_done=self._show_ratings,
-                     on_error=lambda e: self.elo_note.setText(f"ratings: {e}"))
+        # Bound methods, not lambdas: a panel closed meanwhile is disconnected, not painted after its deletion.
+        self.ctx.run(ratings_of, battles, on_done=self._show_ratings, on_error=self._ratings_failed)
+
+    def _ratings_failed(self, e) -> None:
+        self.elo_note.setText(f"ratings: {e}")
 
     def _show_ratings(self, result) -> None:
         pairs, ratings, n = result
@@ -482,6 +487,11 @@ class ComparePanel(QWidget):
         if self.worker is not None:
             self.worker.stop()
             self.worker.thread.wait(3000)
+
+
+def ratings_of(battles: list) -> tuple:
+    """(win rates per pair, Elo or None below MIN_VOTES, how many battles): a worker thread's work."""
+    return win_rates(battles), elo(battles), len(battles)
 
 
 def same_path(a, b) -> bool:
