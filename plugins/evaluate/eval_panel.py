@@ -136,6 +136,7 @@ class EvaluatePanel(QWidget):
         self.plot.showGrid(x=False, y=True, alpha=0.12)
         self.plot.setMinimumHeight(220)
         self.bars: pg.BarGraphItem | None = None
+        self.labels: list[pg.TextItem] = []
         lay.addWidget(self.plot, 1)
 
         self.run_btn.clicked.connect(self.start)
@@ -337,6 +338,9 @@ class EvaluatePanel(QWidget):
         if self.bars is not None:
             self.plot.removeItem(self.bars)
             self.bars = None
+        for label in self.labels:
+            self.plot.removeItem(label)
+        self.labels = []
         self.plot.setTitle(f"{METRIC[task]} across the lineage ({task})" if rows else
                            f"no {task} results kept for this model's lineage yet", color="#b8bdc8", size="10pt")
         ticks = [(i, name) for i, (name, _) in enumerate(rows)]
@@ -345,8 +349,13 @@ class EvaluatePanel(QWidget):
             self.bars = pg.BarGraphItem(x=list(range(len(rows))), height=[v for _, v in rows], width=0.6,
                                         brush="#f5a524")
             self.plot.addItem(self.bars)
-            self.plot.setXRange(-0.6, len(rows) - 0.4, padding=0)
-            self.plot.setYRange(0, max(v for _, v in rows) * 1.1 or 1.0, padding=0)
+            for i, (_, v) in enumerate(rows):     # each bar's value above it
+                label = pg.TextItem(f"{v:.4g}", color="#e8eaed", anchor=(0.5, 1.0))
+                label.setPos(i, v)
+                self.plot.addItem(label)
+                self.labels.append(label)
+            self.plot.setXRange(-0.6, max(len(rows), 4) - 0.4, padding=0)   # one bar is not a wall
+            self.plot.setYRange(0, max(v for _, v in rows) * 1.15 or 1.0, padding=0)
 
     def shutdown(self) -> None:
         if self.proc is not None:
