@@ -269,7 +269,8 @@ class ComparePanel(QWidget):
         self.error.hide()
         models, prompt = self.chosen(), self.prompt.toPlainText()
         if len(models) < 2:
-            self.show_error(f"{len(models)} model chosen: choose 2 to 4 models (or adapters, or checkpoints) above")
+            self.show_error(f"{len(models)} model{'' if len(models) == 1 else 's'} chosen: choose 2 to 4 models (or "
+                            "adapters, or checkpoints) above")
             return False
         if not prompt.strip():
             self.show_error("no prompt: write what every model should answer")
