@@ -196,3 +196,54 @@ def test_the_training_lineage_shows_each_stages_eval_results(tmp_path, tiny_text
                                                                             "format": "sol"}])
     assert [r.name for r in roots] == ["base"] and roots[0].evals == ""
     assert roots[0].children[0].evals == f"perplexity {kept['perplexity']:.2f} (tiny)"
+
+
+def test_the_loaded_models_adapters_and_checkpoints_are_choices_and_an_adapter_answers_as_itself(window, qtbot):
+    import torch
+
+    from sol.core.formats.adapter import save_adapter
+    from sol.core.formats.checkpoint import load_model
+    from sol.core.formats.registry import models_dir
+    from sol.core.model import lora
+    base = make_tiny_model(models_dir() / "base")
+    make_tiny_model(base / "checkpoints" / "step_000010", seed=2)
+    lm = load_model(base)
+    settings = lora.LoraSettings(r=2, alpha=4.0, dropout=0.0)
+    torch.manual_seed(1)
+    for p in lora.add_adapter(lm.model, settings):
+        torch.nn.init.normal_(p, std=0.5)
+    adapter = save_adapter(models_dir() / "base-lora", lm.model, settings, str(base), {"name": "base-lora"})
+    win, ctx = window
+    ctx.set_model(load_model(base))
+    panel = win.panel("compare")
+    qtbot.waitUntil(lambda: panel.pickers[0].count() >= 3, timeout=20_000)
+    labels = [panel.pickers[0].itemText(i) for i in range(panel.pickers[0].count())]
+    assert labels[:3] == ["base", "base @ 10", "base-lora"]        # the loaded model's family first
+    panel.pickers[0].setCurrentIndex(0)
+    panel.pickers[1].setCurrentIndex(2)
+    panel.blind.setChecked(False)
+    panel.prompt.setPlainText("All:\nSpeak")
+    panel.params.max_tokens.setValue(16)
+    panel.params.temperature.setValue(0.0)
+    assert panel.start()
+    qtbot.waitUntil(lambda: not panel.busy, timeout=60_000)
+    assert not panel.error.text(), panel.error.text()
+    assert panel.run["models"][0][1] == str(base) and str(base) not in panel.cache   # the loaded one, not a copy
+    stored = ctx.store.comparison(panel.comparison_id)
+    assert [a["model"] for a in stored["answers"]] == ["base", "base-lora"]
+    assert stored["answers"][1]["lineage"]["adapter"] == str(adapter.resolve())
+    assert stored["answers"][0]["text"] != stored["answers"][1]["text"]    # the adapter changes the answer
+
+
+def test_the_kit_gives_plugin_panels_answer_markdown_and_the_sampling_controls(qtbot):
+    from PySide6.QtWidgets import QTextBrowser
+
+    from sol.app.kit import answer_markdown, sampling_controls
+    view = QTextBrowser()
+    qtbot.addWidget(view)
+    view.setMarkdown(answer_markdown("a <div> and **bold**\nnext line"))
+    assert view.toPlainText() == "a <div> and bold\nnext line"
+    controls = sampling_controls({"temperature": 0.3, "seed": 5})
+    qtbot.addWidget(controls)
+    p = controls.generation_params()
+    assert p.sampling.temperature == 0.3 and p.sampling.seed == 5
