@@ -1,4 +1,5 @@
-"""Widgets every panel builds the same way. Public for plugin panels: `from sol.app.kit import page, table`
+"""Widgets every panel builds the same way. Public for plugin panels: `from sol.app.kit import page, table,
+answer_markdown, sampling_controls`
 (the rest of `sol.app` may change; this module keeps its names).
 
 A page is the panel's column: its title, a one-line hint under it, then whatever the panel adds.
@@ -40,3 +41,18 @@ def table(columns: list[str]) -> QTableWidget:
     # Headers sit over their cells' text (left), not centred over a stretched last column.
     t.horizontalHeader().setDefaultAlignment(Qt.AlignLeft | Qt.AlignVCenter)
     return t
+
+
+def answer_markdown(text: str) -> str:
+    """A model's answer as Markdown for QTextBrowser.setMarkdown, shown as the model wrote it: raw HTML (`<div>`,
+    `List<String>`, `<unused1>`) stays text, and its line breaks stay breaks."""
+    from .chat.markdown import escape_html
+    from .chat.messages import keep_newlines
+    return keep_newlines(escape_html(text))
+
+
+def sampling_controls(saved: dict | None = None):
+    """The chat's sampling controls (temperature, top-k, top-p, min-p, repetition penalty, max tokens, seed):
+    `.generation_params()` gives a GenerationParams, `.values()` a dict to keep with context.set_setting."""
+    from .chat.params import ParamsView
+    return ParamsView(saved)

@@ -37,6 +37,15 @@ def lineage(lm) -> dict:
             "base": meta.get("base")}
 
 
+def load(name: str, device="cpu"):
+    """A model to compare, by its name in `sol models list` or its folder; an adapter folder loads on its
+    base with the adapter on (each column its own copy, so one column's adapter never shows in another)."""
+    from ..formats.adapter import load_with_adapter
+    from ..formats.checkpoint import load_model
+    from ..formats.registry import resolve
+    return load_with_adapter(name, lambda n: load_model(resolve(n), device=device))
+
+
 def blind_order(n: int, rng: random.Random | None = None) -> list[int]:
     """A random order of n columns, for blind mode: column k shows model order[k]."""
     order = list(range(n))

@@ -8,6 +8,7 @@ CORPUS=${1:-../shared/data/tinyshakespeare.txt}
 export SOL_HOME=${SOL_HOME:-$(mktemp -d)}
 xvfb-run -a -s "-screen 0 1400x900x24" python docs/screenshots/prepare_home.py "$CORPUS"
 xvfb-run -a -s "-screen 0 1400x900x24" python docs/screenshots/make_chat.py resources/models/starter
+xvfb-run -a -s "-screen 0 1400x900x24" python docs/screenshots/make_compare.py resources/models/starter resources/models/words
 for panel in models tokens attention training plugins; do
   xvfb-run -a -s "-screen 0 1400x900x24" sol gui --panel "$panel" --model resources/models/starter \
     --screenshot "docs/screenshots/$panel.png"

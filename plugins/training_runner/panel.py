@@ -298,7 +298,7 @@ class TrainingPanel(QWidget):
         self.log.setFont(f)
         self.tabs.addTab(self.log, "Log")
         self.tree = QTreeWidget()
-        self.tree.setHeaderLabels(["model", "stage", "path"])
+        self.tree.setHeaderLabels(["model", "stage", "evals", "path"])
         self.tabs.addTab(self.tree, "Lineage")
         col.addWidget(self.tabs, 1)
         return w
@@ -355,7 +355,7 @@ class TrainingPanel(QWidget):
         self.tree.clear()
 
         def add(parent, node):
-            item = QTreeWidgetItem([node.name, node.stage, node.path])
+            item = QTreeWidgetItem([node.name, node.stage, node.evals, node.path])
             (parent.addChild if parent else self.tree.addTopLevelItem)(item)
             for c in node.children:
                 add(item, c)

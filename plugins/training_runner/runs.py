@@ -122,6 +122,19 @@ class Node:
     stage: str
     parent: str | None
     children: list["Node"] = field(default_factory=list)
+    evals: str = ""          # its kept `sol eval` results, one short line (the Evaluate panel's)
+
+
+def eval_line(path: str) -> str:
+    """A model's kept evaluation results in a few words: "perplexity 12.3 (tiny) · choice 0.62 (arith)"."""
+    from sol.core.evaluate.results import read
+    metric = {"perplexity": ("perplexity", "{:.2f}"), "choice": ("accuracy", "{:.3f}"), "exact": ("exact", "{:.3f}")}
+    parts = []
+    for r in read(path):
+        key, fmt = metric.get(r.get("task"), (None, ""))
+        if key and isinstance(r.get(key), (int, float)):
+            parts.append(f"{r['task']} {fmt.format(r[key])} ({Path(str(r.get('data', ''))).stem})")
+    return " · ".join(parts)
 
 
 def lineage(models: list[dict]) -> list[Node]:
@@ -139,7 +152,7 @@ def lineage(models: list[dict]) -> list[Node]:
         if isinstance(parent, dict):
             parent = parent.get("path") or parent.get("name")
         nodes.append(Node(m["name"], m["path"], meta.get("stage", "base" if m.get("format") == "sol" else "imported"),
-                          str(parent) if parent else None))
+                          str(parent) if parent else None, evals=eval_line(m["path"])))
     by_key = {}
     for n in nodes:
         by_key[n.name] = n
