@@ -73,3 +73,26 @@ def test_a_conversation_through_the_engine_reuses_its_rows_and_answers_the_same(
     assert [ids for ids, _ in with_cache] == [ids for ids, _ in without]
     assert [c for _, c in without] == [0, 0, 0, 0]
     assert with_cache[0][1] == 0 and all(c > 10 for _, c in with_cache[1:])
+
+
+def test_a_hit_that_leaves_one_token_runs_it_through_the_decode_step_and_answers_the_same(tiny_model):
+    """The same prompt again (a client retrying, or a turn whose new text is one token): the prefix cache
+    leaves its last token, which an idle engine runs through the decode step's one-row path
+    (BatchEngine._one_row) instead of the model's forward; the answer and its log-probabilities agree."""
+    from sol.core.formats.checkpoint import load_model
+    lm = load_model(tiny_model)
+    params = GenerationParams(max_tokens=6, sampling=SamplingParams(temperature=0), explain=False)
+    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=2, prefix_cache=PrefixCache(64 << 20), cache_key="t")
+    prompt = lm.tokenizer.encode_ids("the quick brown fox jumps over the lazy dog and")
+    one_row, calls = engine._one_row, []
+    engine._one_row = lambda token, position: calls.append(position) or one_row(token, position)
+    runs = []
+    for _ in range(2):
+        req = engine.submit(prompt, params)
+        while not req.finished:
+            engine.step()
+        events = list(req)
+        runs.append((events[-1].token_ids, [e.logprob for e in events[:-1]], req.cached_tokens))
+    assert runs[0][2] == 0 and runs[1][2] == len(prompt) - 1 and calls == [len(prompt) - 1]
+    assert runs[1][0] == runs[0][0]
+    assert max(abs(a - b) for a, b in zip(runs[0][1], runs[1][1])) < 1e-4
