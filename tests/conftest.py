@@ -28,6 +28,18 @@ def isolated_home(tmp_path_factory, monkeypatch):
     return home
 
 
+@pytest.fixture
+def window(qtbot):
+    """Sol's main window and its context, built as `sol gui` builds them; its panels are shut down after."""
+    from sol.app.main import build_window
+    win, ctx = build_window()
+    qtbot.addWidget(win)
+    yield win, ctx
+    for w in win.widgets.values():
+        if hasattr(w, "shutdown"):
+            w.shutdown()
+
+
 def require_int8_kernel():
     """Skip where this machine cannot build Sol's int8 kernel (no compiler, no AVX2, not x86-64 Linux: the
     environment's SOL_INT8_KERNEL is cleared by isolated_home); where it can, the kernel must build and load,

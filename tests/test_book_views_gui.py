@@ -10,17 +10,6 @@ from conftest import make_tiny_model  # noqa: E402
 
 
 @pytest.fixture
-def window(qtbot):
-    from sol.app.main import build_window
-    win, ctx = build_window()
-    qtbot.addWidget(win)
-    yield win, ctx
-    for w in win.widgets.values():
-        if hasattr(w, "shutdown"):
-            w.shutdown()
-
-
-@pytest.fixture
 def with_model(window, tmp_path):
     from sol.core.formats.checkpoint import load_model
     win, ctx = window

@@ -10,17 +10,6 @@ import pytest
 from conftest import make_tiny_model
 
 
-@pytest.fixture
-def window(qtbot):
-    from sol.app.main import build_window
-    win, ctx = build_window()
-    qtbot.addWidget(win)
-    yield win, ctx
-    for w in win.widgets.values():
-        if hasattr(w, "shutdown"):
-            w.shutdown()
-
-
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")

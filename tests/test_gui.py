@@ -11,17 +11,6 @@ import pytest
 from conftest import TINY_TEXT, make_tiny_model  # noqa: E402
 
 
-@pytest.fixture
-def window(qtbot):
-    from sol.app.main import build_window
-    win, ctx = build_window()
-    qtbot.addWidget(win)
-    yield win, ctx
-    for w in win.widgets.values():
-        if hasattr(w, "shutdown"):
-            w.shutdown()
-
-
 def loaded(path):
     from sol.core.formats.checkpoint import load_model
     return load_model(path)

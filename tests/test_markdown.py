@@ -1,8 +1,6 @@
 """Answers shown as the model wrote them: text that looks like HTML is text, Markdown still renders."""
 from __future__ import annotations
 
-import pytest
-
 ANSWER = ("Use a **<div>** for the box, a `List<String>` in Java, and List<String> outside code too; "
           "the token <unused1> & &amp; stay as written.\n\n- one <b>item</b>\n- two\n\n"
           "```\n<p>kept</p>\n```\n\n> quoted")
@@ -19,17 +17,6 @@ def test_escape_keeps_code_and_markdown():
         "text\n\n    <indented code>\n\n- item\n    &lt;in the item>")
     assert escape_html("~~~\n<x>\n~~~\n<x>") == "~~~\n<x>\n~~~\n&lt;x>"
     assert escape_html("<unused42205>" * 256) == "&lt;unused42205>" * 256
-
-
-@pytest.fixture
-def window(qtbot):
-    from sol.app.main import build_window
-    win, ctx = build_window()
-    qtbot.addWidget(win)
-    yield win, ctx
-    for w in win.widgets.values():
-        if hasattr(w, "shutdown"):
-            w.shutdown()
 
 
 def shown(bubble) -> str:

@@ -3,20 +3,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from conftest import make_tiny_model  # noqa: E402
-from test_mcp import FAULTY, TIME, faulty, no_orphans, script, write_config  # noqa: F401  (the fixture too)
-
-
-@pytest.fixture
-def window(qtbot):
-    from sol.app.main import build_window
-    win, ctx = build_window()
-    qtbot.addWidget(win)
-    yield win, ctx
-    for w in win.widgets.values():
-        if hasattr(w, "shutdown"):
-            w.shutdown()
+from test_mcp import TIME, faulty, no_orphans, script, write_config  # noqa: F401  (no_orphans: the fixture)
 
 
 def test_the_chat_asks_before_an_mcp_tool_runs(window, qtbot, tmp_path, isolated_home, monkeypatch):

@@ -92,7 +92,9 @@ def test_a_client_that_disconnects_cancels_within_one_step(slow_server):
 
 def test_a_full_queue_answers_503_with_retry_after(slow_server):
     url, engine, calls = slow_server
-    body = {"model": "slow", "prompt": "Speak", "max_tokens": 60, "stream": True}
+    # A fixed draw: with a random one, an answer that samples end-of-text within its first tokens frees the
+    # engine before the third request arrives, and that one is rightly admitted (it failed so once).
+    body = {"model": "slow", "prompt": "Speak", "max_tokens": 60, "stream": True, "seed": 1}
     results = []
 
     def stream():
@@ -113,4 +115,5 @@ def test_a_full_queue_answers_503_with_retry_after(slow_server):
     first.join(30)
     second.join(30)
     assert len(results) == 2 and all(n >= 2 for n in results)   # the refusal touched neither of the others
+    assert results[0] == results[1] >= 20   # one seed, one answer; long enough to hold the engine a second
     assert json.loads(json.dumps(health))["models"] == ["slow"]

@@ -56,15 +56,8 @@ def free_memory(device) -> int | None:
         import psutil
         return int(psutil.virtual_memory().available)
     except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        from ..formats.loaded import available_memory   # Linux's MemAvailable, as the loader's own check reads it
+        return available_memory()
 
 
 def free_disk(folder: Path | None = None) -> int:
