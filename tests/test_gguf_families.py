@@ -31,7 +31,7 @@ TEXT = "  Olá, café naïve! 世界 🌍🎉 It is   the east.\n\tJuliet is the
 
 
 def _llama_cpp() -> Path | None:
-    """llama.cpp's sources (convert_hf_to_gguf.py and its gguf-py), as benchmarks/ unpack them; CI has none."""
+    """llama.cpp's converter (convert_hf_to_gguf.py, conversion/, gguf-py), as .ci/run and benchmarks/ unpack it."""
     if os.environ.get("SOL_LLAMA_CPP"):
         return Path(os.environ["SOL_LLAMA_CPP"])
     found = sorted((Path.home() / ".cache" / "sol-bench" / "llamacpp").glob("llama_cpp_python-*/vendor/llama.cpp"))
