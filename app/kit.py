@@ -51,6 +51,27 @@ def answer_markdown(text: str) -> str:
     return keep_newlines(escape_html(text))
 
 
+def child_process(parent, argv: list[str], on_stdout, on_stderr, on_finished, on_error):
+    """A QProcess (not started) for a long `sol` command a panel runs, such as `sol train` or `sol eval`: a
+    little nicer than the window, so on a busy CPU the GUI is served first (an idle CPU still gives the
+    child all it wants). `nice` execs the command, so its pid and a SIGTERM on Stop or Cancel are the
+    command's own."""
+    import os
+    import shutil
+
+    from PySide6.QtCore import QProcess
+    nice = shutil.which("nice") if os.name == "posix" else None
+    argv = [nice, "-n", "5", *argv] if nice else argv
+    proc = QProcess(parent)
+    proc.setProgram(argv[0])
+    proc.setArguments(argv[1:])
+    proc.readyReadStandardOutput.connect(on_stdout)
+    proc.readyReadStandardError.connect(on_stderr)
+    proc.finished.connect(on_finished)
+    proc.errorOccurred.connect(on_error)
+    return proc
+
+
 def sampling_controls(saved: dict | None = None):
     """The chat's sampling controls (temperature, top-k, top-p, min-p, repetition penalty, max tokens, seed):
     `.generation_params()` gives a GenerationParams, `.values()` a dict to keep with context.set_setting."""

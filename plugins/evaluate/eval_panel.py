@@ -5,8 +5,6 @@ lineage (its parents, checkpoints and itself: sol.core.evaluate.results.across) 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from PySide6.QtCore import QProcess, Qt, QTimer
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QProgressBar,
                                QPushButton, QWidget)
 
-from sol.app.kit import page
+from sol.app.kit import child_process, page
 from sol.core.evaluate.results import across
 from sol.core.formats.registry import list_models, resolve
 
@@ -60,13 +58,6 @@ def chart_rows(lineage: list[dict], task: str, data: str | None) -> list[tuple[s
 def chart_of(model: str, adapter: str | None, task: str, data: str | None) -> tuple[str, list[tuple[str, float]]]:
     """(task, bars) for the model (or adapter) folder a name or path stands for: a worker thread's work."""
     return task, chart_rows(across(Path(adapter).expanduser() if adapter else resolve(model)), task, data)
-
-
-def lower_priority(argv: list[str]) -> list[str]:
-    """Run the evaluation a little nicer than the window, as the Training panel runs `sol train`: on a busy CPU
-    the GUI is served first. `nice` execs the command, so SIGTERM on Cancel reaches `sol eval` itself."""
-    nice = shutil.which("nice") if os.name == "posix" else None
-    return [nice, "-n", "5", *argv] if nice else argv
 
 
 class EvaluatePanel(QWidget):
@@ -226,14 +217,7 @@ class EvaluatePanel(QWidget):
         self.error.hide()
         self.result.setText("")
         self.progress.setMaximum(0)      # busy until the first progress event says how many
-        self.proc = QProcess(self)
-        run = lower_priority(argv)
-        self.proc.setProgram(run[0])
-        self.proc.setArguments(run[1:])
-        self.proc.readyReadStandardOutput.connect(self._read_stdout)
-        self.proc.readyReadStandardError.connect(self._read_stderr)
-        self.proc.finished.connect(self._finished)
-        self.proc.errorOccurred.connect(self._proc_error)
+        self.proc = child_process(self, argv, self._read_stdout, self._read_stderr, self._finished, self._proc_error)
         self._set_state("running")
         self.proc.start()
         return True

@@ -2,8 +2,6 @@
 process; plot its JSON events live; keep samples side by side; show the lineage of models."""
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -14,19 +12,13 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog
                                QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSpinBox, QSplitter,
                                QTabWidget, QTextEdit, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
 
+from sol.app.kit import child_process
+
 from .runs import (STAGES, batch_preview, command, fmt_bytes, fmt_eta, lineage, lora_estimate, matmul_flops,
                    parse_line, preview_records)
 
 PLOTS = [("loss", "loss", "#f5a524"), ("lr", "learning rate", "#5aa9e6"), ("grad_norm", "gradient norm", "#e66ab2"),
          ("tokens_per_s", "tokens / s", "#4cc38a")]
-
-
-def lower_priority(argv: list[str]) -> list[str]:
-    """Run the trainer a little nicer than the window: on a busy CPU the GUI gets served first
-    (an idle CPU still gives training all it wants). `nice` execs the command, so the pid and
-    SIGTERM on Stop are the trainer's own."""
-    nice = shutil.which("nice") if os.name == "posix" else None
-    return [nice, "-n", "5", *argv] if nice else argv
 
 
 class Plot(pg.PlotWidget):
@@ -532,14 +524,7 @@ class TrainingPanel(QWidget):
                 (self.run_out / "events.jsonl").unlink(missing_ok=True)
         self.error_label.hide()
         self.last_error = ""
-        self.proc = QProcess(self)
-        argv = lower_priority(argv)
-        self.proc.setProgram(argv[0])
-        self.proc.setArguments(argv[1:])
-        self.proc.readyReadStandardOutput.connect(self._read_stdout)
-        self.proc.readyReadStandardError.connect(self._read_stderr)
-        self.proc.finished.connect(self._finished)
-        self.proc.errorOccurred.connect(self._proc_error)
+        self.proc = child_process(self, argv, self._read_stdout, self._read_stderr, self._finished, self._proc_error)
         self._set_state("running")
         self.proc.start()
         self.tabs.setCurrentIndex(0)
