@@ -1,6 +1,8 @@
-"""Starting a real `sol serve` for tests: a child process on a free loopback port."""
+"""Starting a real `sol serve` for tests: a child process on a free loopback port (ServerProcess), or the
+app in this process on a thread (app_server), where a test needs to reach into its engine."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,3 +56,24 @@ class ServerProcess:
             self.proc.kill()
             rc = self.proc.wait()
         return rc, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def app_server(app, engine):
+    """`app` served by uvicorn on a thread, on a free loopback port; yields its base URL. On the way out the
+    server stops and `engine` (already started) is closed."""
+    import uvicorn
+
+    from sol.core.commands.serve import bind
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        engine.close()
+        t.join(10)

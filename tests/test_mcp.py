@@ -413,15 +413,11 @@ def test_a_failed_server_is_a_notice_in_the_chat_and_the_chat_goes_on(roomy_mode
 
 # ---- sol serve --plugin-tools all -----------------------------------------------------------------
 def test_serve_offers_and_runs_only_the_mcp_tools_trusted_allow(roomy_model, isolated_home, monkeypatch, tmp_path):
-    import threading
-
-    import uvicorn
-
+    from serve_helpers import app_server
     try:
         import httpx2 as httpx
     except ImportError:
         import httpx
-    from sol.core.commands.serve import bind
     from sol.core.formats.checkpoint import load_model
     from sol.core.generation.batch import BatchEngine
     from sol.core.serve.app import create_app
@@ -438,14 +434,8 @@ def test_serve_offers_and_runs_only_the_mcp_tools_trusted_allow(roomy_model, iso
     engine = BatchEngine(lm.model, lm.tokenizer, max_batch=1)
     engine.start()
     app = create_app([Served("tiny", lm, engine)], plugins=pm, plugin_tools="all")
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    while not server.started:
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/chat/completions"
-    try:
+    with app_server(app, engine) as base:
+        url = base + "/v1/chat/completions"
         script(monkeypatch, lm.tokenizer, '<|tool_call|>srv.echo: {"text": "from the server"}<|tool_end|>', "ok")
         body = {"model": "tiny", "messages": [{"role": "user", "content": "echo"}], "max_tokens": 80,
                 "temperature": 0}
@@ -456,10 +446,6 @@ def test_serve_offers_and_runs_only_the_mcp_tools_trusted_allow(roomy_model, iso
         script(monkeypatch, lm.tokenizer, '<|tool_call|>srv.write: {"text": "x"}<|tool_end|>', "ok")
         r = httpx.post(url, json=body, timeout=60).json()["choices"][0]
         assert "sol_tool_rounds" not in r["message"] and not log.exists()
-    finally:
-        server.should_exit = True
-        engine.close()
-        t.join(10)
 
 
 def test_sol_chat_asks_on_a_terminal(monkeypatch):

@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import uvicorn  # noqa: E402
 
 try:
     import httpx2 as httpx
@@ -16,13 +15,13 @@ except ImportError:
     import httpx
 
 from conftest import make_tiny_model  # noqa: E402
+from serve_helpers import app_server
 
 STEP = 0.05   # seconds each model call takes here
 
 
 @pytest.fixture
 def slow_server(tmp_path):
-    from sol.core.commands.serve import bind
     from sol.core.formats.checkpoint import load_model
     from sol.core.generation.batch import BatchEngine
     from sol.core.serve.app import create_app
@@ -38,18 +37,8 @@ def slow_server(tmp_path):
         return step(*args)
     engine.step_fn = slow
     engine.start()
-    app = create_app([Served("slow", lm, engine)])
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    while not server.started:
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield url, engine, calls
-    server.should_exit = True
-    engine.close()
-    t.join(10)
+    with app_server(create_app([Served("slow", lm, engine)]), engine) as url:
+        yield url, engine, calls
 
 
 def wait_for(cond, timeout=10.0):
