@@ -6,25 +6,10 @@ cannot type or click, so this drives the same window).
         python docs/screenshots/make_chat.py [MODEL]      # MODEL: resources/models/starter
 """
 import sys
-import time
 
-from PySide6.QtWidgets import QApplication
-
-from sol.app.main import build_window
 from sol.core.formats.checkpoint import load_model
 
-win, ctx = build_window()
-win.resize(1400, 860)
-win.show()
-app = QApplication.instance()
-
-
-def spin(seconds, until=lambda: False):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < seconds and not until():
-        app.processEvents()
-        time.sleep(0.01)
-
+from window import ctx, spin, win  # noqa: E402 (the shared window)
 
 ctx.set_model(load_model(sys.argv[1] if len(sys.argv) > 1 else "resources/models/starter"))
 win.show_panel("chat")

@@ -5,27 +5,12 @@ comparisons are voted on first, so the win-rate table has something to count.
     SOL_HOME=$(mktemp -d) xvfb-run -a -s "-screen 0 1400x900x24" python docs/screenshots/make_compare.py [A B]
 """
 import sys
-import time
 from pathlib import Path
 
-from PySide6.QtWidgets import QApplication
-
-from sol.app.main import build_window
 from sol.core.formats.checkpoint import load_model
 
 a, b = sys.argv[1:3] if len(sys.argv) > 2 else ("resources/models/starter", "resources/models/words")
-win, ctx = build_window()
-win.resize(1400, 860)
-win.show()
-app = QApplication.instance()
-
-
-def spin(seconds, until=lambda: False):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < seconds and not until():
-        app.processEvents()
-        time.sleep(0.01)
-
+from window import ctx, spin, win  # noqa: E402 (the shared window)
 
 def column_of(model: str) -> str:
     """The label of the blind column that shows `model`."""

@@ -7,12 +7,8 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
-from PySide6.QtWidgets import QApplication
-
-from sol.app.main import build_window
 from sol.core.formats.registry import data_dir
 
 servers = {"time": {"command": sys.executable, "args": ["-m", "mcp_server_time", "--local-timezone", "Europe/Lisbon"]},
@@ -24,18 +20,7 @@ if os.path.isfile(everything):
 data_dir().mkdir(parents=True, exist_ok=True)
 (data_dir() / "mcp.json").write_text(json.dumps({"mcpServers": servers}))
 
-win, ctx = build_window()
-win.resize(1400, 860)
-win.show()
-app = QApplication.instance()
-
-
-def spin(seconds, until=lambda: False):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < seconds and not until():
-        app.processEvents()
-        time.sleep(0.01)
-
+from window import spin, win  # noqa: E402 (the shared window)
 
 win.show_panel("plugins")
 panel = win.panel("plugins")

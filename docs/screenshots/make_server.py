@@ -4,25 +4,11 @@ the openai client (`sol gui --screenshot` cannot click the switch, so this drive
     SOL_HOME=$(mktemp -d) xvfb-run -a -s "-screen 0 1400x900x24" python docs/screenshots/make_server.py
 """
 import threading
-import time
 
 from openai import OpenAI
-from PySide6.QtWidgets import QApplication
-
-from sol.app.main import build_window
-
-win, ctx = build_window()
-win.resize(1400, 860)
-win.show()
-app = QApplication.instance()
 
 
-def spin(seconds, until=lambda: False):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < seconds and not until():
-        app.processEvents()
-        time.sleep(0.01)
-
+from window import spin, win  # noqa: E402 (the shared window)
 
 win.show_panel("server")
 panel = win.panel("server")
