@@ -388,11 +388,6 @@ class PluginManager:
                                   server=t.server, tool=t.tool, trust=t.trust, annotations=t.annotations)
                 for name, t in self.mcp.tools().items()}
 
-    def unattended(self, name: str) -> bool:
-        """May this tool run with no one to ask (`sol serve`)? Plugin tools, and MCP tools trusted `allow`."""
-        tool = self.tools().get(name)
-        return tool is not None and (not isinstance(tool, McpToolSpec) or tool.trust == "allow")
-
     def tool_notes(self) -> list[str]:
         """Lines the user should see once: an MCP server that failed, an mcp.json that could not be read."""
         if self.mcp is None:

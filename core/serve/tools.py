@@ -40,9 +40,9 @@ class ServerTools:
         if self.mode == "none" or self.plugins is None:
             return {}
         tools = self.plugins.tools()
-        unattended = getattr(self.plugins, "unattended", lambda name: True)
         names = tools if self.mode == "all" else [n for n in trained if n in tools]
-        return {n: tools[n] for n in names if unattended(n)}
+        # No one is here to ask: a plugin's tool runs, an MCP server's only when trusted `allow`.
+        return {n: tools[n] for n in names if getattr(tools[n], "trust", "allow") == "allow"}
 
     @staticmethod
     def schemas(tools: dict) -> list[dict]:
