@@ -467,3 +467,17 @@ def test_sol_chat_asks_on_a_terminal(monkeypatch):
     assert ask("srv.write", {}) == "deny"                     # Enter is no
     assert ask("srv.write", {}) == "allow"
     assert consent(yes=True)("srv.write", {}) == "allow"
+
+
+def test_a_server_disabled_while_running_is_stopped(isolated_home):
+    """set_disabled changes the entry in place (the GUI's Disable): the next reload still sees the change."""
+    write_config(isolated_home, {"srv": faulty("ok")})
+    servers = McpServers()
+    servers.start()
+    conn = servers.connection("srv")
+    assert conn.state == "running" and children()
+    servers.config.set_disabled("srv", True)
+    servers.reload()
+    assert conn.state == "stopped" and "srv" not in servers._connections
+    assert servers.status() == [{"name": "srv", "transport": "stdio", "state": "disabled", "error": None,
+                                 "tools": []}]

@@ -123,6 +123,7 @@ class Connection:
 
     def __init__(self, spec: ServerSpec, log_path: Path):
         self.spec = spec
+        self.launched = spec.launch()          # what it starts with; McpServers.reload compares mcp.json to it
         self.log_path = Path(log_path)
         self.state = DISABLED if spec.disabled else NOT_STARTED
         self.error: str | None = None

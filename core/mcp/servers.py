@@ -59,7 +59,9 @@ class McpServers:
                 self.error = str(e)
             for name, conn in list(self._connections.items()):
                 spec = self.config.servers.get(name)
-                if spec is None or spec.launch() != conn.spec.launch():
+                # Against what the connection was made with: an entry changed in place (disabled from the GUI)
+                # is the same object as the connection's spec, and would compare equal to itself.
+                if spec is None or spec.launch() != conn.launched:
                     conn.stop()
                     del self._connections[name]
                 else:

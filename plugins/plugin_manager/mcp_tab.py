@@ -50,7 +50,8 @@ class McpTab(QWidget):
         super().__init__()
         self.ctx = ctx
         self.rows: list[dict] = []
-        self.busy = False
+        self._jobs = 0
+        self._doing = ""
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 8, 0, 0)
         note = QLabel("Model Context Protocol servers give the chat their tools, named SERVER.TOOL. A tool runs "
@@ -128,27 +129,38 @@ class McpTab(QWidget):
     def is_ready(self) -> bool:
         return not self.busy
 
+    @property
+    def busy(self) -> bool:
+        return self._jobs > 0
+
     def refresh(self, start: bool = True) -> None:
-        """List the servers at once, then start the enabled ones in a worker and list them again."""
+        """Read mcp.json and each server's state in a worker, starting the enabled ones when `start`: stopping a
+        server whose entry changed or went away, or starting one, can take seconds, never on the GUI thread."""
         if self.mcp is None:
             self.status.setText("safe mode: no MCP server is started")
             return
+        self._work("starting servers …" if start else "reading mcp.json …", self._read, start)
+
+    def _read(self, start: bool) -> list[dict]:
         self.mcp.reload()
-        if self.mcp.error:
-            self.status.setText(self.mcp.error)
-        self._show(self.mcp.status(start=False))
-        if start and not self.busy and any(not s.disabled for s in self.mcp.config.servers.values()):
-            self.busy = True
-            self.status.setText("starting servers …")
-            self.ctx.run(self.mcp.status, on_done=self._started, on_error=self._start_failed)
+        return self.mcp.status(start=start)
+
+    def _work(self, what: str, fn, *args) -> None:
+        self._jobs += 1
+        self._doing = what
+        self.status.setText(what)
+        self.ctx.run(fn, *args, on_done=self._started, on_error=self._start_failed)
 
     def _started(self, rows) -> None:
-        self.busy = False
-        self.status.setText("")
+        self._jobs -= 1
+        if self.mcp.error:
+            self.status.setText(self.mcp.error)
+        elif self.status.text() == self._doing:   # a message said meanwhile (added, removed) stays
+            self.status.setText("")
         self._show(rows)
 
     def _start_failed(self, e) -> None:
-        self.busy = False
+        self._jobs -= 1
         self.status.setText(f"error: {e}")
 
     def _show(self, rows: list[dict]) -> None:
@@ -251,11 +263,8 @@ class McpTab(QWidget):
         name, spec = self._selected_or_none()
         if spec is None or spec.disabled or self.busy:
             return
-        self.busy = True
-        self.status.setText(f"restarting {name} …")
         conn = self.mcp.connection(name)
-        self.ctx.run(lambda: (conn.restart(), self.mcp.status(start=False))[1], on_done=self._started,
-                     on_error=self._start_failed)
+        self._work(f"restarting {name} …", lambda: (conn.restart(), self.mcp.status(start=False))[1])
 
     def remove(self) -> None:
         name, spec = self._selected_or_none()
