@@ -11,10 +11,10 @@ A corrupt download is removed, never listed. config.json comes last: until it is
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
+from ..data.corpus import sha256
 from ..errors import SolError
 from ..formats.registry import hf_cache_dir
 from .catalog import choose, quant_of, repository
@@ -137,20 +137,12 @@ def _fetch_verified(repo: str, f: dict, revision: str, token, bar) -> None:
         kept = part.stat().st_size if part.is_file() else 0
         raise SolError(f"{e}; {size_text(kept)} of {size_text(f['size'])} are kept: run the same get again to "
                        "resume") from None
-    got = sha256_of(part)
+    got = sha256(part)
     if got != f["sha256"]:
         part.unlink()
         raise SolError(f"{repo}/{f['name']}: the downloaded file's sha256 is {got}, the repository's is "
                        f"{f['sha256']}; the corrupt download was removed, run get again")
     os.replace(part, blob)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _link(repo: str, f: dict, revision: str, token, bar) -> Path:
