@@ -11,11 +11,12 @@ tokens/s over it. `transformers serve` is not used: it needs more packages and a
     python benchmarks/serve.py --conversation [--json] [--only words|gpt2_124m] [--reps 3]
 
 --conversation: a 10-turn chat over /v1/chat/completions (streamed, greedy, a plain HTTP client),
-each turn sending every earlier turn again as clients do, once against `sol serve --prefix-cache-mb 0`
-and once with the prefix cache (the default 512 MB), for the trained words model and decode.py's GPT-2 124M shape
-(random weights, a ChatML template). Reports the time to first token of every turn (median of
---reps conversations), turn 10's ratio with/without, the cached tokens usage reports, and whether
-the answers are identical. The last line with --json is
+each turn sending every earlier turn again as clients do, against `sol serve --prefix-cache-mb 0` and,
+side by side, `sol serve` with the prefix cache (the default 512 MB), for the trained words model and
+decode.py's GPT-2 124M shape (random weights, a ChatML template). Each of the --reps conversations is a
+new one (its own system prompt): turn 10 finds turns 1-9 in the cache and prefills its own message.
+Reports the time to first token of every turn (median of the conversations), turn 10's ratio
+with/without, the cached tokens usage reports (median), and whether the answers are identical. The last line with --json is
 {"words": {"ttft_turn10_s": {"off", "on"}, "ratio_turn10", "cached_turn10", "prompt_turn10",
            "identical", "ttft_s": {"off": [...], "on": [...]}}, "gpt2_124m": {...}}
 
@@ -132,11 +133,13 @@ def bench_model(model: str, name: str, clients: list[int], log) -> dict:
 TURNS = 10
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-# (system prompt, user text of turn i, max_tokens): the words model's context is 128 tokens, so its turns are short.
+# (system prompt of conversation k, user text of turn i, max_tokens): the words model's context is 128 tokens,
+# so its turns are short. Each conversation has its own system prompt: a conversation that repeated an
+# earlier one would find all of its turn in the cache, where a real next turn finds the turns before it.
 CONVERSATIONS = {
-    "words": ("Speak.", lambda i: "Go on.", 4),
+    "words": (lambda k: f"Speak. ({k:02d})", lambda i: "Go on.", 4),
     # Its 300-token BPE vocabulary spends about a token a character: turn 10 is ~600 tokens of its 1024.
-    "gpt2_124m": ("You are a careful assistant. Answer briefly and plainly, in one sentence. " * 2,
+    "gpt2_124m": (lambda k: "You are a careful assistant. Answer briefly and plainly, in one sentence. " * 2 + f"({k:02d})",
                   lambda i: f"And fact {i + 1}?", 8),
 }
 
@@ -180,29 +183,36 @@ def conversation(url: str, model: str, system: str, user, max_tokens: int) -> tu
 
 
 def bench_conversation(folder: str, name: str, reps: int, log) -> dict:
+    """Both servers run side by side and take turns, one conversation each, so that the machine's drift
+    (other tenants of a shared host) falls on both alike; every conversation is new to both."""
+    from serve_helpers import ServerProcess
     system, user, max_tokens = CONVERSATIONS[name]
-    out = {"ttft_s": {}, "ttft_turn10_s": {}}
-    answers = {}
-    for label, mb in (("off", "0"), ("on", "512")):
-        home = Path(tempfile.mkdtemp(prefix="sol-serve-conv-"))
-        from serve_helpers import ServerProcess
-        srv = ServerProcess(["--model", folder, "--device", "cpu", "--prefix-cache-mb", mb], home)
-        try:
-            conversation(srv.url, name, "warm up", lambda i: "hello", 2)   # first requests pay one-time costs
-            runs = [conversation(srv.url, name, system, user, max_tokens) for _ in range(reps)]
-        finally:
+    settings = (("off", "0"), ("on", "512"))
+    servers = {}
+    try:
+        for label, mb in settings:
+            home = Path(tempfile.mkdtemp(prefix="sol-serve-conv-"))
+            servers[label] = ServerProcess(["--model", folder, "--device", "cpu", "--prefix-cache-mb", mb], home)
+        runs = {label: [] for label, _ in settings}
+        for label, srv in servers.items():   # first requests pay one-time costs
+            conversation(srv.url, name, "warm up", lambda i: "hello", 2)
+        for k in range(reps):
+            for label, srv in servers.items():
+                runs[label].append(conversation(srv.url, name, system(k), user, max_tokens))
+    finally:
+        for srv in servers.values():
             srv.stop()
-        ttft = [statistics.median(r[0][i] for r in runs) for i in range(TURNS)]
+    out = {"ttft_s": {}, "ttft_turn10_s": {}}
+    for label, _ in settings:
+        ttft = [statistics.median(r[0][i] for r in runs[label]) for i in range(TURNS)]
         out["ttft_s"][label] = [round(t, 4) for t in ttft]
         out["ttft_turn10_s"][label] = round(ttft[-1], 4)
-        answers[label] = [r[1] for r in runs]
-        last = runs[-1][2][-1]
-        out["prompt_turn10"] = last["prompt_tokens"]
-        if label == "on":
-            out["cached_turn10"] = last["prompt_tokens_details"]["cached_tokens"]
         log(f"{name}: prefix cache {label}: time to first token per turn {out['ttft_s'][label]}")
+    last = [r[2][-1] for r in runs["on"]]
+    out["prompt_turn10"] = statistics.median(u["prompt_tokens"] for u in last)
+    out["cached_turn10"] = statistics.median(u["prompt_tokens_details"]["cached_tokens"] for u in last)
     out["ratio_turn10"] = round(out["ttft_turn10_s"]["on"] / out["ttft_turn10_s"]["off"], 3)
-    out["identical"] = answers["on"] == answers["off"]
+    out["identical"] = [r[1] for r in runs["on"]] == [r[1] for r in runs["off"]]
     log(f"{name}: turn 10 ({out['prompt_turn10']} prompt tokens, {out['cached_turn10']} cached): "
         f"{out['ttft_turn10_s']['on']} s with the prefix cache, {out['ttft_turn10_s']['off']} s without "
         f"(ratio {out['ratio_turn10']}); answers identical: {out['identical']}")

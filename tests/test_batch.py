@@ -279,3 +279,52 @@ def test_cpu_decode_layout_changes_strides_not_values(lm, tmp_path):
     save_model(tmp_path / "saved", model, lm.tokenizer)
     again = load_model(tmp_path / "saved").model.state_dict()
     assert all(torch.equal(again[k], before[k]) for k in before)
+
+
+def test_a_listener_gets_every_event_in_order_those_made_before_it_first(lm):
+    """sol serve hands events to its event loop through Request.listen, on the engine's thread."""
+    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=2)
+    p = params(6)
+    ids, done = solo(lm, prompts(lm, 1)[0], p)
+    req = engine.submit(prompts(lm, 1)[0], p)
+    engine.step()
+    engine.step()                       # two events wait on the queue
+    got = []
+    req.listen(got.append)
+    while not req.finished:
+        engine.step()
+    assert [e.id for e in got[:-1]] == ids and isinstance(got[-1], DoneEvent) and got[-1].token_ids == done.token_ids
+    assert req.get(timeout=0) is None   # nothing went to the queue once someone listened
+
+
+def test_small_work_runs_on_one_thread_and_batches_keep_every_thread(lm, monkeypatch):
+    """A short prefill and a lone row's step run on one CPU thread (no sleeping OpenMP worker to wake);
+    several rows keep every thread, and the count is restored after each."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one CPU thread only")
+    threads = torch.get_num_threads()
+    seen = []
+    model_forward = type(lm.model).forward
+    step_call = DecodeStep.__call__
+    monkeypatch.setattr(type(lm.model), "forward",
+                        lambda self, *a, **k: seen.append(("prefill", torch.get_num_threads())) or
+                        model_forward(self, *a, **k))
+    monkeypatch.setattr(DecodeStep, "__call__",
+                        lambda self, tokens, positions: seen.append((len(tokens), torch.get_num_threads())) or
+                        step_call(self, tokens, positions))
+    engine = BatchEngine(lm.model, lm.tokenizer, max_batch=2)
+    one = engine.submit(prompts(lm, 1)[0], params(8))
+    engine.step()
+    engine.step()
+    assert seen[:2] == [("prefill", 1), (1, 1)] and torch.get_num_threads() == threads
+    two = engine.submit(prompts(lm, 2)[1], params(3))
+    while not (one.finished and two.finished):
+        engine.step()
+    assert (2, threads) in seen and torch.get_num_threads() == threads
+    big = BatchEngine(lm.model, lm.tokenizer, max_batch=1)
+    monkeypatch.setattr(big, "work_per_token", 2**40)   # a model too big for one thread
+    seen.clear()
+    r = big.submit(prompts(lm, 1)[0], params(2))
+    while not r.finished:
+        big.step()
+    assert {n for _, n in seen} == {threads}

@@ -469,6 +469,24 @@ def test_sol_chat_asks_on_a_terminal(monkeypatch):
     assert consent(yes=True)("srv.write", {}) == "allow"
 
 
+def test_tools_are_ready_at_once_only_when_no_server_is_left_to_start(isolated_home):
+    """sol serve lists tools on its event loop when PluginManager.tools_ready() says nothing would start a
+    server first; otherwise on a thread (a start may take the server's timeout)."""
+    write_config(isolated_home, {"srv": faulty("ok")})
+    pm = PluginManager()
+    assert not pm.tools_ready()        # not loaded yet
+    pm.load()
+    assert not pm.tools_ready()        # mcp.json names a server that has not started
+    assert "srv.echo" in pm.tools()    # starts it
+    assert pm.tools_ready() and not pm.mcp.pending()
+    pm.mcp.config.set_disabled("srv", True)
+    pm.mcp.reload()
+    assert pm.tools_ready()            # a disabled server is never started
+    safe = PluginManager(safe_mode=True)
+    safe.load()
+    assert safe.tools_ready()
+
+
 def test_a_server_disabled_while_running_is_stopped(isolated_home):
     """set_disabled changes the entry in place (the GUI's Disable): the next reload still sees the change."""
     write_config(isolated_home, {"srv": faulty("ok")})

@@ -60,3 +60,11 @@ def test_what_the_library_does_not_take_goes_to_torch(monkeypatch):
     for x in (torch.randn(4, dtype=torch.float64), torch.randn(8)[::2], torch.randn(2, 3)):
         assert pick.argmax(x) == 2
     assert len(calls) == 3
+
+
+def test_infinities_and_nans_take_torchs_answers(path):
+    inf, nan = float("inf"), float("nan")
+    for x in (torch.full((5,), -inf), torch.tensor([1.0, inf, 2.0]), torch.tensor([1.0, nan, 2.0]),
+              torch.tensor([-inf, 3.0, -inf])):
+        got, want = pick.logsumexp(x), float(x.logsumexp(-1))
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want), (x, got, want)

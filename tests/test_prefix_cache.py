@@ -15,6 +15,18 @@ def rows(n: int, fill: float = 1.0, layers: int = 2):
     return [torch.full((2, n, 4), fill) for _ in range(layers)], [torch.full((2, n, 4), -fill) for _ in range(layers)]
 
 
+def test_common_prefix_agrees_with_a_plain_loop():
+    import random
+
+    from sol.core.generation.prefix_cache import common_prefix
+    rng = random.Random(0)
+    for _ in range(3000):
+        a = tuple(rng.randrange(3) for _ in range(rng.randrange(40)))
+        b = a[:rng.randrange(len(a) + 1)] + tuple(rng.randrange(3) for _ in range(rng.randrange(40)))
+        want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == common_prefix(b, a) == want
+
+
 def test_lookup_finds_the_longest_stored_prefix_of_the_same_model_only():
     cache = PrefixCache(1 << 20)
     cache.store("a", list(range(10)), *rows(10, 1.0))

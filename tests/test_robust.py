@@ -415,6 +415,22 @@ def test_hostile_chat_templates_stop_at_a_limit_with_a_clear_error():
         assert seconds < 5, (name, seconds)
 
 
+def test_a_hostile_template_right_after_an_ordinary_one_still_stops():
+    # The watchdog is not woken for a render it will look at in time by itself (sol serve's requests, one
+    # after another): a template that hangs just after a quick one must still be stopped at its limit.
+    import time
+
+    from sol.core.errors import SolError
+    from sol.core.formats.template_limits import MAX_SECONDS
+    from sol.core.formats.tokenizer import SOL_CHAT_TEMPLATE, render_template
+    for _ in range(3):
+        render_template(SOL_CHAT_TEMPLATE, messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        t0 = time.monotonic()
+        with pytest.raises(SolError, match="took longer than"):
+            render_template(HOSTILE_TEMPLATES["nested loops"], messages=[])
+        assert time.monotonic() - t0 < MAX_SECONDS + 1.5
+
+
 def test_ordinary_templates_still_render():
     from sol.core.formats.tokenizer import SOL_CHAT_TEMPLATE, render_template
     msgs = [{"role": "user", "content": "x" * 100_000}, {"role": "assistant", "content": "ok"}]

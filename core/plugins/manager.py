@@ -372,6 +372,11 @@ class PluginManager:
             tools.setdefault(name, spec)
         return tools
 
+    def tools_ready(self) -> bool:
+        """Whether tools() answers at once: the plugins are loaded and no MCP server would start first
+        (sol serve asks on its event loop, and calls tools() on a thread only when this says no)."""
+        return self._loaded and (self.safe_mode or (self._mcp is not None and not self._mcp.pending()))
+
     # ---- MCP servers' tools --------------------------------------------------------------------
     @property
     def mcp(self):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from dataclasses import replace
 
 from fastapi import APIRouter, Request
@@ -42,7 +41,7 @@ router = APIRouter()
 
 def tool_calls_json(calls: list) -> list[dict]:
     # Nine letters and digits: Mistral's templates refuse any other id when the client sends it back.
-    return [{"index": k, "id": uuid.uuid4().hex[:9], "type": "function",
+    return [{"index": k, "id": P.new_id("", 9), "type": "function",
              "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
             for k, call in enumerate(calls)]
 
@@ -57,7 +56,7 @@ async def run_tool(st: ServeState, s: Served, c: Choice, runs: dict, tool_list: 
     if call is None or call.name not in runs or len(c.rounds) >= MAX_TOOL_ROUNDS or used >= params.max_tokens:
         return False
     result = result_text(await asyncio.to_thread(st.tools.plugins.call_tool, call.name, call.arguments))
-    call_id = uuid.uuid4().hex[:9]
+    call_id = P.new_id("", 9)
     c.conversation += [{"role": "assistant", "content": c._segment(),
                         "tool_calls": [{"id": call_id, "type": "function",
                                         "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}]},
@@ -85,8 +84,10 @@ async def chat_completions(request: Request):
     if tools is None and body.get("tool_choice") != "none":
         # The request brings no tools: the server runs the model's own (sol serve --plugin-tools), and a
         # call to any other comes back as tool_calls, its arguments named by the plugin's schema.
-        # On a thread: the first request starts the MCP servers (core/mcp), which may take their timeout.
-        runs, known = await asyncio.to_thread(lambda: (st.tools.runs(s.trained_tools), st.tools.known()))
+        # On a thread when an MCP server (core/mcp) is still to start, which may take its timeout.
+        def look():
+            return st.tools.runs(s.trained_tools), st.tools.known()
+        runs, known = look() if st.tools.ready() else await asyncio.to_thread(look)
         tools, tool_list = ({**known, **runs}, st.tools.schemas(runs)) if runs else (known, [])
     conversation = list(body.get("messages") or []) if isinstance(body.get("messages"), list) else None
     try:

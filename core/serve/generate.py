@@ -1,14 +1,13 @@
 """What chat and completions share: engine requests, and what has been sent of each.
 
-Each choice of a request is one engine request. A small thread per engine request relays its
-events into an asyncio queue, so the event loop never blocks on the engine and /health answers
-while every decode step runs. A client that goes away cancels its engine requests (the stream's
+Each choice of a request is one engine request. The engine hands its events to the event loop
+(`Request.listen`: call_soon_threadsafe into an asyncio queue), so the event loop never blocks on
+the engine and /health answers while every decode step runs. A client that goes away cancels its engine requests (the stream's
 `finally`, or collect's), so the engine drops them at its next step.
 """
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 from fastapi import Request
@@ -147,10 +146,12 @@ def relay(reqs: list, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
 
 
 def relay_into(q: asyncio.Queue, i: int, req, loop: asyncio.AbstractEventLoop) -> None:
-    def run():
-        for ev in req:
+    def hand(ev):   # on the engine's thread
+        try:
             loop.call_soon_threadsafe(q.put_nowait, (i, ev))
-    threading.Thread(target=run, daemon=True, name=f"sol-serve-relay-{i}").start()
+        except RuntimeError:   # the event loop has closed (the server stopped): no one waits for it
+            pass
+    req.listen(hand)
 
 
 def submit(state: ServeState, s: Served, ids: list[int], params: GenerationParams, param: str):

@@ -31,6 +31,10 @@ class ServerTools:
             raise SolError(f"--plugin-tools {mode}: choose one of {', '.join(MODES)}")
         self.plugins, self.mode = plugins, mode
 
+    def ready(self) -> bool:
+        """Whether known() and runs() answer at once (no MCP server to start first)."""
+        return self.plugins is None or self.plugins.tools_ready()
+
     def known(self) -> dict:
         """Every plugin tool, by name (their schemas read the model's calls)."""
         return self.plugins.tools() if self.plugins is not None else {}
