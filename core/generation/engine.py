@@ -128,7 +128,9 @@ class Decoding:
     def __init__(self, engine: "Engine", params: GenerationParams, history: list[int], limit: int):
         params.sampling.validate()
         self.engine, self.params = engine, params
-        self.gen = make_generator(params.sampling.seed)
+        # Greedy answers draw nothing; an unseeded generator seeds itself from the OS (a system call that hands
+        # the GIL to sol serve's event loop, and waits to get it back, on the way to the first token).
+        self.gen = None if params.sampling.greedy else make_generator(params.sampling.seed)
         self.history = list(history)          # prompt and answer: the repetition penalty looks at both
         self.start_len = len(history)
         self.limit = limit                    # the most ids the sequence may hold (its context)
