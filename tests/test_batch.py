@@ -14,6 +14,7 @@ from sol.core.formats.checkpoint import load_model
 from sol.core.generation.batch import BatchEngine, QueueFull
 from sol.core.generation.decode_step import DecodeStep, buckets
 from sol.core.generation.engine import DoneEvent, Engine, GenerationParams, TokenEvent
+from sol.core.generation import threads
 from sol.core.generation.sampling import SamplingParams
 
 
@@ -298,11 +299,12 @@ def test_a_listener_gets_every_event_in_order_those_made_before_it_first(lm):
 
 
 def test_small_work_runs_on_one_thread_and_batches_keep_every_thread(lm, monkeypatch):
-    """A short prefill and a lone row's step run on one CPU thread (no sleeping OpenMP worker to wake);
-    several rows keep every thread, and the count is restored after each."""
+    """A short prefill and a lone row's step run on one CPU thread (generation/threads.py: no sleeping
+    OpenMP worker to wake); several rows keep every thread, and the count is restored after each. The
+    one-sequence engine's session (sol chat, the GUI) does the same."""
     if torch.get_num_threads() < 2:
         pytest.skip("one CPU thread only")
-    threads = torch.get_num_threads()
+    threads_before = torch.get_num_threads()
     seen = []
     model_forward = type(lm.model).forward
     step_call = DecodeStep.__call__
@@ -316,15 +318,21 @@ def test_small_work_runs_on_one_thread_and_batches_keep_every_thread(lm, monkeyp
     one = engine.submit(prompts(lm, 1)[0], params(8))
     engine.step()
     engine.step()
-    assert seen[:2] == [("prefill", 1), (1, 1)] and torch.get_num_threads() == threads
+    assert seen[:2] == [("prefill", 1), (1, 1)] and torch.get_num_threads() == threads_before
     two = engine.submit(prompts(lm, 2)[1], params(3))
     while not (one.finished and two.finished):
         engine.step()
-    assert (2, threads) in seen and torch.get_num_threads() == threads
+    assert (2, threads_before) in seen and torch.get_num_threads() == threads_before
     big = BatchEngine(lm.model, lm.tokenizer, max_batch=1)
-    monkeypatch.setattr(big, "work_per_token", 2**40)   # a model too big for one thread
+    monkeypatch.setattr(threads, "SMALL_WORK", 0)   # as if the model were too big for one thread
     seen.clear()
     r = big.submit(prompts(lm, 1)[0], params(2))
     while not r.finished:
         big.step()
-    assert {n for _, n in seen} == {threads}
+    assert {n for _, n in seen} == {threads_before}
+
+    seen.clear()
+    monkeypatch.setattr(threads, "SMALL_WORK", 32 * 2**20)
+    engine = Engine(lm.model, lm.tokenizer)
+    list(engine.generate(engine.session(prompts(lm, 1)[0]), params(3)))
+    assert seen[0] == ("prefill", 1) and {n for _, n in seen} == {1} and torch.get_num_threads() == threads_before

@@ -20,7 +20,6 @@ masked to the row's own positions), and the sampler of each request draws from i
 """
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections import deque
@@ -35,11 +34,7 @@ from ..model.transformer import Transformer
 from .decode_step import DecodeStep
 from .engine import Decoding, DoneEvent, Engine, GenerationParams, TokenEvent
 from .prefix_cache import PrefixCache
-
-
-# Multiply-adds of a prefill that one CPU thread does in about a millisecond (the words model's 18 tokens):
-# a second thread saves at most half of that, and may first have to be woken (BatchEngine._threads_for).
-SMALL_WORK = 32 * 2**20
+from .threads import threads_for
 
 
 class QueueFull(SolError):
@@ -144,8 +139,6 @@ class BatchEngine:
         self.prefix = prefix_cache if prefix_cache is not None and prefix_cache.enabled \
             and model.rope_switch is None else None
         self.cache_key = cache_key
-        cfg = model.cfg   # multiply-adds a prompt token costs (the LM head runs for the last one only)
-        self.work_per_token = cfg.n_params_estimate - cfg.vocab_size * cfg.d_model
 
     # ---- what callers see ----------------------------------------------------
     @property
@@ -244,7 +237,7 @@ class BatchEngine:
                 self._use([r.request.adapter for r in going])
                 # One row alone (a single conversation) may run on one thread; a batch keeps every thread: on
                 # one, sixteen rows of the test server's model held /health up past 0.1 s.
-                with self._threads_for(1 if len(going) == 1 else None):
+                with threads_for(self.model, 1 if len(going) == 1 else None):
                     logits = self.step_fn([r.decoding.token for r in going], [r.length for r in going])
                 logits = logits.float().cpu()   # one copy for the batch, not one per row
                 self._past_switch(going, logits)
@@ -279,7 +272,7 @@ class BatchEngine:
                 view.pos = request.cached_tokens = start
             rest = request.prompt_ids[view.pos:]
             self._use([request.adapter])
-            with self._threads_for(len(rest)):
+            with threads_for(self.model, len(rest)):
                 if len(rest) == 1 and row == 0 and self.model.rope_switch is None:
                     # A prefix hit leaves one token (an idle server, most often): the decode step's one-row
                     # path runs it, not the whole model's forward, whose hundred small products cost 3 ms of
@@ -292,25 +285,6 @@ class BatchEngine:
 
     def _one_row(self, token: int, position: int) -> torch.Tensor:
         return self.step_fn([token], [position]).float().cpu()[0]
-
-    @contextlib.contextmanager
-    def _threads_for(self, tokens: int | None):
-        """One CPU thread for a step or prefill of `tokens` tokens too small to pay for a second.
-        OpenMP's idle worker sleeps, and the first parallel product after a pause waits for it: 8 tokens of
-        the words model took 13.7 ms on two threads 50 ms after the last step, 2.3 ms on one (1.2 and 1.1 ms
-        back to back; 2-core AMD EPYC VM, libgomp). And a worker that has just run spins for a while on the
-        other core, which the server's event loop then waits for. Larger models and batches keep every thread."""
-        small = (tokens is not None and self.model.device.type == "cpu"
-                 and tokens * self.work_per_token <= SMALL_WORK)
-        before = torch.get_num_threads()
-        if not small or before == 1:
-            yield
-            return
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
 
     def _past_switch(self, going: list[_Row], logits: torch.Tensor) -> None:
         """longrope (Phi-3/4): a row whose sequence just passed the switch length has keys cached with the

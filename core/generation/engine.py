@@ -21,6 +21,7 @@ from ..kernels import pick
 from ..model.transformer import Transformer
 from .decode_step import DecodeStep
 from .sampling import Explanation, SamplingParams, choose, make_generator
+from .threads import threads_for
 
 TOP_N = 10
 
@@ -102,13 +103,14 @@ class Session:
             ids, self.ids = self.ids + list(ids), []
             self.cache.truncate(0)
         pos = self.cache.pos
-        if len(ids) == 1 and pos > 0:   # decoding: the static-shape step (a CUDA graph on a GPU)
-            self.cache.reserve(pos + 1)
-            self.logits = self.step([ids[0]], [pos])[0]
-            self.cache.pos = pos + 1
-        else:
-            x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
-            self.logits = self.model(x, cache=self.cache, last_only=True)[0, -1]
+        with threads_for(self.model, len(ids)):   # a small model's turn: no sleeping thread to wake
+            if len(ids) == 1 and pos > 0:   # decoding: the static-shape step (a CUDA graph on a GPU)
+                self.cache.reserve(pos + 1)
+                self.logits = self.step([ids[0]], [pos])[0]
+                self.cache.pos = pos + 1
+            else:
+                x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+                self.logits = self.model(x, cache=self.cache, last_only=True)[0, -1]
         self.ids.extend(ids)
 
     def rewind(self, n: int) -> None:
