@@ -9,6 +9,7 @@ The GUI thread never waits on any of them: it only receives signals.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import traceback
@@ -18,6 +19,14 @@ from typing import Any, Callable, Iterator
 from PySide6.QtCore import QObject, QThread, QThreadPool, QTimer, Signal, Slot
 
 _alive: set = set()   # keeps running tasks referenced until they report back
+
+
+def settle() -> None:
+    """Before a worker's own torch work: torch's thread count, read while no small model's generation holds
+    it at one (sol.core.generation.threads). Nothing can hold it before torch is imported: then nothing to do."""
+    if "torch" in sys.modules:
+        from sol.core.generation.threads import settle as read_count
+        read_count()
 
 
 class Task(QObject):
@@ -42,6 +51,7 @@ class Task(QObject):
     def _run(self):
         fn, args, kwargs = self._call
         try:
+            settle()
             r = fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - reported to the GUI, never raised in a pool thread
             e.traceback_text = traceback.format_exc()
@@ -168,6 +178,7 @@ class _StreamRunner(QObject):
     @Slot()
     def run(self):
         try:
+            settle()
             for ev in self.make_iter(self.cancel):
                 self._put(ev)
         except BaseException as e:  # noqa: BLE001

@@ -336,3 +336,36 @@ def test_small_work_runs_on_one_thread_and_batches_keep_every_thread(lm, monkeyp
     engine = Engine(lm.model, lm.tokenizer)
     list(engine.generate(engine.session(prompts(lm, 1)[0]), params(3)))
     assert seen[0] == ("prefill", 1) and {n for _, n in seen} == {1} and torch.get_num_threads() == threads_before
+
+
+def test_a_thread_that_starts_beside_a_one_thread_window_still_gets_every_thread():
+    """torch's thread count is process-wide and each thread reads it once: one that first asks while another
+    holds it at one keeps one, unless it settles first (generation/threads.py), which waits for the window."""
+    import time
+    if torch.get_num_threads() < 2:
+        pytest.skip("one CPU thread only")
+    full = torch.get_num_threads()
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def window():
+        with threads.one_thread():
+            inside.set()
+            release.wait(10)
+
+    def unsettled():
+        inside.wait(10)
+        seen["unsettled"] = torch.get_num_threads()
+
+    def settled():
+        inside.wait(10)
+        threads.settle()
+        seen["settled"] = torch.get_num_threads()
+    workers = [threading.Thread(target=f) for f in (window, unsettled, settled)]
+    for t in workers:
+        t.start()
+    inside.wait(10)
+    time.sleep(0.2)
+    release.set()
+    for t in workers:
+        t.join(10)
+    assert seen == {"unsettled": 1, "settled": full} and torch.get_num_threads() == full

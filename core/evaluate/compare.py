@@ -26,6 +26,7 @@ from ..chat.session import ChatSession
 from ..chat.store import Store
 from ..errors import SolError
 from ..generation.engine import DoneEvent, Engine, GenerationParams, stop_ids_for
+from ..generation.threads import settle
 
 MAX_MODELS = 4
 
@@ -101,6 +102,7 @@ def compare(models: list[tuple[str, object]], prompt: str, params: GenerationPar
 
     def work(i, name, lm):
         try:
+            settle()   # before a neighbour's small model holds torch at one thread (generation/threads.py)
             if chat:
                 _chat(i, name, lm, prompt, params, cancel, events.put, plugins, store)
             else:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
 from ..generation.engine import DoneEvent
+from ..generation.threads import settle
 from ..model import lora
 from . import protocol as P
 from .generate import Choice, cancel_all, collect, engine_error, failed, relay, request_params, submit_all
@@ -54,7 +55,9 @@ MAX_PROMPTS = 256
 
 @torch.inference_mode()
 def prompt_logprobs(s: Served, ids: list[int], top_n: int) -> dict:
-    """`echo` with `logprobs`: each prompt token's log-probability given the ones before (None for the first)."""
+    """`echo` with `logprobs`: each prompt token's log-probability given the ones before (None for the first).
+    Runs on a worker thread beside the engine's (generation/threads.py: settle)."""
+    settle()
     with lora.here(s.lm.model, s.adapter):   # this thread runs the served model id's own adapter
         logits = s.lm.model(torch.tensor([ids], device=s.lm.model.device))[0]
     logp = torch.log_softmax(logits.float(), -1).cpu()

@@ -8,6 +8,7 @@ import time
 import torch
 from fastapi import APIRouter, Request
 
+from ..generation.threads import settle
 from ..model import lora
 from . import protocol as P
 from .served import Served, serve_state
@@ -57,6 +58,7 @@ async def embeddings(request: Request):
                              "input", "context_length_exceeded")
     t0 = time.perf_counter()
     def run():
+        settle()   # a worker thread beside the engine's (generation/threads.py)
         with lora.here(s.lm.model, s.adapter):   # the served model id's own adapter, on this thread
             return embed(s.lm.model, inputs)
     vectors = await asyncio.to_thread(run)   # off the event loop: /health still answers

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..formats.tokenizer import Tokenizer
+from ..generation.threads import one_thread
 from ..model.transformer import Transformer
 
 CALL, RESULT, TOOL_END, END = "<|tool_call|>", "<|tool_result|>", "<|tool_end|>", "<|end|>"
@@ -45,12 +46,8 @@ def single_thread(device):
     if getattr(device, "type", "cpu") != "cpu":
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass
