@@ -284,6 +284,7 @@ class BatchEngine:
             self.rows.append(_Row(request, decoding, n, logits))
 
     def _one_row(self, token: int, position: int) -> torch.Tensor:
+        """A prefix hit's one remaining token, through the decode step as row 0."""
         return self.step_fn([token], [position]).float().cpu()[0]
 
     def _past_switch(self, going: list[_Row], logits: torch.Tensor) -> None:
