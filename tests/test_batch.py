@@ -298,10 +298,11 @@ def test_a_listener_gets_every_event_in_order_those_made_before_it_first(lm):
     assert req.get(timeout=0) is None   # nothing went to the queue once someone listened
 
 
-def test_small_work_runs_on_one_thread_and_batches_keep_every_thread(lm, monkeypatch):
-    """A short prefill and a lone row's step run on one CPU thread (generation/threads.py: no sleeping
-    OpenMP worker to wake); several rows keep every thread, and the count is restored after each. The
-    one-sequence engine's session (sol chat, the GUI) does the same."""
+def test_a_small_prefill_runs_on_one_thread_and_decode_steps_keep_every_thread(lm, monkeypatch):
+    """The prefill that begins a small model's answer runs on one CPU thread (generation/threads.py: no
+    sleeping OpenMP worker to wake after a pause), in the batched engine and in the one-sequence engine of
+    sol chat and the GUI, whose steps of a float32 model do too; the batched engine's steps keep every
+    thread; a model too big for one thread keeps them all. The count is restored after each."""
     if torch.get_num_threads() < 2:
         pytest.skip("one CPU thread only")
     threads_before = torch.get_num_threads()
@@ -318,24 +319,32 @@ def test_small_work_runs_on_one_thread_and_batches_keep_every_thread(lm, monkeyp
     one = engine.submit(prompts(lm, 1)[0], params(8))
     engine.step()
     engine.step()
-    assert seen[:2] == [("prefill", 1), (1, 1)] and torch.get_num_threads() == threads_before
+    assert seen[:2] == [("prefill", 1), (1, threads_before)] and torch.get_num_threads() == threads_before
     two = engine.submit(prompts(lm, 2)[1], params(3))
     while not (one.finished and two.finished):
         engine.step()
-    assert (2, threads_before) in seen and torch.get_num_threads() == threads_before
-    big = BatchEngine(lm.model, lm.tokenizer, max_batch=1)
-    monkeypatch.setattr(threads, "SMALL_WORK", 0)   # as if the model were too big for one thread
+    assert ("prefill", 1) in seen[2:] and (2, threads_before) in seen
+
+    seen.clear()   # the one-sequence engine: its float32 model's steps too (its first token waits for one)
+    solo_engine = Engine(lm.model, lm.tokenizer)
+    list(solo_engine.generate(solo_engine.session(prompts(lm, 1)[0]), params(3)))
+    assert seen[0] == ("prefill", 1) and {n for _, n in seen[1:]} == {1}
+
     seen.clear()
+    monkeypatch.setattr(threads, "SMALL_WORK", 0)   # as if the model were too big for one thread
+    big = BatchEngine(lm.model, lm.tokenizer, max_batch=1)
     r = big.submit(prompts(lm, 1)[0], params(2))
     while not r.finished:
         big.step()
-    assert {n for _, n in seen} == {threads_before}
+    assert {n for _, n in seen} == {threads_before} and torch.get_num_threads() == threads_before
 
-    seen.clear()
-    monkeypatch.setattr(threads, "SMALL_WORK", 32 * 2**20)
-    engine = Engine(lm.model, lm.tokenizer)
-    list(engine.generate(engine.session(prompts(lm, 1)[0]), params(3)))
-    assert seen[0] == ("prefill", 1) and {n for _, n in seen} == {1} and torch.get_num_threads() == threads_before
+
+def test_only_plain_float32_layers_decode_on_one_thread(lm):
+    """An int8 (or float16, or GGUF) model's decode steps keep every thread: two decode a small one 1.5x faster."""
+    from sol.core.model.quant import quantize_model
+    assert threads.float32_layers(lm.model)
+    int8 = quantize_model(load_model(lm.path).model)
+    assert not threads.float32_layers(int8)
 
 
 def test_a_thread_that_starts_beside_a_one_thread_window_still_gets_every_thread():

@@ -103,13 +103,15 @@ class Session:
             ids, self.ids = self.ids + list(ids), []
             self.cache.truncate(0)
         pos = self.cache.pos
-        with threads_for(self.model, len(ids)):   # a small model's turn: no sleeping thread to wake
-            if len(ids) == 1 and pos > 0:   # decoding: the static-shape step (a CUDA graph on a GPU)
-                self.cache.reserve(pos + 1)
+        # A small model's turn on one CPU thread: no sleeping one to wake first (generation/threads.py).
+        if len(ids) == 1 and pos > 0:   # decoding: the static-shape step (a CUDA graph on a GPU)
+            self.cache.reserve(pos + 1)
+            with threads_for(self.model, 1, step=True):
                 self.logits = self.step([ids[0]], [pos])[0]
-                self.cache.pos = pos + 1
-            else:
-                x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+            self.cache.pos = pos + 1
+        else:
+            x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+            with threads_for(self.model, len(ids)):
                 self.logits = self.model(x, cache=self.cache, last_only=True)[0, -1]
         self.ids.extend(ids)
 
