@@ -298,13 +298,20 @@ def test_a_listener_gets_every_event_in_order_those_made_before_it_first(lm):
     assert req.get(timeout=0) is None   # nothing went to the queue once someone listened
 
 
-def test_a_small_prefill_runs_on_one_thread_and_decode_steps_keep_every_thread(lm, monkeypatch):
+@pytest.fixture
+def two_threads():
+    """At least two torch threads, even on a one-core machine, so that one thread is a change to see."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, 2))
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_small_prefill_runs_on_one_thread_and_decode_steps_keep_every_thread(lm, monkeypatch, two_threads):
     """The prefill that begins a small model's answer runs on one CPU thread (generation/threads.py: no
     sleeping OpenMP worker to wake after a pause), in the batched engine and in the one-sequence engine of
     sol chat and the GUI, whose steps of a float32 model do too; the batched engine's steps keep every
     thread; a model too big for one thread keeps them all. The count is restored after each."""
-    if torch.get_num_threads() < 2:
-        pytest.skip("one CPU thread only")
     threads_before = torch.get_num_threads()
     seen = []
     model_forward = type(lm.model).forward
@@ -347,12 +354,10 @@ def test_only_plain_float32_layers_decode_on_one_thread(lm):
     assert not threads.float32_layers(int8)
 
 
-def test_a_thread_that_starts_beside_a_one_thread_window_still_gets_every_thread():
+def test_a_thread_that_starts_beside_a_one_thread_window_still_gets_every_thread(two_threads):
     """torch's thread count is process-wide and each thread reads it once: one that first asks while another
     holds it at one keeps one, unless it settles first (generation/threads.py), which waits for the window."""
     import time
-    if torch.get_num_threads() < 2:
-        pytest.skip("one CPU thread only")
     full = torch.get_num_threads()
     inside, release, seen = threading.Event(), threading.Event(), {}
 
