@@ -16,7 +16,8 @@ side by side, `sol serve` with the prefix cache (the default 512 MB), for the tr
 decode.py's GPT-2 124M shape (random weights, a ChatML template). Each of the --reps conversations is a
 new one (its own system prompt): turn 10 finds turns 1-9 in the cache and prefills its own message.
 Reports the time to first token of every turn (median of the conversations), turn 10's ratio
-with/without, the cached tokens usage reports (median), and whether the answers are identical. The last line with --json is
+with/without, the cached tokens usage reports (median), and whether the answers are identical. The last
+line with --json is
 {"words": {"ttft_turn10_s": {"off", "on"}, "ratio_turn10", "cached_turn10", "prompt_turn10",
            "identical", "ttft_s": {"off": [...], "on": [...]}}, "gpt2_124m": {...}}
 
@@ -139,8 +140,8 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_
 CONVERSATIONS = {
     "words": (lambda k: f"Speak. ({k:02d})", lambda i: "Go on.", 4),
     # Its 300-token BPE vocabulary spends about a token a character: turn 10 is ~600 tokens of its 1024.
-    "gpt2_124m": (lambda k: "You are a careful assistant. Answer briefly and plainly, in one sentence. " * 2 + f"({k:02d})",
-                  lambda i: f"And fact {i + 1}?", 8),
+    "gpt2_124m": (lambda k: "You are a careful assistant. Answer briefly and plainly, in one sentence. " * 2
+                  + f"({k:02d})", lambda i: f"And fact {i + 1}?", 8),
 }
 
 

@@ -63,6 +63,14 @@ def test_the_budget_drops_the_least_recently_used_first():
     assert not PrefixCache(0).enabled and PrefixCache(0).lookup("a", [1, 2, 3, 4, 5]) is None
 
 
+def answer(engine, prompt, params):
+    """The engine's request for one prompt, stepped until it is done, and its events."""
+    req = engine.submit(prompt, params)
+    while not req.finished:
+        engine.step()
+    return req, list(req)
+
+
 def test_a_conversation_through_the_engine_reuses_its_rows_and_answers_the_same(tiny_model):
     from sol.core.formats.checkpoint import load_model
     lm = load_model(tiny_model)
@@ -73,10 +81,7 @@ def test_a_conversation_through_the_engine_reuses_its_rows_and_answers_the_same(
         prompt = lm.tokenizer.encode_ids("the quick brown fox jumps over the lazy dog and")
         out = []
         for turn in range(4):
-            req = engine.submit(prompt, params)
-            while not req.finished:
-                engine.step()
-            events = list(req)
+            req, events = answer(engine, prompt, params)
             out.append((events[-1].token_ids, req.cached_tokens))
             prompt = prompt + events[-1].token_ids + lm.tokenizer.encode_ids(f" then {turn}")
         return out
@@ -100,10 +105,7 @@ def test_a_hit_that_leaves_one_token_runs_it_through_the_decode_step_and_answers
     engine._one_row = lambda token, position: calls.append(position) or one_row(token, position)
     runs = []
     for _ in range(2):
-        req = engine.submit(prompt, params)
-        while not req.finished:
-            engine.step()
-        events = list(req)
+        req, events = answer(engine, prompt, params)
         runs.append((events[-1].token_ids, [e.logprob for e in events[:-1]], req.cached_tokens))
     assert runs[0][2] == 0 and runs[1][2] == len(prompt) - 1 and calls == [len(prompt) - 1]
     assert runs[1][0] == runs[0][0]

@@ -2,8 +2,8 @@
 
 Each choice of a request is one engine request. The engine hands its events to the event loop
 (`Request.listen`: call_soon_threadsafe into an asyncio queue), so the event loop never blocks on
-the engine and /health answers while every decode step runs. A client that goes away cancels its engine requests (the stream's
-`finally`, or collect's), so the engine drops them at its next step.
+the engine and /health answers while every decode step runs. A client that goes away cancels its
+engine requests (the stream's `finally`, or collect's), so the engine drops them at its next step.
 """
 from __future__ import annotations
 
