@@ -15,11 +15,16 @@ each turn sending every earlier turn again as clients do, against `sol serve --p
 side by side, `sol serve` with the prefix cache (the default 512 MB), for the trained words model and
 decode.py's GPT-2 124M shape (random weights, a ChatML template). Each of the --reps conversations is a
 new one (its own system prompt): turn 10 finds turns 1-9 in the cache and prefills its own message.
+After each conversation the server with the cache is sent the same conversation again ("floor"): every
+turn then finds all of its prompt but the last token cached, the most any prefix cache can save, so its
+time is what a request costs whatever is cached (HTTP, the template, tokenizing, one token's step).
 Reports the time to first token of every turn (median of the conversations), turn 10's ratio
-with/without, the cached tokens usage reports (median), and whether the answers are identical. The last
-line with --json is
-{"words": {"ttft_turn10_s": {"off", "on"}, "ratio_turn10", "cached_turn10", "prompt_turn10",
-           "identical", "ttft_s": {"off": [...], "on": [...]}}, "gpt2_124m": {...}}
+with/without and the floor's, the share of the most a cache could save that this one saves
+((off - on) / (off - floor)), the cached tokens usage reports (median), and whether the answers are
+identical (all three). The last line with --json is
+{"words": {"ttft_turn10_s": {"off", "on", "floor"}, "ratio_turn10", "ratio_floor_turn10",
+           "saved_share_turn10", "cached_turn10", "cached_floor_turn10", "prompt_turn10", "identical",
+           "ttft_s": {"off": [...], "on": [...], "floor": [...]}}, "gpt2_124m": {...}}
 
 The last line with --json is
 {"starter": {"1": {"tok_s", "ttft_p50_s", "ttft_p99_s"}, ..., "health_p99_ms"},
@@ -197,14 +202,19 @@ def bench_conversation(folder: str, name: str, reps: int, log) -> dict:
         runs = {label: [] for label, _ in settings}
         for label, srv in servers.items():   # first requests pay one-time costs
             conversation(srv.url, name, "warm up", lambda i: "hello", 2)
+        runs["floor"] = []
         for k in range(reps):
             for label, srv in servers.items():
                 runs[label].append(conversation(srv.url, name, system(k), user, max_tokens))
+            # The same conversation again on the server with the cache: every turn finds all of its prompt
+            # but the last token cached, the most a prefix cache can save. What is left is the request's
+            # own cost (HTTP, the template, tokenizing, one token's step, sending it).
+            runs["floor"].append(conversation(servers["on"].url, name, system(k), user, max_tokens))
     finally:
         for srv in servers.values():
             srv.stop()
     out = {"ttft_s": {}, "ttft_turn10_s": {}}
-    for label, _ in settings:
+    for label in runs:
         ttft = [statistics.median(r[0][i] for r in runs[label]) for i in range(TURNS)]
         out["ttft_s"][label] = [round(t, 4) for t in ttft]
         out["ttft_turn10_s"][label] = round(ttft[-1], 4)
@@ -212,11 +222,19 @@ def bench_conversation(folder: str, name: str, reps: int, log) -> dict:
     last = [r[2][-1] for r in runs["on"]]
     out["prompt_turn10"] = statistics.median(u["prompt_tokens"] for u in last)
     out["cached_turn10"] = statistics.median(u["prompt_tokens_details"]["cached_tokens"] for u in last)
-    out["ratio_turn10"] = round(out["ttft_turn10_s"]["on"] / out["ttft_turn10_s"]["off"], 3)
-    out["identical"] = [r[1] for r in runs["on"]] == [r[1] for r in runs["off"]]
+    out["cached_floor_turn10"] = statistics.median(r[2][-1]["prompt_tokens_details"]["cached_tokens"]
+                                                   for r in runs["floor"])
+    turn10 = out["ttft_turn10_s"]
+    out["ratio_turn10"] = round(turn10["on"] / turn10["off"], 3)
+    out["ratio_floor_turn10"] = round(turn10["floor"] / turn10["off"], 3)
+    # The share of what a prefix cache could save at most that this one saves.
+    out["saved_share_turn10"] = round((turn10["off"] - turn10["on"]) / (turn10["off"] - turn10["floor"]), 3)
+    out["identical"] = [r[1] for r in runs["on"]] == [r[1] for r in runs["off"]] == [r[1] for r in runs["floor"]]
     log(f"{name}: turn 10 ({out['prompt_turn10']} prompt tokens, {out['cached_turn10']} cached): "
-        f"{out['ttft_turn10_s']['on']} s with the prefix cache, {out['ttft_turn10_s']['off']} s without "
-        f"(ratio {out['ratio_turn10']}); answers identical: {out['identical']}")
+        f"{turn10['on']} s with the prefix cache, {turn10['off']} s without (ratio {out['ratio_turn10']}); "
+        f"replayed, {out['cached_floor_turn10']} cached: {turn10['floor']} s (ratio {out['ratio_floor_turn10']}, "
+        f"the floor: the cache saves {out['saved_share_turn10']:.0%} of what it could); "
+        f"answers identical: {out['identical']}")
     return out
 
 
