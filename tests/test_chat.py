@@ -280,3 +280,13 @@ def test_an_answer_keeps_how_each_token_was_chosen(lm):
         assert x["draw"] == full["draw"] and x["index"] == full["index"] and len(t["top"]) <= KEEP
         assert x["ids"] == full["ids"][:len(x["ids"])] and len(x["ids"]) >= min(KEEP, len(full["ids"]))
         assert x["probs"] == pytest.approx(full["probs"][:len(x["ids"])], abs=1e-6)
+
+
+def test_without_calls_is_the_answer_a_reader_sees():
+    from sol.core.chat.markup import without_calls
+    assert without_calls('Sure.<|tool_call|>calculator: 12*7<|tool_end|>') == "Sure."
+    assert without_calls('a <tool_call>{"name": "f", "arguments": {}}</tool_call> b') == "a  b"
+    assert without_calls("It is <|tool_call|>calcul") == "It is "          # unfinished: cut
+    assert without_calls("It is <|to", streaming=True) == "It is "          # may become a call: held back
+    assert without_calls("It is <|to") == "It is <|to"                      # finished: it never did
+    assert without_calls("1 < 2", streaming=True) == "1 < 2"

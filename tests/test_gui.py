@@ -316,6 +316,39 @@ def test_tool_card_shows_arguments_and_result_and_collapses(qtbot):
     assert card.body.text().endswith("result: error: division by zero")
 
 
+def test_an_answer_shows_its_tool_call_as_a_card_not_as_markup(qtbot):
+    from PySide6.QtGui import QGuiApplication
+
+    from sol.app.chat.messages import AnswerBubble
+    pieces = ["Let me see.", " <|tool", "_call|>calculator: 12*7", "<|tool_end|>"]
+    b = AnswerBubble()
+    qtbot.addWidget(b)
+    b.show()
+    b.streaming = True
+    shown = []
+    for p in pieces:   # streamed in, painted after each token as the panel does
+        b.add_token({"type": "token", "text": p})
+        b.render()
+        shown.append(b.body.toPlainText())
+    assert shown == ["Let me see.", "Let me see. ", "Let me see. ", "Let me see. "]
+    raw = "".join(pieces)
+    b.finish({"id": 1, "content": raw, "completion_tokens": 4})
+    assert b.body.toPlainText().strip() == "Let me see." and b.text == raw   # the conversation keeps the markup
+    b.copy_btn.click()
+    assert QGuiApplication.clipboard().text() == "Let me see."
+    b.tokens_btn.click()   # the tokens view shows every token, the call's too
+    assert "<|tool_call|>" in b.body.toPlainText()
+
+    only = AnswerBubble("<|tool_call|>calculator: 12*7<|tool_end|>", 2)   # a stored answer that is only a call
+    qtbot.addWidget(only)
+    only.show()
+    assert not only.body.isVisible()
+    plain = AnswerBubble("1 < 2, and <b> stays")   # not a call: kept as written
+    qtbot.addWidget(plain)
+    plain.show()
+    assert plain.body.isVisible() and plain.body.toPlainText().strip() == "1 < 2, and <b> stays"
+
+
 def test_the_panel_kit_that_plugins_use(qtbot):
     # docs/plugins.md promises these names to plugin panels
     from PySide6.QtWidgets import QAbstractItemView, QLabel, QWidget

@@ -9,6 +9,8 @@ from PySide6.QtGui import QColor, QGuiApplication, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QPlainTextEdit, QPushButton, QSizePolicy, QTextBrowser,
                                QToolButton, QVBoxLayout, QWidget)
 
+from sol.core.chat.markup import without_calls
+
 from .markdown import escape_html
 
 
@@ -164,15 +166,20 @@ class UserBubble(Bubble):
 
 
 class AnswerBubble(Bubble):
-    """An assistant answer. Streams text in; keeps every token event for the explanation view."""
+    """An assistant answer. Streams text in; keeps every token event for the explanation view. Its tool calls
+    are shown as cards, not as the model's markup (the tokens view still shows every token of them)."""
     token_clicked = Signal(dict)
+    streaming = token_mode = False   # until __init__ sets them: Bubble.__init__ renders the text first
+    shown = None
 
     def __init__(self, text: str = "", message_id: int | None = None):
         super().__init__("assistant", text, message_id)
+        self.copy_btn.clicked.disconnect()
+        self.copy_btn.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.shown_text() or self.text))
         self.tokens: list[dict] = []
         self.ranges: list[tuple[int, int, int]] = []
         self.streaming = False
-        self.shown = None               # while streaming: how much of self.text the body shows as plain text
+        self.shown = None               # while streaming: how much of the answer the body shows as plain text
         self.token_mode = False
         self.tokens_btn = _button("▦ tokens", "show the tokens; click one to see why it was chosen")
         self.tokens_btn.setCheckable(True)
@@ -207,26 +214,42 @@ class AnswerBubble(Bubble):
         self.tokens = [t for t in tokens if not t.get("forced")]
         self.tokens_btn.setVisible(bool(self.tokens))
 
+    def set_text(self, text: str):
+        self.text = text
+        self.render()
+
+    def shown_text(self) -> str:
+        """The answer without its tool calls' markup (a stored answer, or one that has finished)."""
+        return without_calls(self.text).strip()
+
     def render(self):
+        # An answer that is only a tool call shows no text: its card follows it.
+        self.body.setVisible(self.token_mode or self.streaming or not self.text or bool(self.shown_text()))
         if self.token_mode:
             self._render_tokens()
         elif self.streaming and self.text:
             self._append_plain()
         else:
             self.shown = None
-            self.body.setMarkdown(keep_newlines(escape_html(self.text)) if self.text else "…")
+            text = self.shown_text()
+            self.body.setMarkdown(keep_newlines(escape_html(text)) if text else "…")
 
     def _append_plain(self):
         """While streaming, add only the new text, as plain text: re-rendering the whole answer as
         Markdown every frame costs more the longer it gets, and re-lays out and repaints all of it.
-        finish() renders the Markdown once."""
-        if self.shown is None:
-            self.body.setPlainText(self.text)
-        else:
+        finish() renders the Markdown once. A tool call's markup is held back as it streams in."""
+        text = without_calls(self.text, streaming=True)
+        if not text:   # so far only (the start of) a tool call
+            self.body.setPlainText("…")
+            self.shown = None
+            return
+        if self.shown is None or len(text) < self.shown:
+            self.body.setPlainText(text)
+        elif len(text) > self.shown:
             cur = QTextCursor(self.body.document())
             cur.movePosition(QTextCursor.End)
-            cur.insertText(self.text[self.shown:])
-        self.shown = len(self.text)
+            cur.insertText(text[self.shown:])
+        self.shown = len(text)
 
     def finish(self, ev: dict):
         self.message_id = ev.get("id")

@@ -32,12 +32,10 @@ from typing import Iterator
 
 from ..errors import SolError
 from ..generation.engine import DoneEvent, Engine, GenerationParams, Session, TokenEvent, end_of_turn_ids
+from .markup import END_MARKERS, JSON_CALL, OPEN_MARKERS, SOL_CALL, without_calls  # noqa: F401
 from .store import Store
 
 MAX_TOOL_ROUNDS = 5
-SOL_CALL = re.compile(r"<\|tool_call\|>(.*?)<\|tool_end\|>", re.S)
-JSON_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
-END_MARKERS = {"sol": "<|tool_end|>", "json": "</tool_call>"}
 # A template that tells a tool-call message by its content being None (DeepSeek's).
 TESTS_NONE = re.compile(r"""(\[\s*['"]content['"]\s*\]|\.content)\s+is\s+(not\s+)?none""")
 # Stands in for a tool's result while we render the template, to find where the result goes.

@@ -12,15 +12,13 @@ import time
 
 from fastapi import Request
 
-from ..chat.session import END_MARKERS, JSON_CALL, SOL_CALL, parse_json_call, parse_sol_call
+from ..chat.session import END_MARKERS, JSON_CALL, OPEN_MARKERS, SOL_CALL, parse_json_call, parse_sol_call
 from ..errors import SolError
 from ..generation.batch import QueueFull
 from ..generation.engine import DoneEvent, GenerationParams
 from . import protocol as P
 from .constrain import Constraint, grammar_for, lark_grammar
 from .served import Served, ServeState
-
-OPEN_MARKERS = ("<|tool_call|>", "<tool_call>")
 
 
 # ---- one choice: an engine request and what has been sent of it ---------------------------
