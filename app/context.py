@@ -99,6 +99,12 @@ class PanelContext(QObject):
         """Load a model directory off the GUI thread; `model_load_progress` fires as it reads (on the GUI
         thread), then `model_changed` when it is ready."""
         from sol.core.formats.checkpoint import load_model
+        from sol.core.generation.engine import warm_up
+
+        def load(path, device, progress):
+            loaded = load_model(path, device, progress=progress)
+            warm_up(loaded.model)   # here, off the GUI thread: the first answer is then as quick as the next
+            return loaded
         self.model_loading.emit(str(path))
         progress = ProgressRelay(self.model_load_progress.emit)
 
@@ -112,7 +118,7 @@ class PanelContext(QObject):
             progress.close()
             self.model_failed.emit(f"{path}: {e}")
 
-        return run_task(load_model, path, self.device or "cpu", progress=progress, on_done=done, on_error=failed)
+        return run_task(load, path, self.device or "cpu", progress=progress, on_done=done, on_error=failed)
 
     def unload_model(self) -> None:
         self.set_model(None)

@@ -212,3 +212,22 @@ def test_after_a_stop_string_forcing_continues_from_a_consistent_cache(lm):
     with torch.no_grad():
         expected = lm.model(torch.tensor([session.ids]))[0, -1]
     assert (session.logits - expected).abs().max() < 1e-4
+
+
+def test_warm_up_builds_the_scripted_step_and_changes_no_answer(tmp_path):
+    from sol.core.generation.engine import TokenEvent, warm_up
+    from sol.core.model import cpu_step
+    folder = make_tiny_model(tmp_path / "w", seed=5, n_layer=2, n_head=4, d_model=64)
+    warm, cold = sharpen(load_model(folder)), sharpen(load_model(folder))
+    ids = warm.tokenizer.encode_ids("To be, or not", add_special_tokens=False)
+    params = GenerationParams(max_tokens=12, sampling=SamplingParams(temperature=0))
+
+    def answer(lm):
+        e = Engine(lm.model, lm.tokenizer)
+        return [ev.id for ev in e.generate(e.session(ids), params) if isinstance(ev, TokenEvent)]
+    assert warm.model.__dict__.get("_plan") is None   # nothing has run the model yet
+    warm_up(warm.model)
+    if cpu_step.scripted() is not None:   # the first answer then finds the step compiled and planned
+        assert type(warm.model.__dict__.get("_plan")) is cpu_step.Plan
+    got = answer(warm)
+    assert got and got == answer(cold)   # the throwaway sequence left nothing behind

@@ -52,6 +52,8 @@ def run(args) -> int:
     user = {k: getattr(args, k) for k in CHAT_DEFAULTS if getattr(args, k) is not None}
     SamplingParams(**{**CHAT_DEFAULTS, **user}, seed=args.seed).validate()   # a bad flag fails before loading
     lm = load(args)
+    from ..generation.engine import warm_up
+    warm_up(lm.model)   # while the prompt waits for the first message, not in its first answer's time
     model = {k: v for k, v in lm.sampling.items() if k not in user}
     if model and not args.json:
         sys.stderr.write("sampling: the model's defaults (generation_config.json) "

@@ -122,6 +122,21 @@ class Session:
         self.logits = None
 
 
+def warm_up(model: Transformer, steps: int = 3) -> None:
+    """Run a throwaway sequence through a CPU model: a two-token prefill and `steps` decode steps, in a
+    cache of its own. The first answer after a load otherwise pays one-time costs the user sees as its
+    first token: TorchScript compiling the scripted step and profiling its first runs, the math libraries'
+    first calls (the starter: 77 ms to the first token of the first answer, 1.5 ms of the next, on 2 cores;
+    a warmed model's first answer is as quick as its second). Not on a GPU, where the step is captured in
+    a CUDA graph per cache: a throwaway cache's graph would be captured for nothing."""
+    if model.device.type != "cpu":
+        return
+    s = Session(model, max_len=steps + 2)
+    s.feed([0, 0])
+    for _ in range(steps):
+        s.feed([0])
+
+
 class Decoding:
     """One answer being chosen token by token: sampling, its events, stop ids and strings, limits.
 
