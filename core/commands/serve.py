@@ -59,6 +59,7 @@ def load_all(args) -> list:
     from ..formats.checkpoint import load_model
     from ..formats.registry import resolve
     from ..generation.batch import BatchEngine
+    from ..generation.engine import warm_up
     from ..generation.prefix_cache import PrefixCache
     from ..serve.served import Served
     from .common import quantize_arg
@@ -78,6 +79,7 @@ def load_all(args) -> list:
     adapters = attach_adapters(args.adapter, bases)   # before the engines: they see the adapters a model has
     served = []
     for label, lm in bases:
+        warm_up(lm.model)   # before the port opens: the first request is then as quick as the next
         engine = BatchEngine(lm.model, lm.tokenizer, max_batch=args.max_concurrent, max_queue=args.max_queue,
                              prefix_cache=prefix, cache_key=label)
         served.append(Served(label, lm, engine))
