@@ -290,3 +290,19 @@ def test_without_calls_is_the_answer_a_reader_sees():
     assert without_calls("It is <|to", streaming=True) == "It is "          # may become a call: held back
     assert without_calls("It is <|to") == "It is <|to"                      # finished: it never did
     assert without_calls("1 < 2", streaming=True) == "1 < 2"
+
+
+def test_sol_chat_prints_the_answer_and_a_tool_line_not_the_markup(capsys):
+    from sol.core.commands.chat import show
+
+    def message():
+        return {"type": "message", "role": "assistant", "prompt_tokens": 9, "completion_tokens": 4, "tokens_per_s": 1.0}
+    events = [{"type": "token", "text": t} for t in ("Let me see.", " <|tool", "_call|>calculator: 12*7", "<|tool_end|>")]
+    events += [message(), {"type": "tool_call", "name": "calculator", "arguments": {"expression": "12*7"}},
+               {"type": "tool_result", "name": "calculator", "result": "84"},
+               {"type": "token", "text": "<|tool_result|>84<|tool_end|>", "forced": True},
+               {"type": "token", "text": "It is 84."}, message()]
+    assert show(events, as_json=False)
+    out, err = capsys.readouterr()
+    assert out == "Let me see. \nIt is 84.\n"
+    assert "[calculator -> 84]" in err

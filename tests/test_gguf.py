@@ -553,7 +553,8 @@ def test_chat_takes_a_gguf_file(tmp_path, capsys, isolated_home):
                "--temperature", "0"])
     text, err = capsys.readouterr()
     assert rc == 0, err
-    assert "84" in text   # the starter calls its calculator, from the GGUF file as from its folder
+    assert "[calculator -> 84]" in err   # the starter calls its calculator, from the GGUF file as from its folder
+    assert "<|" not in text               # the call is that line, not the model's markup
 
 
 @pytest.mark.parametrize("kind", ["f32", "q8_0"])

@@ -101,21 +101,32 @@ def consent(yes: bool):
 
 
 def show(events, as_json: bool) -> bool:
-    """Print a turn's events; False if it ended in an error."""
+    """Print a turn's events; False if it ended in an error. The answer's text goes to stdout as the GUI
+    shows it: a tool call and its result as one `[name -> result]` line on stderr, not as the model's markup
+    (--json gives every token)."""
+    from ..chat.markup import without_calls
     ok = True
+    segment, printed = "", 0   # this answer segment's text, and how much of what it shows is printed
     for ev in events:
         kind = ev["type"]
         ok = ok and kind != "error"
         if as_json:
             print_json(ev)
         elif kind == "token":
-            sys.stdout.write(ev["text"])
+            if ev.get("forced"):   # a tool's result, fed to the model: printed as its [name -> result] line
+                continue
+            segment += ev["text"]
+            shown = without_calls(segment, streaming=True)
+            sys.stdout.write(shown[printed:])
             sys.stdout.flush()
+            printed = len(shown)
         elif kind == "tool_result":
             out = ev.get("result") if "result" in ev else f"error: {ev.get('error')}"
-            sys.stderr.write(f"\n[{ev['name']} -> {out}]\n")
+            sys.stderr.write(f"[{ev['name']} -> {out}]\n")
         elif kind == "message" and ev["role"] == "assistant":
-            sys.stdout.write("\n")
+            shown = without_calls(segment)
+            sys.stdout.write(shown[printed:] + ("\n" if shown else ""))
+            segment, printed = "", 0
             sys.stderr.write(f"[{ev['prompt_tokens']} prompt tokens, {ev['completion_tokens']} completion "
                              f"tokens, {ev['tokens_per_s']:.1f} tokens/s]\n")
         elif kind == "notice":
