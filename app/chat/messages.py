@@ -91,10 +91,13 @@ class Bubble(QFrame):
         self.footer.addWidget(self.stats)
         self.footer.addStretch(1)
         self.copy_btn = _button("Copy", "copy this message")
-        self.copy_btn.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.text))
+        self.copy_btn.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.copy_text()))
         self.footer.addWidget(self.copy_btn)
         self.lay.addLayout(self.footer)
         self.set_text(text)
+
+    def copy_text(self) -> str:
+        return self.text
 
     def set_text(self, text: str):
         self.text = text
@@ -174,8 +177,6 @@ class AnswerBubble(Bubble):
 
     def __init__(self, text: str = "", message_id: int | None = None):
         super().__init__("assistant", text, message_id)
-        self.copy_btn.clicked.disconnect()
-        self.copy_btn.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.shown_text() or self.text))
         self.tokens: list[dict] = []
         self.ranges: list[tuple[int, int, int]] = []
         self.streaming = False
@@ -221,6 +222,9 @@ class AnswerBubble(Bubble):
     def shown_text(self) -> str:
         """The answer without its tool calls' markup (a stored answer, or one that has finished)."""
         return without_calls(self.text).strip()
+
+    def copy_text(self) -> str:
+        return self.shown_text() or self.text   # what is shown; an answer that is only a call, as written
 
     def render(self):
         # An answer that is only a tool call shows no text: its card follows it.

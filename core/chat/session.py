@@ -32,7 +32,7 @@ from typing import Iterator
 
 from ..errors import SolError
 from ..generation.engine import DoneEvent, Engine, GenerationParams, Session, TokenEvent, end_of_turn_ids
-from .markup import END_MARKERS, JSON_CALL, OPEN_MARKERS, SOL_CALL, without_calls  # noqa: F401
+from .markup import END_MARKERS, JSON_CALL, SOL_CALL
 from .store import Store
 
 MAX_TOOL_ROUNDS = 5

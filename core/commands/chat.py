@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from ..chat.markup import without_calls
 from .common import add_model_args, load, print_json
 from .plugins import add_safe_mode
 
@@ -104,7 +105,6 @@ def show(events, as_json: bool) -> bool:
     """Print a turn's events; False if it ended in an error. The answer's text goes to stdout as the GUI
     shows it: a tool call and its result as one `[name -> result]` line on stderr, not as the model's markup
     (--json gives every token)."""
-    from ..chat.markup import without_calls
     ok = True
     segment, printed = "", 0   # this answer segment's text, and how much of what it shows is printed
     for ev in events:

@@ -12,7 +12,8 @@ import time
 
 from fastapi import Request
 
-from ..chat.session import END_MARKERS, JSON_CALL, OPEN_MARKERS, SOL_CALL, parse_json_call, parse_sol_call
+from ..chat.markup import END_MARKERS, JSON_CALL, OPEN_MARKERS, SOL_CALL
+from ..chat.session import parse_json_call, parse_sol_call
 from ..errors import SolError
 from ..generation.batch import QueueFull
 from ..generation.engine import DoneEvent, GenerationParams
